@@ -1,0 +1,163 @@
+package httpsig
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+)
+
+// DefaultMaxAge is how old (or how far in the future) a signature's created
+// time may be.
+const DefaultMaxAge = 5 * time.Minute
+
+// DefaultMaxBody bounds the body a Verifier reads.
+const DefaultMaxBody = 1 << 20
+
+// KeyFunc returns the public key and principal for a key ID, or an error
+// when the key is unknown or not allowed.
+type KeyFunc func(ctx context.Context, keyID string) (pub ed25519.PublicKey, principal string, err error)
+
+// Verifier checks signed requests: signature, coverage of method, authority,
+// path, query and body digest, freshness, and nonce replay.
+type Verifier struct {
+	// Keys looks up signing keys. Required.
+	Keys KeyFunc
+	// MaxAge bounds clock difference; zero means DefaultMaxAge.
+	MaxAge time.Duration
+	// MaxBody bounds the request body; zero means DefaultMaxBody.
+	MaxBody int64
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+
+	mu     sync.Mutex
+	nonces map[string]time.Time // guarded by mu; nonce → expiry
+}
+
+// Error is a verification failure; Status is the HTTP status to answer with.
+type Error struct {
+	Status int
+	Msg    string
+}
+
+func (e *Error) Error() string { return e.Msg }
+
+func (v *Verifier) now() time.Time {
+	if v.Now != nil {
+		return v.Now()
+	}
+	return time.Now()
+}
+
+// Verify checks r and returns the signer's principal and key ID. The body is
+// read (bounded) and put back for the handler.
+func (v *Verifier) Verify(r *http.Request) (principal, keyID string, err error) {
+	fail := func(status int, format string, a ...any) (string, string, error) {
+		return "", "", &Error{Status: status, Msg: fmt.Sprintf(format, a...)}
+	}
+	maxBody := v.MaxBody
+	if maxBody == 0 {
+		maxBody = DefaultMaxBody
+	}
+	body, err := ReadBody(r, maxBody)
+	if err != nil {
+		return fail(http.StatusRequestEntityTooLarge, "%v", err)
+	}
+	s, err := Parse(r, "")
+	if err != nil {
+		return fail(http.StatusUnauthorized, "%v", err)
+	}
+	for _, c := range DefaultComponents {
+		if !s.Covers(c) {
+			return fail(http.StatusUnauthorized, "signature does not cover %s", c)
+		}
+	}
+	if len(body) > 0 {
+		if !s.Covers("content-digest") {
+			return fail(http.StatusUnauthorized, "signature does not cover content-digest")
+		}
+		if err := CheckContentDigest(r.Header.Get("Content-Digest"), body); err != nil {
+			return fail(http.StatusUnauthorized, "%v", err)
+		}
+	}
+	if s.Params.Created.IsZero() {
+		return fail(http.StatusUnauthorized, "signature has no created time")
+	}
+	maxAge := v.MaxAge
+	if maxAge == 0 {
+		maxAge = DefaultMaxAge
+	}
+	now := v.now()
+	if d := now.Sub(s.Params.Created); d > maxAge || d < -maxAge {
+		return fail(http.StatusUnauthorized, "signature created %s is outside the accepted window of ±%s (check the clock)", s.Params.Created.UTC().Format(time.RFC3339), maxAge)
+	}
+	if !s.Params.Expires.IsZero() && now.After(s.Params.Expires) {
+		return fail(http.StatusUnauthorized, "signature expired at %s", s.Params.Expires.UTC().Format(time.RFC3339))
+	}
+	if s.Params.Nonce == "" {
+		return fail(http.StatusUnauthorized, "signature has no nonce")
+	}
+	pub, principal, err := v.Keys(r.Context(), s.Params.KeyID)
+	if err != nil {
+		return fail(http.StatusUnauthorized, "key %s: %v", s.Params.KeyID, err)
+	}
+	if err := s.Verify(r, pub); err != nil {
+		return fail(http.StatusUnauthorized, "%v", err)
+	}
+	// The nonce is recorded only after the signature verifies, so forged
+	// requests cannot fill the table.
+	if !v.useNonce(s.Params.KeyID+"/"+s.Params.Nonce, now, now.Add(2*maxAge)) {
+		return fail(http.StatusUnauthorized, "request replayed (nonce already used)")
+	}
+	return principal, s.Params.KeyID, nil
+}
+
+// useNonce records nonce until expiry and reports whether it was new.
+func (v *Verifier) useNonce(nonce string, now, expiry time.Time) bool {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	if v.nonces == nil {
+		v.nonces = make(map[string]time.Time)
+	}
+	if len(v.nonces) > 1024 {
+		for n, exp := range v.nonces {
+			if now.After(exp) {
+				delete(v.nonces, n)
+			}
+		}
+	}
+	if exp, ok := v.nonces[nonce]; ok && !now.After(exp) {
+		return false
+	}
+	v.nonces[nonce] = expiry
+	return true
+}
+
+type principalKey struct{}
+
+// Principal returns the verified principal stored by Middleware.
+func Principal(ctx context.Context) string {
+	p, _ := ctx.Value(principalKey{}).(string)
+	return p
+}
+
+// Middleware rejects requests that do not verify and passes the signer's
+// principal to the handler (see Principal).
+func (v *Verifier) Middleware(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		principal, _, err := v.Verify(r)
+		if err != nil {
+			status := http.StatusUnauthorized
+			var he *Error
+			if errors.As(err, &he) {
+				status = he.Status
+			}
+			http.Error(w, "request signature: "+err.Error(), status)
+			return
+		}
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), principalKey{}, principal)))
+	})
+}
