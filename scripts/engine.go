@@ -1,0 +1,361 @@
+// Package scripts runs job scripts: Tengo programs in a sandbox.
+//
+// # Sandbox
+//
+// A script may import only the modules the Engine registers: Tengo's standard
+// library without "os" (with "fmt" printing to the job log and "times.sleep"
+// honouring the deadline), writ's "job" and "log" modules, and any modules
+// the runner adds (the system abstraction layers). It has no file, process or
+// network access except through those modules. Each run has a wall-clock
+// deadline (the job's timeout), an allocation cap (Config.MaxAllocs objects,
+// with strings and byte slices capped at Config.MaxValueBytes each), and
+// bounded log and result sizes.
+//
+// # Caching
+//
+// Compiling costs far more than running a small script, so compiled programs
+// are cached by the SHA-256 of their source. Tengo fixes imported modules into
+// a program at compile time, so a cached program is a small pool of compiled
+// instances, each bound to its own run context that is filled in per run.
+//
+// # Example
+//
+//	e := scripts.New(scripts.Config{}, nil)
+//	out, err := e.Run(ctx, `job := import("job"); job.result({hello: job.args.who})`,
+//		scripts.Input{JobID: "j1", Args: []byte(`{"who":"world"}`)})
+//	// out.Result == {"hello":"world"}
+package scripts
+
+import (
+	"container/list"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/d5/tengo/v2"
+	"github.com/d5/tengo/v2/stdlib"
+
+	"github.com/writ-fleet/writ/envelope"
+)
+
+// Defaults for Config.
+const (
+	DefaultMaxAllocs      = 2_000_000
+	DefaultMaxValueBytes  = 4 << 20
+	DefaultMaxLogBytes    = 64 << 10
+	DefaultMaxLogLine     = 4 << 10
+	DefaultMaxResultBytes = 64 << 10
+	DefaultCacheSize      = 512
+	// instancesPerProgram bounds the idle compiled instances kept for one
+	// script; more concurrent runs compile extra instances and drop them.
+	instancesPerProgram = 64
+)
+
+// Config tunes an Engine. A zero field means its default.
+type Config struct {
+	// MaxAllocs caps the objects one run may allocate. Default DefaultMaxAllocs.
+	MaxAllocs int64
+	// MaxValueBytes caps one string or byte slice. Default DefaultMaxValueBytes.
+	// Tengo holds this limit process-wide: the last Engine created sets it.
+	MaxValueBytes int
+	// MaxLogBytes caps the log one run may write. Default DefaultMaxLogBytes.
+	MaxLogBytes int
+	// MaxResultBytes caps the JSON result. Default DefaultMaxResultBytes.
+	MaxResultBytes int
+	// CacheSize is how many compiled scripts are kept. Default DefaultCacheSize.
+	CacheSize int
+}
+
+func (c Config) withDefaults() Config {
+	if c.MaxAllocs == 0 {
+		c.MaxAllocs = DefaultMaxAllocs
+	}
+	if c.MaxValueBytes == 0 {
+		c.MaxValueBytes = DefaultMaxValueBytes
+	}
+	if c.MaxLogBytes == 0 {
+		c.MaxLogBytes = DefaultMaxLogBytes
+	}
+	if c.MaxResultBytes == 0 {
+		c.MaxResultBytes = DefaultMaxResultBytes
+	}
+	if c.CacheSize == 0 {
+		c.CacheSize = DefaultCacheSize
+	}
+	return c
+}
+
+// Module builds a module's attributes bound to one run context. It is called
+// once per compiled instance; the functions it returns read the current run
+// (context, job, log) from rc when they are called.
+type Module func(rc *Run) map[string]tengo.Object
+
+// Engine compiles, caches and runs scripts. It is safe for concurrent use.
+type Engine struct {
+	cfg     Config
+	modules map[string]Module // writ and SAL modules, by import name
+	allowed []string          // every importable name, sorted
+
+	mu    sync.Mutex
+	cache map[[32]byte]*list.Element // guarded by mu
+	lru   *list.List                 // guarded by mu; of *program, most recent first
+}
+
+// program is one cached script: its compile result and idle instances.
+type program struct {
+	hash [32]byte
+	err  error // compile error, cached too
+	idle chan *instance
+}
+
+// instance is one compiled copy of a script bound to its own run context.
+type instance struct {
+	compiled *tengo.Compiled
+	rc       *Run
+}
+
+// stdlibNames are the Tengo standard modules a script may import.
+var stdlibNames = []string{"base64", "enum", "fmt", "hex", "json", "math", "rand", "text", "times"}
+
+// New returns an Engine with the standard sandbox modules plus extra
+// (import name → module). extra may be nil.
+func New(cfg Config, extra map[string]Module) *Engine {
+	cfg = cfg.withDefaults()
+	tengo.MaxStringLen = cfg.MaxValueBytes
+	tengo.MaxBytesLen = cfg.MaxValueBytes
+	e := &Engine{
+		cfg:     cfg,
+		modules: map[string]Module{"job": nil, "log": logModule}, // "job" is special-cased in compile
+		cache:   make(map[[32]byte]*list.Element),
+		lru:     list.New(),
+	}
+	for name, m := range extra {
+		e.modules[name] = m
+	}
+	e.allowed = append(e.allowed, stdlibNames...)
+	for name := range e.modules {
+		e.allowed = append(e.allowed, name)
+	}
+	sort.Strings(e.allowed)
+	return e
+}
+
+// Allowed returns the module names scripts may import.
+func (e *Engine) Allowed() []string { return append([]string(nil), e.allowed...) }
+
+// Check compiles script (or finds it in the cache) and returns nil or an
+// *envelope.Error with reason script_invalid or forbidden_import.
+func (e *Engine) Check(script string) error {
+	p := e.program(script)
+	if p.err != nil {
+		return p.err
+	}
+	return nil
+}
+
+// program returns the cached program for script, compiling it on a miss.
+func (e *Engine) program(script string) *program {
+	hash := sha256.Sum256([]byte(script))
+	e.mu.Lock()
+	if el, ok := e.cache[hash]; ok {
+		e.lru.MoveToFront(el)
+		e.mu.Unlock()
+		return el.Value.(*program)
+	}
+	e.mu.Unlock()
+
+	// Compile outside the lock; two racing compiles of one script are
+	// harmless (the second finds the first in the cache below).
+	p := &program{hash: hash, idle: make(chan *instance, instancesPerProgram)}
+	inst, err := e.compile(script)
+	if err != nil {
+		p.err = err
+	} else {
+		p.idle <- inst
+	}
+
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if el, ok := e.cache[hash]; ok {
+		e.lru.MoveToFront(el)
+		return el.Value.(*program)
+	}
+	e.cache[hash] = e.lru.PushFront(p)
+	for e.lru.Len() > e.cfg.CacheSize {
+		old := e.lru.Back()
+		e.lru.Remove(old)
+		delete(e.cache, old.Value.(*program).hash)
+	}
+	return p
+}
+
+// importGuard is the module getter of one compile: it hands out the allowed
+// modules and records what else the script tried to import.
+type importGuard struct {
+	modules   *tengo.ModuleMap
+	forbidden []string
+}
+
+func (g *importGuard) Get(name string) tengo.Importable {
+	if m := g.modules.Get(name); m != nil {
+		return m
+	}
+	g.forbidden = append(g.forbidden, name)
+	return nil
+}
+
+// compile builds one instance of script with modules bound to a fresh run
+// context.
+func (e *Engine) compile(script string) (*instance, error) {
+	rc := &Run{engine: e}
+	rc.jobMap = newJobMap(rc)
+	mods := tengo.NewModuleMap()
+	for _, name := range stdlibNames {
+		switch name {
+		case "enum":
+			mods.AddSourceModule(name, []byte(stdlib.SourceModules[name]))
+		case "fmt", "times":
+			attrs := make(map[string]tengo.Object)
+			for k, v := range stdlib.BuiltinModules[name] {
+				attrs[k] = v
+			}
+			for k, v := range sandboxOverrides(name, rc) {
+				attrs[k] = v
+			}
+			mods.AddBuiltinModule(name, attrs)
+		default:
+			mods.AddBuiltinModule(name, stdlib.BuiltinModules[name])
+		}
+	}
+	for name, m := range e.modules {
+		if name == "job" {
+			mods.Add(name, jobImport{rc: rc})
+			continue
+		}
+		mods.AddBuiltinModule(name, m(rc))
+	}
+	guard := &importGuard{modules: mods}
+	s := tengo.NewScript([]byte(script))
+	s.SetImports(guard)
+	s.SetMaxAllocs(e.cfg.MaxAllocs)
+	s.EnableFileImport(false)
+	compiled, err := s.Compile()
+	if err != nil {
+		if len(guard.forbidden) > 0 {
+			return nil, envelope.Refuse(envelope.ReasonForbiddenImport,
+				fmt.Sprintf("script imports %q, which the sandbox does not allow (allowed: %s)",
+					guard.forbidden[0], strings.Join(e.allowed, ", ")))
+		}
+		return nil, envelope.Refuse(envelope.ReasonScriptInvalid, "script does not compile: "+err.Error())
+	}
+	return &instance{compiled: compiled, rc: rc}, nil
+}
+
+// Input is what a run needs to know about its job.
+type Input struct {
+	JobID   string
+	Name    string
+	Site    string
+	Node    string
+	Args    []byte // JSON object, may be empty
+	Attempt int    // 1 for the first run
+	// Log receives each log line as it is written (level is debug, info,
+	// warn or error). It may be nil.
+	Log func(level, line string)
+}
+
+// Output is what a successful run produced.
+type Output struct {
+	// Result is the JSON value the script passed to job.result, or null.
+	Result []byte
+}
+
+// Errors a run can end with besides compile errors (see Check) and errors
+// returned by modules.
+var (
+	// ErrTimeout: the run passed its deadline and was stopped.
+	ErrTimeout = errors.New("script ran past its timeout and was stopped")
+	// ErrAllocLimit: the run allocated more objects than the cap allows.
+	ErrAllocLimit = errors.New("script exceeded the allocation cap and was stopped")
+	// ErrTransient marks module errors worth retrying (a busy host, a
+	// network blip); modules wrap it, and the runner retries the job.
+	ErrTransient = errors.New("transient")
+)
+
+// RuntimeError is a script failure at run time.
+type RuntimeError struct{ Msg string }
+
+func (e *RuntimeError) Error() string { return "script error: " + e.Msg }
+
+// Run runs script for one job under ctx, whose deadline is the job's
+// timeout. A run that ends by ctx's deadline returns ErrTimeout; one that
+// hits the allocation cap returns ErrAllocLimit; compile failures return the
+// *envelope.Error of Check; a failing script returns *RuntimeError, or the
+// module's error when a module aborted it (which may wrap ErrTransient).
+func (e *Engine) Run(ctx context.Context, script string, in Input) (Output, error) {
+	p := e.program(script)
+	if p.err != nil {
+		return Output{}, p.err
+	}
+	var inst *instance
+	select {
+	case inst = <-p.idle:
+	default:
+		var err error
+		if inst, err = e.compile(script); err != nil {
+			return Output{}, err
+		}
+	}
+	args, err := argsObject(in.Args)
+	if err != nil {
+		return Output{}, &RuntimeError{Msg: "job args: " + err.Error()}
+	}
+	rc := inst.rc
+	rc.begin(ctx, in, args)
+	runErr := inst.compiled.Clone().RunContext(ctx)
+	result, resErr, modErr := rc.end()
+	select {
+	case p.idle <- inst:
+	default: // enough idle instances; let this one go
+	}
+
+	switch {
+	case runErr == nil:
+	case errors.Is(runErr, context.DeadlineExceeded):
+		return Output{}, fmt.Errorf("%w (timeout %s)", ErrTimeout, deadlineOf(ctx))
+	case ctx.Err() != nil:
+		return Output{}, ctx.Err()
+	case errors.Is(runErr, tengo.ErrObjectAllocLimit):
+		return Output{}, fmt.Errorf("%w (cap: %d objects)", ErrAllocLimit, e.cfg.MaxAllocs)
+	case errors.Is(runErr, tengo.ErrStringLimit), errors.Is(runErr, tengo.ErrBytesLimit):
+		return Output{}, fmt.Errorf("%w: a value grew past %d bytes", ErrAllocLimit, e.cfg.MaxValueBytes)
+	case modErr != nil:
+		return Output{}, modErr
+	default:
+		return Output{}, &RuntimeError{Msg: strings.TrimPrefix(runErr.Error(), "Runtime Error: ")}
+	}
+	if resErr != nil {
+		return Output{}, resErr
+	}
+	return Output{Result: result}, nil
+}
+
+func deadlineOf(ctx context.Context) string {
+	if v, ok := ctx.Value(timeoutKey{}).(string); ok {
+		return v
+	}
+	return "set by the job"
+}
+
+type timeoutKey struct{}
+
+// WithTimeout returns a context that expires after the job's timeout d and
+// remembers d for the error message of a run it stops.
+func WithTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithValue(ctx, timeoutKey{}, d.String()), d)
+}

@@ -1,0 +1,176 @@
+package scripts
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/writ-fleet/writ/envelope"
+)
+
+func TestEngine_Run(t *testing.T) {
+	e := New(Config{}, nil)
+	for _, tc := range []struct {
+		name, script, args string
+		want               string
+	}{
+		{"result", `job := import("job"); job.result("hi")`, ``, `"hi"`},
+		{"no result", `x := 1`, ``, `null`},
+		{"args", `job := import("job"); job.result({greeting: "hello " + job.args.who, n: job.args.n + 1})`, `{"who":"world","n":41}`, `{"greeting":"hello world","n":42}`},
+		{"identity", `job := import("job"); job.result([job.id, job.site, job.node, job.attempt])`, ``, `["j1","local","n1",1]`},
+		{"stdlib", `text := import("text"); json := import("json"); job := import("job"); job.result(text.to_upper(string(json.encode({a: 1}))))`, ``, `"{\"A\":1}"`},
+		{"enum", `enum := import("enum"); job := import("job"); job.result(enum.map([1,2], func(i, x) { return x * 2 }))`, ``, `[2,4]`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, err := e.Run(context.Background(), tc.script, Input{JobID: "j1", Site: "local", Node: "n1", Attempt: 1, Args: []byte(tc.args)})
+			if err != nil {
+				t.Fatalf("Run = %v", err)
+			}
+			if string(out.Result) != tc.want {
+				t.Errorf("Result = %s, want %s", out.Result, tc.want)
+			}
+		})
+	}
+}
+
+func TestEngine_Check(t *testing.T) {
+	e := New(Config{}, nil)
+	for _, tc := range []struct {
+		name, script string
+		want         envelope.Reason
+		msg          string
+	}{
+		{"ok", `x := 1 + 2`, "", ""},
+		{"syntax", `x := (`, envelope.ReasonScriptInvalid, "does not compile"},
+		{"undefined", `y := x + 1`, envelope.ReasonScriptInvalid, "unresolved reference"},
+		{"os", `os := import("os"); os.exit(1)`, envelope.ReasonForbiddenImport, `"os"`},
+		{"file import", `m := import("./evil")`, envelope.ReasonForbiddenImport, "./evil"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := e.Check(tc.script)
+			if got := envelope.ReasonOf(err); got != tc.want {
+				t.Fatalf("Check reason = %q (%v), want %q", got, err, tc.want)
+			}
+			if err != nil && !strings.Contains(err.Error(), tc.msg) {
+				t.Errorf("Check = %v, want it to mention %q", err, tc.msg)
+			}
+			// The cached answer is the same.
+			if got := envelope.ReasonOf(e.Check(tc.script)); got != tc.want {
+				t.Errorf("second Check reason = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestEngine_Run_Limits(t *testing.T) {
+	e := New(Config{MaxAllocs: 100_000, MaxValueBytes: 1 << 20, MaxResultBytes: 1024}, nil)
+	for _, tc := range []struct {
+		name, script string
+		timeout      time.Duration
+		want         error
+		msg          string
+	}{
+		{"infinite loop", `for {}`, 300 * time.Millisecond, ErrTimeout, "timeout 300ms"},
+		{"sleep past deadline", `times := import("times"); times.sleep(60 * times.second)`, 200 * time.Millisecond, ErrTimeout, "timeout"},
+		{"unbounded array", `a := []; for { a = append(a, [1]) }`, 30 * time.Second, ErrAllocLimit, "cap: 100000 objects"},
+		{"string doubling", `s := "xxxxxxxx"; for { s = s + s }`, 30 * time.Second, ErrAllocLimit, "past 1048576 bytes"},
+		{"huge bytes", `b := bytes(1 << 30)`, 30 * time.Second, ErrAllocLimit, "past 1048576 bytes"},
+		{"big result", `job := import("job"); text := import("text"); job.result(text.repeat("x", 5000))`, 30 * time.Second, nil, "result is 5002 bytes"},
+		{"runtime error", `x := 1; y := x.foo()`, 30 * time.Second, nil, "script error"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := WithTimeout(context.Background(), tc.timeout)
+			defer cancel()
+			start := time.Now()
+			_, err := e.Run(ctx, tc.script, Input{JobID: "j"})
+			if err == nil {
+				t.Fatal("Run succeeded, want an error")
+			}
+			if tc.want != nil && !errors.Is(err, tc.want) {
+				t.Errorf("Run = %v, want %v", err, tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.msg) {
+				t.Errorf("Run = %q, want it to mention %q", err, tc.msg)
+			}
+			if d := time.Since(start); d > tc.timeout+10*time.Second {
+				t.Errorf("Run took %s", d)
+			}
+		})
+	}
+	// The engine is still healthy after all of that.
+	out, err := e.Run(context.Background(), `job := import("job"); job.result(1)`, Input{})
+	if err != nil || string(out.Result) != "1" {
+		t.Errorf("Run after limits = %s, %v", out.Result, err)
+	}
+}
+
+func TestEngine_Run_Log(t *testing.T) {
+	e := New(Config{MaxLogBytes: 100}, nil)
+	var lines []string
+	in := Input{Log: func(level, line string) { lines = append(lines, level+": "+line) }}
+	script := `log := import("log"); fmt := import("fmt")
+log.info("hello", 42)
+fmt.println("via fmt")
+fmt.printf("n=%d\n", 7)
+for i := 0; i < 50; i++ { log.warn("spam spam spam") }`
+	if _, err := e.Run(context.Background(), script, in); err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"info: hello 42", "info: via fmt", "info: n=7"}
+	for i, w := range want {
+		if i >= len(lines) || lines[i] != w {
+			t.Fatalf("lines = %q, want prefix %q", lines, want)
+		}
+	}
+	last := lines[len(lines)-1]
+	if !strings.Contains(last, "log truncated") {
+		t.Errorf("last line = %q, want a truncation notice", last)
+	}
+	if len(lines) > 12 {
+		t.Errorf("%d lines written, want the budget to stop them", len(lines))
+	}
+}
+
+// TestEngine_Run_Concurrent runs one cached script for many jobs at once;
+// each run must see its own job (run with -race).
+func TestEngine_Run_Concurrent(t *testing.T) {
+	e := New(Config{}, nil)
+	script := `job := import("job"); times := import("times"); times.sleep(1000000); job.result(job.id + ":" + string(job.args.n))`
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for i := 0; i < 100; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			id := fmt.Sprintf("job-%d", i)
+			out, err := e.Run(context.Background(), script, Input{JobID: id, Args: []byte(fmt.Sprintf(`{"n":%d}`, i))})
+			if err != nil {
+				errs <- err
+				return
+			}
+			if want := fmt.Sprintf(`"%s:%d"`, id, i); string(out.Result) != want {
+				errs <- fmt.Errorf("job %d got %s, want %s", i, out.Result, want)
+			}
+		}(i)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+func BenchmarkEngine_RunCached(b *testing.B) {
+	e := New(Config{}, nil)
+	script := `job := import("job"); job.result({ok: true, id: job.id})`
+	in := Input{JobID: "bench"}
+	for b.Loop() {
+		if _, err := e.Run(context.Background(), script, in); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

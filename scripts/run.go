@@ -1,0 +1,342 @@
+package scripts
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"runtime"
+	"strings"
+	"time"
+
+	"github.com/d5/tengo/v2"
+)
+
+// Run is the context of the run in progress on one compiled instance. The
+// engine fills it in before each run and clears it after; module functions
+// read it through the accessors. One instance runs one script at a time, so
+// no lock is needed.
+type Run struct {
+	engine *Engine
+	ctx    context.Context
+	in     Input
+	args   tengo.Object
+
+	result    []byte
+	resultErr error
+	moduleErr error // first error a module aborted the script with
+	logBytes  int
+	logCut    bool
+	jobMap    *tengo.ImmutableMap // the "job" module of this instance
+}
+
+func (rc *Run) begin(ctx context.Context, in Input, args tengo.Object) {
+	rc.ctx, rc.in, rc.args = ctx, in, args
+	rc.result, rc.resultErr, rc.moduleErr = nil, nil, nil
+	rc.logBytes, rc.logCut = 0, false
+	rc.fillJob()
+}
+
+func (rc *Run) end() (result []byte, resultErr, moduleErr error) {
+	result, resultErr, moduleErr = rc.result, rc.resultErr, rc.moduleErr
+	if result == nil {
+		result = []byte("null")
+	}
+	rc.ctx, rc.in, rc.args, rc.result = nil, Input{}, nil, nil
+	return result, resultErr, moduleErr
+}
+
+// Context returns the run's context: modules pass it to anything that blocks.
+func (rc *Run) Context() context.Context {
+	if rc.ctx == nil {
+		return context.Background()
+	}
+	return rc.ctx
+}
+
+// Input returns what the run knows about its job.
+func (rc *Run) Input() Input { return rc.in }
+
+// Log writes a line to the job log, within the run's log budget.
+func (rc *Run) Log(level, line string) {
+	if rc.logCut {
+		return
+	}
+	max := rc.engine.cfg.MaxLogBytes
+	if len(line) > DefaultMaxLogLine {
+		line = line[:DefaultMaxLogLine] + "…(line truncated)"
+	}
+	if rc.logBytes+len(line) > max {
+		rc.logCut = true
+		line = fmt.Sprintf("log truncated: this run reached its limit of %d bytes", max)
+		level = "warn"
+	}
+	rc.logBytes += len(line)
+	if rc.in.Log != nil {
+		rc.in.Log(level, line)
+	}
+}
+
+// Fail records err as the reason the script stops and returns it for the
+// module function to return. Use it for errors the script cannot handle
+// (a host failure); return a Tengo error value for errors it can check.
+func (rc *Run) Fail(err error) error {
+	if rc.moduleErr == nil {
+		rc.moduleErr = err
+	}
+	return err
+}
+
+// Func wraps a module function so that a panic inside it becomes an error
+// carrying the file and line where it happened, instead of killing the run.
+func Func(name string, fn tengo.CallableFunc) *tengo.UserFunction {
+	return &tengo.UserFunction{Name: name, Value: func(args ...tengo.Object) (ret tengo.Object, err error) {
+		defer func() {
+			if r := recover(); r != nil {
+				err = fmt.Errorf("panic in %s: %v at %s", name, r, panicSite())
+			}
+		}()
+		return fn(args...)
+	}}
+}
+
+// panicSite returns file:line of the frame that panicked.
+func panicSite() string {
+	pcs := make([]uintptr, 32)
+	n := runtime.Callers(3, pcs)
+	frames := runtime.CallersFrames(pcs[:n])
+	for {
+		f, more := frames.Next()
+		if !strings.HasPrefix(f.Function, "runtime.") {
+			return fmt.Sprintf("%s:%d", f.File, f.Line)
+		}
+		if !more {
+			return "unknown"
+		}
+	}
+}
+
+// jobImport is the importable "job" module. Tengo fixes an imported module
+// into the compiled program as an immutable map; each compiled instance has
+// its own map, and begin refills its values before every run (no run is in
+// progress on the instance then), so one compiled program serves every job
+// that runs the same script.
+type jobImport struct{ rc *Run }
+
+func (j jobImport) Import(string) (any, error) { return j.rc.jobMap, nil }
+
+// fillJob sets job.id, job.name, job.site, job.node, job.attempt and
+// job.args for the run about to start; job.result is fixed.
+func (rc *Run) fillJob() {
+	in := rc.in
+	m := rc.jobMap.Value
+	m["id"] = &tengo.String{Value: in.JobID}
+	m["name"] = &tengo.String{Value: in.Name}
+	m["site"] = &tengo.String{Value: in.Site}
+	m["node"] = &tengo.String{Value: in.Node}
+	m["attempt"] = &tengo.Int{Value: int64(in.Attempt)}
+	if rc.args == nil {
+		m["args"] = &tengo.Map{Value: map[string]tengo.Object{}}
+	} else {
+		m["args"] = rc.args
+	}
+}
+
+func newJobMap(rc *Run) *tengo.ImmutableMap {
+	return &tengo.ImmutableMap{Value: map[string]tengo.Object{
+		"__module_name__": &tengo.String{Value: "job"},
+		"result":          &tengo.UserFunction{Name: "result", Value: rc.setResult},
+	}}
+}
+
+// setResult is job.result(value): it records value (JSON-encodable, within
+// the size limit) as the job's result. A later call replaces an earlier one.
+func (rc *Run) setResult(args ...tengo.Object) (tengo.Object, error) {
+	if len(args) != 1 {
+		return nil, tengo.ErrWrongNumArguments
+	}
+	b, err := json.Marshal(toJSON(args[0]))
+	if err != nil {
+		return &tengo.Error{Value: &tengo.String{Value: "result is not JSON-encodable: " + err.Error()}}, nil
+	}
+	if max := rc.engine.cfg.MaxResultBytes; len(b) > max {
+		rc.resultErr = &RuntimeError{Msg: fmt.Sprintf("result is %d bytes, the limit is %d", len(b), max)}
+		return nil, rc.resultErr
+	}
+	rc.result = b
+	return tengo.UndefinedValue, nil
+}
+
+// toJSON converts a Tengo value to plain Go values for JSON encoding.
+func toJSON(o tengo.Object) any {
+	switch v := o.(type) {
+	case *tengo.Map:
+		m := make(map[string]any, len(v.Value))
+		for k, x := range v.Value {
+			m[k] = toJSON(x)
+		}
+		return m
+	case *tengo.ImmutableMap:
+		m := make(map[string]any, len(v.Value))
+		for k, x := range v.Value {
+			m[k] = toJSON(x)
+		}
+		return m
+	case *tengo.Array:
+		a := make([]any, len(v.Value))
+		for i, x := range v.Value {
+			a[i] = toJSON(x)
+		}
+		return a
+	case *tengo.ImmutableArray:
+		a := make([]any, len(v.Value))
+		for i, x := range v.Value {
+			a[i] = toJSON(x)
+		}
+		return a
+	case *tengo.Error:
+		return map[string]any{"error": toJSON(v.Value)}
+	case *tengo.Time:
+		return v.Value.UTC().Format(time.RFC3339Nano)
+	case *tengo.Undefined:
+		return nil
+	}
+	return tengo.ToInterface(o)
+}
+
+// argsObject converts the job's JSON args to a Tengo map; integers stay
+// integers.
+func argsObject(raw []byte) (tengo.Object, error) {
+	if len(bytes.TrimSpace(raw)) == 0 {
+		return &tengo.Map{Value: map[string]tengo.Object{}}, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, err
+	}
+	if _, ok := v.(map[string]any); !ok {
+		return nil, errors.New("args must be a JSON object")
+	}
+	return fromJSON(v), nil
+}
+
+// FromJSON converts a decoded JSON value (decoded with UseNumber) to Tengo.
+func fromJSON(v any) tengo.Object {
+	switch x := v.(type) {
+	case nil:
+		return tengo.UndefinedValue
+	case bool:
+		if x {
+			return tengo.TrueValue
+		}
+		return tengo.FalseValue
+	case json.Number:
+		if i, err := x.Int64(); err == nil {
+			return &tengo.Int{Value: i}
+		}
+		f, _ := x.Float64()
+		return &tengo.Float{Value: f}
+	case string:
+		return &tengo.String{Value: x}
+	case []any:
+		a := make([]tengo.Object, len(x))
+		for i, e := range x {
+			a[i] = fromJSON(e)
+		}
+		return &tengo.Array{Value: a}
+	case map[string]any:
+		m := make(map[string]tengo.Object, len(x))
+		for k, e := range x {
+			m[k] = fromJSON(e)
+		}
+		return &tengo.Map{Value: m}
+	}
+	return tengo.UndefinedValue
+}
+
+// joinArgs renders log arguments the way fmt.println does.
+func joinArgs(args []tengo.Object) string {
+	parts := make([]string, len(args))
+	for i, a := range args {
+		if s, ok := a.(*tengo.String); ok {
+			parts[i] = s.Value
+		} else {
+			parts[i] = a.String()
+		}
+	}
+	return strings.Join(parts, " ")
+}
+
+// logModule is the "log" module: log.debug/info/warn/error(args...) write one
+// line to the job log.
+func logModule(rc *Run) map[string]tengo.Object {
+	m := make(map[string]tengo.Object)
+	for _, level := range []string{"debug", "info", "warn", "error"} {
+		level := level
+		m[level] = Func(level, func(args ...tengo.Object) (tengo.Object, error) {
+			rc.Log(level, joinArgs(args))
+			return tengo.UndefinedValue, nil
+		})
+	}
+	return m
+}
+
+// sandboxOverrides replaces the standard functions that would escape the
+// sandbox: fmt's printers write to the job log instead of the runner's
+// stdout, and times.sleep stops at the run's deadline.
+func sandboxOverrides(module string, rc *Run) map[string]tengo.Object {
+	switch module {
+	case "fmt":
+		printer := func(name string, format bool, newline bool) tengo.Object {
+			return Func(name, func(args ...tengo.Object) (tengo.Object, error) {
+				var line string
+				if format {
+					if len(args) == 0 {
+						return nil, tengo.ErrWrongNumArguments
+					}
+					f, ok := args[0].(*tengo.String)
+					if !ok {
+						return nil, tengo.ErrInvalidArgumentType{Name: "format", Expected: "string", Found: args[0].TypeName()}
+					}
+					s, err := tengo.Format(f.Value, args[1:]...)
+					if err != nil {
+						return nil, err
+					}
+					line = s
+				} else {
+					line = joinArgs(args)
+				}
+				rc.Log("info", strings.TrimSuffix(line, "\n"))
+				return tengo.UndefinedValue, nil
+			})
+		}
+		return map[string]tengo.Object{
+			"print":   printer("print", false, false),
+			"println": printer("println", false, true),
+			"printf":  printer("printf", true, false),
+		}
+	case "times":
+		return map[string]tengo.Object{
+			"sleep": Func("sleep", func(args ...tengo.Object) (tengo.Object, error) {
+				if len(args) != 1 {
+					return nil, tengo.ErrWrongNumArguments
+				}
+				d, ok := tengo.ToInt64(args[0])
+				if !ok {
+					return nil, tengo.ErrInvalidArgumentType{Name: "first", Expected: "int(compatible)", Found: args[0].TypeName()}
+				}
+				t := time.NewTimer(time.Duration(d))
+				defer t.Stop()
+				select {
+				case <-t.C:
+				case <-rc.Context().Done():
+				}
+				return tengo.UndefinedValue, nil
+			}),
+		}
+	}
+	return nil
+}
