@@ -1,0 +1,243 @@
+// Package ledger is writ's registry and source of truth for identity: users
+// and their public keys and roles per site, and sites with their supervisor
+// address and signing policy. (Nodes and uptime arrive with node
+// registration.)
+//
+// The package holds the types, the trust evaluation every verifier shares
+// (Trust.Authorize), the HTTP API (Server), its client (Client) and the
+// verifier-side cache (TrustCache). Stores live in ledger/store/*.
+//
+// Reads are public (public keys are public); writes are admin calls signed
+// with RFC 9421 HTTP Message Signatures by a user holding the admin role on
+// every site ("*").
+package ledger
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/keys"
+)
+
+// AllSites is the site name in a role binding that covers every site.
+const AllSites = "*"
+
+// Roles writ knows. Policies name which of them may sign jobs for a site.
+const (
+	RoleAdmin    = "admin"    // manages the ledger and may sign jobs
+	RoleDeployer = "deployer" // may sign jobs
+	RoleViewer   = "viewer"   // may read; may not sign
+)
+
+// DefaultPolicyRoles are the roles a new site accepts job signatures from.
+var DefaultPolicyRoles = []string{RoleAdmin, RoleDeployer}
+
+// Errors stores return.
+var (
+	ErrNotFound = errors.New("not found")
+	ErrExists   = errors.New("already exists")
+)
+
+var nameRe = regexp.MustCompile(`^[a-z][a-z0-9._-]{0,63}$`)
+
+// ValidUserName reports whether s is a valid user name.
+func ValidUserName(s string) bool { return nameRe.MatchString(s) }
+
+// ValidRole reports whether r is a role writ knows.
+func ValidRole(r string) bool { return r == RoleAdmin || r == RoleDeployer || r == RoleViewer }
+
+// Key is a user's public key.
+type Key struct {
+	ID        string     `json:"id"`
+	User      string     `json:"user"`
+	PublicKey string     `json:"public_key"` // OpenSSH authorized_keys line
+	CreatedAt time.Time  `json:"created_at"`
+	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+}
+
+// User is a principal with keys and roles.
+type User struct {
+	Name      string            `json:"name"`
+	Disabled  bool              `json:"disabled"`
+	Roles     map[string]string `json:"roles"` // site (or "*") → role
+	Keys      []Key             `json:"keys"`
+	CreatedAt time.Time         `json:"created_at"`
+}
+
+// RoleOn returns the user's role on site: the site's own binding, else the
+// "*" binding, else "".
+func (u *User) RoleOn(site string) string {
+	if r, ok := u.Roles[site]; ok {
+		return r
+	}
+	return u.Roles[AllSites]
+}
+
+// Policy says who may sign jobs for a site.
+type Policy struct {
+	// Roles may sign jobs for the site.
+	Roles []string `json:"roles"`
+	// Threshold is how many distinct users must sign (k of n).
+	Threshold int `json:"threshold"`
+}
+
+// Validate checks the policy.
+func (p Policy) Validate() error {
+	if p.Threshold < 1 || p.Threshold > envelope.MaxSignatures {
+		return fmt.Errorf("policy threshold %d is out of range (1 to %d)", p.Threshold, envelope.MaxSignatures)
+	}
+	if len(p.Roles) == 0 {
+		return errors.New("policy names no roles that may sign")
+	}
+	for _, r := range p.Roles {
+		if !ValidRole(r) {
+			return fmt.Errorf("policy names unknown role %q", r)
+		}
+	}
+	return nil
+}
+
+// Site is a group of nodes served by one supervisor.
+type Site struct {
+	Name          string `json:"name"`
+	SupervisorURL string `json:"supervisor_url"`
+	Policy        Policy `json:"policy"`
+}
+
+// Signer is one key that may appear on a site's jobs, as a Trust lists it.
+type Signer struct {
+	KeyID     string `json:"key_id"`
+	PublicKey string `json:"public_key"`
+	User      string `json:"user"`
+	Role      string `json:"role"`
+	Revoked   bool   `json:"revoked,omitempty"`
+	Disabled  bool   `json:"disabled,omitempty"`
+
+	pub ed25519.PublicKey
+}
+
+// Trust is the snapshot a verifier needs for one site: its policy and every
+// key of every user with a role on it (revoked and disabled ones flagged, so
+// refusals can say why).
+type Trust struct {
+	Site    Site      `json:"site"`
+	Signers []Signer  `json:"signers"`
+	AsOf    time.Time `json:"as_of"`
+
+	byID map[string]*Signer
+}
+
+// index parses public keys and builds the key index; call once after
+// decoding.
+func (t *Trust) index() error {
+	t.byID = make(map[string]*Signer, len(t.Signers))
+	for i := range t.Signers {
+		s := &t.Signers[i]
+		pub, _, err := keys.ParsePublic(s.PublicKey)
+		if err != nil {
+			return fmt.Errorf("trust for site %s: key %s: %w", t.Site.Name, s.KeyID, err)
+		}
+		s.pub = pub
+		t.byID[s.KeyID] = s
+	}
+	return nil
+}
+
+// Has reports whether keyID appears in the snapshot.
+func (t *Trust) Has(keyID string) bool {
+	_, ok := t.byID[keyID]
+	return ok
+}
+
+// Authorize checks env's signatures against the site's keys and policy: the
+// valid signatures of active keys whose users hold an allowed role must come
+// from at least Threshold distinct users. It returns those users, or an
+// *envelope.Error naming the most specific problem: unknown_key,
+// revoked_key, bad_signature, role_not_allowed or below_threshold. It does
+// not check the job's time window or site (see envelope.Job).
+func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
+	if len(env.Signatures) == 0 {
+		return nil, envelope.Refuse(envelope.ReasonNoSignature, "envelope carries no signatures")
+	}
+	allowed := map[string]bool{}
+	for _, r := range t.Site.Policy.Roles {
+		allowed[r] = true
+	}
+	var candidates []envelope.TrustedKey
+	var problem error
+	note := func(err error) {
+		if problem == nil {
+			problem = err
+		}
+	}
+	for _, sig := range env.Signatures {
+		s, ok := t.byID[sig.KeyID]
+		switch {
+		case !ok:
+			note(envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("key %s is not registered for site %s", sig.KeyID, t.Site.Name)))
+		case s.Revoked:
+			note(envelope.Refuse(envelope.ReasonRevokedKey, fmt.Sprintf("key %s of user %s was revoked", s.KeyID, s.User)))
+		case s.Disabled:
+			note(envelope.Refuse(envelope.ReasonRevokedKey, fmt.Sprintf("user %s (key %s) is disabled", s.User, s.KeyID)))
+		case !allowed[s.Role]:
+			note(envelope.Refuse(envelope.ReasonRoleNotAllowed, fmt.Sprintf("user %s has role %q on site %s, which may not sign jobs (allowed: %s)", s.User, s.Role, t.Site.Name, strings.Join(t.Site.Policy.Roles, ", "))))
+		default:
+			candidates = append(candidates, envelope.TrustedKey{ID: s.KeyID, Key: s.pub})
+		}
+	}
+	accepted := env.Verify(candidates)
+	users := map[string]bool{}
+	for _, k := range accepted {
+		users[t.byID[k.ID].User] = true
+	}
+	if len(accepted) < len(candidates) {
+		// Some candidate key did not verify; name the first one.
+		ok := map[string]bool{}
+		for _, k := range accepted {
+			ok[k.ID] = true
+		}
+		for _, c := range candidates {
+			if !ok[c.ID] {
+				note(envelope.Refuse(envelope.ReasonBadSignature, fmt.Sprintf("signature by key %s (user %s) does not verify: the job was altered or signed with another key", c.ID, t.byID[c.ID].User)))
+				break
+			}
+		}
+	}
+	names := make([]string, 0, len(users))
+	for u := range users {
+		names = append(names, u)
+	}
+	sort.Strings(names)
+	if len(names) >= t.Site.Policy.Threshold {
+		return names, nil
+	}
+	if problem != nil {
+		return nil, problem
+	}
+	return nil, envelope.Refuse(envelope.ReasonBelowThreshold, fmt.Sprintf("site %s requires signatures from %d distinct users; got %d (%s)", t.Site.Name, t.Site.Policy.Threshold, len(names), strings.Join(names, ", ")))
+}
+
+// Store is what the ledger server needs from a store.
+type Store interface {
+	CreateUser(ctx context.Context, u User) error
+	GetUser(ctx context.Context, name string) (*User, error)
+	ListUsers(ctx context.Context) ([]User, error)
+	SetUserDisabled(ctx context.Context, name string, disabled bool) error
+	SetRole(ctx context.Context, user, site, role string) error
+	AddKey(ctx context.Context, k Key) error
+	GetKey(ctx context.Context, id string) (*Key, error)
+	RevokeKey(ctx context.Context, id string, at time.Time) error
+	PutSite(ctx context.Context, s Site) error
+	GetSite(ctx context.Context, name string) (*Site, error)
+	ListSites(ctx context.Context) ([]Site, error)
+	// Trust returns the site and the keys of every user with a role on it.
+	Trust(ctx context.Context, site string) (*Trust, error)
+	Ping(ctx context.Context) error
+}
