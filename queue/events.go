@@ -1,0 +1,124 @@
+package queue
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// EventType is what happened to a job.
+type EventType string
+
+// Event types, in the order a job usually sees them.
+const (
+	EventQueued    EventType = "queued"    // supervisor accepted and enqueued it
+	EventRejected  EventType = "rejected"  // refused before running (reason says why)
+	EventStarted   EventType = "started"   // a runner began a run
+	EventLog       EventType = "log"       // the script wrote a log line
+	EventRetrying  EventType = "retrying"  // a run failed and will be retried
+	EventSucceeded EventType = "succeeded" // a run finished; result is set
+	EventFailed    EventType = "failed"    // the job failed for good
+)
+
+// String implements fmt.Stringer.
+func (t EventType) String() string { return string(t) }
+
+// Terminal reports whether the event ends the job.
+func (t EventType) Terminal() bool {
+	return t == EventRejected || t == EventSucceeded || t == EventFailed
+}
+
+// Event is one entry of a site's event stream.
+type Event struct {
+	// Seq is the stream entry ID ("ms-seq"), set when read back.
+	Seq     string          `json:"seq,omitempty"`
+	Job     string          `json:"job"`
+	Type    EventType       `json:"type"`
+	At      time.Time       `json:"at"`
+	Name    string          `json:"name,omitempty"`
+	Site    string          `json:"site,omitempty"`
+	Node    string          `json:"node,omitempty"`
+	Attempt int             `json:"attempt,omitempty"`
+	Level   string          `json:"level,omitempty"`
+	Message string          `json:"message,omitempty"`
+	Reason  string          `json:"reason,omitempty"`
+	Error   string          `json:"error,omitempty"`
+	Result  json.RawMessage `json:"result,omitempty"`
+}
+
+// EventStreamMaxLen bounds a site's event stream (approximately).
+const EventStreamMaxLen = 1_000_000
+
+func eventStream(site string) string { return "writ:site:" + site + ":events" }
+
+// Publish appends events to site's stream in one round trip.
+func (r *Redis) Publish(ctx context.Context, site string, events ...Event) error {
+	if len(events) == 0 {
+		return nil
+	}
+	pipe := r.rdb.Pipeline()
+	publishPipe(ctx, pipe, site, events)
+	if _, err := pipe.Exec(ctx); err != nil {
+		return fmt.Errorf("publish events: %w", err)
+	}
+	return nil
+}
+
+func publishPipe(ctx context.Context, pipe redis.Pipeliner, site string, events []Event) {
+	for _, ev := range events {
+		ev.Seq = ""
+		b, _ := json.Marshal(ev)
+		pipe.XAdd(ctx, &redis.XAddArgs{
+			Stream: eventStream(site),
+			MaxLen: EventStreamMaxLen,
+			Approx: true,
+			Values: []string{"e", string(b)},
+		})
+	}
+}
+
+// ReadEvents returns up to count events of site after seq ("0" for the
+// start, "$" for only new ones), waiting up to block for at least one. It
+// returns no events and no error when block passes quietly.
+func (r *Redis) ReadEvents(ctx context.Context, site, after string, count int64, block time.Duration) ([]Event, error) {
+	res, err := r.rdb.XRead(ctx, &redis.XReadArgs{
+		Streams: []string{eventStream(site), after},
+		Count:   count,
+		Block:   block,
+	}).Result()
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read events of site %s: %w", site, err)
+	}
+	var out []Event
+	for _, s := range res {
+		for _, m := range s.Messages {
+			var ev Event
+			raw, _ := m.Values["e"].(string)
+			if err := json.Unmarshal([]byte(raw), &ev); err != nil {
+				continue // not ours; skip rather than wedge the reader
+			}
+			ev.Seq = m.ID
+			out = append(out, ev)
+		}
+	}
+	return out, nil
+}
+
+// LastEventSeq returns the ID of the newest event of site, or "0-0".
+func (r *Redis) LastEventSeq(ctx context.Context, site string) (string, error) {
+	msgs, err := r.rdb.XRevRangeN(ctx, eventStream(site), "+", "-", 1).Result()
+	if err != nil {
+		return "", err
+	}
+	if len(msgs) == 0 {
+		return "0-0", nil
+	}
+	return msgs[0].ID, nil
+}

@@ -1,0 +1,425 @@
+package queue
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// State is a job's state as coord tracks it.
+type State string
+
+// Job states.
+const (
+	StatePending   State = "pending"   // accepted by coord, supervisor not reached yet
+	StateQueued    State = "queued"    // enqueued by the site's supervisor
+	StateRunning   State = "running"   // a runner is running it
+	StateRetrying  State = "retrying"  // a run failed; another will follow
+	StateSucceeded State = "succeeded" // done; result is set
+	StateFailed    State = "failed"    // failed for good; error and reason say why
+	StateRejected  State = "rejected"  // refused before running; reason says why
+)
+
+// String implements fmt.Stringer.
+func (s State) String() string { return string(s) }
+
+// Terminal reports whether the job is over.
+func (s State) Terminal() bool {
+	return s == StateSucceeded || s == StateFailed || s == StateRejected
+}
+
+// stateOf maps an event to the state it moves the job to ("" for none).
+func stateOf(t EventType) State {
+	switch t {
+	case EventQueued:
+		return StateQueued
+	case EventRejected:
+		return StateRejected
+	case EventStarted:
+		return StateRunning
+	case EventRetrying:
+		return StateRetrying
+	case EventSucceeded:
+		return StateSucceeded
+	case EventFailed:
+		return StateFailed
+	}
+	return ""
+}
+
+// Job is coord's record of a job.
+type Job struct {
+	ID          string          `json:"id"`
+	Name        string          `json:"name"`
+	Site        string          `json:"site"`
+	Node        string          `json:"node,omitempty"`
+	State       State           `json:"state"`
+	Reason      string          `json:"reason,omitempty"`
+	Error       string          `json:"error,omitempty"`
+	Attempts    int             `json:"attempts"`
+	SubmittedAt time.Time       `json:"submitted_at"`
+	QueuedAt    *time.Time      `json:"queued_at,omitempty"`
+	StartedAt   *time.Time      `json:"started_at,omitempty"`
+	FinishedAt  *time.Time      `json:"finished_at,omitempty"`
+	Result      json.RawMessage `json:"result,omitempty"`
+}
+
+// DefaultJobRetention is how long coord keeps a job's record.
+const DefaultJobRetention = 7 * 24 * time.Hour
+
+const (
+	jobsIndex      = "writ:coord:jobs"
+	pendingDue     = "writ:coord:pending:due"
+	pendingEnvs    = "writ:coord:pending:env"
+	maxJobEvents   = 2000
+	timeFieldLayer = time.RFC3339Nano
+)
+
+func jobKey(id string) string       { return "writ:coord:job:" + id }
+func jobEventsKey(id string) string { return "writ:coord:job:" + id + ":events" }
+func siteIndex(site string) string  { return "writ:coord:site:" + site + ":jobs" }
+func cursorKey(site string) string  { return "writ:coord:cursor:" + site }
+
+// createJob writes a job record's fields that are not set yet, and indexes
+// it. Events may reach coord before the record is written (a fast job), so
+// fields that events set are never overwritten here. It returns the state
+// the record already had, or "".
+var createJob = redis.NewScript(`
+local cur = redis.call('HGET', KEYS[1], 'state')
+for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i+1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], 'NX', ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], 'NX', ARGV[1], ARGV[2])
+return cur or ''
+`)
+
+// applyEvent applies one stream event to a job record if it is newer than
+// the last one applied (stream IDs order a site's events), so replays after
+// a coord restart and several coords following one site are harmless.
+var applyEvent = redis.NewScript(`
+local last = redis.call('HGET', KEYS[1], 'last_event')
+if last then
+  local lm, ls = string.match(last, '(%d+)-(%d+)')
+  local nm, ns = string.match(ARGV[1], '(%d+)-(%d+)')
+  lm, ls, nm, ns = tonumber(lm), tonumber(ls), tonumber(nm), tonumber(ns)
+  if nm < lm or (nm == lm and ns <= ls) then return 0 end
+end
+redis.call('HSET', KEYS[1], 'last_event', ARGV[1])
+if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+`)
+
+// NewJobRecord is a job coord has just accepted or rejected.
+type NewJobRecord struct {
+	Job Job
+	// Envelope is kept for redelivery while State is pending.
+	Envelope []byte
+}
+
+// CreateJobs records jobs in one round trip, never overwriting what an
+// earlier submission or an event already set, and returns for each the
+// state it already had ("" when it was new).
+// Pending jobs are also put on the delivery list, due at once.
+func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention time.Duration) ([]State, error) {
+	if retention == 0 {
+		retention = DefaultJobRetention
+	}
+	cmds := make([]*redis.Cmd, len(recs))
+	err := r.execScripts(ctx, func(pipe redis.Pipeliner) {
+		for i, rec := range recs {
+			j := rec.Job
+			args := []any{j.SubmittedAt.UnixMilli(), j.ID, retention.Milliseconds(),
+				"id", j.ID, "name", j.Name, "site", j.Site, "node", j.Node, "state", string(j.State),
+				"submitted_at", j.SubmittedAt.UTC().Format(timeFieldLayer)}
+			if j.Reason != "" || j.Error != "" {
+				args = append(args, "reason", j.Reason, "error", j.Error)
+			}
+			cmds[i] = createJob.Run(ctx, pipe, []string{jobKey(j.ID), jobsIndex, siteIndex(j.Site)}, args...)
+			if j.State == StatePending {
+				pipe.HSet(ctx, pendingEnvs, j.ID, rec.Envelope)
+				pipe.ZAddNX(ctx, pendingDue, redis.Z{Score: float64(time.Now().UnixMilli()), Member: j.ID})
+			}
+		}
+	})
+	if err != nil {
+		return nil, fmt.Errorf("record jobs: %w", err)
+	}
+	out := make([]State, len(recs))
+	for i, c := range cmds {
+		s, err := c.Text()
+		if err != nil {
+			return nil, fmt.Errorf("record job: %w", err)
+		}
+		out[i] = State(s)
+	}
+	return out, nil
+}
+
+// SetState overwrites a job's state, reason and error (coord uses it for a
+// pending job its supervisor refused).
+func (r *Redis) SetState(ctx context.Context, id string, s State, reason, msg string) error {
+	return r.rdb.HSet(ctx, jobKey(id), "state", string(s), "reason", reason, "error", msg).Err()
+}
+
+// ApplyEvents applies events of site to job records and advances the site's
+// cursor to the last one, in one round trip.
+func (r *Redis) ApplyEvents(ctx context.Context, site string, events []Event, retention time.Duration) error {
+	if len(events) == 0 {
+		return nil
+	}
+	if retention == 0 {
+		retention = DefaultJobRetention
+	}
+	err := r.execScripts(ctx, func(pipe redis.Pipeliner) {
+		for _, ev := range events {
+			raw, _ := json.Marshal(ev)
+			args := []any{ev.Seq, raw, retention.Milliseconds(), maxJobEvents}
+			at := ev.At.UTC().Format(timeFieldLayer)
+			if s := stateOf(ev.Type); s != "" {
+				args = append(args, "state", string(s))
+			}
+			switch ev.Type {
+			case EventQueued:
+				args = append(args, "queued_at", at)
+			case EventStarted:
+				args = append(args, "started_at", at, "node", ev.Node, "attempts", ev.Attempt)
+			case EventRetrying:
+				args = append(args, "error", ev.Error, "reason", ev.Reason)
+			case EventSucceeded:
+				args = append(args, "finished_at", at, "result", string(ev.Result), "error", "", "reason", "")
+			case EventFailed, EventRejected:
+				args = append(args, "finished_at", at, "error", ev.Error, "reason", ev.Reason)
+			}
+			applyEvent.Run(ctx, pipe, []string{jobKey(ev.Job), jobEventsKey(ev.Job)}, args...)
+		}
+		pipe.Set(ctx, cursorKey(site), events[len(events)-1].Seq, 0)
+	})
+	if err != nil {
+		return fmt.Errorf("apply events: %w", err)
+	}
+	return nil
+}
+
+// execScripts runs a pipeline that calls Lua scripts by hash. Redis forgets
+// scripts when it restarts, so on NOSCRIPT it loads them and runs the
+// pipeline again; every pipeline built here is safe to repeat.
+func (r *Redis) execScripts(ctx context.Context, build func(redis.Pipeliner)) error {
+	for try := 0; ; try++ {
+		pipe := r.rdb.Pipeline()
+		build(pipe)
+		_, err := pipe.Exec(ctx)
+		if err == nil || errors.Is(err, redis.Nil) {
+			return nil
+		}
+		if try > 0 || !strings.Contains(err.Error(), "NOSCRIPT") {
+			return err
+		}
+		for _, s := range []*redis.Script{createJob, applyEvent} {
+			if err := s.Load(ctx, r.rdb).Err(); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// Cursor returns the last event of site that coord applied ("0" if none).
+func (r *Redis) Cursor(ctx context.Context, site string) (string, error) {
+	c, err := r.rdb.Get(ctx, cursorKey(site)).Result()
+	if errors.Is(err, redis.Nil) {
+		return "0", nil
+	}
+	return c, err
+}
+
+// ErrNoJob is returned for an unknown job ID.
+var ErrNoJob = errors.New("no such job")
+
+// GetJob returns a job record.
+func (r *Redis) GetJob(ctx context.Context, id string) (*Job, error) {
+	m, err := r.rdb.HGetAll(ctx, jobKey(id)).Result()
+	if err != nil {
+		return nil, fmt.Errorf("get job: %w", err)
+	}
+	if len(m) == 0 {
+		return nil, fmt.Errorf("job %s: %w", id, ErrNoJob)
+	}
+	return jobFromHash(m), nil
+}
+
+func jobFromHash(m map[string]string) *Job {
+	t := func(k string) *time.Time {
+		v, ok := m[k]
+		if !ok || v == "" {
+			return nil
+		}
+		tt, err := time.Parse(timeFieldLayer, v)
+		if err != nil {
+			return nil
+		}
+		return &tt
+	}
+	j := &Job{ID: m["id"], Name: m["name"], Site: m["site"], Node: m["node"], State: State(m["state"]),
+		Reason: m["reason"], Error: m["error"], QueuedAt: t("queued_at"), StartedAt: t("started_at"), FinishedAt: t("finished_at")}
+	if s := t("submitted_at"); s != nil {
+		j.SubmittedAt = *s
+	}
+	j.Attempts, _ = strconv.Atoi(m["attempts"])
+	if r := m["result"]; r != "" {
+		j.Result = json.RawMessage(r)
+	}
+	return j
+}
+
+// JobEvents returns a job's recorded events, oldest first.
+func (r *Redis) JobEvents(ctx context.Context, id string) ([]Event, error) {
+	raws, err := r.rdb.LRange(ctx, jobEventsKey(id), 0, -1).Result()
+	if err != nil {
+		return nil, fmt.Errorf("job events: %w", err)
+	}
+	out := make([]Event, 0, len(raws))
+	for _, raw := range raws {
+		var ev Event
+		if json.Unmarshal([]byte(raw), &ev) == nil {
+			out = append(out, ev)
+		}
+	}
+	return out, nil
+}
+
+// ListFilter selects jobs for ListJobs.
+type ListFilter struct {
+	Site  string
+	State State
+	// Before pages backwards: only jobs submitted before this cursor (as
+	// returned in NextBefore); 0 means from the newest.
+	Before int64
+	Limit  int
+}
+
+// ListJobs returns jobs newest first and the cursor of the next page (0
+// when there is none). A state filter is applied while scanning, at most
+// 20 pages deep.
+func (r *Redis) ListJobs(ctx context.Context, f ListFilter) ([]Job, int64, error) {
+	if f.Limit <= 0 || f.Limit > 1000 {
+		f.Limit = 100
+	}
+	index := jobsIndex
+	if f.Site != "" {
+		index = siteIndex(f.Site)
+	}
+	max := "+inf"
+	if f.Before > 0 {
+		max = "(" + strconv.FormatInt(f.Before, 10)
+	}
+	var out []Job
+	for scans := 0; scans < 20 && len(out) < f.Limit; scans++ {
+		zs, err := r.rdb.ZRevRangeByScoreWithScores(ctx, index, &redis.ZRangeBy{Max: max, Min: "-inf", Count: int64(f.Limit)}).Result()
+		if err != nil {
+			return nil, 0, fmt.Errorf("list jobs: %w", err)
+		}
+		if len(zs) == 0 {
+			return out, 0, nil
+		}
+		pipe := r.rdb.Pipeline()
+		cmds := make([]*redis.MapStringStringCmd, len(zs))
+		for i, z := range zs {
+			cmds[i] = pipe.HGetAll(ctx, jobKey(z.Member.(string)))
+		}
+		if _, err := pipe.Exec(ctx); err != nil {
+			return nil, 0, fmt.Errorf("list jobs: %w", err)
+		}
+		for i, c := range cmds {
+			m := c.Val()
+			if len(m) == 0 {
+				continue // expired record; the index entry goes with trimming
+			}
+			j := jobFromHash(m)
+			if f.State == "" || j.State == f.State {
+				out = append(out, *j)
+			}
+			f.Before = int64(zs[i].Score)
+			if len(out) == f.Limit {
+				return out, f.Before, nil
+			}
+		}
+		max = "(" + strconv.FormatInt(f.Before, 10)
+		if len(zs) < f.Limit {
+			return out, 0, nil
+		}
+	}
+	return out, f.Before, nil
+}
+
+// TrimJobIndex removes index entries older than retention.
+func (r *Redis) TrimJobIndex(ctx context.Context, sites []string, retention time.Duration) error {
+	if retention == 0 {
+		retention = DefaultJobRetention
+	}
+	cut := "(" + strconv.FormatInt(time.Now().Add(-retention).UnixMilli(), 10)
+	pipe := r.rdb.Pipeline()
+	pipe.ZRemRangeByScore(ctx, jobsIndex, "-inf", cut)
+	for _, s := range sites {
+		pipe.ZRemRangeByScore(ctx, siteIndex(s), "-inf", cut)
+	}
+	_, err := pipe.Exec(ctx)
+	return err
+}
+
+// PendingDelivery is a job coord still has to deliver to its supervisor.
+type PendingDelivery struct {
+	ID       string
+	Envelope []byte
+}
+
+// DuePending returns up to limit pending deliveries due by now.
+func (r *Redis) DuePending(ctx context.Context, now time.Time, limit int64) ([]PendingDelivery, error) {
+	ids, err := r.rdb.ZRangeByScore(ctx, pendingDue, &redis.ZRangeBy{Min: "-inf", Max: strconv.FormatInt(now.UnixMilli(), 10), Count: limit}).Result()
+	if err != nil || len(ids) == 0 {
+		return nil, err
+	}
+	envs, err := r.rdb.HMGet(ctx, pendingEnvs, ids...).Result()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]PendingDelivery, 0, len(ids))
+	for i, id := range ids {
+		if s, ok := envs[i].(string); ok {
+			out = append(out, PendingDelivery{ID: id, Envelope: []byte(s)})
+		} else {
+			r.rdb.ZRem(ctx, pendingDue, id)
+		}
+	}
+	return out, nil
+}
+
+// RetryPendingAt reschedules a pending delivery.
+func (r *Redis) RetryPendingAt(ctx context.Context, id string, at time.Time) error {
+	return r.rdb.ZAdd(ctx, pendingDue, redis.Z{Score: float64(at.UnixMilli()), Member: id}).Err()
+}
+
+// DonePending removes deliveries that reached their supervisor (or were
+// refused by it).
+func (r *Redis) DonePending(ctx context.Context, ids ...string) error {
+	if len(ids) == 0 {
+		return nil
+	}
+	pipe := r.rdb.Pipeline()
+	members := make([]any, len(ids))
+	for i, id := range ids {
+		members[i] = id
+	}
+	pipe.ZRem(ctx, pendingDue, members...)
+	pipe.HDel(ctx, pendingEnvs, ids...)
+	_, err := pipe.Exec(ctx)
+	return err
+}

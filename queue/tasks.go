@@ -1,0 +1,182 @@
+package queue
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/hibiken/asynq"
+)
+
+// Task is one job to enqueue.
+type Task struct {
+	// ID is the job ID; asynq refuses a second task with the same ID, so a
+	// duplicate submission is a no-op.
+	ID string
+	// Envelope is the signed envelope, as submitted.
+	Envelope []byte
+	// Queue is SiteQueue(site) or NodeQueue(node).
+	Queue string
+	// MaxRetry is how often a failed run is retried.
+	MaxRetry int
+	// Timeout bounds one run (asynq cancels the handler's context).
+	Timeout time.Duration
+	// Deadline is when the job expires; asynq stops retrying past it.
+	Deadline time.Time
+}
+
+// Enqueue adds t to its queue. It reports dup when a task with the same ID
+// still exists (queued, running or retrying), in which case nothing changed.
+// A completed task is gone, so it does not count: the supervisor's replay
+// guard (Admit) is what keeps a finished job from running twice.
+func (r *Redis) Enqueue(ctx context.Context, t Task) (dup bool, err error) {
+	c := r.asynqClient()
+	task := asynq.NewTask(TaskType, t.Envelope,
+		asynq.TaskID(t.ID),
+		asynq.Queue(t.Queue),
+		asynq.MaxRetry(t.MaxRetry),
+		// The runner applies the job's own timeout; asynq's is a backstop
+		// a little longer so the runner's classification wins.
+		asynq.Timeout(t.Timeout+10*time.Second),
+		asynq.Deadline(t.Deadline),
+	)
+	if _, err := c.EnqueueContext(ctx, task); err != nil {
+		if errors.Is(err, asynq.ErrTaskIDConflict) {
+			return true, nil
+		}
+		return false, fmt.Errorf("enqueue job %s: %w", t.ID, err)
+	}
+	return false, nil
+}
+
+func (r *Redis) asynqClient() *asynq.Client {
+	r.once.Do(func() { r.client = asynq.NewClientFromRedisClient(r.rdb) })
+	return r.client
+}
+
+// Delivery is one run of a job handed to a worker.
+type Delivery struct {
+	ID       string
+	Envelope []byte
+	Queue    string
+	// Attempt is 1 for the first run, 2 for the first retry, ...
+	Attempt int
+	// MaxRetry is the task's retry limit.
+	MaxRetry int
+}
+
+// LastAttempt reports whether a failure of this run is final.
+func (d Delivery) LastAttempt() bool { return d.Attempt > d.MaxRetry }
+
+// Outcome tells the worker server what to do with a failed run.
+type Outcome int
+
+// The outcomes of a failed run.
+const (
+	// Retry runs the job again after a backoff, up to its retry limit.
+	Retry Outcome = iota
+	// Fail ends the job as failed without retrying.
+	Fail
+)
+
+func (o Outcome) String() string {
+	if o == Fail {
+		return "fail"
+	}
+	return "retry"
+}
+
+// NoRetry wraps err so the worker server fails the job without retrying.
+func NoRetry(err error) error { return fmt.Errorf("%w: %w", err, asynq.SkipRetry) }
+
+// Handler runs one delivery. A nil error completes the job; an error wrapped
+// by NoRetry fails it; any other error retries it.
+type Handler func(ctx context.Context, d Delivery) error
+
+// WorkerConfig configures a worker server.
+type WorkerConfig struct {
+	// Queues to take jobs from, with priorities (higher runs more often).
+	Queues map[string]int
+	// Concurrency is the number of jobs run at once. Required.
+	Concurrency int
+	// PollInterval is how long an idle worker waits before asking Redis
+	// again. Zero means DefaultPollInterval. asynq's own default (1 s)
+	// puts about half a second of idle latency on every job.
+	PollInterval time.Duration
+	// ShutdownTimeout is how long running jobs get to finish on shutdown
+	// before they are requeued. Zero means DefaultShutdownTimeout.
+	ShutdownTimeout time.Duration
+	// Log receives asynq's own messages at warn and above.
+	Log *slog.Logger
+}
+
+// Defaults for WorkerConfig.
+const (
+	DefaultPollInterval    = 10 * time.Millisecond
+	DefaultShutdownTimeout = 10 * time.Second
+)
+
+// RetryDelay is the backoff after a run that had been retried n times
+// before (asynq's count, from 0): 1 s, 2 s, 4 s, ... capped at one minute.
+func RetryDelay(n int) time.Duration {
+	d := time.Second << min(max(n, 0), 6)
+	return min(d, time.Minute)
+}
+
+// Work runs h for deliveries from cfg.Queues until ctx ends, then shuts
+// down: it stops taking jobs, waits up to ShutdownTimeout for running ones,
+// and leaves any still running to be requeued by asynq's lease recovery.
+func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
+	if cfg.Concurrency <= 0 {
+		return errors.New("worker: Concurrency must be positive")
+	}
+	if cfg.PollInterval == 0 {
+		cfg.PollInterval = DefaultPollInterval
+	}
+	if cfg.ShutdownTimeout == 0 {
+		cfg.ShutdownTimeout = DefaultShutdownTimeout
+	}
+	log := cfg.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	srv := asynq.NewServerFromRedisClient(r.rdb, asynq.Config{
+		Concurrency:       cfg.Concurrency,
+		Queues:            cfg.Queues,
+		TaskCheckInterval: cfg.PollInterval,
+		// Retries are due when their backoff ends; check for them often
+		// enough that a 1 s backoff is not a 5 s one.
+		DelayedTaskCheckInterval: 500 * time.Millisecond,
+		RetryDelayFunc: func(n int, _ error, _ *asynq.Task) time.Duration {
+			return RetryDelay(n)
+		},
+		ShutdownTimeout: cfg.ShutdownTimeout,
+		Logger:          asynqLogger{log},
+		LogLevel:        asynq.WarnLevel,
+	})
+	handler := asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
+		id, _ := asynq.GetTaskID(ctx)
+		q, _ := asynq.GetQueueName(ctx)
+		retried, _ := asynq.GetRetryCount(ctx)
+		maxRetry, _ := asynq.GetMaxRetry(ctx)
+		return h(ctx, Delivery{ID: id, Envelope: t.Payload(), Queue: q, Attempt: retried + 1, MaxRetry: maxRetry})
+	})
+	if err := srv.Start(handler); err != nil {
+		return fmt.Errorf("worker: %w", err)
+	}
+	<-ctx.Done()
+	// Order: stop taking new jobs first, then wait for the running ones.
+	srv.Stop()
+	srv.Shutdown()
+	return nil
+}
+
+type asynqLogger struct{ log *slog.Logger }
+
+func (l asynqLogger) Debug(args ...any) { l.log.Debug(fmt.Sprint(args...), "from", "asynq") }
+func (l asynqLogger) Info(args ...any)  { l.log.Info(fmt.Sprint(args...), "from", "asynq") }
+func (l asynqLogger) Warn(args ...any)  { l.log.Warn(fmt.Sprint(args...), "from", "asynq") }
+func (l asynqLogger) Error(args ...any) { l.log.Error(fmt.Sprint(args...), "from", "asynq") }
+func (l asynqLogger) Fatal(args ...any) { l.log.Error(fmt.Sprint(args...), "from", "asynq") }
