@@ -224,7 +224,7 @@ func (r *Redis) execScripts(ctx context.Context, build func(redis.Pipeliner)) er
 		if try > 0 || !strings.Contains(err.Error(), "NOSCRIPT") {
 			return err
 		}
-		for _, s := range []*redis.Script{createJob, applyEvent} {
+		for _, s := range []*redis.Script{createJob, applyEvent, resolvePending} {
 			if err := s.Load(ctx, r.rdb).Err(); err != nil {
 				return err
 			}
@@ -422,4 +422,19 @@ func (r *Redis) DonePending(ctx context.Context, ids ...string) error {
 	pipe.HDel(ctx, pendingEnvs, ids...)
 	_, err := pipe.Exec(ctx)
 	return err
+}
+
+// resolvePending sets a job's state only while it is still pending, so a
+// late verdict never overwrites what the site's events already said.
+var resolvePending = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'state') ~= 'pending' then return 0 end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'reason', ARGV[2], 'error', ARGV[3])
+return 1
+`)
+
+// ResolvePending records the verdict on a job that was pending delivery.
+func (r *Redis) ResolvePending(ctx context.Context, id string, s State, reason, msg string) error {
+	return r.execScripts(ctx, func(pipe redis.Pipeliner) {
+		resolvePending.Run(ctx, pipe, []string{jobKey(id)}, string(s), reason, msg)
+	})
 }

@@ -1,0 +1,232 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/writ-fleet/writ/ledger"
+)
+
+// adminFlags are what every ledger admin command needs.
+type adminFlags struct{ ledger, key string }
+
+func (f *adminFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL (default $WRIT_LEDGER)")
+	cmd.Flags().StringVar(&f.key, "key", "", "an admin's signing key (default $WRIT_KEY)")
+}
+
+func (f *adminFlags) client(signed bool) (*ledger.Client, error) {
+	c := &ledger.Client{BaseURL: f.ledger}
+	if signed {
+		k, err := loadKey(f.key)
+		if err != nil {
+			return nil, err
+		}
+		c.Key = k
+	}
+	return c, nil
+}
+
+func userCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "user", Short: "Manage ledger users, their keys and roles (admin)"}
+	cmd.AddCommand(userAddCommand(), userListCommand(), userRevokeKeyCommand())
+	return cmd
+}
+
+type userAddCmd struct {
+	adminFlags
+	pubKeys, roles []string
+}
+
+func userAddCommand() *cobra.Command {
+	c := &userAddCmd{}
+	cmd := &cobra.Command{
+		Use:     "add NAME",
+		Short:   "Create a user with public keys and roles",
+		Example: `  writ user add alice --pubkey alice.pub --role local=deployer`,
+		Args:    cobra.ExactArgs(1),
+		RunE:    func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	c.add(cmd)
+	cmd.Flags().StringArrayVar(&c.pubKeys, "pubkey", nil, "public key file (OpenSSH .pub); repeatable")
+	cmd.Flags().StringArrayVar(&c.roles, "role", nil, "SITE=ROLE (roles: admin, deployer, viewer; SITE * for all); repeatable")
+	return cmd
+}
+
+// Run creates the user.
+func (c *userAddCmd) Run(ctx context.Context, args []string) error {
+	req := ledger.CreateUserRequest{Name: args[0], Roles: map[string]string{}}
+	for _, p := range c.pubKeys {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		req.PublicKeys = append(req.PublicKeys, strings.TrimSpace(string(b)))
+	}
+	for _, r := range c.roles {
+		site, role, ok := strings.Cut(r, "=")
+		if !ok {
+			return fmt.Errorf("--role %q: want SITE=ROLE", r)
+		}
+		req.Roles[site] = role
+	}
+	cl, err := c.client(true)
+	if err != nil {
+		return err
+	}
+	u, err := cl.CreateUser(ctx, req)
+	if err != nil {
+		return err
+	}
+	printJSON(u)
+	return nil
+}
+
+type userListCmd struct{ adminFlags }
+
+func userListCommand() *cobra.Command {
+	c := &userListCmd{}
+	cmd := &cobra.Command{
+		Use:   "ls",
+		Short: "List users with their roles and keys",
+		Args:  cobra.NoArgs,
+		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	c.add(cmd)
+	return cmd
+}
+
+// Run lists users.
+func (c *userListCmd) Run(ctx context.Context, _ []string) error {
+	cl, _ := c.client(false)
+	users, err := cl.Users(ctx)
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "USER\tROLES\tKEY\tREVOKED")
+	for _, u := range users {
+		var roles []string
+		for s, r := range u.Roles {
+			roles = append(roles, s+"="+r)
+		}
+		for i, k := range u.Keys {
+			name, rs := u.Name, strings.Join(roles, ",")
+			if i > 0 {
+				name, rs = "", ""
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%v\n", name, rs, k.ID, k.RevokedAt != nil)
+		}
+		if len(u.Keys) == 0 {
+			fmt.Fprintf(tw, "%s\t%s\t-\t-\n", u.Name, strings.Join(roles, ","))
+		}
+	}
+	return tw.Flush()
+}
+
+type userRevokeKeyCmd struct{ adminFlags }
+
+func userRevokeKeyCommand() *cobra.Command {
+	c := &userRevokeKeyCmd{}
+	cmd := &cobra.Command{
+		Use:   "revoke-key KEYID",
+		Short: "Revoke a key: verifiers stop accepting it within their cache TTL (10 s)",
+		Args:  cobra.ExactArgs(1),
+		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	c.add(cmd)
+	return cmd
+}
+
+// Run revokes the key.
+func (c *userRevokeKeyCmd) Run(ctx context.Context, args []string) error {
+	cl, err := c.client(true)
+	if err != nil {
+		return err
+	}
+	if err := cl.RevokeKey(ctx, args[0]); err != nil {
+		return err
+	}
+	fmt.Printf("key %s revoked\n", args[0])
+	return nil
+}
+
+func siteCommand() *cobra.Command {
+	cmd := &cobra.Command{Use: "site", Short: "Manage sites: supervisor address and signing policy (admin)"}
+	cmd.AddCommand(siteSetCommand(), siteListCommand())
+	return cmd
+}
+
+type siteSetCmd struct {
+	adminFlags
+	supervisor string
+	roles      []string
+	threshold  int
+}
+
+func siteSetCommand() *cobra.Command {
+	c := &siteSetCmd{}
+	cmd := &cobra.Command{
+		Use:     "set NAME",
+		Short:   "Create or update a site",
+		Example: `  writ site set lab --supervisor http://10.0.0.5:7703 --threshold 2 --roles admin,deployer`,
+		Args:    cobra.ExactArgs(1),
+		RunE:    func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	c.add(cmd)
+	cmd.Flags().StringVar(&c.supervisor, "supervisor", "", "the site supervisor's URL (required)")
+	cmd.Flags().StringSliceVar(&c.roles, "roles", ledger.DefaultPolicyRoles, "roles that may sign jobs for the site")
+	cmd.Flags().IntVar(&c.threshold, "threshold", 1, "signatures from distinct users a job needs")
+	return cmd
+}
+
+// Run puts the site.
+func (c *siteSetCmd) Run(ctx context.Context, args []string) error {
+	cl, err := c.client(true)
+	if err != nil {
+		return err
+	}
+	s := ledger.Site{Name: args[0], SupervisorURL: c.supervisor, Policy: ledger.Policy{Roles: c.roles, Threshold: c.threshold}}
+	if err := ledger.ValidateSite(s); err != nil {
+		return err
+	}
+	if err := cl.PutSite(ctx, s); err != nil {
+		return err
+	}
+	printJSON(s)
+	return nil
+}
+
+type siteListCmd struct{ adminFlags }
+
+func siteListCommand() *cobra.Command {
+	c := &siteListCmd{}
+	cmd := &cobra.Command{
+		Use:   "ls",
+		Short: "List sites",
+		Args:  cobra.NoArgs,
+		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	c.add(cmd)
+	return cmd
+}
+
+// Run lists sites.
+func (c *siteListCmd) Run(ctx context.Context, _ []string) error {
+	cl, _ := c.client(false)
+	sites, err := cl.Sites(ctx)
+	if err != nil {
+		return err
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SITE\tSUPERVISOR\tTHRESHOLD\tROLES")
+	for _, s := range sites {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\n", s.Name, s.SupervisorURL, s.Policy.Threshold, strings.Join(s.Policy.Roles, ","))
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,223 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/writ-fleet/writ/internal/redisproc"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/ledger/store/sqlite"
+	"github.com/writ-fleet/writ/queue"
+)
+
+// devSite is the site `writ dev` runs.
+const devSite = "local"
+
+type devCmd struct {
+	dir, redis, sample string
+	basePort           int
+	concurrency        int
+	exitAfterSample    bool
+	log                *slog.Logger
+}
+
+func devCommand() *cobra.Command {
+	c := &devCmd{}
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a whole fleet in one process: ledger, coord, a supervisor for site local, a runner, and Redis",
+		Long: `Run a whole writ fleet on this machine, in one process, with embedded
+defaults: a SQLite ledger in DIR, coord, a supervisor for site "local", one
+runner, and a redis-server child process (data in DIR/redis) unless --redis
+names one. A dev admin key is created in DIR/admin.key on first start.
+
+When the fleet is ready, DIR/env holds the environment for client commands:
+
+  . DIR/env && writ run scripts/lib/hello.tengo --arg who=you
+
+Ports: ledger BASE+1, coord BASE+2, supervisor BASE+3, runner BASE+4,
+redis BASE+5 (BASE defaults to 7700).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c.log = newLogger(cmd)
+			return c.Run(cmd.Context(), args)
+		},
+	}
+	cmd.Flags().StringVar(&c.dir, "dir", ".dev", "data directory (ledger, keys, Redis data, env file)")
+	cmd.Flags().StringVar(&c.redis, "redis", "", "use this Redis instead of starting redis-server")
+	cmd.Flags().IntVar(&c.basePort, "base-port", 7700, "ports are BASE+1 … BASE+5")
+	cmd.Flags().IntVar(&c.concurrency, "concurrency", 10, "runner concurrency")
+	cmd.Flags().StringVar(&c.sample, "sample", "", "when ready, run this script as a signed job and print its result")
+	cmd.Flags().BoolVar(&c.exitAfterSample, "exit-after-sample", false, "stop the fleet after --sample ran (exit status is the job's)")
+	return cmd
+}
+
+// Run runs the fleet until ctx ends (or the sample ran, with
+// --exit-after-sample).
+func (c *devCmd) Run(ctx context.Context, _ []string) error {
+	dir, err := filepath.Abs(c.dir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+	port := func(n int) string { return fmt.Sprintf("127.0.0.1:%d", c.basePort+n) }
+	ledgerAddr, coordAddr, supAddr, runnerAddr := port(1), port(2), port(3), port(4)
+
+	keyPath := filepath.Join(dir, "admin.key")
+	admin, err := keys.Load(keyPath)
+	if errors.Is(err, os.ErrNotExist) || (err != nil && !fileExists(keyPath)) {
+		if admin, err = keys.Generate("dev-admin"); err == nil {
+			err = admin.Save(keyPath)
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("dev admin key: %w", err)
+	}
+
+	redisURL := c.redis
+	if redisURL == "" {
+		rdir := filepath.Join(dir, "redis")
+		if err := os.MkdirAll(rdir, 0o755); err != nil {
+			return err
+		}
+		p, err := redisproc.Start(redisproc.Config{Dir: rdir, Port: c.basePort + 5, Persist: true})
+		if err != nil {
+			return err
+		}
+		// Stop Redis last, after every service using it has stopped.
+		defer p.Stop()
+		redisURL = p.URL()
+		c.log.Info("redis-server started", "url", redisURL, "dir", rdir)
+	}
+	rdb, err := queue.Connect(redisURL)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	if err := rdb.WaitReady(ctxTimeout(ctx, 10*time.Second)); err != nil {
+		return err
+	}
+
+	store, err := sqlite.Open(ctx, filepath.Join(dir, "ledger.db"))
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	site := ledger.Site{Name: devSite, SupervisorURL: httpURL(supAddr), Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}
+	if users, err := store.ListUsers(ctx); err != nil {
+		return err
+	} else if len(users) == 0 {
+		if err := ledger.Init(ctx, store, "dev", admin.AuthorizedKey(), &site); err != nil {
+			return err
+		}
+	} else if err := store.PutSite(ctx, site); err != nil { // ports may have moved
+		return err
+	}
+
+	lns := map[string]net.Listener{}
+	for name, addr := range map[string]string{"ledger": ledgerAddr, "coord": coordAddr, "supervisor": supAddr, "runner": runnerAddr} {
+		ln, err := listen(addr, "--base-port")
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return err
+		}
+		lns[name] = ln
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	ledgerURL := httpURL(ledgerAddr)
+	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store) })
+	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite) })
+	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL) })
+	g.Go(func() error {
+		return runRunner(gctx, c.log, lns["runner"], rdb, ledgerURL, devSite, defaultNodeID(), c.concurrency, 0)
+	})
+
+	envFile := filepath.Join(dir, "env")
+	env := fmt.Sprintf("export %s=%s\nexport %s=%s\nexport %s=%s\nexport %s=%s\n",
+		envCoord, httpURL(coordAddr), envKey, keyPath, envSite, devSite, envLedger, ledgerURL)
+	if err := os.WriteFile(envFile, []byte(env), 0o644); err != nil {
+		return err
+	}
+	g.Go(func() error {
+		if err := waitHTTP(gctx, httpURL(coordAddr)+"/readyz"); err != nil {
+			return nil
+		}
+		fmt.Fprintf(os.Stderr, `
+writ dev fleet is up (site %q, node %q)
+  coord       %s
+  ledger      %s
+  supervisor  %s
+  redis       %s
+Submit a job from another shell:
+  . %s && writ run scripts/lib/hello.tengo --arg who=you
+Stop with Ctrl-C.
+
+`, devSite, defaultNodeID(), httpURL(coordAddr), ledgerURL, httpURL(supAddr), redisURL, envFile)
+		if c.sample == "" {
+			return nil
+		}
+		r := &runCmd{coord: httpURL(coordAddr)}
+		r.key, r.site, r.timeout, r.valid, r.maxRetries = keyPath, devSite, time.Minute, time.Hour, 3
+		r.args = []string{"who=writ dev"}
+		err := r.Run(gctx, []string{c.sample})
+		if c.exitAfterSample {
+			if err == nil {
+				err = errSampleDone
+			}
+			return err
+		}
+		if err != nil {
+			c.log.Error("sample job failed", "err", err)
+		}
+		return nil
+	})
+	err = g.Wait()
+	if errors.Is(err, errSampleDone) {
+		return nil
+	}
+	return err
+}
+
+var errSampleDone = errors.New("sample done")
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+func ctxTimeout(ctx context.Context, d time.Duration) context.Context {
+	c, cancel := context.WithTimeout(ctx, d)
+	context.AfterFunc(c, cancel)
+	return c
+}
+
+// waitHTTP polls url until it answers 200 or ctx ends.
+func waitHTTP(ctx context.Context, url string) error {
+	for {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}

@@ -1,0 +1,425 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/writ-fleet/writ/coord"
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/queue"
+)
+
+// signFlags are the job fields set when signing (writ job sign, writ run).
+type signFlags struct {
+	key, site, node, name, argsFile string
+	args                            []string
+	timeout, valid                  time.Duration
+	maxRetries                      int
+}
+
+func (f *signFlags) add(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringVar(&f.key, "key", "", "signing key file (default $WRIT_KEY, ~/.config/writ/key or ~/.ssh/id_ed25519)")
+	fl.StringVar(&f.site, "site", os.Getenv(envSite), "site to run on (default $WRIT_SITE)")
+	fl.StringVar(&f.node, "node", "", "pin the job to one node of the site")
+	fl.StringVar(&f.name, "name", "", "job name (default: the script's file name)")
+	fl.StringArrayVar(&f.args, "arg", nil, "job argument key=value (repeatable); a value that is valid JSON is taken as JSON, else as a string")
+	fl.StringVar(&f.argsFile, "args-file", "", "JSON object file of job arguments (--arg values override it)")
+	fl.DurationVar(&f.timeout, "timeout", envelope.DefaultTimeout, "how long one run may take")
+	fl.DurationVar(&f.valid, "valid", envelope.DefaultValidity, "how long the signed job may be submitted and run")
+	fl.IntVar(&f.maxRetries, "max-retries", envelope.DefaultMaxRetries, "retries after infrastructure failures")
+}
+
+// parseArgs builds the args object from --args-file and --arg.
+func (f *signFlags) parseArgs() (json.RawMessage, error) {
+	obj := map[string]json.RawMessage{}
+	if f.argsFile != "" {
+		data, err := os.ReadFile(f.argsFile)
+		if err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal(data, &obj); err != nil {
+			return nil, fmt.Errorf("--args-file %s: must hold a JSON object: %w", f.argsFile, err)
+		}
+	}
+	for _, kv := range f.args {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("--arg %q: want key=value", kv)
+		}
+		if json.Valid([]byte(v)) {
+			obj[k] = json.RawMessage(v)
+		} else {
+			b, _ := json.Marshal(v)
+			obj[k] = b
+		}
+	}
+	if len(obj) == 0 {
+		return nil, nil
+	}
+	return json.Marshal(obj)
+}
+
+// sign reads the script file and returns the signed envelope.
+func (f *signFlags) sign(scriptPath string) (*envelope.Envelope, error) {
+	src, err := os.ReadFile(scriptPath)
+	if err != nil {
+		return nil, fmt.Errorf("read script: %w", err)
+	}
+	k, err := loadKey(f.key)
+	if err != nil {
+		return nil, err
+	}
+	if f.site == "" {
+		return nil, fmt.Errorf("no site: pass --site or set $%s", envSite)
+	}
+	name := f.name
+	if name == "" {
+		name = strings.TrimSuffix(baseName(scriptPath), ".tengo")
+	}
+	now := time.Now()
+	j := envelope.NewJob(name, string(src), f.site, now)
+	j.Node = f.node
+	j.Expires = now.Add(f.valid).UTC().Truncate(time.Second)
+	j.Timeout = envelope.Duration(f.timeout)
+	j.MaxRetries = f.maxRetries
+	if j.Args, err = f.parseArgs(); err != nil {
+		return nil, err
+	}
+	return j.Sign(k)
+}
+
+func baseName(p string) string {
+	if i := strings.LastIndex(p, "/"); i >= 0 {
+		return p[i+1:]
+	}
+	return p
+}
+
+func coordFlag(cmd *cobra.Command, dst *string) {
+	cmd.Flags().StringVar(dst, "coord", envOr(envCoord, httpURL(defaultCoordAddr)), "coord URL (default $WRIT_COORD)")
+}
+
+func jobCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "job",
+		Short: "Sign, submit and follow jobs",
+	}
+	cmd.AddCommand(jobSignCommand(), jobCosignCommand(), jobSubmitCommand(), jobGetCommand(), jobListCommand(), jobWatchCommand())
+	return cmd
+}
+
+type jobSignCmd struct {
+	signFlags
+	out string
+}
+
+func jobSignCommand() *cobra.Command {
+	c := &jobSignCmd{}
+	cmd := &cobra.Command{
+		Use:   "sign SCRIPT",
+		Short: "Sign a Tengo script as a job envelope (DSSE JSON)",
+		Example: `  writ job sign deploy.tengo --site local --arg name=web -o deploy.job
+  writ job cosign deploy.job --key bob.key     # a second signer, for k-of-n sites
+  writ job submit deploy.job`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	c.add(cmd)
+	cmd.Flags().StringVarP(&c.out, "output", "o", "-", "where to write the envelope (- for stdout)")
+	return cmd
+}
+
+// Run signs the script.
+func (c *jobSignCmd) Run(_ context.Context, args []string) error {
+	env, err := c.sign(args[0])
+	if err != nil {
+		return err
+	}
+	return writeEnvelope(c.out, env)
+}
+
+func writeEnvelope(path string, env *envelope.Envelope) error {
+	b, err := json.MarshalIndent(env, "", "  ")
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	if path == "-" || path == "" {
+		_, err = os.Stdout.Write(b)
+		return err
+	}
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "signed job %s written to %s\n", env.ID(), path)
+	return nil
+}
+
+type jobCosignCmd struct{ key, out string }
+
+func jobCosignCommand() *cobra.Command {
+	c := &jobCosignCmd{}
+	cmd := &cobra.Command{
+		Use:   "cosign FILE",
+		Short: "Add your signature to a signed job (for sites that require several signers)",
+		Args:  cobra.ExactArgs(1),
+		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	cmd.Flags().StringVar(&c.key, "key", "", "signing key file (default $WRIT_KEY)")
+	cmd.Flags().StringVarP(&c.out, "output", "o", "", "where to write the envelope (default: FILE, in place)")
+	return cmd
+}
+
+// Run adds a signature.
+func (c *jobCosignCmd) Run(_ context.Context, args []string) error {
+	data, err := os.ReadFile(args[0])
+	if err != nil {
+		return err
+	}
+	env, _, err := envelope.Parse(data)
+	if err != nil {
+		return fmt.Errorf("%s: %w", args[0], err)
+	}
+	k, err := loadKey(c.key)
+	if err != nil {
+		return err
+	}
+	env.Sign(k.ID, k.Private)
+	out := c.out
+	if out == "" {
+		out = args[0]
+	}
+	return writeEnvelope(out, env)
+}
+
+type jobSubmitCmd struct{ coord string }
+
+func jobSubmitCommand() *cobra.Command {
+	c := &jobSubmitCmd{}
+	cmd := &cobra.Command{
+		Use:   "submit FILE",
+		Short: "Submit a signed job envelope to coord (- reads stdin)",
+		Args:  cobra.ExactArgs(1),
+		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	coordFlag(cmd, &c.coord)
+	return cmd
+}
+
+// Run submits the envelope and prints {id, state}.
+func (c *jobSubmitCmd) Run(ctx context.Context, args []string) error {
+	var data []byte
+	var err error
+	if args[0] == "-" {
+		data, err = io.ReadAll(io.LimitReader(os.Stdin, envelope.MaxEnvelopeBytes+1))
+	} else {
+		data, err = os.ReadFile(args[0])
+	}
+	if err != nil {
+		return err
+	}
+	rep, err := (&coord.Client{BaseURL: c.coord}).Submit(ctx, data)
+	printJSON(rep)
+	return err
+}
+
+type jobGetCmd struct {
+	coord string
+	wait  time.Duration
+}
+
+func jobGetCommand() *cobra.Command {
+	c := &jobGetCmd{}
+	cmd := &cobra.Command{
+		Use:   "get ID",
+		Short: "Show a job's state, attempts, timestamps, result and error as JSON",
+		Args:  cobra.ExactArgs(1),
+		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	coordFlag(cmd, &c.coord)
+	cmd.Flags().DurationVar(&c.wait, "wait", 0, "wait up to this long for the job to end")
+	return cmd
+}
+
+// Run prints the job.
+func (c *jobGetCmd) Run(ctx context.Context, args []string) error {
+	j, err := (&coord.Client{BaseURL: c.coord}).Job(ctx, args[0], c.wait)
+	if err != nil {
+		return err
+	}
+	printJSON(j)
+	return nil
+}
+
+type jobListCmd struct {
+	coord, site, state string
+	limit              int
+	json               bool
+}
+
+func jobListCommand() *cobra.Command {
+	c := &jobListCmd{}
+	cmd := &cobra.Command{
+		Use:   "ls",
+		Short: "List jobs, newest first",
+		Args:  cobra.NoArgs,
+		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	coordFlag(cmd, &c.coord)
+	cmd.Flags().StringVar(&c.site, "site", "", "only jobs of this site")
+	cmd.Flags().StringVar(&c.state, "state", "", "only jobs in this state (pending, queued, running, retrying, succeeded, failed, rejected)")
+	cmd.Flags().IntVar(&c.limit, "limit", 20, "how many jobs")
+	cmd.Flags().BoolVar(&c.json, "json", false, "print JSON")
+	return cmd
+}
+
+// Run lists jobs.
+func (c *jobListCmd) Run(ctx context.Context, _ []string) error {
+	rep, err := (&coord.Client{BaseURL: c.coord}).Jobs(ctx, queue.ListFilter{Site: c.site, State: queue.State(c.state), Limit: c.limit})
+	if err != nil {
+		return err
+	}
+	if c.json {
+		printJSON(rep)
+		return nil
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tNAME\tSITE\tSTATE\tATTEMPTS\tSUBMITTED\tREASON")
+	for _, j := range rep.Jobs {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", j.ID[:min(12, len(j.ID))], j.Name, j.Site, j.State, j.Attempts, j.SubmittedAt.Local().Format(time.DateTime), j.Reason)
+	}
+	return tw.Flush()
+}
+
+type jobWatchCmd struct{ coord string }
+
+func jobWatchCommand() *cobra.Command {
+	c := &jobWatchCmd{}
+	cmd := &cobra.Command{
+		Use:   "watch ID",
+		Short: "Follow a job's progress and logs until it ends; print its result",
+		Long: `Follow a job's events (queued, started, log lines, retrying, succeeded,
+failed) on stderr until it ends. The result is printed as JSON on stdout; the
+exit status is 0 if the job succeeded and 1 otherwise.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	coordFlag(cmd, &c.coord)
+	return cmd
+}
+
+// Run watches the job.
+func (c *jobWatchCmd) Run(ctx context.Context, args []string) error {
+	return watch(ctx, &coord.Client{BaseURL: c.coord}, args[0])
+}
+
+// watch prints a job's events to stderr and its result to stdout, and
+// returns an error unless it succeeded.
+func watch(ctx context.Context, cl *coord.Client, id string) error {
+	var last queue.Event
+	err := cl.Watch(ctx, id, func(ev queue.Event) bool {
+		last = ev
+		switch ev.Type {
+		case queue.EventLog:
+			fmt.Fprintf(os.Stderr, "  %s %s\n", ev.Level, ev.Message)
+		case queue.EventStarted:
+			fmt.Fprintf(os.Stderr, "● started on %s (attempt %d)\n", ev.Node, ev.Attempt)
+		case queue.EventRetrying:
+			fmt.Fprintf(os.Stderr, "↻ attempt %d failed, will retry: %s\n", ev.Attempt, ev.Error)
+		case queue.EventSucceeded:
+			fmt.Fprintf(os.Stderr, "✔ succeeded\n")
+		case queue.EventFailed:
+			fmt.Fprintf(os.Stderr, "✘ failed (%s): %s\n", ev.Reason, ev.Error)
+		case queue.EventRejected:
+			fmt.Fprintf(os.Stderr, "✘ rejected (%s): %s\n", ev.Reason, ev.Error)
+		default:
+			fmt.Fprintf(os.Stderr, "● %s\n", ev.Type)
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	switch last.Type {
+	case queue.EventSucceeded:
+		os.Stdout.Write(append(prettyJSON(last.Result), '\n'))
+		return nil
+	case queue.EventFailed, queue.EventRejected:
+		return &exitError{code: 1}
+	}
+	return errors.New("event stream ended before the job did")
+}
+
+func prettyJSON(raw []byte) []byte {
+	var v any
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return raw
+	}
+	b, _ := json.MarshalIndent(v, "", "  ")
+	return b
+}
+
+func printJSON(v any) {
+	b, _ := json.MarshalIndent(v, "", "  ")
+	fmt.Println(string(b))
+}
+
+// ---- run ----
+
+type runCmd struct {
+	signFlags
+	coord string
+}
+
+func runCommand() *cobra.Command {
+	c := &runCmd{}
+	cmd := &cobra.Command{
+		Use:   "run SCRIPT",
+		Short: "Sign, submit and watch a script: the result is printed as JSON",
+		Long: `Sign SCRIPT as a job, submit it to coord and follow it to the end. Progress
+and log lines go to stderr; the result (what the script passed to
+job.result) goes to stdout as JSON. The exit status is 0 when the job
+succeeded, and 1 with the reason when it failed or was rejected.`,
+		Example: `  writ run scripts/lib/hello.tengo --arg who=world
+  writ run deploy.tengo --site lab --node n1 --arg cpus=2 --timeout 10m`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	c.add(cmd)
+	coordFlag(cmd, &c.coord)
+	return cmd
+}
+
+// Run signs, submits and watches.
+func (c *runCmd) Run(ctx context.Context, args []string) error {
+	env, err := c.sign(args[0])
+	if err != nil {
+		return err
+	}
+	raw, err := json.Marshal(env)
+	if err != nil {
+		return err
+	}
+	cl := &coord.Client{BaseURL: c.coord}
+	rep, err := cl.Submit(ctx, raw)
+	if err != nil {
+		var re *coord.RejectedError
+		if errors.As(err, &re) {
+			fmt.Fprintf(os.Stderr, "✘ %v\n", err)
+			return &exitError{code: 1}
+		}
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "● job %s %s\n", rep.ID, rep.State)
+	return watch(ctx, cl, rep.ID)
+}

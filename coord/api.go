@@ -1,0 +1,324 @@
+package coord
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/supervisor"
+)
+
+// MaxWait bounds GET /v1/jobs/{id}?wait=.
+const MaxWait = 5 * time.Minute
+
+// SubmitReply is the body of POST /v1/jobs.
+type SubmitReply struct {
+	ID     string `json:"id,omitempty"`
+	State  string `json:"state"`
+	Reason string `json:"reason,omitempty"`
+	Error  string `json:"error,omitempty"`
+}
+
+// ListReply is the body of GET /v1/jobs.
+type ListReply struct {
+	Jobs []queue.Job `json:"jobs"`
+	// Next is the before= value of the next page; 0 when there is none.
+	Next int64 `json:"next,omitempty"`
+}
+
+// Handler returns the HTTP API.
+func (c *Coord) Handler() http.Handler {
+	r := httpapi.NewRouter(c.p.Log)
+	httpapi.Ops(r, c.p.Metrics, c.Ready)
+	r.Post("/v1/jobs", c.postJob)
+	r.Get("/v1/jobs", c.listJobs)
+	r.Get("/v1/jobs/{id}", c.getJob)
+	r.Get("/v1/jobs/{id}/events", c.jobEvents)
+	return r
+}
+
+func (c *Coord) reply(w http.ResponseWriter, status int, rep SubmitReply) {
+	c.metrics.submitted.WithLabelValues(rep.State, rep.Reason).Inc()
+	httpapi.JSON(w, status, rep)
+}
+
+// refuse records a job coord itself refused (when it has an ID) and answers.
+func (c *Coord) refuse(w http.ResponseWriter, r *http.Request, id string, job *envelope.Job, err error) {
+	v := supervisor.Verdict{ID: id, State: supervisor.VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
+	if id != "" {
+		rec := queue.Job{ID: id, State: queue.StateRejected, Reason: v.Reason, Error: v.Error, SubmittedAt: c.p.Now()}
+		if job != nil {
+			rec.Name, rec.Site, rec.Node = job.Name, job.Site, job.Node
+		}
+		if _, err := c.p.Redis.CreateJobs(r.Context(), []queue.NewJobRecord{{Job: rec}}, c.p.Retention); err != nil {
+			c.p.Log.Warn("record rejected job", "job", id, "err", err)
+		}
+	}
+	c.p.Log.Info("job rejected by coord", "job", id, "reason", v.Reason, "error", v.Error)
+	c.reply(w, supervisor.Status(v), SubmitReply{ID: id, State: v.State, Reason: v.Reason, Error: v.Error})
+}
+
+func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
+	body, err := httpapi.ReadBody(r, envelope.MaxEnvelopeBytes)
+	if err != nil {
+		var he *httpapi.Error
+		if errors.As(err, &he) && he.Status == http.StatusRequestEntityTooLarge {
+			c.refuse(w, r, "", nil, envelope.Refuse(envelope.ReasonTooLarge, he.Msg))
+			return
+		}
+		httpapi.Fail(w, err)
+		return
+	}
+	env, job, err := envelope.Parse(body)
+	if err != nil {
+		id := ""
+		if e, derr := envelope.Decode(body); derr == nil {
+			id = e.ID()
+		}
+		c.refuse(w, r, id, nil, err)
+		return
+	}
+	id := env.ID()
+	if job.Site == "" {
+		c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonWrongSite, "job is pinned to node "+job.Node+" but names no site; name the node's site too"))
+		return
+	}
+	if _, ok, err := c.site(r.Context(), job.Site); err != nil {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "ledger unreachable: %v", err))
+		return
+	} else if !ok {
+		c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonWrongSite, "site "+job.Site+" is not registered in the ledger"))
+		return
+	}
+	// Early key check: every signature must name a key the ledger knows
+	// for the site. The supervisor does the full verification.
+	keyIDs := make([]string, len(env.Signatures))
+	for i, s := range env.Signatures {
+		keyIDs[i] = s.KeyID
+	}
+	if trust, err := c.p.Trust.Get(r.Context(), job.Site, keyIDs...); err == nil {
+		for _, k := range keyIDs {
+			if !trust.Has(k) {
+				c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("key %s is not registered for site %s", k, job.Site)))
+				return
+			}
+		}
+	}
+	sub := &submission{
+		rec:  queue.NewJobRecord{Job: queue.Job{ID: id, Name: job.Name, Site: job.Site, Node: job.Node, SubmittedAt: c.p.Now()}, Envelope: body},
+		done: make(chan supervisor.Verdict, 1),
+	}
+	v, err := c.forwarderFor(job.Site).submit(r.Context(), sub)
+	if err != nil {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "submit: %v", err))
+		return
+	}
+	status := http.StatusAccepted
+	if v.State == supervisor.VerdictRejected {
+		status = supervisor.Status(v)
+	}
+	c.reply(w, status, SubmitReply{ID: v.ID, State: v.State, Reason: v.Reason, Error: v.Error})
+}
+
+func (c *Coord) getJob(w http.ResponseWriter, r *http.Request) {
+	id := chi.URLParam(r, "id")
+	var wait time.Duration
+	if s := r.URL.Query().Get("wait"); s != "" {
+		d, err := time.ParseDuration(s)
+		if err != nil || d < 0 {
+			httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "wait=%q is not a duration such as 30s", s))
+			return
+		}
+		wait = min(d, MaxWait)
+	}
+	j, err := c.waitJob(r.Context(), id, wait)
+	if err != nil {
+		if errors.Is(err, queue.ErrNoJob) {
+			httpapi.Fail(w, &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: "no job " + id})
+			return
+		}
+		httpapi.Fail(w, err)
+		return
+	}
+	httpapi.JSON(w, http.StatusOK, j)
+}
+
+// waitJob returns the job once it is over or wait has passed.
+func (c *Coord) waitJob(ctx context.Context, id string, wait time.Duration) (*queue.Job, error) {
+	var events <-chan queue.Event
+	if wait > 0 {
+		ch, cancel := c.hub.subscribe(id)
+		defer cancel()
+		events = ch
+	}
+	j, err := c.p.Redis.GetJob(ctx, id)
+	if err != nil || wait == 0 || j.State.Terminal() {
+		return j, err
+	}
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	// A safety re-read catches events dropped for a slow subscriber.
+	recheck := time.NewTicker(5 * time.Second)
+	defer recheck.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return j, nil
+		case <-timer.C:
+			return c.p.Redis.GetJob(ctx, id)
+		case ev := <-events:
+			if !ev.Type.Terminal() {
+				continue
+			}
+		case <-recheck.C:
+		}
+		if j, err = c.p.Redis.GetJob(ctx, id); err != nil || j.State.Terminal() {
+			return j, err
+		}
+	}
+}
+
+// seqAfter reports whether stream ID a comes after b.
+func seqAfter(a, b string) bool {
+	am, as, _ := strings.Cut(a, "-")
+	bm, bs, _ := strings.Cut(b, "-")
+	ami, _ := strconv.ParseUint(am, 10, 64)
+	bmi, _ := strconv.ParseUint(bm, 10, 64)
+	if ami != bmi {
+		return ami > bmi
+	}
+	asi, _ := strconv.ParseUint(as, 10, 64)
+	bsi, _ := strconv.ParseUint(bs, 10, 64)
+	return asi > bsi
+}
+
+// jobEvents streams a job's events as server-sent events: its history,
+// then live ones, ending after the event that ends the job.
+func (c *Coord) jobEvents(w http.ResponseWriter, r *http.Request) {
+	id := chi.URLParam(r, "id")
+	ctx := r.Context()
+	ch, cancel := c.hub.subscribe(id)
+	defer cancel()
+	j, err := c.p.Redis.GetJob(ctx, id)
+	if err != nil {
+		if errors.Is(err, queue.ErrNoJob) {
+			httpapi.Fail(w, &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: "no job " + id})
+			return
+		}
+		httpapi.Fail(w, err)
+		return
+	}
+	flusher, ok := w.(http.Flusher)
+	if !ok {
+		httpapi.Fail(w, errors.New("streaming unsupported"))
+		return
+	}
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	last := "0-0"
+	send := func(ev queue.Event) bool {
+		b, _ := json.Marshal(ev)
+		_, err := fmt.Fprintf(w, "id: %s\nevent: %s\ndata: %s\n\n", ev.Seq, ev.Type, b)
+		flusher.Flush()
+		if ev.Seq != "" {
+			last = ev.Seq
+		}
+		return err == nil
+	}
+	// catchUp sends recorded events not sent yet; it reports whether the
+	// job has ended.
+	catchUp := func() bool {
+		hist, err := c.p.Redis.JobEvents(ctx, id)
+		if err != nil {
+			return false
+		}
+		ended := false
+		for _, ev := range hist {
+			if ev.Seq != "" && !seqAfter(ev.Seq, last) {
+				continue
+			}
+			if !send(ev) {
+				return true
+			}
+			ended = ev.Type.Terminal()
+		}
+		return ended
+	}
+	if catchUp() {
+		return
+	}
+	if j.State.Terminal() {
+		// Ended without events (refused before running): say how.
+		send(queue.Event{Job: id, Type: queue.EventType(j.State), Reason: j.Reason, Error: j.Error, At: j.SubmittedAt})
+		return
+	}
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-ch:
+			if ev.Seq != "" && !seqAfter(ev.Seq, last) {
+				continue
+			}
+			if !send(ev) || ev.Type.Terminal() {
+				return
+			}
+		case <-tick.C:
+			// Heartbeat, and a re-read in case events were dropped.
+			if _, err := fmt.Fprint(w, ": ping\n\n"); err != nil {
+				return
+			}
+			flusher.Flush()
+			if catchUp() {
+				return
+			}
+			if j, err := c.p.Redis.GetJob(ctx, id); err == nil && j.State == queue.StateRejected {
+				send(queue.Event{Job: id, Type: queue.EventRejected, Reason: j.Reason, Error: j.Error, At: c.p.Now()})
+				return
+			}
+		}
+	}
+}
+
+func (c *Coord) listJobs(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	f := queue.ListFilter{Site: q.Get("site"), State: queue.State(q.Get("state"))}
+	if s := q.Get("limit"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > 1000 {
+			httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "limit must be 1-1000"))
+			return
+		}
+		f.Limit = n
+	}
+	if s := q.Get("before"); s != "" {
+		n, err := strconv.ParseInt(s, 10, 64)
+		if err != nil {
+			httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "before must be the next value of a previous page"))
+			return
+		}
+		f.Before = n
+	}
+	jobs, next, err := c.p.Redis.ListJobs(r.Context(), f)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	if jobs == nil {
+		jobs = []queue.Job{}
+	}
+	httpapi.JSON(w, http.StatusOK, ListReply{Jobs: jobs, Next: next})
+}

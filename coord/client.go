@@ -1,0 +1,196 @@
+package coord
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/queue"
+)
+
+// Client talks to coord's HTTP API.
+type Client struct {
+	// BaseURL is coord's address, e.g. http://127.0.0.1:7702.
+	BaseURL string
+	// HTTP is the client to use; nil means http.DefaultClient.
+	HTTP *http.Client
+}
+
+// RejectedError is a job coord or its supervisor refused.
+type RejectedError struct {
+	Status int
+	Reply  SubmitReply
+}
+
+func (e *RejectedError) Error() string {
+	if e.Reply.Reason != "" {
+		return fmt.Sprintf("job rejected (%s): %s", e.Reply.Reason, e.Reply.Error)
+	}
+	return fmt.Sprintf("job rejected (HTTP %d): %s", e.Status, e.Reply.Error)
+}
+
+func (c *Client) http() *http.Client {
+	if c.HTTP != nil {
+		return c.HTTP
+	}
+	return http.DefaultClient
+}
+
+func (c *Client) url(path string) string { return strings.TrimRight(c.BaseURL, "/") + path }
+
+// Submit posts a signed envelope. A refusal is a *RejectedError carrying
+// the job ID (when the envelope had one) and the reason.
+func (c *Client) Submit(ctx context.Context, envelopeJSON []byte) (SubmitReply, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url("/v1/jobs"), bytes.NewReader(envelopeJSON))
+	if err != nil {
+		return SubmitReply{}, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.http().Do(req)
+	if err != nil {
+		return SubmitReply{}, fmt.Errorf("coord %s: %w", c.BaseURL, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	var rep SubmitReply
+	if err := json.Unmarshal(data, &rep); err != nil || rep.State == "" {
+		var eb httpapi.ErrorBody
+		json.Unmarshal(data, &eb)
+		if eb.Error == "" {
+			eb.Error = strings.TrimSpace(string(data))
+		}
+		return SubmitReply{}, &RejectedError{Status: resp.StatusCode, Reply: SubmitReply{State: "rejected", Reason: eb.Reason, Error: eb.Error}}
+	}
+	if resp.StatusCode != http.StatusAccepted {
+		return rep, &RejectedError{Status: resp.StatusCode, Reply: rep}
+	}
+	return rep, nil
+}
+
+// Job returns a job's record; wait > 0 blocks until it ends or wait passes.
+func (c *Client) Job(ctx context.Context, id string, wait time.Duration) (*queue.Job, error) {
+	u := c.url("/v1/jobs/" + url.PathEscape(id))
+	if wait > 0 {
+		u += "?wait=" + wait.String()
+	}
+	var j queue.Job
+	return &j, c.get(ctx, u, &j)
+}
+
+// Jobs lists jobs (see ListFilter).
+func (c *Client) Jobs(ctx context.Context, f queue.ListFilter) (ListReply, error) {
+	v := url.Values{}
+	if f.Site != "" {
+		v.Set("site", f.Site)
+	}
+	if f.State != "" {
+		v.Set("state", string(f.State))
+	}
+	if f.Limit > 0 {
+		v.Set("limit", strconv.Itoa(f.Limit))
+	}
+	if f.Before > 0 {
+		v.Set("before", strconv.FormatInt(f.Before, 10))
+	}
+	var rep ListReply
+	return rep, c.get(ctx, c.url("/v1/jobs?"+v.Encode()), &rep)
+}
+
+func (c *Client) get(ctx context.Context, u string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.http().Do(req)
+	if err != nil {
+		return fmt.Errorf("coord %s: %w", c.BaseURL, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	if resp.StatusCode != http.StatusOK {
+		var eb httpapi.ErrorBody
+		json.Unmarshal(data, &eb)
+		if eb.Error == "" {
+			eb.Error = strings.TrimSpace(string(data))
+		}
+		return fmt.Errorf("coord: %s (HTTP %d)", eb.Error, resp.StatusCode)
+	}
+	return json.Unmarshal(data, out)
+}
+
+// Watch calls fn for each of the job's events (history first) until the
+// job ends, fn returns false, or ctx ends. A broken stream is resumed.
+func (c *Client) Watch(ctx context.Context, id string, fn func(queue.Event) bool) error {
+	lastID := ""
+	for attempt := 0; ; attempt++ {
+		ended, err := c.watchOnce(ctx, id, &lastID, fn)
+		if ended || ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if attempt >= 5 {
+			return fmt.Errorf("watch job %s: %w", id, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Duration(attempt+1) * 500 * time.Millisecond):
+		}
+	}
+}
+
+func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn func(queue.Event) bool) (bool, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("/v1/jobs/"+url.PathEscape(id)+"/events"), nil)
+	if err != nil {
+		return false, err
+	}
+	resp, err := c.http().Do(req)
+	if err != nil {
+		return false, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		var eb httpapi.ErrorBody
+		json.Unmarshal(data, &eb)
+		return true, fmt.Errorf("coord: %s (HTTP %d)", eb.Error, resp.StatusCode)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	var data strings.Builder
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, "data: "):
+			data.WriteString(line[len("data: "):])
+		case line == "" && data.Len() > 0:
+			var ev queue.Event
+			err := json.Unmarshal([]byte(data.String()), &ev)
+			data.Reset()
+			if err != nil {
+				continue
+			}
+			if ev.Seq != "" && *lastID != "" && !seqAfter(ev.Seq, *lastID) {
+				continue // already seen before a reconnect
+			}
+			if ev.Seq != "" {
+				*lastID = ev.Seq
+			}
+			if !fn(ev) || ev.Type.Terminal() {
+				return true, nil
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return false, err
+	}
+	return false, io.ErrUnexpectedEOF
+}

@@ -1,0 +1,234 @@
+// Package coord is writ's front door. It accepts signed jobs over HTTP,
+// checks them early (structure, known site, known keys), routes each to its
+// site's supervisor (address from the ledger), records every job's state in
+// its own Redis, follows each site's event stream to keep those states
+// current, and redelivers with backoff while a supervisor is unreachable.
+// coord holds no state outside Redis, so a restarted coord loses nothing and
+// several can run behind a load balancer.
+//
+// # HTTP API
+//
+//	POST /v1/jobs                  DSSE envelope → 202 {id, state} (queued or pending), or 4xx {error, reason, id}
+//	GET  /v1/jobs/{id}             the job's record; ?wait=30s blocks until it ends (or the wait passes)
+//	GET  /v1/jobs/{id}/events      server-sent events: history, then live, until the job ends
+//	GET  /v1/jobs                  ?state=&site=&limit=&before= newest first; {jobs, next}
+//
+// # Background duties
+//
+// Each is its own type and file: forwarder (one per site, batches
+// submissions to the supervisor), follower (one per site, applies the
+// site's events to job records), deliverer (retries pending deliveries), and
+// hub (wakes waiters when their job changes).
+package coord
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+)
+
+// Defaults for Params.
+const (
+	DefaultSiteRefresh = 5 * time.Second
+)
+
+// Params are coord's dependencies.
+type Params struct {
+	Redis  *queue.Redis       // required: coord's own Redis
+	Ledger *ledger.Client     // required: sites
+	Trust  *ledger.TrustCache // required: early key checks
+	Log    *slog.Logger       // required
+	// Metrics is the registry to report to; nil means a new one.
+	Metrics *prometheus.Registry
+	// HTTP calls supervisors; nil means a client with sensible timeouts.
+	HTTP *http.Client
+	// Retention is how long job records are kept; zero means
+	// queue.DefaultJobRetention.
+	Retention time.Duration
+	// SiteRefresh is how often the site list is read from the ledger; zero
+	// means DefaultSiteRefresh.
+	SiteRefresh time.Duration
+	Now         func() time.Time // optional, time.Now
+}
+
+// Coord is the front door.
+type Coord struct {
+	p         Params
+	hub       *hub
+	deliverer *deliverer
+	metrics   *metrics
+
+	mu         sync.Mutex
+	sites      map[string]ledger.Site // guarded by mu
+	sitesAt    time.Time              // guarded by mu
+	forwarders map[string]*forwarder  // guarded by mu
+	followers  map[string]context.CancelFunc
+	runCtx     context.Context // set by Run; followers start under it
+	group      *errgroup.Group
+}
+
+type metrics struct {
+	submitted  *prometheus.CounterVec
+	deliveries *prometheus.CounterVec
+	applied    prometheus.Counter
+	batchSize  prometheus.Histogram
+}
+
+// New returns a Coord; call Run to start its background duties.
+func New(p Params) (*Coord, error) {
+	if p.Redis == nil || p.Ledger == nil || p.Trust == nil || p.Log == nil {
+		return nil, errors.New("coord: Redis, Ledger, Trust and Log are required")
+	}
+	if p.Metrics == nil {
+		p.Metrics = prometheus.NewRegistry()
+	}
+	if p.HTTP == nil {
+		p.HTTP = &http.Client{Transport: &http.Transport{
+			MaxIdleConnsPerHost: 64,
+			IdleConnTimeout:     90 * time.Second,
+		}}
+	}
+	if p.SiteRefresh == 0 {
+		p.SiteRefresh = DefaultSiteRefresh
+	}
+	if p.Now == nil {
+		p.Now = time.Now
+	}
+	c := &Coord{
+		p:          p,
+		hub:        newHub(),
+		forwarders: map[string]*forwarder{},
+		followers:  map[string]context.CancelFunc{},
+		metrics: &metrics{
+			submitted: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Name: "writ_coord_jobs_total", Help: "Jobs submitted to coord, by first state and reason.",
+			}, []string{"state", "reason"}),
+			deliveries: prometheus.NewCounterVec(prometheus.CounterOpts{
+				Name: "writ_coord_deliveries_total", Help: "Batches sent to supervisors, by site and outcome.",
+			}, []string{"site", "outcome"}),
+			applied: prometheus.NewCounter(prometheus.CounterOpts{
+				Name: "writ_coord_events_applied_total", Help: "Site events applied to job records.",
+			}),
+			batchSize: prometheus.NewHistogram(prometheus.HistogramOpts{
+				Name: "writ_coord_batch_size", Help: "Envelopes per batch sent to a supervisor.",
+				Buckets: prometheus.ExponentialBuckets(1, 2, 10),
+			}),
+		},
+	}
+	p.Metrics.MustRegister(c.metrics.submitted, c.metrics.deliveries, c.metrics.applied, c.metrics.batchSize)
+	c.deliverer = &deliverer{c: c}
+	return c, nil
+}
+
+// Run runs the background duties until ctx ends: site discovery (which
+// starts a follower per site), and the deliverer.
+func (c *Coord) Run(ctx context.Context) error {
+	g, ctx := errgroup.WithContext(ctx)
+	c.mu.Lock()
+	c.runCtx, c.group = ctx, g
+	c.mu.Unlock()
+	g.Go(func() error { return c.deliverer.run(ctx) })
+	g.Go(func() error { return c.discover(ctx) })
+	return g.Wait()
+}
+
+// discover reads the site list from the ledger periodically and starts a
+// follower for each new site.
+func (c *Coord) discover(ctx context.Context) error {
+	t := time.NewTicker(c.p.SiteRefresh)
+	defer t.Stop()
+	for {
+		if _, err := c.refreshSites(ctx); err != nil {
+			c.p.Log.Warn("read sites from ledger", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func (c *Coord) refreshSites(ctx context.Context) (map[string]ledger.Site, error) {
+	list, err := c.p.Ledger.Sites(ctx)
+	if err != nil {
+		return nil, err
+	}
+	sites := make(map[string]ledger.Site, len(list))
+	for _, s := range list {
+		sites[s.Name] = s
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.sites, c.sitesAt = sites, c.p.Now()
+	for name := range sites {
+		if _, ok := c.followers[name]; ok || c.runCtx == nil {
+			continue
+		}
+		fctx, cancel := context.WithCancel(c.runCtx)
+		c.followers[name] = cancel
+		f := &follower{c: c, site: name}
+		c.group.Go(func() error { f.run(fctx); return nil })
+	}
+	return sites, nil
+}
+
+// site returns a site by name, refreshing the list when it is unknown (at
+// most once a second).
+func (c *Coord) site(ctx context.Context, name string) (ledger.Site, bool, error) {
+	c.mu.Lock()
+	s, ok := c.sites[name]
+	stale := c.p.Now().Sub(c.sitesAt) > time.Second
+	c.mu.Unlock()
+	if ok || !stale {
+		return s, ok, nil
+	}
+	sites, err := c.refreshSites(ctx)
+	if err != nil {
+		return ledger.Site{}, false, err
+	}
+	s, ok = sites[name]
+	return s, ok, nil
+}
+
+// supervisorURL returns the current supervisor address of a site.
+func (c *Coord) supervisorURL(site string) (string, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s, ok := c.sites[site]
+	if !ok {
+		return "", fmt.Errorf("site %s is not known to the ledger", site)
+	}
+	return s.SupervisorURL, nil
+}
+
+// forwarderFor returns the site's forwarder, starting it on first use.
+func (c *Coord) forwarderFor(site string) *forwarder {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	f, ok := c.forwarders[site]
+	if !ok {
+		f = newForwarder(c, site)
+		c.forwarders[site] = f
+	}
+	return f
+}
+
+// Ready checks coord's Redis and the ledger.
+func (c *Coord) Ready(ctx context.Context) error {
+	if err := c.p.Redis.Ping(ctx); err != nil {
+		return err
+	}
+	_, err := c.p.Ledger.Sites(ctx)
+	return err
+}

@@ -1,0 +1,315 @@
+// Package runner runs jobs on a node: an asynq worker on the site's queue and
+// the node's own queue that, for every delivery, verifies the signed envelope
+// again (Redis is not a trust boundary), runs the script in the sandbox with
+// the job's deadline, and reports started, log, retrying, succeeded and
+// failed events on the site's event stream.
+//
+// Failures are sorted into two outcomes: retry (infrastructure: the ledger or
+// a host layer was unavailable; retried with backoff up to the job's
+// max_retries) and fail (the job itself is wrong: bad signature, expired,
+// script error, timeout, allocation cap; never retried). A panic becomes a
+// failure carrying the file and line where it happened.
+package runner
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/scripts"
+)
+
+// Defaults for Params.
+const (
+	DefaultConcurrency = 10
+	// logFlushInterval is how often a running job's log lines are sent.
+	logFlushInterval = 250 * time.Millisecond
+)
+
+// Params are a Runner's dependencies and settings.
+type Params struct {
+	Site    string             // required
+	Node    string             // required: this node's ID
+	Redis   *queue.Redis       // required: the site's Redis
+	Trust   *ledger.TrustCache // required
+	Scripts *scripts.Engine    // required
+	Log     *slog.Logger       // required
+	Metrics *prometheus.Registry
+	// Concurrency is how many jobs run at once; zero means DefaultConcurrency.
+	Concurrency int
+	// PollInterval: see queue.WorkerConfig; zero means its default.
+	PollInterval time.Duration
+	// ShutdownTimeout: see queue.WorkerConfig; zero means its default.
+	ShutdownTimeout time.Duration
+	Now             func() time.Time // optional, time.Now
+}
+
+// Runner takes and runs jobs.
+type Runner struct {
+	p       Params
+	jobs    *prometheus.CounterVec
+	runTime prometheus.Histogram
+	running prometheus.Gauge
+}
+
+// New returns a Runner.
+func New(p Params) (*Runner, error) {
+	if !envelope.ValidSite(p.Site) || !envelope.ValidNode(p.Node) {
+		return nil, fmt.Errorf("runner: invalid site %q or node %q", p.Site, p.Node)
+	}
+	if p.Redis == nil || p.Trust == nil || p.Scripts == nil || p.Log == nil {
+		return nil, errors.New("runner: Redis, Trust, Scripts and Log are required")
+	}
+	if p.Concurrency == 0 {
+		p.Concurrency = DefaultConcurrency
+	}
+	if p.Now == nil {
+		p.Now = time.Now
+	}
+	if p.Metrics == nil {
+		p.Metrics = prometheus.NewRegistry()
+	}
+	r := &Runner{p: p}
+	r.jobs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "writ_runner_jobs_total", Help: "Job runs finished on this node, by outcome and reason.",
+	}, []string{"site", "outcome", "reason"})
+	r.runTime = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "writ_runner_run_seconds", Help: "Script run durations.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 4, 12),
+	})
+	r.running = prometheus.NewGauge(prometheus.GaugeOpts{Name: "writ_runner_running_jobs", Help: "Jobs running now."})
+	p.Metrics.MustRegister(r.jobs, r.runTime, r.running)
+	return r, nil
+}
+
+// Run takes jobs until ctx ends, then stops taking new ones and gives
+// running ones ShutdownTimeout to finish.
+func (r *Runner) Run(ctx context.Context) error {
+	r.p.Log.Info("runner started", "concurrency", r.p.Concurrency)
+	return r.p.Redis.Work(ctx, queue.WorkerConfig{
+		// The node's own queue first: pinned jobs have nowhere else to go.
+		Queues:          map[string]int{queue.NodeQueue(r.p.Node): 2, queue.SiteQueue(r.p.Site): 1},
+		Concurrency:     r.p.Concurrency,
+		PollInterval:    r.p.PollInterval,
+		ShutdownTimeout: r.p.ShutdownTimeout,
+		Log:             r.p.Log,
+	}, r.handle)
+}
+
+// Ready checks the runner's Redis.
+func (r *Runner) Ready(ctx context.Context) error { return r.p.Redis.Ping(ctx) }
+
+// Metrics returns the registry the runner reports to.
+func (r *Runner) Metrics() *prometheus.Registry { return r.p.Metrics }
+
+// failure is a classified failure of a run.
+type failure struct {
+	outcome queue.Outcome
+	reason  string
+	err     error
+}
+
+func fail(reason string, err error) *failure  { return &failure{queue.Fail, reason, err} }
+func retry(reason string, err error) *failure { return &failure{queue.Retry, reason, err} }
+
+// handle runs one delivery and reports it.
+func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
+	r.running.Inc()
+	defer r.running.Dec()
+	rep := &reporter{r: r, d: d}
+	defer func() {
+		if p := recover(); p != nil {
+			err = rep.finish(nil, fail("panic", fmt.Errorf("panic: %v at %s", p, panicSite())))
+		}
+	}()
+	job, f := r.verify(ctx, d)
+	if f != nil {
+		return rep.finish(nil, f)
+	}
+	rep.emit(queue.Event{Type: queue.EventStarted, Node: r.p.Node, Attempt: d.Attempt, Name: job.Name})
+
+	runCtx, cancel := scripts.WithTimeout(ctx, job.RunTimeout())
+	defer cancel()
+	stopFlush := rep.flushLoop()
+	start := time.Now()
+	out, runErr := r.p.Scripts.Run(runCtx, job.Script, scripts.Input{
+		JobID: d.ID, Name: job.Name, Site: r.p.Site, Node: r.p.Node,
+		Args: job.Args, Attempt: d.Attempt, Log: rep.log,
+	})
+	r.runTime.Observe(time.Since(start).Seconds())
+	stopFlush()
+	if runErr != nil {
+		return rep.finish(nil, classify(ctx, runErr))
+	}
+	return rep.finish(out.Result, nil)
+}
+
+// verify decodes the envelope and checks it as the supervisor did.
+func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*envelope.Job, *failure) {
+	env, job, err := envelope.Parse(d.Envelope)
+	if err != nil {
+		return nil, fail(string(envelope.ReasonOf(err)), err)
+	}
+	if env.ID() != d.ID {
+		return nil, fail("id_mismatch", fmt.Errorf("task id %s does not match the envelope's job id %s: the queue entry was altered", d.ID, env.ID()))
+	}
+	if job.Site != r.p.Site {
+		return nil, fail(string(envelope.ReasonWrongSite), fmt.Errorf("job is for site %q, this runner serves %q", job.Site, r.p.Site))
+	}
+	if job.Node != "" && job.Node != r.p.Node {
+		return nil, fail(string(envelope.ReasonWrongSite), fmt.Errorf("job is pinned to node %q, this is %q", job.Node, r.p.Node))
+	}
+	if err := job.CheckTime(r.p.Now()); err != nil {
+		return nil, fail(string(envelope.ReasonOf(err)), err)
+	}
+	keyIDs := make([]string, len(env.Signatures))
+	for i, s := range env.Signatures {
+		keyIDs[i] = s.KeyID
+	}
+	trust, err := r.p.Trust.Get(ctx, r.p.Site, keyIDs...)
+	if err != nil {
+		return nil, retry("ledger_unavailable", err)
+	}
+	if _, err := trust.Authorize(env); err != nil {
+		return nil, fail(string(envelope.ReasonOf(err)), err)
+	}
+	return job, nil
+}
+
+// classify sorts a script failure into retry or fail.
+func classify(ctx context.Context, err error) *failure {
+	switch {
+	case ctx.Err() != nil:
+		// The runner is shutting down: run the job again elsewhere.
+		return retry("shutdown", fmt.Errorf("runner stopped during the run: %w", err))
+	case errors.Is(err, scripts.ErrTimeout):
+		return fail("timeout", err)
+	case errors.Is(err, scripts.ErrAllocLimit):
+		return fail("alloc_limit", err)
+	case errors.Is(err, scripts.ErrTransient):
+		return retry("transient", err)
+	}
+	if reason := envelope.ReasonOf(err); reason != "" {
+		return fail(string(reason), err)
+	}
+	return fail("script_error", err)
+}
+
+func panicSite() string {
+	pcs := make([]uintptr, 32)
+	n := runtime.Callers(3, pcs)
+	frames := runtime.CallersFrames(pcs[:n])
+	for {
+		f, more := frames.Next()
+		if !strings.HasPrefix(f.Function, "runtime.") {
+			return fmt.Sprintf("%s:%d", f.File, f.Line)
+		}
+		if !more {
+			return "unknown"
+		}
+	}
+}
+
+// reporter collects a run's events and sends them on the site stream.
+type reporter struct {
+	r *Runner
+	d queue.Delivery
+
+	mu      sync.Mutex
+	pending []queue.Event // guarded by mu
+}
+
+func (rep *reporter) emit(ev queue.Event) {
+	ev.Job, ev.Site = rep.d.ID, rep.r.p.Site
+	if ev.At.IsZero() {
+		ev.At = rep.r.p.Now()
+	}
+	rep.mu.Lock()
+	rep.pending = append(rep.pending, ev)
+	rep.mu.Unlock()
+	if ev.Type == queue.EventStarted {
+		rep.flush()
+	}
+}
+
+func (rep *reporter) log(level, line string) {
+	rep.emit(queue.Event{Type: queue.EventLog, Level: level, Message: line, Attempt: rep.d.Attempt})
+}
+
+// flush sends pending events. Publishing must finish even when the job's
+// context has ended (a timed-out job still reports), hence WithoutCancel
+// with its own bound.
+func (rep *reporter) flush() {
+	rep.mu.Lock()
+	evs := rep.pending
+	rep.pending = nil
+	rep.mu.Unlock()
+	if len(evs) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var err error
+	for try := 0; try < 5; try++ {
+		if err = rep.r.p.Redis.Publish(ctx, rep.r.p.Site, evs...); err == nil {
+			return
+		}
+		time.Sleep(time.Duration(100<<try) * time.Millisecond)
+	}
+	rep.r.p.Log.Error("publish job events", "job", rep.d.ID, "events", len(evs), "err", err)
+}
+
+// flushLoop sends log lines while the script runs; the returned func stops it.
+func (rep *reporter) flushLoop() func() {
+	done := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(logFlushInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				rep.flush()
+			}
+		}
+	}()
+	return func() { close(done); <-stopped }
+}
+
+// finish reports the end of a run and returns what the worker server needs:
+// nil, a retryable error, or a NoRetry error.
+func (rep *reporter) finish(result []byte, f *failure) error {
+	r := rep.r
+	if f == nil {
+		rep.emit(queue.Event{Type: queue.EventSucceeded, Node: r.p.Node, Attempt: rep.d.Attempt, Result: result})
+		rep.flush()
+		r.jobs.WithLabelValues(r.p.Site, "succeeded", "").Inc()
+		return nil
+	}
+	log := r.p.Log.With("job", rep.d.ID, "attempt", rep.d.Attempt, "reason", f.reason, "err", f.err)
+	if f.outcome == queue.Retry && !rep.d.LastAttempt() {
+		rep.emit(queue.Event{Type: queue.EventRetrying, Node: r.p.Node, Attempt: rep.d.Attempt, Reason: f.reason, Error: f.err.Error()})
+		rep.flush()
+		r.jobs.WithLabelValues(r.p.Site, "retrying", f.reason).Inc()
+		log.Warn("job run failed; will retry")
+		return f.err
+	}
+	rep.emit(queue.Event{Type: queue.EventFailed, Node: r.p.Node, Attempt: rep.d.Attempt, Reason: f.reason, Error: f.err.Error()})
+	rep.flush()
+	r.jobs.WithLabelValues(r.p.Site, "failed", f.reason).Inc()
+	log.Info("job failed")
+	return queue.NoRetry(f.err)
+}

@@ -1,0 +1,357 @@
+// Package supervisor is the gate of one site: it verifies every submitted job
+// (signatures and the site's policy from the ledger, validity window, replay,
+// script compiles with allowed imports only), enqueues the accepted ones on
+// the site's or the pinned node's queue, and serves the site's job events.
+//
+// HTTP API:
+//
+//	POST /v1/jobs          one DSSE envelope → 202 {id, state} or 4xx {error, reason, id}
+//	POST /v1/jobs/batch    JSON array of envelopes → 200 [verdict...], one per envelope
+//	GET  /v1/events?after= the site's event stream as server-sent events
+//
+// A job is enqueued with its ID as the task ID and its nonce claimed until
+// it expires, so submitting the same envelope twice runs it once and a
+// different job reusing a nonce is refused as a replay.
+package supervisor
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"runtime"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/scripts"
+)
+
+// MaxBatch bounds the envelopes in one batch request.
+const MaxBatch = 512
+
+// Verdict is the supervisor's answer for one envelope.
+type Verdict struct {
+	ID     string `json:"id,omitempty"`
+	State  string `json:"state"` // queued, duplicate or rejected
+	Reason string `json:"reason,omitempty"`
+	Error  string `json:"error,omitempty"`
+	// Retry is set when the job could not be judged for a passing reason
+	// (Redis or the ledger unreachable): submit it again later.
+	Retry bool `json:"retry,omitempty"`
+}
+
+// Verdict states.
+const (
+	VerdictQueued    = "queued"
+	VerdictDuplicate = "duplicate"
+	VerdictRejected  = "rejected"
+)
+
+// Params are a Supervisor's dependencies.
+type Params struct {
+	Site    string             // required: the site this supervisor serves
+	Trust   *ledger.TrustCache // required
+	Redis   *queue.Redis       // required: the site's Redis
+	Scripts *scripts.Engine    // required: validates scripts
+	Log     *slog.Logger       // required
+	Metrics *prometheus.Registry
+	Now     func() time.Time // optional, time.Now
+}
+
+// Supervisor serves one site.
+type Supervisor struct {
+	p        Params
+	events   *eventServer
+	jobs     *prometheus.CounterVec
+	verifies *prometheus.CounterVec
+	admitDur prometheus.Histogram
+}
+
+// New returns a Supervisor.
+func New(p Params) (*Supervisor, error) {
+	if !envelope.ValidSite(p.Site) {
+		return nil, fmt.Errorf("supervisor: invalid site name %q", p.Site)
+	}
+	if p.Trust == nil || p.Redis == nil || p.Scripts == nil || p.Log == nil {
+		return nil, errors.New("supervisor: Trust, Redis, Scripts and Log are required")
+	}
+	if p.Now == nil {
+		p.Now = time.Now
+	}
+	if p.Metrics == nil {
+		p.Metrics = prometheus.NewRegistry()
+	}
+	s := &Supervisor{p: p}
+	s.events = &eventServer{redis: p.Redis, site: p.Site, log: p.Log}
+	s.jobs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "writ_supervisor_jobs_total", Help: "Jobs judged by the supervisor, by verdict and reason.",
+	}, []string{"site", "verdict", "reason"})
+	s.verifies = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "writ_supervisor_verification_failures_total", Help: "Envelopes refused, by reason.",
+	}, []string{"site", "reason"})
+	s.admitDur = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "writ_supervisor_batch_seconds", Help: "Time to judge and enqueue one batch.",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+	})
+	depth := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "writ_queue_depth", Help: "Jobs waiting in the site queue (pending, retry, scheduled).",
+		ConstLabels: prometheus.Labels{"queue": queue.SiteQueue(p.Site)},
+	}, func() float64 {
+		d, err := p.Redis.QueueDepth(queue.SiteQueue(p.Site))
+		if err != nil {
+			return -1
+		}
+		return float64(d[queue.SiteQueue(p.Site)])
+	})
+	p.Metrics.MustRegister(s.jobs, s.verifies, s.admitDur, depth)
+	return s, nil
+}
+
+// Handler returns the HTTP API.
+func (s *Supervisor) Handler() http.Handler {
+	r := httpapi.NewRouter(s.p.Log)
+	httpapi.Ops(r, s.p.Metrics, s.p.Redis.Ping)
+	r.Post("/v1/jobs", s.postJob)
+	r.Post("/v1/jobs/batch", s.postBatch)
+	r.Get("/v1/events", s.events.serve)
+	return r
+}
+
+// Status returns the HTTP status that answers a verdict.
+func Status(v Verdict) int {
+	if v.State != VerdictRejected {
+		return http.StatusAccepted
+	}
+	if v.Retry {
+		return http.StatusServiceUnavailable
+	}
+	switch envelope.Reason(v.Reason) {
+	case envelope.ReasonTooLarge:
+		return http.StatusRequestEntityTooLarge
+	case envelope.ReasonMalformed, envelope.ReasonPayloadType, envelope.ReasonInvalidJob:
+		return http.StatusBadRequest
+	case envelope.ReasonReplayed:
+		return http.StatusConflict
+	case envelope.ReasonScriptInvalid, envelope.ReasonForbiddenImport, envelope.ReasonExpired, envelope.ReasonNotYetValid, envelope.ReasonWrongSite:
+		return http.StatusUnprocessableEntity
+	}
+	return http.StatusForbidden
+}
+
+func (s *Supervisor) postJob(w http.ResponseWriter, r *http.Request) {
+	body, err := httpapi.ReadBody(r, envelope.MaxEnvelopeBytes)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	v := s.Submit(r.Context(), [][]byte{body})[0]
+	httpapi.JSON(w, Status(v), v)
+}
+
+func (s *Supervisor) postBatch(w http.ResponseWriter, r *http.Request) {
+	body, err := httpapi.ReadBody(r, MaxBatch*envelope.MaxEnvelopeBytes)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	var raws []json.RawMessage
+	if err := json.Unmarshal(body, &raws); err != nil {
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusBadRequest, Reason: "malformed", Msg: "batch must be a JSON array of envelopes: " + err.Error()})
+		return
+	}
+	if len(raws) > MaxBatch {
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusRequestEntityTooLarge, Reason: "too_large", Msg: fmt.Sprintf("batch has %d envelopes, the limit is %d", len(raws), MaxBatch)})
+		return
+	}
+	in := make([][]byte, len(raws))
+	for i, raw := range raws {
+		in[i] = raw
+	}
+	httpapi.JSON(w, http.StatusOK, s.Submit(r.Context(), in))
+}
+
+// candidate is an envelope that passed the checks that need no Redis.
+type candidate struct {
+	idx   int
+	raw   []byte
+	job   *envelope.Job
+	id    string
+	claim queue.Claim
+}
+
+// Submit judges a batch of envelopes and enqueues the accepted ones. It
+// returns one verdict per envelope, in order. Checks run in parallel; Redis
+// work is pipelined across the batch.
+func (s *Supervisor) Submit(ctx context.Context, raws [][]byte) []Verdict {
+	start := time.Now()
+	defer func() { s.admitDur.Observe(time.Since(start).Seconds()) }()
+	out := make([]Verdict, len(raws))
+	cands := make([]*candidate, len(raws))
+	now := s.p.Now()
+
+	// Stage 1: decode, verify and validate, in parallel (CPU-bound).
+	var g errgroup.Group
+	g.SetLimit(runtime.GOMAXPROCS(0))
+	for i, raw := range raws {
+		g.Go(func() error {
+			c, v := s.check(ctx, raw, now)
+			if c != nil {
+				c.idx = i
+				cands[i] = c
+			} else {
+				out[i] = v
+			}
+			return nil
+		})
+	}
+	g.Wait()
+
+	var live []*candidate
+	for _, c := range cands {
+		if c != nil {
+			live = append(live, c)
+		}
+	}
+	if len(live) == 0 {
+		s.count(out)
+		return out
+	}
+
+	// Stage 2: claim nonces for the whole batch in one round trip.
+	claims := make([]queue.Claim, len(live))
+	for i, c := range live {
+		claims[i] = c.claim
+	}
+	adm, err := s.p.Redis.Admit(ctx, claims)
+	if err != nil {
+		for _, c := range live {
+			out[c.idx] = Verdict{ID: c.id, State: VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+		}
+		s.count(out)
+		return out
+	}
+
+	// Stage 3: enqueue what is new (or was claimed by an earlier attempt
+	// that did not finish), concurrently.
+	var eg errgroup.Group
+	eg.SetLimit(32)
+	for i, c := range live {
+		switch adm[i] {
+		case queue.AdmitReplay:
+			out[c.idx] = rejected(c.id, envelope.Refuse(envelope.ReasonReplayed, "nonce "+c.job.Nonce+" was already used by another job"))
+			continue
+		case queue.AdmitDuplicate:
+			out[c.idx] = Verdict{ID: c.id, State: VerdictDuplicate}
+			continue
+		}
+		eg.Go(func() error {
+			q := queue.SiteQueue(s.p.Site)
+			if c.job.Node != "" {
+				q = queue.NodeQueue(c.job.Node)
+			}
+			dup, err := s.p.Redis.Enqueue(ctx, queue.Task{
+				ID: c.id, Envelope: c.raw, Queue: q, MaxRetry: c.job.MaxRetries,
+				Timeout: c.job.RunTimeout(), Deadline: c.job.Expires,
+			})
+			switch {
+			case err != nil:
+				out[c.idx] = Verdict{ID: c.id, State: VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+			case dup:
+				out[c.idx] = Verdict{ID: c.id, State: VerdictDuplicate}
+			default:
+				out[c.idx] = Verdict{ID: c.id, State: VerdictQueued}
+			}
+			return nil
+		})
+	}
+	eg.Wait()
+
+	// Stage 4: mark enqueued claims and publish queued events together.
+	var done []queue.Claim
+	var events []queue.Event
+	for _, c := range live {
+		v := out[c.idx]
+		if v.State == VerdictQueued || v.State == VerdictDuplicate {
+			done = append(done, c.claim)
+		}
+		if v.State == VerdictQueued {
+			events = append(events, queue.Event{Job: c.id, Type: queue.EventQueued, At: now, Name: c.job.Name, Site: s.p.Site, Node: c.job.Node})
+		}
+	}
+	if len(done) > 0 {
+		if err := s.p.Redis.Queued(ctx, s.p.Site, done, events); err != nil {
+			// The jobs are enqueued; a lost mark only means a duplicate
+			// submission re-checks with asynq, and a lost event is
+			// superseded by the runner's.
+			s.p.Log.Warn("record queued jobs", "err", err)
+		}
+	}
+	s.count(out)
+	return out
+}
+
+func rejected(id string, err error) Verdict {
+	return Verdict{ID: id, State: VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
+}
+
+func (s *Supervisor) count(out []Verdict) {
+	for _, v := range out {
+		s.jobs.WithLabelValues(s.p.Site, v.State, v.Reason).Inc()
+		if v.State == VerdictRejected && !v.Retry {
+			s.verifies.WithLabelValues(s.p.Site, v.Reason).Inc()
+			s.p.Log.Info("job rejected", "job", v.ID, "reason", v.Reason, "error", v.Error)
+		}
+	}
+}
+
+// check runs every check that needs no Redis: decoding, site, time window,
+// signatures and policy, script compilation.
+func (s *Supervisor) check(ctx context.Context, raw []byte, now time.Time) (*candidate, Verdict) {
+	env, job, err := envelope.Parse(raw)
+	if err != nil {
+		id := ""
+		if env != nil {
+			id = env.ID()
+		} else if e, derr := envelope.Decode(raw); derr == nil {
+			id = e.ID()
+		}
+		return nil, rejected(id, err)
+	}
+	id := env.ID()
+	if job.Site != s.p.Site {
+		msg := fmt.Sprintf("job is for site %q but this supervisor serves %q", job.Site, s.p.Site)
+		if job.Site == "" {
+			msg = "job names no site; this supervisor serves " + s.p.Site
+		}
+		return nil, rejected(id, envelope.Refuse(envelope.ReasonWrongSite, msg))
+	}
+	if err := job.CheckTime(now); err != nil {
+		return nil, rejected(id, err)
+	}
+	keyIDs := make([]string, len(env.Signatures))
+	for i, sig := range env.Signatures {
+		keyIDs[i] = sig.KeyID
+	}
+	trust, err := s.p.Trust.Get(ctx, s.p.Site, keyIDs...)
+	if err != nil {
+		if ledger.NotFound(err) {
+			return nil, rejected(id, envelope.Refuse(envelope.ReasonWrongSite, "site "+s.p.Site+" is not registered in the ledger"))
+		}
+		return nil, Verdict{ID: id, State: VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+	}
+	if _, err := trust.Authorize(env); err != nil {
+		return nil, rejected(id, err)
+	}
+	if err := s.p.Scripts.Check(job.Script); err != nil {
+		return nil, rejected(id, err)
+	}
+	return &candidate{raw: raw, job: job, id: id, claim: queue.Claim{Site: s.p.Site, Nonce: job.Nonce, JobID: id, Until: job.Expires}}, Verdict{}
+}
