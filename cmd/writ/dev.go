@@ -142,10 +142,10 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	g, gctx := errgroup.WithContext(ctx)
 	ledgerURL := httpURL(ledgerAddr)
 	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store) })
-	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite) })
+	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0) })
 	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdb, ledgerURL, devSite, defaultNodeID(), c.concurrency, 0)
+		return runRunner(gctx, c.log, lns["runner"], rdb, ledgerURL, devSite, defaultNodeID(), c.concurrency, 0, 0)
 	})
 
 	envFile := filepath.Join(dir, "env")

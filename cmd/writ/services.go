@@ -90,6 +90,7 @@ func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue
 
 type supervisorCmd struct {
 	site, listen, redis, ledger string
+	trustTTL                    time.Duration
 	log                         *slog.Logger
 }
 
@@ -112,7 +113,12 @@ also serves the site's job events to coord (GET /v1/events).`,
 	cmd.Flags().StringVar(&c.listen, "listen", defaultSupervisorAddr, "address to serve the supervisor API on")
 	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "the site's Redis")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
+	trustTTLFlag(cmd, &c.trustTTL)
 	return cmd
+}
+
+func trustTTLFlag(cmd *cobra.Command, dst *time.Duration) {
+	cmd.Flags().DurationVar(dst, "trust-ttl", ledger.DefaultTrustTTL, "how long ledger keys and policies are cached: a revoked key stops working within this time")
 }
 
 // Run serves the supervisor until ctx ends.
@@ -129,13 +135,13 @@ func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runSupervisor(ctx, c.log, ln, rdb, c.ledger, c.site)
+	return runSupervisor(ctx, c.log, ln, rdb, c.ledger, c.site, c.trustTTL)
 }
 
-func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site string) error {
+func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site string, trustTTL time.Duration) error {
 	sup, err := supervisor.New(supervisor.Params{
 		Site:    site,
-		Trust:   &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}},
+		Trust:   &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}, TTL: trustTTL},
 		Redis:   rdb,
 		Scripts: scripts.New(scripts.Config{}, nil),
 		Log:     log.With("svc", "supervisor", "site", site),
@@ -153,7 +159,7 @@ func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *
 type runnerCmd struct {
 	site, node, redis, ledger, listen string
 	concurrency                       int
-	poll                              time.Duration
+	poll, trustTTL                    time.Duration
 	log                               *slog.Logger
 }
 
@@ -179,6 +185,7 @@ runners, more capacity. It serves /healthz, /readyz and /metrics on --listen.`,
 	cmd.Flags().StringVar(&c.listen, "listen", defaultRunnerAddr, `address for /healthz, /readyz and /metrics ("" to turn off)`)
 	cmd.Flags().IntVar(&c.concurrency, "concurrency", runner.DefaultConcurrency, "jobs run at once")
 	cmd.Flags().DurationVar(&c.poll, "poll", queue.DefaultPollInterval, "how often an idle runner asks Redis for work")
+	trustTTLFlag(cmd, &c.trustTTL)
 	return cmd
 }
 
@@ -205,13 +212,13 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runRunner(ctx, c.log, ln, rdb, c.ledger, c.site, c.node, c.concurrency, c.poll)
+	return runRunner(ctx, c.log, ln, rdb, c.ledger, c.site, c.node, c.concurrency, c.poll, c.trustTTL)
 }
 
-func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site, node string, concurrency int, poll time.Duration) error {
+func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site, node string, concurrency int, poll, trustTTL time.Duration) error {
 	run, err := runner.New(runner.Params{
 		Site: site, Node: node, Redis: rdb,
-		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}},
+		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}, TTL: trustTTL},
 		Scripts:      scripts.New(scripts.Config{}, nil),
 		Log:          log.With("svc", "runner", "site", site, "node", node),
 		Metrics:      newRegistry(),
