@@ -1,0 +1,62 @@
+# writ — run `make help` for the targets.
+
+SHELL := /bin/bash
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+BIN := bin/writ
+DEV_DIR ?= .dev
+# System packages the tests and `writ dev` need.
+APT_PACKAGES := redis-server openssh-client
+
+.PHONY: help build test test-short dev bench lint generate tidy deps check-clean clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## install missing system packages (apt; as root), or print the command
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "installing:$$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	else \
+		echo "missing system packages:$$missing"; \
+		echo "run:  sudo apt-get update && sudo apt-get install -y$$missing"; exit 1; \
+	fi
+
+build: ## build bin/writ with the version stamped
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/writ
+
+test: deps ## run every test with -race (privileged and slow ones included), then check generate/tidy leave no diff
+	$(GO) test -race -count=1 -timeout 30m ./...
+	@$(MAKE) --no-print-directory check-clean
+
+test-short: deps ## quick loop: skip the slow tests
+	$(GO) test -race -short -count=1 ./...
+
+dev: deps build ## run a whole fleet on this machine and a sample signed job (Ctrl-C stops it)
+	$(BIN) dev --dir $(DEV_DIR) --sample scripts/lib/hello.tengo
+
+bench: deps ## end-to-end signed-job throughput and latency next to raw asynq (see BENCHMARKS.md)
+	$(GO) run ./cmd/writ-bench
+
+lint: ## go vet, gofmt, and staticcheck when installed
+	$(GO) vet ./...
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	@if command -v staticcheck >/dev/null; then staticcheck ./...; else echo "staticcheck not installed (go install honnef.co/go/tools/cmd/staticcheck@latest)"; fi
+
+generate: ## run go generate
+	$(GO) generate ./...
+
+tidy: ## go mod tidy
+	$(GO) mod tidy
+
+check-clean: ## fail when go generate or go mod tidy change any file
+	@before=$$(git status --porcelain; git diff | sha256sum); \
+	$(GO) generate ./... && $(GO) mod tidy; \
+	after=$$(git status --porcelain; git diff | sha256sum); \
+	if [ "$$before" != "$$after" ]; then echo "go generate / go mod tidy changed files:"; git status --porcelain; exit 1; fi
+
+clean: ## remove build output and the dev data directory
+	rm -rf bin $(DEV_DIR)
