@@ -251,7 +251,12 @@ func (c *Coord) jobEvents(w http.ResponseWriter, r *http.Request) {
 			if !send(ev) {
 				return true
 			}
-			ended = ev.Type.Terminal()
+			// A late "queued" may follow the end in the stream; the job
+			// ended all the same.
+			ended = ended || ev.Type.Terminal()
+			if ended {
+				return true
+			}
 		}
 		return ended
 	}

@@ -111,6 +111,12 @@ if last then
   if nm < lm or (nm == lm and ns <= ls) then return 0 end
 end
 redis.call('HSET', KEYS[1], 'last_event', ARGV[1])
+if ARGV[5] == 'state' and ARGV[6] == 'queued' then
+  -- The supervisor publishes "queued" after enqueuing, so a fast runner's
+  -- events can precede it in the stream: it must not move a job back.
+  local cur = redis.call('HGET', KEYS[1], 'state')
+  if cur and cur ~= 'pending' and cur ~= 'queued' then ARGV[6] = cur end
+end
 if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)

@@ -1,0 +1,383 @@
+// Command writ-bench measures end-to-end signed-job throughput and latency
+// (submit through coord → result back from coord) next to raw asynq (no-op
+// handler) on the same redis-server in the same run, and prints the ratio.
+//
+// It builds the writ binary, starts a redis-server and `writ dev` (ledger,
+// coord, supervisor, runner in one process) against it, and drives coord
+// over HTTP. Envelopes are signed before the clock starts: signing is the
+// user's work, not the fleet's. Run it with `make bench`.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hibiken/asynq"
+
+	"github.com/writ-fleet/writ/coord"
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/redisproc"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/queue"
+)
+
+var (
+	jobs        = flag.Int("jobs", 5000, "jobs per throughput run")
+	inflight    = flag.Int("inflight", 64, "jobs in flight at once in throughput runs")
+	rate        = flag.Int("rate", 500, "jobs per second in the latency runs")
+	rateFor     = flag.Duration("rate-for", 10*time.Second, "length of the latency runs")
+	concurrency = flag.Int("concurrency", 10, "worker concurrency (runner and raw asynq alike)")
+	poll        = flag.Duration("poll", queue.DefaultPollInterval, "idle poll interval (runner and raw asynq alike)")
+	keep        = flag.Bool("keep", false, "keep the temporary directory")
+)
+
+func main() {
+	flag.Parse()
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "writ-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func freePort() int {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func run() error {
+	dir, err := os.MkdirTemp("", "writ-bench-")
+	if err != nil {
+		return err
+	}
+	if !*keep {
+		defer os.RemoveAll(dir)
+	}
+	fmt.Printf("machine: %s, %d CPUs (GOMAXPROCS %d), %s\n", hostInfo(), runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.Version())
+	fmt.Printf("settings: %d jobs per throughput run, %d in flight; latency runs at %d jobs/s for %s; worker concurrency %d, poll %s\n",
+		*jobs, *inflight, *rate, *rateFor, *concurrency, *poll)
+
+	rp, err := redisproc.Start(redisproc.Config{Dir: dir, Port: freePort()})
+	if err != nil {
+		return err
+	}
+	defer rp.Stop()
+
+	// ---- raw asynq ----
+	rawTput, rawLat, err := rawAsynq(rp.Addr())
+	if err != nil {
+		return fmt.Errorf("raw asynq: %w", err)
+	}
+	fmt.Printf("raw asynq:  throughput %8.0f jobs/s   at %d/s: p50 %s  p99 %s\n", rawTput, *rate, rawLat.p(50), rawLat.p(99))
+
+	// ---- writ end to end ----
+	bin := filepath.Join(dir, "writ")
+	if out, err := exec.Command("go", "build", "-o", bin, "./cmd/writ").CombinedOutput(); err != nil {
+		return fmt.Errorf("build writ: %v\n%s", err, out)
+	}
+	base := 20000 + freePort()%20000
+	devDir := filepath.Join(dir, "dev")
+	cmd := exec.Command(bin, "dev", "--dir", devDir, "--redis", rp.URL(), "--base-port", fmt.Sprint(base),
+		"--concurrency", fmt.Sprint(*concurrency), "--log-level", "warn")
+	logf, _ := os.Create(filepath.Join(dir, "dev.log"))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
+	coordURL := fmt.Sprintf("http://127.0.0.1:%d", base+2)
+	if err := waitReady(coordURL+"/readyz", 30*time.Second); err != nil {
+		return fmt.Errorf("writ dev did not come up: %w (log: %s)", err, filepath.Join(dir, "dev.log"))
+	}
+	key, err := keys.Load(filepath.Join(devDir, "admin.key"))
+	if err != nil {
+		return err
+	}
+	cl := &coord.Client{BaseURL: coordURL, HTTP: &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, MaxConnsPerHost: 0}}}
+	// Warm up: caches, connections, the compiled script.
+	if _, err := e2eThroughput(cl, key, 500); err != nil {
+		return err
+	}
+	e2eTput, err := e2eThroughput(cl, key, *jobs)
+	if err != nil {
+		return err
+	}
+	e2eLat, err := e2eAtRate(cl, key)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("writ e2e:   throughput %8.0f jobs/s   at %d/s: p50 %s  p99 %s\n", e2eTput, *rate, e2eLat.p(50), e2eLat.p(99))
+	fmt.Printf("p99 at %d/s e2e/raw-asynq: %.2f\n", *rate, float64(e2eLat.p(99))/float64(rawLat.p(99)))
+	fmt.Printf("ratio e2e/raw-asynq throughput: %.2f\n", e2eTput/rawTput)
+	return nil
+}
+
+func hostInfo() string {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return runtime.GOOS + "/" + runtime.GOARCH
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, "model name") {
+			if _, v, ok := strings.Cut(line, ":"); ok {
+				return strings.TrimSpace(v)
+			}
+		}
+	}
+	return runtime.GOARCH
+}
+
+func waitReady(url string, d time.Duration) error {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		if resp, err := http.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return nil
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("%s not ready after %s", url, d)
+}
+
+// latencies is a set of samples.
+type latencies []time.Duration
+
+func (l latencies) p(pct int) time.Duration {
+	if len(l) == 0 {
+		return 0
+	}
+	s := append(latencies(nil), l...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := (len(s)*pct + 99) / 100
+	return s[max(0, min(i, len(s))-1)].Round(10 * time.Microsecond)
+}
+
+// rawAsynq measures asynq alone: a no-op handler, enqueue and process at
+// once, the same concurrency and poll interval as the runner.
+func rawAsynq(addr string) (float64, latencies, error) {
+	opt := asynq.RedisClientOpt{Addr: addr, PoolSize: 64}
+	client := asynq.NewClient(opt)
+	defer client.Close()
+	var processed atomic.Int64
+	var mu sync.Mutex
+	var lat latencies
+	recording := atomic.Bool{}
+	srv := asynq.NewServer(opt, asynq.Config{
+		Concurrency: *concurrency, TaskCheckInterval: *poll, LogLevel: asynq.ErrorLevel,
+		Queues: map[string]int{"bench": 1},
+	})
+	done := make(chan struct{}, 1)
+	var target atomic.Int64
+	if err := srv.Start(asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
+		if recording.Load() {
+			var sent int64
+			json.Unmarshal(t.Payload(), &sent)
+			d := time.Since(time.Unix(0, sent))
+			mu.Lock()
+			lat = append(lat, d)
+			mu.Unlock()
+		}
+		if processed.Add(1) == target.Load() {
+			select {
+			case done <- struct{}{}:
+			default:
+			}
+		}
+		return nil
+	})); err != nil {
+		return 0, nil, err
+	}
+	defer srv.Shutdown()
+	enqueue := func() error {
+		p, _ := json.Marshal(time.Now().UnixNano())
+		_, err := client.Enqueue(asynq.NewTask("noop", p), asynq.Queue("bench"))
+		return err
+	}
+	// Throughput: enqueue *jobs tasks from *inflight goroutines while the
+	// server processes them.
+	processed.Store(0)
+	target.Store(int64(*jobs))
+	start := time.Now()
+	var wg sync.WaitGroup
+	var next atomic.Int64
+	var firstErr atomic.Value
+	for w := 0; w < *inflight; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for next.Add(1) <= int64(*jobs) {
+				if err := enqueue(); err != nil {
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err, _ := firstErr.Load().(error); err != nil {
+		return 0, nil, err
+	}
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		return 0, nil, fmt.Errorf("raw asynq processed %d of %d", processed.Load(), *jobs)
+	}
+	tput := float64(*jobs) / time.Since(start).Seconds()
+
+	// Latency at a fixed rate.
+	n := int(float64(*rate) * rateFor.Seconds())
+	processed.Store(0)
+	target.Store(int64(n))
+	recording.Store(true)
+	paced(n, func() {
+		if err := enqueue(); err != nil {
+			firstErr.CompareAndSwap(nil, err)
+		}
+	})
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		return 0, nil, fmt.Errorf("raw asynq latency run processed %d of %d", processed.Load(), n)
+	}
+	return tput, lat, nil
+}
+
+// paced calls fn n times at *rate per second, each in its own goroutine,
+// and waits for all of them.
+func paced(n int, fn func()) {
+	interval := time.Second / time.Duration(*rate)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		if d := time.Until(start.Add(time.Duration(i) * interval)); d > 0 {
+			time.Sleep(d)
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); fn() }()
+	}
+	wg.Wait()
+}
+
+const benchScript = `job := import("job"); job.result(job.args.i)`
+
+// signAll signs n jobs before any clock starts.
+func signAll(k *keys.Key, n int) ([][]byte, error) {
+	out := make([][]byte, n)
+	now := time.Now()
+	for i := range out {
+		j := envelope.NewJob("bench", benchScript, "local", now)
+		j.Args = json.RawMessage(fmt.Sprintf(`{"i":%d}`, i))
+		env, err := j.Sign(k)
+		if err != nil {
+			return nil, err
+		}
+		if out[i], err = json.Marshal(env); err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}
+
+// oneJob submits an envelope and waits for its result through coord.
+func oneJob(cl *coord.Client, raw []byte) (time.Duration, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	rep, err := cl.Submit(ctx, raw)
+	if err != nil {
+		return 0, err
+	}
+	j, err := cl.Job(ctx, rep.ID, time.Minute)
+	if err != nil {
+		return 0, err
+	}
+	if j.State != queue.StateSucceeded {
+		var evs []string
+		wctx, wcancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer wcancel()
+		cl.Watch(wctx, rep.ID, func(ev queue.Event) bool { evs = append(evs, string(ev.Type)+"@"+ev.Seq); return true })
+		return 0, fmt.Errorf("job %s ended %s: %s (submit reply %+v; events %v)", rep.ID, j.State, j.Error, rep, evs)
+	}
+	return time.Since(start), nil
+}
+
+// e2eThroughput runs n jobs with *inflight in flight and returns jobs/s.
+func e2eThroughput(cl *coord.Client, k *keys.Key, n int) (float64, error) {
+	raws, err := signAll(k, n)
+	if err != nil {
+		return 0, err
+	}
+	var next atomic.Int64
+	var firstErr atomic.Value
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := 0; w < *inflight; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(n) {
+					return
+				}
+				if _, err := oneJob(cl, raws[i]); err != nil {
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err, _ := firstErr.Load().(error); err != nil {
+		return 0, err
+	}
+	return float64(n) / time.Since(start).Seconds(), nil
+}
+
+// e2eAtRate submits at *rate jobs/s and returns submit→done latencies.
+func e2eAtRate(cl *coord.Client, k *keys.Key) (latencies, error) {
+	n := int(float64(*rate) * rateFor.Seconds())
+	raws, err := signAll(k, n)
+	if err != nil {
+		return nil, err
+	}
+	var mu sync.Mutex
+	var lat latencies
+	var firstErr atomic.Value
+	var i atomic.Int64
+	paced(n, func() {
+		d, err := oneJob(cl, raws[i.Add(1)-1])
+		if err != nil {
+			firstErr.CompareAndSwap(nil, err)
+			return
+		}
+		mu.Lock()
+		lat = append(lat, d)
+		mu.Unlock()
+	})
+	if err, _ := firstErr.Load().(error); err != nil {
+		return nil, err
+	}
+	return lat, nil
+}
+
