@@ -69,6 +69,11 @@ func (c *Coord) refuse(w http.ResponseWriter, r *http.Request, id string, job *e
 }
 
 func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
+	wait, err := waitParam(r)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
 	body, err := httpapi.ReadBody(r, envelope.MaxEnvelopeBytes)
 	if err != nil {
 		var he *httpapi.Error
@@ -126,20 +131,39 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 	status := http.StatusAccepted
 	if v.State == supervisor.VerdictRejected {
 		status = supervisor.Status(v)
+	} else if wait > 0 {
+		// Submit and wait: answer with the job's record once it ends.
+		c.metrics.submitted.WithLabelValues(v.State, "").Inc()
+		j, err := c.waitJob(r.Context(), v.ID, wait)
+		if err != nil {
+			httpapi.Fail(w, err)
+			return
+		}
+		httpapi.JSON(w, http.StatusOK, j)
+		return
 	}
 	c.reply(w, status, SubmitReply{ID: v.ID, State: v.State, Reason: v.Reason, Error: v.Error})
 }
 
+// waitParam reads ?wait=, bounded by MaxWait.
+func waitParam(r *http.Request) (time.Duration, error) {
+	s := r.URL.Query().Get("wait")
+	if s == "" {
+		return 0, nil
+	}
+	d, err := time.ParseDuration(s)
+	if err != nil || d < 0 {
+		return 0, httpapi.Errorf(http.StatusBadRequest, "wait=%q is not a duration such as 30s", s)
+	}
+	return min(d, MaxWait), nil
+}
+
 func (c *Coord) getJob(w http.ResponseWriter, r *http.Request) {
 	id := chi.URLParam(r, "id")
-	var wait time.Duration
-	if s := r.URL.Query().Get("wait"); s != "" {
-		d, err := time.ParseDuration(s)
-		if err != nil || d < 0 {
-			httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "wait=%q is not a duration such as 30s", s))
-			return
-		}
-		wait = min(d, MaxWait)
+	wait, err := waitParam(r)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
 	}
 	j, err := c.waitJob(r.Context(), id, wait)
 	if err != nil {

@@ -50,17 +50,46 @@ func (c *Client) url(path string) string { return strings.TrimRight(c.BaseURL, "
 // Submit posts a signed envelope. A refusal is a *RejectedError carrying
 // the job ID (when the envelope had one) and the reason.
 func (c *Client) Submit(ctx context.Context, envelopeJSON []byte) (SubmitReply, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url("/v1/jobs"), bytes.NewReader(envelopeJSON))
+	rep, _, err := c.submit(ctx, envelopeJSON, 0)
+	return rep, err
+}
+
+// SubmitWait posts a signed envelope and waits up to wait for the job to
+// end, in one request. It returns the job's record (which may still be
+// running when wait passed), or a *RejectedError.
+func (c *Client) SubmitWait(ctx context.Context, envelopeJSON []byte, wait time.Duration) (*queue.Job, error) {
+	_, j, err := c.submit(ctx, envelopeJSON, wait)
+	return j, err
+}
+
+func (c *Client) submit(ctx context.Context, envelopeJSON []byte, wait time.Duration) (SubmitReply, *queue.Job, error) {
+	u := c.url("/v1/jobs")
+	if wait > 0 {
+		u += "?wait=" + wait.String()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(envelopeJSON))
 	if err != nil {
-		return SubmitReply{}, err
+		return SubmitReply{}, nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := c.http().Do(req)
 	if err != nil {
-		return SubmitReply{}, fmt.Errorf("coord %s: %w", c.BaseURL, err)
+		return SubmitReply{}, nil, fmt.Errorf("coord %s: %w", c.BaseURL, err)
 	}
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if wait > 0 && resp.StatusCode == http.StatusOK {
+		var j queue.Job
+		if err := json.Unmarshal(data, &j); err != nil {
+			return SubmitReply{}, nil, fmt.Errorf("coord: bad reply: %w", err)
+		}
+		return SubmitReply{ID: j.ID, State: string(j.State)}, &j, nil
+	}
+	rep, err := submitReply(resp.StatusCode, data)
+	return rep, nil, err
+}
+
+func submitReply(status int, data []byte) (SubmitReply, error) {
 	var rep SubmitReply
 	if err := json.Unmarshal(data, &rep); err != nil || rep.State == "" {
 		var eb httpapi.ErrorBody
@@ -68,10 +97,10 @@ func (c *Client) Submit(ctx context.Context, envelopeJSON []byte) (SubmitReply, 
 		if eb.Error == "" {
 			eb.Error = strings.TrimSpace(string(data))
 		}
-		return SubmitReply{}, &RejectedError{Status: resp.StatusCode, Reply: SubmitReply{State: "rejected", Reason: eb.Reason, Error: eb.Error}}
+		return SubmitReply{}, &RejectedError{Status: status, Reply: SubmitReply{State: "rejected", Reason: eb.Reason, Error: eb.Error}}
 	}
-	if resp.StatusCode != http.StatusAccepted {
-		return rep, &RejectedError{Status: resp.StatusCode, Reply: rep}
+	if status != http.StatusAccepted {
+		return rep, &RejectedError{Status: status, Reply: rep}
 	}
 	return rep, nil
 }

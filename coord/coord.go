@@ -8,7 +8,8 @@
 //
 // # HTTP API
 //
-//	POST /v1/jobs                  DSSE envelope → 202 {id, state} (queued or pending), or 4xx {error, reason, id}
+//	POST /v1/jobs                  DSSE envelope → 202 {id, state} (queued or pending), or 4xx {error, reason, id};
+//	                               ?wait=30s answers 200 with the job's record once it ends (or the wait passes)
 //	GET  /v1/jobs/{id}             the job's record; ?wait=30s blocks until it ends (or the wait passes)
 //	GET  /v1/jobs/{id}/events      server-sent events: history, then live, until the job ends
 //	GET  /v1/jobs                  ?state=&site=&limit=&before= newest first; {jobs, next}

@@ -99,29 +99,44 @@ redis.call('ZADD', KEYS[3], 'NX', ARGV[1], ARGV[2])
 return cur or ''
 `)
 
-// applyEvent applies one stream event to a job record if it is newer than
-// the last one applied (stream IDs order a site's events), so replays after
-// a coord restart and several coords following one site are harmless.
-var applyEvent = redis.NewScript(`
-local last = redis.call('HGET', KEYS[1], 'last_event')
-if last then
-  local lm, ls = string.match(last, '(%d+)-(%d+)')
-  local nm, ns = string.match(ARGV[1], '(%d+)-(%d+)')
-  lm, ls, nm, ns = tonumber(lm), tonumber(ls), tonumber(nm), tonumber(ns)
-  if nm < lm or (nm == lm and ns <= ls) then return 0 end
+// applyEvents applies a batch of stream events to job records. Each event
+// is applied only if it is newer than the last one applied to its job
+// (stream IDs order a site's events), so replays after a coord restart and
+// several coords following one site are harmless. KEYS holds each event's
+// job key and events key; ARGV is retention (ms), the events kept per job,
+// then per event: its number of field/value pairs, its stream ID, its JSON
+// and the pairs.
+var applyEvents = redis.NewScript(`
+local retention, keep = ARGV[1], tonumber(ARGV[2])
+local a = 3
+for k = 1, #KEYS, 2 do
+  local job, evs = KEYS[k], KEYS[k+1]
+  local n, seq, raw = tonumber(ARGV[a]), ARGV[a+1], ARGV[a+2]
+  local fields = {}
+  for i = 1, 2*n do fields[i] = ARGV[a+2+i] end
+  a = a + 3 + 2*n
+  local newer = true
+  local last = redis.call('HGET', job, 'last_event')
+  if last then
+    local lm, ls = string.match(last, '(%d+)-(%d+)')
+    local nm, ns = string.match(seq, '(%d+)-(%d+)')
+    lm, ls, nm, ns = tonumber(lm), tonumber(ls), tonumber(nm), tonumber(ns)
+    newer = nm > lm or (nm == lm and ns > ls)
+  end
+  if newer then
+    if fields[1] == 'state' and fields[2] == 'queued' then
+      -- The supervisor publishes "queued" after enqueuing, so a fast
+      -- runner's events can precede it: it must not move a job back.
+      local cur = redis.call('HGET', job, 'state')
+      if cur and cur ~= 'pending' and cur ~= 'queued' then fields[2] = cur end
+    end
+    redis.call('HSET', job, 'last_event', seq, unpack(fields))
+    redis.call('RPUSH', evs, raw)
+    redis.call('LTRIM', evs, -keep, -1)
+    redis.call('PEXPIRE', job, retention)
+    redis.call('PEXPIRE', evs, retention)
+  end
 end
-redis.call('HSET', KEYS[1], 'last_event', ARGV[1])
-if ARGV[5] == 'state' and ARGV[6] == 'queued' then
-  -- The supervisor publishes "queued" after enqueuing, so a fast runner's
-  -- events can precede it in the stream: it must not move a job back.
-  local cur = redis.call('HGET', KEYS[1], 'state')
-  if cur and cur ~= 'pending' and cur ~= 'queued' then ARGV[6] = cur end
-end
-if #ARGV > 4 then redis.call('HSET', KEYS[1], unpack(ARGV, 5)) end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('LTRIM', KEYS[2], -tonumber(ARGV[4]), -1)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 `)
 
@@ -178,7 +193,9 @@ func (r *Redis) SetState(ctx context.Context, id string, s State, reason, msg st
 }
 
 // ApplyEvents applies events of site to job records and advances the site's
-// cursor to the last one, in one round trip.
+// cursor to the last one, in one round trip and one script call. The script
+// touches many keys, so a Redis Cluster deployment must keep coord's keys in
+// one slot (coord's Redis is its own; the sites' Redis may be clustered).
 func (r *Redis) ApplyEvents(ctx context.Context, site string, events []Event, retention time.Duration) error {
 	if len(events) == 0 {
 		return nil
@@ -186,28 +203,33 @@ func (r *Redis) ApplyEvents(ctx context.Context, site string, events []Event, re
 	if retention == 0 {
 		retention = DefaultJobRetention
 	}
-	err := r.execScripts(ctx, func(pipe redis.Pipeliner) {
-		for _, ev := range events {
-			raw, _ := json.Marshal(ev)
-			args := []any{ev.Seq, raw, retention.Milliseconds(), maxJobEvents}
-			at := ev.At.UTC().Format(timeFieldLayer)
-			if s := stateOf(ev.Type); s != "" {
-				args = append(args, "state", string(s))
-			}
-			switch ev.Type {
-			case EventQueued:
-				args = append(args, "queued_at", at)
-			case EventStarted:
-				args = append(args, "started_at", at, "node", ev.Node, "attempts", ev.Attempt)
-			case EventRetrying:
-				args = append(args, "error", ev.Error, "reason", ev.Reason)
-			case EventSucceeded:
-				args = append(args, "finished_at", at, "result", string(ev.Result), "error", "", "reason", "")
-			case EventFailed, EventRejected:
-				args = append(args, "finished_at", at, "error", ev.Error, "reason", ev.Reason)
-			}
-			applyEvent.Run(ctx, pipe, []string{jobKey(ev.Job), jobEventsKey(ev.Job)}, args...)
+	keysList := make([]string, 0, 2*len(events))
+	args := []any{retention.Milliseconds(), maxJobEvents}
+	for _, ev := range events {
+		raw, _ := json.Marshal(ev)
+		at := ev.At.UTC().Format(timeFieldLayer)
+		var fields []any
+		if s := stateOf(ev.Type); s != "" {
+			fields = append(fields, "state", string(s))
 		}
+		switch ev.Type {
+		case EventQueued:
+			fields = append(fields, "queued_at", at)
+		case EventStarted:
+			fields = append(fields, "started_at", at, "node", ev.Node, "attempts", ev.Attempt)
+		case EventRetrying:
+			fields = append(fields, "error", ev.Error, "reason", ev.Reason)
+		case EventSucceeded:
+			fields = append(fields, "finished_at", at, "result", string(ev.Result), "error", "", "reason", "")
+		case EventFailed, EventRejected:
+			fields = append(fields, "finished_at", at, "error", ev.Error, "reason", ev.Reason)
+		}
+		keysList = append(keysList, jobKey(ev.Job), jobEventsKey(ev.Job))
+		args = append(args, len(fields)/2, ev.Seq, raw)
+		args = append(args, fields...)
+	}
+	err := r.execScripts(ctx, func(pipe redis.Pipeliner) {
+		applyEvents.Run(ctx, pipe, keysList, args...)
 		pipe.Set(ctx, cursorKey(site), events[len(events)-1].Seq, 0)
 	})
 	if err != nil {
@@ -230,7 +252,7 @@ func (r *Redis) execScripts(ctx context.Context, build func(redis.Pipeliner)) er
 		if try > 0 || !strings.Contains(err.Error(), "NOSCRIPT") {
 			return err
 		}
-		for _, s := range []*redis.Script{createJob, applyEvent, resolvePending} {
+		for _, s := range []*redis.Script{createJob, applyEvents, resolvePending} {
 			if err := s.Load(ctx, r.rdb).Err(); err != nil {
 				return err
 			}

@@ -34,14 +34,13 @@ func TestRedis_EnqueueWork(t *testing.T) {
 	var mu sync.Mutex
 	runs := map[string]int{}
 	var failedOnce atomic.Bool
-	deadline := time.Now().Add(time.Hour)
 	for i := 0; i < 20; i++ {
-		dup, err := r.Enqueue(ctx, Task{ID: fmt.Sprintf("j%d", i), Envelope: []byte("{}"), Queue: SiteQueue("s"), MaxRetry: 3, Timeout: time.Minute, Deadline: deadline})
+		dup, err := r.Enqueue(ctx, Task{ID: fmt.Sprintf("j%d", i), Envelope: []byte("{}"), Queue: SiteQueue("s"), MaxRetry: 3, Timeout: time.Minute})
 		if err != nil || dup {
 			t.Fatalf("Enqueue = %v, %v", dup, err)
 		}
 	}
-	if dup, err := r.Enqueue(ctx, Task{ID: "j0", Envelope: []byte("{}"), Queue: SiteQueue("s"), MaxRetry: 3, Timeout: time.Minute, Deadline: deadline}); err != nil || !dup {
+	if dup, err := r.Enqueue(ctx, Task{ID: "j0", Envelope: []byte("{}"), Queue: SiteQueue("s"), MaxRetry: 3, Timeout: time.Minute}); err != nil || !dup {
 		t.Errorf("second Enqueue of queued j0 = %v, %v; want dup", dup, err)
 	}
 	done := make(chan error, 1)
@@ -64,7 +63,7 @@ func TestRedis_EnqueueWork(t *testing.T) {
 			})
 	}()
 	for _, id := range []string{"flaky", "fatal"} {
-		if _, err := r.Enqueue(ctx, Task{ID: id, Envelope: []byte("{}"), Queue: SiteQueue("s"), MaxRetry: 3, Timeout: time.Minute, Deadline: deadline}); err != nil {
+		if _, err := r.Enqueue(ctx, Task{ID: id, Envelope: []byte("{}"), Queue: SiteQueue("s"), MaxRetry: 3, Timeout: time.Minute}); err != nil {
 			t.Fatal(err)
 		}
 	}

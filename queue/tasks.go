@@ -23,8 +23,6 @@ type Task struct {
 	MaxRetry int
 	// Timeout bounds one run (asynq cancels the handler's context).
 	Timeout time.Duration
-	// Deadline is when the job expires; asynq stops retrying past it.
-	Deadline time.Time
 }
 
 // Enqueue adds t to its queue. It reports dup when a task with the same ID
@@ -40,7 +38,9 @@ func (r *Redis) Enqueue(ctx context.Context, t Task) (dup bool, err error) {
 		// The runner applies the job's own timeout; asynq's is a backstop
 		// a little longer so the runner's classification wins.
 		asynq.Timeout(t.Timeout+10*time.Second),
-		asynq.Deadline(t.Deadline),
+		// No asynq deadline: asynq would drop a task past it without
+		// calling the handler, so nobody would report the job. The runner
+		// checks the job's expiry itself and reports it as expired.
 	)
 	if _, err := c.EnqueueContext(ctx, task); err != nil {
 		if errors.Is(err, asynq.ErrTaskIDConflict) {

@@ -237,9 +237,9 @@ func (rep *reporter) emit(ev queue.Event) {
 	rep.mu.Lock()
 	rep.pending = append(rep.pending, ev)
 	rep.mu.Unlock()
-	if ev.Type == queue.EventStarted {
-		rep.flush()
-	}
+	// Nothing is sent here: a job that ends within logFlushInterval sends
+	// started and its end in one round trip; a longer one has started sent
+	// by the flush loop.
 }
 
 func (rep *reporter) log(level, line string) {

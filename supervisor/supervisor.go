@@ -259,7 +259,7 @@ func (s *Supervisor) Submit(ctx context.Context, raws [][]byte) []Verdict {
 			}
 			dup, err := s.p.Redis.Enqueue(ctx, queue.Task{
 				ID: c.id, Envelope: c.raw, Queue: q, MaxRetry: c.job.MaxRetries,
-				Timeout: c.job.RunTimeout(), Deadline: c.job.Expires,
+				Timeout: c.job.RunTimeout(),
 			})
 			switch {
 			case err != nil:

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -43,6 +44,8 @@ var (
 	concurrency = flag.Int("concurrency", 10, "worker concurrency (runner and raw asynq alike)")
 	poll        = flag.Duration("poll", queue.DefaultPollInterval, "idle poll interval (runner and raw asynq alike)")
 	keep        = flag.Bool("keep", false, "keep the temporary directory")
+	showStages  = flag.Bool("stages", false, "print where a job's time goes in the throughput run (clocks of one machine)")
+	profile     = flag.String("profile", "", "write a 10 s CPU profile of the fleet process taken during the throughput run")
 )
 
 func main() {
@@ -98,6 +101,7 @@ func run() error {
 		"--concurrency", fmt.Sprint(*concurrency), "--log-level", "warn")
 	logf, _ := os.Create(filepath.Join(dir, "dev.log"))
 	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Env = append(os.Environ(), "WRIT_PPROF=1")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		return err
@@ -116,9 +120,28 @@ func run() error {
 	if _, err := e2eThroughput(cl, key, 500); err != nil {
 		return err
 	}
+	if *profile != "" {
+		go func() {
+			resp, err := http.Get(coordURL + "/debug/pprof/profile?seconds=10")
+			if err != nil {
+				return
+			}
+			defer resp.Body.Close()
+			f, _ := os.Create(*profile)
+			io.Copy(f, resp.Body)
+			f.Close()
+		}()
+	}
+	if *showStages {
+		stages = &stageTimes{}
+	}
 	e2eTput, err := e2eThroughput(cl, key, *jobs)
 	if err != nil {
 		return err
+	}
+	if stages != nil {
+		fmt.Printf("mean stage times in the throughput run: %s\n", stages)
+		stages = nil
 	}
 	e2eLat, err := e2eAtRate(cl, key)
 	if err != nil {
@@ -298,18 +321,49 @@ func signAll(k *keys.Key, n int) ([][]byte, error) {
 	return out, nil
 }
 
+// stageTimes sums where a job's time went (see -stages).
+type stageTimes struct {
+	mu  sync.Mutex
+	n   int
+	sum [5]time.Duration
+}
+
+var stages *stageTimes
+
+func (s *stageTimes) add(d ...time.Duration) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.n++
+	for i := range d {
+		s.sum[i] += d[i]
+	}
+}
+
+func (s *stageTimes) String() string {
+	if s.n == 0 {
+		return "no samples"
+	}
+	names := []string{"client→coord", "coord→queued", "queued→started", "run", "finished→client"}
+	var b strings.Builder
+	for i, n := range names {
+		fmt.Fprintf(&b, "%s %s  ", n, (s.sum[i] / time.Duration(s.n)).Round(10*time.Microsecond))
+	}
+	return b.String()
+}
+
 // oneJob submits an envelope and waits for its result through coord.
 func oneJob(cl *coord.Client, raw []byte) (time.Duration, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	start := time.Now()
-	rep, err := cl.Submit(ctx, raw)
+	j, err := cl.SubmitWait(ctx, raw, time.Minute)
 	if err != nil {
 		return 0, err
 	}
-	j, err := cl.Job(ctx, rep.ID, time.Minute)
-	if err != nil {
-		return 0, err
+	rep := j
+	if stages != nil && j.QueuedAt != nil && j.StartedAt != nil && j.FinishedAt != nil {
+		end := time.Now()
+		stages.add(j.SubmittedAt.Sub(start), j.QueuedAt.Sub(j.SubmittedAt), j.StartedAt.Sub(*j.QueuedAt), j.FinishedAt.Sub(*j.StartedAt), end.Sub(*j.FinishedAt))
 	}
 	if j.State != queue.StateSucceeded {
 		var evs []string
@@ -380,4 +434,3 @@ func e2eAtRate(cl *coord.Client, k *keys.Key) (latencies, error) {
 	}
 	return lat, nil
 }
-

@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -82,7 +83,7 @@ func DecodeJSON(body []byte, v any) error {
 }
 
 // Ops mounts /healthz (the process answers), /readyz (ready reports nil)
-// and /metrics (reg) on r.
+// and /metrics (reg) on r, and /debug/pprof when $WRIT_PPROF is 1.
 func Ops(r chi.Router, reg *prometheus.Registry, ready func(context.Context) error) {
 	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		JSON(w, http.StatusOK, map[string]string{"status": "ok"})
@@ -99,6 +100,10 @@ func Ops(r chi.Router, reg *prometheus.Registry, ready func(context.Context) err
 		JSON(w, http.StatusOK, map[string]string{"status": "ready"})
 	})
 	r.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	// Profiling is off unless asked for: it exposes internals.
+	if os.Getenv("WRIT_PPROF") == "1" {
+		r.Mount("/debug", middleware.Profiler())
+	}
 }
 
 // NewRouter returns a chi router with panic recovery and request logging at

@@ -1,0 +1,160 @@
+package runner
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/ledger/store/sqlite"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/scripts"
+)
+
+type fixture struct {
+	rdb    *queue.Redis
+	admin  *keys.Key
+	runner *Runner
+}
+
+func newFixture(tb testing.TB, concurrency int) *fixture {
+	tb.Helper()
+	ctx := context.Background()
+	store, err := sqlite.Open(ctx, filepath.Join(tb.TempDir(), "ledger.db"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { store.Close() })
+	admin, _ := keys.Generate("admin")
+	if err := ledger.Init(ctx, store, "root", admin.AuthorizedKey(), &ledger.Site{Name: "s", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
+		tb.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	hs := httptest.NewServer(ledger.NewServer(store, log, prometheus.NewRegistry(), nil).Handler())
+	tb.Cleanup(hs.Close)
+	rdb, err := queue.Connect(testenv.Redis(tb))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { rdb.Close() })
+	r, err := New(Params{Site: "s", Node: "n1", Redis: rdb, Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: hs.URL}},
+		Scripts: scripts.New(scripts.Config{}, nil), Log: log, Concurrency: concurrency})
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return &fixture{rdb: rdb, admin: admin, runner: r}
+}
+
+func (f *fixture) enqueue(tb testing.TB, script, node string, mutate func(*envelope.Job)) string {
+	tb.Helper()
+	j := envelope.NewJob("t", script, "s", time.Now())
+	j.Node = node
+	if mutate != nil {
+		mutate(j)
+	}
+	payload, _ := json.Marshal(j)
+	env := envelope.New(envelope.PayloadType, payload)
+	env.Sign(f.admin.ID, f.admin.Private)
+	raw, _ := json.Marshal(env)
+	q := queue.SiteQueue("s")
+	if node != "" {
+		q = queue.NodeQueue(node)
+	}
+	if _, err := f.rdb.Enqueue(context.Background(), queue.Task{ID: env.ID(), Envelope: raw, Queue: q, MaxRetry: j.MaxRetries, Timeout: j.RunTimeout()}); err != nil {
+		tb.Fatal(err)
+	}
+	return env.ID()
+}
+
+// terminal collects the terminal event of each job from the site stream.
+func (f *fixture) terminal(tb testing.TB, ids []string, timeout time.Duration) map[string]queue.Event {
+	tb.Helper()
+	want := map[string]bool{}
+	for _, id := range ids {
+		want[id] = true
+	}
+	out := map[string]queue.Event{}
+	after := "0"
+	deadline := time.Now().Add(timeout)
+	for len(out) < len(want) {
+		if time.Now().After(deadline) {
+			tb.Fatalf("only %d of %d jobs ended within %s", len(out), len(want), timeout)
+		}
+		evs, err := f.rdb.ReadEvents(context.Background(), "s", after, 1000, 200*time.Millisecond)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		for _, ev := range evs {
+			after = ev.Seq
+			if want[ev.Job] && ev.Type.Terminal() {
+				out[ev.Job] = ev
+			}
+		}
+	}
+	return out
+}
+
+func TestRunner_Handle(t *testing.T) {
+	f := newFixture(t, 4)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f.runner.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	ok := f.enqueue(t, `job := import("job"); log := import("log"); log.info("hi"); job.result(job.node)`, "", nil)
+	pinned := f.enqueue(t, `job := import("job"); job.result("pinned")`, "n1", nil)
+	other := f.enqueue(t, `job := import("job"); job.result(1)`, "", func(j *envelope.Job) { j.Site = "t" })
+	expired := f.enqueue(t, `x := 1`, "", func(j *envelope.Job) {
+		j.NotBefore, j.Expires = time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour)
+	})
+	timeout := f.enqueue(t, `for {}`, "", func(j *envelope.Job) { j.Timeout = envelope.Duration(300 * time.Millisecond) })
+	crashed := f.enqueue(t, `x := 1; y := x.nope()`, "", nil)
+
+	got := f.terminal(t, []string{ok, pinned, other, expired, timeout, crashed}, 30*time.Second)
+	for _, tc := range []struct {
+		id     string
+		typ    queue.EventType
+		reason string
+		result string
+	}{
+		{ok, queue.EventSucceeded, "", `"n1"`},
+		{pinned, queue.EventSucceeded, "", `"pinned"`},
+		{other, queue.EventFailed, "wrong_site", ""},
+		{expired, queue.EventFailed, "expired", ""},
+		{timeout, queue.EventFailed, "timeout", ""},
+		{crashed, queue.EventFailed, "script_error", ""},
+	} {
+		ev := got[tc.id]
+		if ev.Type != tc.typ || ev.Reason != tc.reason || (tc.result != "" && string(ev.Result) != tc.result) {
+			t.Errorf("job %s: %s %s %s (%s), want %s %s %s", tc.id[:8], ev.Type, ev.Reason, ev.Result, ev.Error, tc.typ, tc.reason, tc.result)
+		}
+	}
+}
+
+// BenchmarkRunner_Drain measures how fast one runner drains a queue of
+// signed no-op jobs (verify + run + report).
+func BenchmarkRunner_Drain(b *testing.B) {
+	f := newFixture(b, 10)
+	ids := make([]string, b.N)
+	for i := range ids {
+		ids[i] = f.enqueue(b, `job := import("job"); job.result(1)`, "", nil)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	b.ResetTimer()
+	go func() { done <- f.runner.Run(ctx) }()
+	f.terminal(b, ids, 5*time.Minute)
+	b.StopTimer()
+	cancel()
+	<-done
+}
