@@ -119,6 +119,14 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 			}
 		}
 	}
+	// Submit and wait: subscribe before the job can produce events, so
+	// none is missed and a new job needs no read before it ends.
+	var events <-chan queue.Event
+	if wait > 0 {
+		ch, cancel := c.hub.subscribe(id)
+		defer cancel()
+		events = ch
+	}
 	sub := &submission{
 		rec:  queue.NewJobRecord{Job: queue.Job{ID: id, Name: job.Name, Site: job.Site, Node: job.Node, SubmittedAt: c.p.Now()}, Envelope: body},
 		done: make(chan supervisor.Verdict, 1),
@@ -134,7 +142,7 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 	} else if wait > 0 {
 		// Submit and wait: answer with the job's record once it ends.
 		c.metrics.submitted.WithLabelValues(v.State, "").Inc()
-		j, err := c.waitJob(r.Context(), v.ID, wait)
+		j, err := c.awaitJob(r.Context(), v.ID, wait, events, v.State == supervisor.VerdictDuplicate)
 		if err != nil {
 			httpapi.Fail(w, err)
 			return
@@ -185,9 +193,18 @@ func (c *Coord) waitJob(ctx context.Context, id string, wait time.Duration) (*qu
 		defer cancel()
 		events = ch
 	}
-	j, err := c.p.Redis.GetJob(ctx, id)
-	if err != nil || wait == 0 || j.State.Terminal() {
-		return j, err
+	return c.awaitJob(ctx, id, wait, events, true)
+}
+
+// awaitJob waits on a subscription made before the job could change. With
+// readFirst false (a job just created by this request) it skips the first
+// read: any event since is in the subscription.
+func (c *Coord) awaitJob(ctx context.Context, id string, wait time.Duration, events <-chan queue.Event, readFirst bool) (*queue.Job, error) {
+	if readFirst || wait == 0 {
+		j, err := c.p.Redis.GetJob(ctx, id)
+		if err != nil || wait == 0 || j.State.Terminal() {
+			return j, err
+		}
 	}
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
@@ -197,7 +214,7 @@ func (c *Coord) waitJob(ctx context.Context, id string, wait time.Duration) (*qu
 	for {
 		select {
 		case <-ctx.Done():
-			return j, nil
+			return nil, ctx.Err()
 		case <-timer.C:
 			return c.p.Redis.GetJob(ctx, id)
 		case ev := <-events:
@@ -206,7 +223,8 @@ func (c *Coord) waitJob(ctx context.Context, id string, wait time.Duration) (*qu
 			}
 		case <-recheck.C:
 		}
-		if j, err = c.p.Redis.GetJob(ctx, id); err != nil || j.State.Terminal() {
+		j, err := c.p.Redis.GetJob(ctx, id)
+		if err != nil || j.State.Terminal() {
 			return j, err
 		}
 	}

@@ -68,6 +68,7 @@ func (f *follower) follow(ctx context.Context) error {
 	br := bufio.NewReaderSize(resp.Body, 64<<10)
 	var batch []queue.Event
 	var data strings.Builder
+	var id string
 	for {
 		line, err := br.ReadString('\n')
 		if err != nil {
@@ -78,14 +79,18 @@ func (f *follower) follow(ctx context.Context) error {
 		}
 		line = strings.TrimRight(line, "\r\n")
 		switch {
+		case strings.HasPrefix(line, "id: "):
+			id = line[len("id: "):]
 		case strings.HasPrefix(line, "data: "):
 			data.WriteString(line[len("data: "):])
 		case line == "" && data.Len() > 0:
 			var ev queue.Event
-			if err := json.Unmarshal([]byte(data.String()), &ev); err == nil && ev.Seq != "" {
+			if err := json.Unmarshal([]byte(data.String()), &ev); err == nil && id != "" {
+				ev.Seq = id
 				batch = append(batch, ev)
 			}
 			data.Reset()
+			id = ""
 		}
 		// Apply when the batch is full or nothing more is buffered: under
 		// load that makes large batches, when idle it applies at once.

@@ -81,10 +81,17 @@ func publishPipe(ctx context.Context, pipe redis.Pipeliner, site string, events 
 	}
 }
 
-// ReadEvents returns up to count events of site after seq ("0" for the
-// start, "$" for only new ones), waiting up to block for at least one. It
+// RawEvent is an event as stored: its stream ID and its JSON (which has no
+// seq field; Seq is the ID).
+type RawEvent struct {
+	Seq  string
+	JSON []byte
+}
+
+// ReadRawEvents returns up to count events of site after seq ("0" for the
+// start), waiting up to block for at least one, without decoding them. It
 // returns no events and no error when block passes quietly.
-func (r *Redis) ReadEvents(ctx context.Context, site, after string, count int64, block time.Duration) ([]Event, error) {
+func (r *Redis) ReadRawEvents(ctx context.Context, site, after string, count int64, block time.Duration) ([]RawEvent, error) {
 	res, err := r.rdb.XRead(ctx, &redis.XReadArgs{
 		Streams: []string{eventStream(site), after},
 		Count:   count,
@@ -96,17 +103,31 @@ func (r *Redis) ReadEvents(ctx context.Context, site, after string, count int64,
 	if err != nil {
 		return nil, fmt.Errorf("read events of site %s: %w", site, err)
 	}
-	var out []Event
+	var out []RawEvent
 	for _, s := range res {
 		for _, m := range s.Messages {
-			var ev Event
 			raw, _ := m.Values["e"].(string)
-			if err := json.Unmarshal([]byte(raw), &ev); err != nil {
-				continue // not ours; skip rather than wedge the reader
-			}
-			ev.Seq = m.ID
-			out = append(out, ev)
+			out = append(out, RawEvent{Seq: m.ID, JSON: []byte(raw)})
 		}
+	}
+	return out, nil
+}
+
+// ReadEvents is ReadRawEvents with the events decoded (entries that are not
+// writ events are skipped).
+func (r *Redis) ReadEvents(ctx context.Context, site, after string, count int64, block time.Duration) ([]Event, error) {
+	raws, err := r.ReadRawEvents(ctx, site, after, count, block)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]Event, 0, len(raws))
+	for _, raw := range raws {
+		var ev Event
+		if err := json.Unmarshal(raw.JSON, &ev); err != nil {
+			continue
+		}
+		ev.Seq = raw.Seq
+		out = append(out, ev)
 	}
 	return out, nil
 }

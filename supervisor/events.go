@@ -1,7 +1,6 @@
 package supervisor
 
 import (
-	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -11,8 +10,9 @@ import (
 )
 
 // eventServer streams the site's job events to followers (coord) as
-// server-sent events. Each event's SSE id is its stream sequence, so a
-// follower resumes with ?after=<last id> and misses nothing.
+// server-sent events: "id:" is the event's stream sequence and "data:" its
+// JSON as stored (without seq). A follower resumes with ?after=<last id>
+// and misses nothing.
 type eventServer struct {
 	redis *queue.Redis
 	site  string
@@ -49,7 +49,7 @@ func (e *eventServer) serve(w http.ResponseWriter, r *http.Request) {
 	flusher.Flush()
 	ctx := r.Context()
 	for ctx.Err() == nil {
-		evs, err := e.redis.ReadEvents(ctx, e.site, after, 1000, heartbeat)
+		evs, err := e.redis.ReadRawEvents(ctx, e.site, after, 1000, heartbeat)
 		if err != nil {
 			if ctx.Err() != nil {
 				return
@@ -71,9 +71,9 @@ func (e *eventServer) serve(w http.ResponseWriter, r *http.Request) {
 			flusher.Flush()
 			continue
 		}
+		// Events go out as stored; the SSE id carries the sequence.
 		for _, ev := range evs {
-			b, _ := json.Marshal(ev)
-			if _, err := fmt.Fprintf(w, "id: %s\ndata: %s\n\n", ev.Seq, b); err != nil {
+			if _, err := fmt.Fprintf(w, "id: %s\ndata: %s\n\n", ev.Seq, ev.JSON); err != nil {
 				return
 			}
 			after = ev.Seq

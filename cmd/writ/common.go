@@ -9,12 +9,16 @@ import (
 	"os"
 	"regexp"
 	"strings"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
 	"github.com/writ-fleet/writ/internal/httpapi"
 	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
 )
 
 // Environment variables client commands take defaults from.
@@ -98,4 +102,14 @@ func httpURL(addr string) string {
 		return addr
 	}
 	return "http://" + addr
+}
+
+func trustTTLFlag(cmd *cobra.Command, dst *time.Duration) {
+	cmd.Flags().DurationVar(dst, "trust-ttl", ledger.DefaultTrustTTL, "how long ledger keys and policies are cached: a revoked key stops working within this time")
+}
+
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
 }

@@ -1,0 +1,67 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"net"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/writ-fleet/writ/coord"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+)
+
+type coordCmd struct {
+	listen, redis, ledger string
+	log                   *slog.Logger
+}
+
+func coordCommand() *cobra.Command {
+	c := &coordCmd{}
+	cmd := &cobra.Command{
+		Use:   "coord",
+		Short: "Run coord, the front door that accepts signed jobs and routes them to sites",
+		Long: `coord accepts signed jobs over HTTP (POST /v1/jobs), checks them early,
+forwards each to its site's supervisor (address from the ledger), and keeps
+every job's state in its Redis by following the sites' event streams. It is
+stateless apart from Redis: restart it, or run several behind a load balancer.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c.log = newLogger(cmd)
+			return c.Run(cmd.Context(), args)
+		},
+	}
+	cmd.Flags().StringVar(&c.listen, "listen", defaultCoordAddr, "address to serve the coord API on")
+	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "coord's Redis, as redis://[:password@]host:port/db")
+	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
+	return cmd
+}
+
+// Run serves coord until ctx ends.
+func (c *coordCmd) Run(ctx context.Context, _ []string) error {
+	ln, err := listen(c.listen, "--listen")
+	if err != nil {
+		return err
+	}
+	rdb, err := queue.Connect(c.redis)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	return runCoord(ctx, c.log, ln, rdb, c.ledger)
+}
+
+func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL string) error {
+	lc := &ledger.Client{BaseURL: ledgerURL}
+	co, err := coord.New(coord.Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log.With("svc", "coord"), Metrics: newRegistry()})
+	if err != nil {
+		return err
+	}
+	log.Info("coord listening", "addr", ln.Addr().String(), "redis", rdb.URL(), "ledger", ledgerURL)
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return co.Run(ctx) })
+	g.Go(func() error { return serve(ctx, ln, co.Handler()) })
+	return g.Wait()
+}

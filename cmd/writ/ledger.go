@@ -1,0 +1,120 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+
+	"github.com/spf13/cobra"
+
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/ledger/store/sqlite"
+)
+
+func ledgerCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "ledger",
+		Short: "Create and serve the ledger: users, keys, roles and sites",
+	}
+	cmd.AddCommand(ledgerInitCommand(), ledgerServeCommand())
+	return cmd
+}
+
+type ledgerInitCmd struct {
+	db, adminName, adminKey, site, supervisorURL string
+	threshold                                    int
+}
+
+func ledgerInitCommand() *cobra.Command {
+	c := &ledgerInitCmd{}
+	cmd := &cobra.Command{
+		Use:   "init",
+		Short: "Create the ledger store with its first admin (and optionally a first site)",
+		Example: `  writ key gen
+  writ ledger init --db /var/lib/writ/ledger.db --admin-key ~/.config/writ/key.pub \
+      --site local --supervisor http://127.0.0.1:7703`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	cmd.Flags().StringVar(&c.db, "db", "ledger.db", "SQLite file of the ledger")
+	cmd.Flags().StringVar(&c.adminName, "admin-name", "admin", "name of the first admin user")
+	cmd.Flags().StringVar(&c.adminKey, "admin-key", "", "the first admin's public key file (OpenSSH .pub) (required)")
+	cmd.Flags().StringVar(&c.site, "site", "", "also create this site")
+	cmd.Flags().StringVar(&c.supervisorURL, "supervisor", httpURL(defaultSupervisorAddr), "supervisor URL of --site")
+	cmd.Flags().IntVar(&c.threshold, "threshold", 1, "signatures from distinct users that --site requires")
+	return cmd
+}
+
+// Run creates the store.
+func (c *ledgerInitCmd) Run(ctx context.Context, _ []string) error {
+	if c.adminKey == "" {
+		return errors.New("--admin-key is required: the public key file of the first admin")
+	}
+	pub, err := readFile(c.adminKey)
+	if err != nil {
+		return err
+	}
+	store, err := sqlite.Open(ctx, c.db)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	var site *ledger.Site
+	if c.site != "" {
+		site = &ledger.Site{Name: c.site, SupervisorURL: c.supervisorURL, Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: c.threshold}}
+	}
+	if err := ledger.Init(ctx, store, c.adminName, string(pub), site); err != nil {
+		return err
+	}
+	fmt.Printf("ledger %s created with admin %s\n", c.db, c.adminName)
+	return nil
+}
+
+type ledgerServeCmd struct {
+	db, listen string
+	log        *slog.Logger
+}
+
+func ledgerServeCommand() *cobra.Command {
+	c := &ledgerServeCmd{}
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Serve the ledger API",
+		Long: `Serve the ledger's HTTP API: public reads of sites, users and keys (and
+the per-site trust snapshots verifiers cache), and admin writes signed with
+RFC 9421 HTTP Message Signatures by an admin's key.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c.log = newLogger(cmd)
+			return c.Run(cmd.Context(), args)
+		},
+	}
+	cmd.Flags().StringVar(&c.db, "db", "ledger.db", "SQLite file of the ledger (create it with `writ ledger init`)")
+	cmd.Flags().StringVar(&c.listen, "listen", defaultLedgerAddr, "address to serve the ledger API on")
+	return cmd
+}
+
+// Run serves the ledger until ctx ends.
+func (c *ledgerServeCmd) Run(ctx context.Context, _ []string) error {
+	if _, err := statFile(c.db); err != nil {
+		return fmt.Errorf("ledger store %s: %w (create it with `writ ledger init`)", c.db, err)
+	}
+	store, err := sqlite.Open(ctx, c.db)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	ln, err := listen(c.listen, "--listen")
+	if err != nil {
+		return err
+	}
+	return runLedger(ctx, c.log, ln, store)
+}
+
+func runLedger(ctx context.Context, log *slog.Logger, ln net.Listener, store ledger.Store) error {
+	srv := ledger.NewServer(store, log.With("svc", "ledger"), newRegistry(), nil)
+	log.Info("ledger listening", "addr", ln.Addr().String())
+	return serve(ctx, ln, srv.Handler())
+}

@@ -1,0 +1,106 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/runner"
+	"github.com/writ-fleet/writ/scripts"
+)
+
+type runnerCmd struct {
+	site, node, redis, ledger, listen string
+	concurrency                       int
+	poll, trustTTL                    time.Duration
+	log                               *slog.Logger
+}
+
+func runnerCommand() *cobra.Command {
+	c := &runnerCmd{}
+	cmd := &cobra.Command{
+		Use:   "runner",
+		Short: "Run a runner: take jobs of a site and of this node from Redis and run them",
+		Long: `A runner takes jobs from its site's queue and its own node's queue, verifies
+each signed envelope again, runs the script in a sandbox (deadline, allocation
+cap, bounded logs and result) and reports events. Run one on every node; more
+runners, more capacity. It serves /healthz, /readyz and /metrics on --listen.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c.log = newLogger(cmd)
+			return c.Run(cmd.Context(), args)
+		},
+	}
+	cmd.Flags().StringVar(&c.site, "site", "", "the site whose jobs to run (required)")
+	cmd.Flags().StringVar(&c.node, "node", defaultNodeID(), "this node's ID (its own queue is node:<ID>)")
+	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "the site's Redis")
+	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
+	cmd.Flags().StringVar(&c.listen, "listen", defaultRunnerAddr, `address for /healthz, /readyz and /metrics ("" to turn off)`)
+	cmd.Flags().IntVar(&c.concurrency, "concurrency", runner.DefaultConcurrency, "jobs run at once")
+	cmd.Flags().DurationVar(&c.poll, "poll", queue.DefaultPollInterval, "how often an idle runner asks Redis for work")
+	trustTTLFlag(cmd, &c.trustTTL)
+	return cmd
+}
+
+// Run runs the runner until ctx ends.
+func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
+	if !envelope.ValidSite(c.site) {
+		return fmt.Errorf("--site %q is missing or not a valid site name", c.site)
+	}
+	if !envelope.ValidNode(c.node) {
+		return fmt.Errorf("--node %q is not a valid node ID", c.node)
+	}
+	if c.concurrency < 1 {
+		return errors.New("--concurrency must be at least 1")
+	}
+	var ln net.Listener
+	if c.listen != "" {
+		var err error
+		if ln, err = listen(c.listen, "--listen"); err != nil {
+			return err
+		}
+	}
+	rdb, err := queue.Connect(c.redis)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	return runRunner(ctx, c.log, ln, rdb, c.ledger, c.site, c.node, c.concurrency, c.poll, c.trustTTL)
+}
+
+func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site, node string, concurrency int, poll, trustTTL time.Duration) error {
+	run, err := runner.New(runner.Params{
+		Site: site, Node: node, Redis: rdb,
+		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}, TTL: trustTTL},
+		Scripts:      scripts.New(scripts.Config{}, nil),
+		Log:          log.With("svc", "runner", "site", site, "node", node),
+		Metrics:      newRegistry(),
+		Concurrency:  concurrency,
+		PollInterval: poll,
+	})
+	if err != nil {
+		return err
+	}
+	if err := rdb.WaitReady(ctx); err != nil {
+		return err
+	}
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return run.Run(ctx) })
+	if ln != nil {
+		r := chi.NewRouter()
+		httpapi.Ops(r, run.Metrics(), run.Ready)
+		g.Go(func() error { return serve(ctx, ln, r) })
+	}
+	return g.Wait()
+}

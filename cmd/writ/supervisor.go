@@ -1,0 +1,79 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/supervisor"
+)
+
+type supervisorCmd struct {
+	site, listen, redis, ledger string
+	trustTTL                    time.Duration
+	log                         *slog.Logger
+}
+
+func supervisorCommand() *cobra.Command {
+	c := &supervisorCmd{}
+	cmd := &cobra.Command{
+		Use:   "supervisor",
+		Short: "Run the supervisor of one site: verify, validate and enqueue jobs",
+		Long: `The supervisor of a site verifies every job's signatures against the ledger
+and the site's signing policy, checks its validity window, refuses replays,
+compiles its script, and enqueues it in the site's Redis for the runners. It
+also serves the site's job events to coord (GET /v1/events).`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c.log = newLogger(cmd)
+			return c.Run(cmd.Context(), args)
+		},
+	}
+	cmd.Flags().StringVar(&c.site, "site", "", "the site this supervisor serves (required)")
+	cmd.Flags().StringVar(&c.listen, "listen", defaultSupervisorAddr, "address to serve the supervisor API on")
+	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "the site's Redis")
+	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
+	trustTTLFlag(cmd, &c.trustTTL)
+	return cmd
+}
+
+// Run serves the supervisor until ctx ends.
+func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
+	if !envelope.ValidSite(c.site) {
+		return fmt.Errorf("--site %q is missing or not a valid site name", c.site)
+	}
+	ln, err := listen(c.listen, "--listen")
+	if err != nil {
+		return err
+	}
+	rdb, err := queue.Connect(c.redis)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	return runSupervisor(ctx, c.log, ln, rdb, c.ledger, c.site, c.trustTTL)
+}
+
+func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site string, trustTTL time.Duration) error {
+	sup, err := supervisor.New(supervisor.Params{
+		Site:    site,
+		Trust:   &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}, TTL: trustTTL},
+		Redis:   rdb,
+		Scripts: scripts.New(scripts.Config{}, nil),
+		Log:     log.With("svc", "supervisor", "site", site),
+		Metrics: newRegistry(),
+	})
+	if err != nil {
+		return err
+	}
+	log.Info("supervisor listening", "site", site, "addr", ln.Addr().String(), "redis", rdb.URL())
+	return serve(ctx, ln, sup.Handler())
+}
