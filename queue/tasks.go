@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/hibiken/asynq"
@@ -108,6 +109,11 @@ type WorkerConfig struct {
 	// ShutdownTimeout is how long running jobs get to finish on shutdown
 	// before they are requeued. Zero means DefaultShutdownTimeout.
 	ShutdownTimeout time.Duration
+	// Dequeuers is how many asynq servers share Concurrency. Each asynq
+	// server takes tasks from Redis in one serial loop (one round trip per
+	// queue tried), which caps a busy runner's intake; several loops lift
+	// the cap. Zero means DefaultDequeuers.
+	Dequeuers int
 	// Log receives asynq's own messages at warn and above.
 	Log *slog.Logger
 }
@@ -116,6 +122,7 @@ type WorkerConfig struct {
 const (
 	DefaultPollInterval    = 10 * time.Millisecond
 	DefaultShutdownTimeout = 10 * time.Second
+	DefaultDequeuers       = 4
 )
 
 // RetryDelay is the backoff after a run that had been retried n times
@@ -142,20 +149,10 @@ func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
 	if log == nil {
 		log = slog.Default()
 	}
-	srv := asynq.NewServerFromRedisClient(r.rdb, asynq.Config{
-		Concurrency:       cfg.Concurrency,
-		Queues:            cfg.Queues,
-		TaskCheckInterval: cfg.PollInterval,
-		// Retries are due when their backoff ends; check for them often
-		// enough that a 1 s backoff is not a 5 s one.
-		DelayedTaskCheckInterval: 500 * time.Millisecond,
-		RetryDelayFunc: func(n int, _ error, _ *asynq.Task) time.Duration {
-			return RetryDelay(n)
-		},
-		ShutdownTimeout: cfg.ShutdownTimeout,
-		Logger:          asynqLogger{log},
-		LogLevel:        asynq.WarnLevel,
-	})
+	if cfg.Dequeuers == 0 {
+		cfg.Dequeuers = DefaultDequeuers
+	}
+	cfg.Dequeuers = min(cfg.Dequeuers, cfg.Concurrency)
 	handler := asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
 		id, _ := asynq.GetTaskID(ctx)
 		q, _ := asynq.GetQueueName(ctx)
@@ -163,13 +160,47 @@ func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
 		maxRetry, _ := asynq.GetMaxRetry(ctx)
 		return h(ctx, Delivery{ID: id, Envelope: t.Payload(), Queue: q, Attempt: retried + 1, MaxRetry: maxRetry})
 	})
-	if err := srv.Start(handler); err != nil {
-		return fmt.Errorf("worker: %w", err)
+	var servers []*asynq.Server
+	for i := 0; i < cfg.Dequeuers; i++ {
+		// Spread Concurrency over the servers: 10 over 4 is 3+3+2+2.
+		n := cfg.Concurrency / cfg.Dequeuers
+		if i < cfg.Concurrency%cfg.Dequeuers {
+			n++
+		}
+		srv := asynq.NewServerFromRedisClient(r.rdb, asynq.Config{
+			Concurrency:       n,
+			Queues:            cfg.Queues,
+			TaskCheckInterval: cfg.PollInterval,
+			// Retries are due when their backoff ends; check for them
+			// often enough that a 1 s backoff is not a 5 s one.
+			DelayedTaskCheckInterval: 500 * time.Millisecond,
+			RetryDelayFunc: func(n int, _ error, _ *asynq.Task) time.Duration {
+				return RetryDelay(n)
+			},
+			ShutdownTimeout: cfg.ShutdownTimeout,
+			Logger:          asynqLogger{log},
+			LogLevel:        asynq.WarnLevel,
+		})
+		if err := srv.Start(handler); err != nil {
+			for _, s := range servers {
+				s.Shutdown()
+			}
+			return fmt.Errorf("worker: %w", err)
+		}
+		servers = append(servers, srv)
 	}
 	<-ctx.Done()
-	// Order: stop taking new jobs first, then wait for the running ones.
-	srv.Stop()
-	srv.Shutdown()
+	// Order: stop every server taking new jobs first, then wait for the
+	// running ones (each server waits up to ShutdownTimeout, in parallel).
+	for _, s := range servers {
+		s.Stop()
+	}
+	var wg sync.WaitGroup
+	for _, s := range servers {
+		wg.Add(1)
+		go func() { defer wg.Done(); s.Shutdown() }()
+	}
+	wg.Wait()
 	return nil
 }
 

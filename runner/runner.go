@@ -51,7 +51,9 @@ type Params struct {
 	PollInterval time.Duration
 	// ShutdownTimeout: see queue.WorkerConfig; zero means its default.
 	ShutdownTimeout time.Duration
-	Now             func() time.Time // optional, time.Now
+	// Dequeuers: see queue.WorkerConfig; zero means its default.
+	Dequeuers int
+	Now       func() time.Time // optional, time.Now
 }
 
 // Runner takes and runs jobs.
@@ -102,6 +104,7 @@ func (r *Runner) Run(ctx context.Context) error {
 		Concurrency:     r.p.Concurrency,
 		PollInterval:    r.p.PollInterval,
 		ShutdownTimeout: r.p.ShutdownTimeout,
+		Dequeuers:       r.p.Dequeuers,
 		Log:             r.p.Log,
 	}, r.handle)
 }

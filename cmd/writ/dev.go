@@ -145,7 +145,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0) })
 	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdb, ledgerURL, devSite, defaultNodeID(), c.concurrency, 0, 0)
+		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency})
 	})
 
 	envFile := filepath.Join(dir, "env")

@@ -22,7 +22,7 @@ import (
 
 type runnerCmd struct {
 	site, node, redis, ledger, listen string
-	concurrency                       int
+	concurrency, dequeuers            int
 	poll, trustTTL                    time.Duration
 	log                               *slog.Logger
 }
@@ -48,7 +48,8 @@ runners, more capacity. It serves /healthz, /readyz and /metrics on --listen.`,
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
 	cmd.Flags().StringVar(&c.listen, "listen", defaultRunnerAddr, `address for /healthz, /readyz and /metrics ("" to turn off)`)
 	cmd.Flags().IntVar(&c.concurrency, "concurrency", runner.DefaultConcurrency, "jobs run at once")
-	cmd.Flags().DurationVar(&c.poll, "poll", queue.DefaultPollInterval, "how often an idle runner asks Redis for work")
+	cmd.Flags().DurationVar(&c.poll, "poll", queue.DefaultPollInterval, "how often an idle dequeuer asks Redis for work (lower: less idle latency, more idle Redis load)")
+	cmd.Flags().IntVar(&c.dequeuers, "dequeuers", queue.DefaultDequeuers, "parallel loops taking jobs from Redis (each polls when idle)")
 	trustTTLFlag(cmd, &c.trustTTL)
 	return cmd
 }
@@ -76,18 +77,26 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runRunner(ctx, c.log, ln, rdb, c.ledger, c.site, c.node, c.concurrency, c.poll, c.trustTTL)
+	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL})
 }
 
-func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site, node string, concurrency int, poll, trustTTL time.Duration) error {
+// runnerParams are the runner's settings from flags.
+type runnerParams struct {
+	ledgerURL, site, node  string
+	concurrency, dequeuers int
+	poll, trustTTL         time.Duration
+}
+
+func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, p runnerParams) error {
 	run, err := runner.New(runner.Params{
-		Site: site, Node: node, Redis: rdb,
-		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}, TTL: trustTTL},
+		Site: p.site, Node: p.node, Redis: rdb,
+		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: p.ledgerURL}, TTL: p.trustTTL},
 		Scripts:      scripts.New(scripts.Config{}, nil),
-		Log:          log.With("svc", "runner", "site", site, "node", node),
+		Log:          log.With("svc", "runner", "site", p.site, "node", p.node),
 		Metrics:      newRegistry(),
-		Concurrency:  concurrency,
-		PollInterval: poll,
+		Concurrency:  p.concurrency,
+		Dequeuers:    p.dequeuers,
+		PollInterval: p.poll,
 	})
 	if err != nil {
 		return err
