@@ -423,3 +423,27 @@ func TestFleet_SupervisorDown(t *testing.T) {
 		t.Errorf("job after the supervisor came back: %+v", j)
 	}
 }
+
+// TestDev_Sample runs `writ dev` as `make dev` does, with the sample job,
+// on its own data directory and ports, and its own redis-server child.
+func TestDev_Sample(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	base := 30000 + freePort(t)%20000
+	cmd := exec.Command(writBin, "dev", "--dir", filepath.Join(dir, "dev"), "--base-port", fmt.Sprint(base),
+		"--sample", "../scripts/lib/hello.tengo", "--exit-after-sample")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("writ dev: %v\n%s", err, out)
+	}
+	for _, want := range []string{"writ dev fleet is up", `"greeting": "hello, writ dev"`, "succeeded"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("writ dev output lacks %q:\n%s", want, out)
+		}
+	}
+	env, err := os.ReadFile(filepath.Join(dir, "dev", "env"))
+	if err != nil || !strings.Contains(string(env), "WRIT_COORD=") || !strings.Contains(string(env), "WRIT_KEY=") {
+		t.Errorf("env file = %q, %v", env, err)
+	}
+}

@@ -61,7 +61,8 @@ type Config struct {
 	// MaxAllocs caps the objects one run may allocate. Default DefaultMaxAllocs.
 	MaxAllocs int64
 	// MaxValueBytes caps one string or byte slice. Default DefaultMaxValueBytes.
-	// Tengo holds this limit process-wide: the last Engine created sets it.
+	// Tengo holds this limit process-wide: the first Engine created in a
+	// process sets it, and later ones use that value.
 	MaxValueBytes int
 	// MaxLogBytes caps the log one run may write. Default DefaultMaxLogBytes.
 	MaxLogBytes int
@@ -119,6 +120,8 @@ type instance struct {
 	rc       *Run
 }
 
+var valueLimitOnce sync.Once
+
 // stdlibNames are the Tengo standard modules a script may import.
 var stdlibNames = []string{"base64", "enum", "fmt", "hex", "json", "math", "rand", "text", "times"}
 
@@ -126,8 +129,14 @@ var stdlibNames = []string{"base64", "enum", "fmt", "hex", "json", "math", "rand
 // (import name → module). extra may be nil.
 func New(cfg Config, extra map[string]Module) *Engine {
 	cfg = cfg.withDefaults()
-	tengo.MaxStringLen = cfg.MaxValueBytes
-	tengo.MaxBytesLen = cfg.MaxValueBytes
+	// Tengo reads these limits from package variables, unsynchronized,
+	// while scripts run: they are set once per process, by the first
+	// Engine, and never written again.
+	valueLimitOnce.Do(func() {
+		tengo.MaxStringLen = cfg.MaxValueBytes
+		tengo.MaxBytesLen = cfg.MaxValueBytes
+	})
+	cfg.MaxValueBytes = tengo.MaxStringLen
 	e := &Engine{
 		cfg:     cfg,
 		modules: map[string]Module{"job": nil, "log": logModule}, // "job" is special-cased in compile

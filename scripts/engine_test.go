@@ -67,7 +67,9 @@ func TestEngine_Check(t *testing.T) {
 }
 
 func TestEngine_Run_Limits(t *testing.T) {
-	e := New(Config{MaxAllocs: 100_000, MaxValueBytes: 1 << 20, MaxResultBytes: 1024}, nil)
+	// The value limit is process-wide (set by the first Engine): the default.
+	e := New(Config{MaxAllocs: 100_000, MaxResultBytes: 1024}, nil)
+	valueLimit := fmt.Sprintf("past %d bytes", DefaultMaxValueBytes)
 	for _, tc := range []struct {
 		name, script string
 		timeout      time.Duration
@@ -77,8 +79,8 @@ func TestEngine_Run_Limits(t *testing.T) {
 		{"infinite loop", `for {}`, 300 * time.Millisecond, ErrTimeout, "timeout 300ms"},
 		{"sleep past deadline", `times := import("times"); times.sleep(60 * times.second)`, 200 * time.Millisecond, ErrTimeout, "timeout"},
 		{"unbounded array", `a := []; for { a = append(a, [1]) }`, 30 * time.Second, ErrAllocLimit, "cap: 100000 objects"},
-		{"string doubling", `s := "xxxxxxxx"; for { s = s + s }`, 30 * time.Second, ErrAllocLimit, "past 1048576 bytes"},
-		{"huge bytes", `b := bytes(1 << 30)`, 30 * time.Second, ErrAllocLimit, "past 1048576 bytes"},
+		{"string doubling", `s := "xxxxxxxx"; for { s = s + s }`, 30 * time.Second, ErrAllocLimit, valueLimit},
+		{"huge bytes", `b := bytes(1 << 30)`, 30 * time.Second, ErrAllocLimit, valueLimit},
 		{"big result", `job := import("job"); text := import("text"); job.result(text.repeat("x", 5000))`, 30 * time.Second, nil, "result is 5002 bytes"},
 		{"runtime error", `x := 1; y := x.foo()`, 30 * time.Second, nil, "script error"},
 	} {

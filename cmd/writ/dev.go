@@ -8,7 +8,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -165,10 +167,10 @@ writ dev fleet is up (site %q, node %q)
   supervisor  %s
   redis       %s
 Submit a job from another shell:
-  . %s && writ run scripts/lib/hello.tengo --arg who=you
+  . %s && %s run scripts/lib/hello.tengo --arg who=you
 Stop with Ctrl-C.
 
-`, devSite, defaultNodeID(), httpURL(coordAddr), ledgerURL, httpURL(supAddr), redisURL, envFile)
+`, devSite, defaultNodeID(), httpURL(coordAddr), ledgerURL, httpURL(supAddr), redisURL, envFile, selfPath())
 		if c.sample == "" {
 			return nil
 		}
@@ -195,6 +197,23 @@ Stop with Ctrl-C.
 }
 
 var errSampleDone = errors.New("sample done")
+
+// selfPath is how to invoke this binary from the current directory.
+func selfPath() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return "writ"
+	}
+	if wd, err := os.Getwd(); err == nil {
+		if rel, err := filepath.Rel(wd, exe); err == nil && !strings.HasPrefix(rel, "..") {
+			return rel
+		}
+	}
+	if p, err := exec.LookPath("writ"); err == nil && p == exe {
+		return "writ"
+	}
+	return exe
+}
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
