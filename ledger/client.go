@@ -177,7 +177,7 @@ const (
 // signature by a key the snapshot does not know refreshes it early (at most
 // once a second). When the ledger is unreachable a snapshot is used up to
 // StaleGrace past its TTL, then verification fails as an infrastructure
-// error.
+// error; so does a key the snapshot does not know.
 type TrustCache struct {
 	Client *Client
 	// TTL is how long a snapshot is used; zero means DefaultTrustTTL.
@@ -219,13 +219,14 @@ func (c *TrustCache) Get(ctx context.Context, site string, keyIDs ...string) (*T
 	c.mu.Lock()
 	e := c.entries[site]
 	c.mu.Unlock()
+	missing := false
 	if e != nil {
 		age := now.Sub(e.fetched)
 		fresh := age < ttl
 		if fresh {
 			for _, id := range keyIDs {
 				if !e.trust.Has(id) && age >= missRefresh {
-					fresh = false
+					fresh, missing = false, true
 					break
 				}
 			}
@@ -257,7 +258,10 @@ func (c *TrustCache) Get(ctx context.Context, site string, keyIDs ...string) (*T
 	if grace == 0 {
 		grace = DefaultStaleGrace
 	}
-	if e != nil && now.Sub(e.fetched) < ttl+grace {
+	// A stale snapshot may serve while the ledger is away, but not to
+	// refuse a key it does not know: that key may be newer than the
+	// snapshot, so the honest answer is "try again later".
+	if e != nil && !missing && now.Sub(e.fetched) < ttl+grace {
 		return e.trust, nil
 	}
 	return nil, fmt.Errorf("%w: %v", ErrLedgerUnavailable, err)

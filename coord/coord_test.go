@@ -1,0 +1,187 @@
+package coord
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/ledger/store/sqlite"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/supervisor"
+)
+
+func TestSeqAfter(t *testing.T) {
+	for _, tc := range []struct {
+		a, b string
+		want bool
+	}{
+		{"2-0", "1-9", true},
+		{"1-10", "1-9", true},
+		{"1-9", "1-9", false},
+		{"1-9", "1-10", false},
+		{"10-0", "9-0", true},
+		{"1-0", "0-0", true},
+	} {
+		if got := seqAfter(tc.a, tc.b); got != tc.want {
+			t.Errorf("seqAfter(%s, %s) = %v, want %v", tc.a, tc.b, got, tc.want)
+		}
+	}
+}
+
+func TestHub_SlowSubscriberDoesNotBlock(t *testing.T) {
+	h := newHub()
+	ch, cancel := h.subscribe("j")
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		for i := 0; i < 1000; i++ {
+			h.publish(queue.Event{Job: "j", Type: queue.EventLog})
+		}
+		h.publish(queue.Event{Job: "other"})
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("publish blocked on a subscriber that does not read")
+	}
+	if len(ch) != cap(ch) {
+		t.Errorf("subscriber has %d of %d buffered events", len(ch), cap(ch))
+	}
+}
+
+// fakeSupervisor answers batches with verdicts from judge, or 503 while down.
+type fakeSupervisor struct {
+	down  atomic.Bool
+	judge func(job *envelope.Job) supervisor.Verdict
+}
+
+func (f *fakeSupervisor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/v1/events" {
+		// No events; the follower reconnects with backoff.
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	if f.down.Load() {
+		http.Error(w, "down", http.StatusServiceUnavailable)
+		return
+	}
+	var raws []json.RawMessage
+	body, _ := io.ReadAll(r.Body)
+	json.Unmarshal(body, &raws)
+	out := make([]supervisor.Verdict, len(raws))
+	for i, raw := range raws {
+		env, job, err := envelope.Parse(raw)
+		if err != nil {
+			out[i] = supervisor.Verdict{State: supervisor.VerdictRejected, Reason: "malformed", Error: err.Error()}
+			continue
+		}
+		out[i] = f.judge(job)
+		out[i].ID = env.ID()
+	}
+	json.NewEncoder(w).Encode(out)
+}
+
+func TestCoord_Submit(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	fs := &fakeSupervisor{judge: func(j *envelope.Job) supervisor.Verdict {
+		if j.Name == "bad" {
+			return supervisor.Verdict{State: supervisor.VerdictRejected, Reason: "script_invalid", Error: "does not compile"}
+		}
+		return supervisor.Verdict{State: supervisor.VerdictQueued}
+	}}
+	sup := httptest.NewServer(fs)
+	defer sup.Close()
+	store, err := sqlite.Open(ctx, filepath.Join(t.TempDir(), "ledger.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	admin, _ := keys.Generate("admin")
+	if err := ledger.Init(ctx, store, "root", admin.AuthorizedKey(), &ledger.Site{Name: "s", SupervisorURL: sup.URL, Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ls := httptest.NewServer(ledger.NewServer(store, log, prometheus.NewRegistry(), nil).Handler())
+	defer ls.Close()
+	rdb, err := queue.Connect(testenv.Redis(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	lc := &ledger.Client{BaseURL: ls.URL}
+	c, err := New(Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runDone := make(chan struct{})
+	go func() { c.Run(ctx); close(runDone) }()
+	// Deferred last, so it runs first: stop coord's background duties
+	// before the servers and Redis they talk to.
+	defer func() { cancel(); <-runDone }()
+	hs := httptest.NewServer(c.Handler())
+	defer hs.Close()
+	cl := &Client{BaseURL: hs.URL}
+
+	sign := func(name, site string) []byte {
+		j := envelope.NewJob(name, "x := 1", site, time.Now())
+		env, _ := j.Sign(admin)
+		raw, _ := json.Marshal(env)
+		return raw
+	}
+	rep, err := cl.Submit(ctx, sign("good", "s"))
+	if err != nil || rep.State != "queued" {
+		t.Fatalf("good = %+v, %v", rep, err)
+	}
+	_, err = cl.Submit(ctx, sign("bad", "s"))
+	var re *RejectedError
+	if !errors.As(err, &re) || re.Reply.Reason != "script_invalid" || re.Status != http.StatusUnprocessableEntity {
+		t.Fatalf("bad = %v", err)
+	}
+	if j, err := cl.Job(ctx, re.Reply.ID, 0); err != nil || j.State != queue.StateRejected || j.Error != "does not compile" {
+		t.Errorf("rejected job record = %+v, %v", j, err)
+	}
+	_, err = cl.Submit(ctx, sign("nowhere", "unknown-site"))
+	if !errors.As(err, &re) || re.Reply.Reason != string(envelope.ReasonWrongSite) {
+		t.Errorf("unknown site = %v", err)
+	}
+	stranger, _ := keys.Generate("x")
+	j := envelope.NewJob("stranger", "x := 1", "s", time.Now())
+	env, _ := j.Sign(stranger)
+	raw, _ := json.Marshal(env)
+	if _, err := cl.Submit(ctx, raw); !errors.As(err, &re) || re.Reply.Reason != string(envelope.ReasonUnknownKey) {
+		t.Errorf("unknown key = %v", err)
+	}
+
+	// Supervisor down: pending, then delivered by the deliverer.
+	fs.down.Store(true)
+	rep, err = cl.Submit(ctx, sign("later", "s"))
+	if err != nil || rep.State != "pending" {
+		t.Fatalf("submit while down = %+v, %v", rep, err)
+	}
+	fs.down.Store(false)
+	testenv.WaitFor(t, 10*time.Second, "the pending job to be delivered", func() bool {
+		j, err := cl.Job(ctx, rep.ID, 0)
+		return err == nil && j.State == queue.StateQueued
+	})
+	list, err := cl.Jobs(ctx, queue.ListFilter{Site: "s"})
+	if err != nil || len(list.Jobs) != 4 {
+		t.Errorf("jobs of site s = %d, %v; want 4", len(list.Jobs), err)
+	}
+}

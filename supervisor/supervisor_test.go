@@ -1,0 +1,159 @@
+package supervisor
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/ledger/store/sqlite"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/scripts"
+)
+
+func newSupervisor(t *testing.T) (*Supervisor, *queue.Redis, *keys.Key, *httptest.Server) {
+	t.Helper()
+	ctx := context.Background()
+	store, err := sqlite.Open(ctx, filepath.Join(t.TempDir(), "ledger.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	admin, _ := keys.Generate("admin")
+	if err := ledger.Init(ctx, store, "root", admin.AuthorizedKey(), &ledger.Site{Name: "s", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	ls := httptest.NewServer(ledger.NewServer(store, log, prometheus.NewRegistry(), nil).Handler())
+	t.Cleanup(ls.Close)
+	rdb, err := queue.Connect(testenv.Redis(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	sup, err := New(Params{Site: "s", Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: ls.URL}}, Redis: rdb, Scripts: scripts.New(scripts.Config{}, nil), Log: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sup, rdb, admin, ls
+}
+
+func signed(t *testing.T, k *keys.Key, mut func(*envelope.Job)) []byte {
+	t.Helper()
+	j := envelope.NewJob("t", `job := import("job"); job.result(1)`, "s", time.Now())
+	if mut != nil {
+		mut(j)
+	}
+	env, err := j.Sign(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := json.Marshal(env)
+	return raw
+}
+
+func TestSupervisor_Submit(t *testing.T) {
+	sup, rdb, admin, _ := newSupervisor(t)
+	ctx := context.Background()
+	good := signed(t, admin, nil)
+	var replay []byte
+	{
+		j := envelope.NewJob("t", `x := 1`, "s", time.Now())
+		j2 := *j
+		j2.Name = "other"
+		a, _ := j.Sign(admin)
+		b, _ := j2.Sign(admin)
+		ra, _ := json.Marshal(a)
+		replay, _ = json.Marshal(b)
+		if v := sup.Submit(ctx, [][]byte{ra})[0]; v.State != VerdictQueued {
+			t.Fatalf("first of the nonce pair = %+v", v)
+		}
+	}
+	pinned := signed(t, admin, func(j *envelope.Job) { j.Node = "n7" })
+	got := sup.Submit(ctx, [][]byte{good, good, replay, pinned, []byte("{"), signed(t, admin, func(j *envelope.Job) { j.Site = "other" })})
+	want := []struct{ state, reason string }{
+		{VerdictQueued, ""},
+		// The same envelope twice in one batch: one is queued, the other
+		// is recognised as the same job.
+		{"", ""},
+		{VerdictRejected, string(envelope.ReasonReplayed)},
+		{VerdictQueued, ""},
+		{VerdictRejected, string(envelope.ReasonMalformed)},
+		{VerdictRejected, string(envelope.ReasonWrongSite)},
+	}
+	for i, w := range want {
+		if w.state == "" {
+			if got[i].State != VerdictDuplicate && got[i].State != VerdictQueued {
+				t.Errorf("verdict %d = %+v, want queued or duplicate", i, got[i])
+			}
+			continue
+		}
+		if got[i].State != w.state || got[i].Reason != w.reason {
+			t.Errorf("verdict %d = %+v, want %s %s", i, got[i], w.state, w.reason)
+		}
+	}
+	if got[0].State == VerdictQueued && got[1].State == VerdictQueued {
+		t.Error("the same envelope was queued twice")
+	}
+	// Once more, later: a duplicate, enqueued nowhere.
+	if v := sup.Submit(ctx, [][]byte{good})[0]; v.State != VerdictDuplicate {
+		t.Errorf("resubmission = %+v, want duplicate", v)
+	}
+	depth, err := rdb.QueueDepth(queue.SiteQueue("s"), queue.NodeQueue("n7"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if depth[queue.SiteQueue("s")] != 2 || depth[queue.NodeQueue("n7")] != 1 {
+		t.Errorf("queue depths = %v, want site:s 2 and node:n7 1", depth)
+	}
+	evs, err := rdb.ReadEvents(ctx, "s", "0", 100, 0)
+	if err != nil || len(evs) != 3 {
+		t.Errorf("queued events = %d, %v; want 3", len(evs), err)
+	}
+}
+
+func TestSupervisor_HTTP(t *testing.T) {
+	sup, _, admin, ledgerServer := newSupervisor(t)
+	hs := httptest.NewServer(sup.Handler())
+	defer hs.Close()
+	post := func(path, body string) (int, string) {
+		resp, err := http.Post(hs.URL+path, "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	if code, body := post("/v1/jobs", string(signed(t, admin, nil))); code != http.StatusAccepted || !strings.Contains(body, `"queued"`) {
+		t.Errorf("POST good = %d %s", code, body)
+	}
+	if code, body := post("/v1/jobs", string(signed(t, admin, func(j *envelope.Job) { j.Script = `os := import("os")` }))); code != http.StatusUnprocessableEntity || !strings.Contains(body, "forbidden_import") {
+		t.Errorf("POST forbidden import = %d %s", code, body)
+	}
+	if code, body := post("/v1/jobs/batch", "not json"); code != http.StatusBadRequest || !strings.Contains(body, "JSON array") {
+		t.Errorf("POST batch garbage = %d %s", code, body)
+	}
+	// The ledger going away makes judging impossible: a retryable 503, not
+	// a rejection.
+	ledgerServer.Close()
+	// A snapshot younger than a second is authoritative; past that, a key
+	// it does not know needs the ledger.
+	time.Sleep(1100 * time.Millisecond)
+	stranger, _ := keys.Generate("x")
+	if code, body := post("/v1/jobs", string(signed(t, stranger, nil))); code != http.StatusServiceUnavailable || !strings.Contains(body, `"retry":true`) {
+		t.Errorf("POST with the ledger down = %d %s", code, body)
+	}
+}
