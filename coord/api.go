@@ -175,11 +175,7 @@ func (c *Coord) getJob(w http.ResponseWriter, r *http.Request) {
 	}
 	j, err := c.waitJob(r.Context(), id, wait)
 	if err != nil {
-		if errors.Is(err, queue.ErrNoJob) {
-			httpapi.Fail(w, &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: "no job " + id})
-			return
-		}
-		httpapi.Fail(w, err)
+		failJob(w, id, err)
 		return
 	}
 	httpapi.JSON(w, http.StatusOK, j)
@@ -253,11 +249,7 @@ func (c *Coord) jobEvents(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	j, err := c.p.Redis.GetJob(ctx, id)
 	if err != nil {
-		if errors.Is(err, queue.ErrNoJob) {
-			httpapi.Fail(w, &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: "no job " + id})
-			return
-		}
-		httpapi.Fail(w, err)
+		failJob(w, id, err)
 		return
 	}
 	flusher, ok := w.(http.Flusher)
@@ -368,4 +360,12 @@ func (c *Coord) listJobs(w http.ResponseWriter, r *http.Request) {
 		jobs = []queue.Job{}
 	}
 	httpapi.JSON(w, http.StatusOK, ListReply{Jobs: jobs, Next: next})
+}
+
+// failJob answers a failed job lookup: 404 for an unknown job.
+func failJob(w http.ResponseWriter, id string, err error) {
+	if errors.Is(err, queue.ErrNoJob) {
+		err = &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: "no job " + id}
+	}
+	httpapi.Fail(w, err)
 }

@@ -8,18 +8,14 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/ledger/store/sqlite"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/supervisor"
 )
@@ -108,24 +104,15 @@ func TestCoord_Submit(t *testing.T) {
 	}}
 	sup := httptest.NewServer(fs)
 	defer sup.Close()
-	store, err := sqlite.Open(ctx, filepath.Join(t.TempDir(), "ledger.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer store.Close()
-	admin, _ := keys.Generate("admin")
-	if err := ledger.Init(ctx, store, "root", admin.AuthorizedKey(), &ledger.Site{Name: "s", SupervisorURL: sup.URL, Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
-		t.Fatal(err)
-	}
+	l := testenv.NewLedger(t, ledger.Site{Name: "s", SupervisorURL: sup.URL})
+	admin := l.Admin
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	ls := httptest.NewServer(ledger.NewServer(store, log, prometheus.NewRegistry(), nil).Handler())
-	defer ls.Close()
 	rdb, err := queue.Connect(testenv.Redis(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer rdb.Close()
-	lc := &ledger.Client{BaseURL: ls.URL}
+	lc := &ledger.Client{BaseURL: l.URL}
 	c, err := New(Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log})
 	if err != nil {
 		t.Fatal(err)

@@ -16,10 +16,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"runtime"
-	"strings"
 	"sync"
 	"time"
+
+	"github.com/writ-fleet/writ/internal/stack"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -132,7 +132,7 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	rep := &reporter{r: r, d: d}
 	defer func() {
 		if p := recover(); p != nil {
-			err = rep.finish(nil, fail("panic", fmt.Errorf("panic: %v at %s", p, panicSite())))
+			err = rep.finish(nil, fail("panic", fmt.Errorf("panic: %v at %s", p, stack.PanicSite())))
 		}
 	}()
 	job, f := r.verify(ctx, d)
@@ -206,21 +206,6 @@ func classify(ctx context.Context, err error) *failure {
 		return fail(string(reason), err)
 	}
 	return fail("script_error", err)
-}
-
-func panicSite() string {
-	pcs := make([]uintptr, 32)
-	n := runtime.Callers(3, pcs)
-	frames := runtime.CallersFrames(pcs[:n])
-	for {
-		f, more := frames.Next()
-		if !strings.HasPrefix(f.Function, "runtime.") {
-			return fmt.Sprintf("%s:%d", f.File, f.Line)
-		}
-		if !more {
-			return "unknown"
-		}
-	}
 }
 
 // reporter collects a run's events and sends them on the site stream.

@@ -5,18 +5,13 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
-	"net/http/httptest"
-	"path/filepath"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/ledger/store/sqlite"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
 )
@@ -29,30 +24,19 @@ type fixture struct {
 
 func newFixture(tb testing.TB, concurrency int) *fixture {
 	tb.Helper()
-	ctx := context.Background()
-	store, err := sqlite.Open(ctx, filepath.Join(tb.TempDir(), "ledger.db"))
-	if err != nil {
-		tb.Fatal(err)
-	}
-	tb.Cleanup(func() { store.Close() })
-	admin, _ := keys.Generate("admin")
-	if err := ledger.Init(ctx, store, "root", admin.AuthorizedKey(), &ledger.Site{Name: "s", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
-		tb.Fatal(err)
-	}
+	l := testenv.NewLedger(tb, ledger.Site{Name: "s", SupervisorURL: "http://127.0.0.1:1"})
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	hs := httptest.NewServer(ledger.NewServer(store, log, prometheus.NewRegistry(), nil).Handler())
-	tb.Cleanup(hs.Close)
 	rdb, err := queue.Connect(testenv.Redis(tb))
 	if err != nil {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { rdb.Close() })
-	r, err := New(Params{Site: "s", Node: "n1", Redis: rdb, Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: hs.URL}},
+	r, err := New(Params{Site: "s", Node: "n1", Redis: rdb, Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}},
 		Scripts: scripts.New(scripts.Config{}, nil), Log: log, Concurrency: concurrency})
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return &fixture{rdb: rdb, admin: admin, runner: r}
+	return &fixture{rdb: rdb, admin: l.Admin, runner: r}
 }
 
 func (f *fixture) enqueue(tb testing.TB, script, node string, mutate func(*envelope.Job)) string {

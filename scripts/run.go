@@ -6,9 +6,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"runtime"
 	"strings"
 	"time"
+
+	"github.com/writ-fleet/writ/internal/stack"
 
 	"github.com/d5/tengo/v2"
 )
@@ -94,27 +95,11 @@ func Func(name string, fn tengo.CallableFunc) *tengo.UserFunction {
 	return &tengo.UserFunction{Name: name, Value: func(args ...tengo.Object) (ret tengo.Object, err error) {
 		defer func() {
 			if r := recover(); r != nil {
-				err = fmt.Errorf("panic in %s: %v at %s", name, r, panicSite())
+				err = fmt.Errorf("panic in %s: %v at %s", name, r, stack.PanicSite())
 			}
 		}()
 		return fn(args...)
 	}}
-}
-
-// panicSite returns file:line of the frame that panicked.
-func panicSite() string {
-	pcs := make([]uintptr, 32)
-	n := runtime.Callers(3, pcs)
-	frames := runtime.CallersFrames(pcs[:n])
-	for {
-		f, more := frames.Next()
-		if !strings.HasPrefix(f.Function, "runtime.") {
-			return fmt.Sprintf("%s:%d", f.File, f.Line)
-		}
-		if !more {
-			return "unknown"
-		}
-	}
 }
 
 // jobImport is the importable "job" module. Tengo fixes an imported module

@@ -7,47 +7,32 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/ledger/store/sqlite"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
 )
 
 func newSupervisor(t *testing.T) (*Supervisor, *queue.Redis, *keys.Key, *httptest.Server) {
 	t.Helper()
-	ctx := context.Background()
-	store, err := sqlite.Open(ctx, filepath.Join(t.TempDir(), "ledger.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { store.Close() })
-	admin, _ := keys.Generate("admin")
-	if err := ledger.Init(ctx, store, "root", admin.AuthorizedKey(), &ledger.Site{Name: "s", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
-		t.Fatal(err)
-	}
+	l := testenv.NewLedger(t, ledger.Site{Name: "s", SupervisorURL: "http://127.0.0.1:1"})
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	ls := httptest.NewServer(ledger.NewServer(store, log, prometheus.NewRegistry(), nil).Handler())
-	t.Cleanup(ls.Close)
 	rdb, err := queue.Connect(testenv.Redis(t))
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { rdb.Close() })
-	sup, err := New(Params{Site: "s", Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: ls.URL}}, Redis: rdb, Scripts: scripts.New(scripts.Config{}, nil), Log: log})
+	sup, err := New(Params{Site: "s", Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}}, Redis: rdb, Scripts: scripts.New(scripts.Config{}, nil), Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return sup, rdb, admin, ls
+	return sup, rdb, l.Admin, l.Server
 }
 
 func signed(t *testing.T, k *keys.Key, mut func(*envelope.Job)) []byte {

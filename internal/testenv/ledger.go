@@ -1,0 +1,52 @@
+package testenv
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"path/filepath"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/ledger/store/sqlite"
+)
+
+// Ledger is a real ledger (SQLite store, HTTP API) for one test.
+type Ledger struct {
+	// URL is the ledger's address.
+	URL string
+	// Admin is the key of user "root", admin on every site.
+	Admin *keys.Key
+	// Server can be closed to make the ledger unreachable.
+	Server *httptest.Server
+}
+
+// NewLedger serves a ledger with user "root" (admin on "*") and the given
+// site, whose policy lets admins and deployers sign with threshold 1 when
+// site.Policy is zero. Everything is removed when the test ends.
+func NewLedger(tb testing.TB, site ledger.Site) *Ledger {
+	tb.Helper()
+	ctx := context.Background()
+	store, err := sqlite.Open(ctx, filepath.Join(tb.TempDir(), "ledger.db"))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	tb.Cleanup(func() { store.Close() })
+	admin, err := keys.Generate("root")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if site.Policy.Threshold == 0 {
+		site.Policy = ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}
+	}
+	if err := ledger.Init(ctx, store, "root", admin.AuthorizedKey(), &site); err != nil {
+		tb.Fatal(err)
+	}
+	hs := httptest.NewServer(ledger.NewServer(store, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), nil).Handler())
+	tb.Cleanup(hs.Close)
+	return &Ledger{URL: hs.URL, Admin: admin, Server: hs}
+}
