@@ -346,7 +346,15 @@ func TestFleet_RunnerKilled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A job with no retries left cannot run again; it must be reported.
+	noRetry := envelope.NewJob("slow-once", `times := import("times"); times.sleep(20 * times.second)`, "local", time.Now())
+	noRetry.MaxRetries = 0
+	rep0, err := f.client().Submit(ctx, rawEnvelope(t, noRetry, f.admin))
+	if err != nil {
+		t.Fatal(err)
+	}
 	waitState(t, f, rep.ID, queue.StateRunning)
+	waitState(t, f, rep0.ID, queue.StateRunning)
 	f.stop(r, syscall.SIGKILL)
 	f.startRunner("n1b", 2)
 	// asynq hands a task whose worker died to another one once its lease
@@ -354,6 +362,10 @@ func TestFleet_RunnerKilled(t *testing.T) {
 	got := f.waitJob(rep.ID, 3*time.Minute)
 	if got.State != queue.StateSucceeded || got.Node != "n1b" || string(got.Result) != "2" {
 		t.Errorf("job after runner kill = %s on %s result %s (%s), want succeeded on n1b in attempt 2", got.State, got.Node, got.Result, got.Error)
+	}
+	got0 := f.waitJob(rep0.ID, 2*time.Minute)
+	if got0.State != queue.StateFailed || got0.Reason != "runner_lost" {
+		t.Errorf("job without retries after runner kill = %s %s (%s), want failed runner_lost", got0.State, got0.Reason, got0.Error)
 	}
 }
 

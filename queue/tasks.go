@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -211,3 +212,40 @@ func (l asynqLogger) Info(args ...any)  { l.log.Info(fmt.Sprint(args...), "from"
 func (l asynqLogger) Warn(args ...any)  { l.log.Warn(fmt.Sprint(args...), "from", "asynq") }
 func (l asynqLogger) Error(args ...any) { l.log.Error(fmt.Sprint(args...), "from", "asynq") }
 func (l asynqLogger) Fatal(args ...any) { l.log.Error(fmt.Sprint(args...), "from", "asynq") }
+
+// LostTask is a task asynq gave up on by itself: its runner stopped
+// mid-run (lease expired) and it had no retries left. No handler ran to
+// report it, so its job needs a failed event.
+type LostTask struct {
+	ID       string
+	Queue    string
+	Envelope []byte
+	Attempts int
+}
+
+// ClaimLost returns the lost tasks of queues and deletes them from asynq's
+// archive. Deletion is the claim: of several runners calling at once, each
+// lost task goes to exactly one.
+func (r *Redis) ClaimLost(queues ...string) ([]LostTask, error) {
+	insp := asynq.NewInspectorFromRedisClient(r.rdb)
+	var out []LostTask
+	for _, q := range queues {
+		tasks, err := insp.ListArchivedTasks(q, asynq.PageSize(100))
+		if err != nil {
+			if strings.Contains(err.Error(), "not found") {
+				continue
+			}
+			return out, fmt.Errorf("list archived tasks of %s: %w", q, err)
+		}
+		for _, t := range tasks {
+			if t.LastErr != asynq.ErrLeaseExpired.Error() {
+				continue // a handler failed it and reported it
+			}
+			if err := insp.DeleteTask(q, t.ID); err != nil {
+				continue // another runner claimed it
+			}
+			out = append(out, LostTask{ID: t.ID, Queue: q, Envelope: t.Payload, Attempts: t.Retried + 1})
+		}
+	}
+	return out, nil
+}

@@ -19,6 +19,8 @@ import (
 	"sync"
 	"time"
 
+	"golang.org/x/sync/errgroup"
+
 	"github.com/writ-fleet/writ/internal/stack"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -95,9 +97,17 @@ func New(p Params) (*Runner, error) {
 }
 
 // Run takes jobs until ctx ends, then stops taking new ones and gives
-// running ones ShutdownTimeout to finish.
+// running ones ShutdownTimeout to finish. Alongside, the reaper reports
+// jobs lost with a stopped runner.
 func (r *Runner) Run(ctx context.Context) error {
 	r.p.Log.Info("runner started", "concurrency", r.p.Concurrency)
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return (&reaper{r: r, interval: reapInterval}).run(ctx) })
+	g.Go(func() error { return r.work(ctx) })
+	return g.Wait()
+}
+
+func (r *Runner) work(ctx context.Context) error {
 	return r.p.Redis.Work(ctx, queue.WorkerConfig{
 		// The node's own queue first: pinned jobs have nowhere else to go.
 		Queues:          map[string]int{queue.NodeQueue(r.p.Node): 2, queue.SiteQueue(r.p.Site): 1},

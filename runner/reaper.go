@@ -1,0 +1,51 @@
+package runner
+
+import (
+	"context"
+	"time"
+
+	"github.com/writ-fleet/writ/queue"
+)
+
+// reaper reports jobs whose runner stopped mid-run when they had no retries
+// left: asynq archives such a task when its lease expires without calling
+// any handler, so without the reaper the job would stay "running" forever.
+type reaper struct {
+	r        *Runner
+	interval time.Duration
+}
+
+// reapInterval is how often the reaper looks; asynq itself only notices a
+// lost task a minute after its runner stopped.
+const reapInterval = 30 * time.Second
+
+func (rp *reaper) run(ctx context.Context) error {
+	t := time.NewTicker(rp.interval)
+	defer t.Stop()
+	for {
+		rp.once(ctx)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+	}
+}
+
+func (rp *reaper) once(ctx context.Context) {
+	r := rp.r
+	lost, err := r.p.Redis.ClaimLost(queue.SiteQueue(r.p.Site), queue.NodeQueue(r.p.Node))
+	if err != nil {
+		r.p.Log.Warn("look for lost jobs", "err", err)
+	}
+	for _, t := range lost {
+		ev := queue.Event{Job: t.ID, Type: queue.EventFailed, At: r.p.Now(), Site: r.p.Site, Attempt: t.Attempts,
+			Reason: "runner_lost", Error: "the runner running this job stopped mid-run and no retries were left"}
+		if err := r.p.Redis.Publish(ctx, r.p.Site, ev); err != nil {
+			r.p.Log.Error("report lost job", "job", t.ID, "err", err)
+			continue
+		}
+		r.jobs.WithLabelValues(r.p.Site, "failed", "runner_lost").Inc()
+		r.p.Log.Warn("job lost with its runner; reported failed", "job", t.ID, "queue", t.Queue)
+	}
+}
