@@ -26,6 +26,10 @@ type forwarder struct {
 // senders is how many batches may be in flight to one supervisor at once.
 const senders = 4
 
+// batchBytes bounds one batch's envelopes, well inside the supervisor's
+// request limit (one envelope is at most envelope.MaxEnvelopeBytes).
+const batchBytes = supervisor.MaxBatchBytes / 2
+
 // submission is one job waiting for its supervisor's verdict.
 type submission struct {
 	rec  queue.NewJobRecord
@@ -58,13 +62,25 @@ func (f *forwarder) submit(ctx context.Context, s *submission) (supervisor.Verdi
 // send loops forever: take one submission, drain whatever else is waiting
 // (up to a batch), deliver, record, answer.
 func (f *forwarder) send() {
-	for first := range f.in {
+	var carry *submission // taken from the channel but over the last batch's size
+	for {
+		first := carry
+		carry = nil
+		if first == nil {
+			first = <-f.in
+		}
 		batch := []*submission{first}
+		size := len(first.rec.Envelope)
 	drain:
 		for len(batch) < supervisor.MaxBatch {
 			select {
 			case s := <-f.in:
+				if size+len(s.rec.Envelope)+1 > batchBytes {
+					carry = s
+					break drain
+				}
 				batch = append(batch, s)
+				size += len(s.rec.Envelope) + 1
 			default:
 				break drain
 			}

@@ -34,8 +34,14 @@ import (
 	"github.com/writ-fleet/writ/scripts"
 )
 
-// MaxBatch bounds the envelopes in one batch request.
-const MaxBatch = 512
+// Bounds of one batch request.
+const (
+	// MaxBatch bounds the envelopes in one batch request.
+	MaxBatch = 512
+	// MaxBatchBytes bounds a batch request's body; coord splits batches to
+	// stay under it.
+	MaxBatchBytes = 16 << 20
+)
 
 // Verdict is the supervisor's answer for one envelope.
 type Verdict struct {
@@ -157,7 +163,7 @@ func (s *Supervisor) postJob(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Supervisor) postBatch(w http.ResponseWriter, r *http.Request) {
-	body, err := httpapi.ReadBody(r, MaxBatch*envelope.MaxEnvelopeBytes)
+	body, err := httpapi.ReadBody(r, MaxBatchBytes)
 	if err != nil {
 		httpapi.Fail(w, err)
 		return

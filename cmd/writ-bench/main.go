@@ -37,15 +37,17 @@ import (
 )
 
 var (
-	jobs        = flag.Int("jobs", 5000, "jobs per throughput run")
-	inflight    = flag.Int("inflight", 64, "jobs in flight at once in throughput runs")
-	rate        = flag.Int("rate", 500, "jobs per second in the latency runs")
-	rateFor     = flag.Duration("rate-for", 10*time.Second, "length of the latency runs")
-	concurrency = flag.Int("concurrency", 10, "worker concurrency (runner and raw asynq alike)")
-	poll        = flag.Duration("poll", queue.DefaultPollInterval, "idle poll interval (runner and raw asynq alike)")
-	keep        = flag.Bool("keep", false, "keep the temporary directory")
-	showStages  = flag.Bool("stages", false, "print where a job's time goes in the throughput run (clocks of one machine)")
-	profile     = flag.String("profile", "", "write a 10 s CPU profile of the fleet process taken during the throughput run")
+	jobs         = flag.Int("jobs", 5000, "jobs per throughput run")
+	inflight     = flag.Int("inflight", 64, "jobs in flight at once in throughput runs")
+	rate         = flag.Int("rate", 500, "jobs per second in the latency runs")
+	rateFor      = flag.Duration("rate-for", 10*time.Second, "length of the latency runs")
+	concurrency  = flag.Int("concurrency", 10, "worker concurrency (runner and raw asynq alike)")
+	poll         = flag.Duration("poll", queue.DefaultPollInterval, "idle poll interval (runner and raw asynq alike)")
+	keep         = flag.Bool("keep", false, "keep the temporary directory")
+	scaleRunners = flag.Int("scale-runners", 8, "runners in the scale-out run (0 skips it)")
+	scaleJobs    = flag.Int("scale-jobs", 4000, "100 ms jobs in the scale-out run")
+	showStages   = flag.Bool("stages", false, "print where a job's time goes in the throughput run (clocks of one machine)")
+	profile      = flag.String("profile", "", "write a 10 s CPU profile of the fleet process taken during the throughput run")
 )
 
 func main() {
@@ -148,6 +150,11 @@ func run() error {
 		return err
 	}
 	fmt.Printf("writ e2e:   throughput %8.0f jobs/s   at %d/s: p50 %s  p99 %s\n", e2eTput, *rate, e2eLat.p(50), e2eLat.p(99))
+	if *scaleRunners > 0 {
+		if err := scaleOut(bin, dir, rp.URL(), fmt.Sprintf("http://127.0.0.1:%d", base+1), cl, key); err != nil {
+			return fmt.Errorf("scale-out: %w", err)
+		}
+	}
 	fmt.Printf("p99 at %d/s e2e/raw-asynq: %.2f\n", *rate, float64(e2eLat.p(99))/float64(rawLat.p(99)))
 	fmt.Printf("ratio e2e/raw-asynq throughput: %.2f\n", e2eTput/rawTput)
 	return nil
@@ -302,6 +309,68 @@ func paced(n int, fn func()) {
 }
 
 const benchScript = `job := import("job"); job.result(job.args.i)`
+
+// sleepScript is the scale-out job: 100 ms of waiting, no CPU.
+const sleepScript = `job := import("job"); times := import("times"); times.sleep(100 * times.millisecond); job.result(job.args.i)`
+
+// scaleOut adds runners (each --concurrency workers) next to the one in
+// writ dev and runs 100 ms jobs: the ideal is runners × concurrency × 10
+// jobs/s.
+func scaleOut(bin, dir, redisURL, ledgerURL string, cl *coord.Client, k *keys.Key) error {
+	for i := 1; i < *scaleRunners; i++ {
+		cmd := exec.Command(bin, "runner", "--site", "local", "--node", fmt.Sprintf("bench-%d", i), "--redis", redisURL,
+			"--ledger", ledgerURL, "--listen", "", "--concurrency", fmt.Sprint(*concurrency), "--log-level", "warn")
+		logf, _ := os.Create(filepath.Join(dir, fmt.Sprintf("runner-%d.log", i)))
+		cmd.Stdout, cmd.Stderr = logf, logf
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		if err := cmd.Start(); err != nil {
+			return err
+		}
+		defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
+	}
+	time.Sleep(2 * time.Second) // let the runners connect
+	raws := make([][]byte, *scaleJobs)
+	now := time.Now()
+	for i := range raws {
+		j := envelope.NewJob("scale", sleepScript, "local", now)
+		j.Args = json.RawMessage(fmt.Sprintf(`{"i":%d}`, i))
+		env, err := j.Sign(k)
+		if err != nil {
+			return err
+		}
+		raws[i], _ = json.Marshal(env)
+	}
+	workers := *scaleRunners * *concurrency
+	ideal := float64(workers) * 10
+	var next atomic.Int64
+	var firstErr atomic.Value
+	var wg sync.WaitGroup
+	start := time.Now()
+	// Twice the workers in flight keeps every worker busy.
+	for w := 0; w < 2*workers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := next.Add(1) - 1
+				if i >= int64(len(raws)) {
+					return
+				}
+				if _, err := oneJob(cl, raws[i]); err != nil {
+					firstErr.CompareAndSwap(nil, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err, _ := firstErr.Load().(error); err != nil {
+		return err
+	}
+	got := float64(len(raws)) / time.Since(start).Seconds()
+	fmt.Printf("scale-out:  %d runners x %d workers on 100 ms jobs: %.0f jobs/s of %.0f ideal (%.0f%%)\n", *scaleRunners, *concurrency, got, ideal, 100*got/ideal)
+	return nil
+}
 
 // signAll signs n jobs before any clock starts.
 func signAll(k *keys.Key, n int) ([][]byte, error) {

@@ -296,7 +296,7 @@ func (c *jobListCmd) Run(ctx context.Context, _ []string) error {
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "ID\tNAME\tSITE\tSTATE\tATTEMPTS\tSUBMITTED\tREASON")
 	for _, j := range rep.Jobs {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", j.ID[:min(12, len(j.ID))], j.Name, j.Site, j.State, j.Attempts, j.SubmittedAt.Local().Format(time.DateTime), j.Reason)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", j.ID, j.Name, j.Site, j.State, j.Attempts, j.SubmittedAt.Local().Format(time.DateTime), j.Reason)
 	}
 	return tw.Flush()
 }
