@@ -109,8 +109,11 @@ func (r *Runner) Run(ctx context.Context) error {
 
 func (r *Runner) work(ctx context.Context) error {
 	return r.p.Redis.Work(ctx, queue.WorkerConfig{
-		// The node's own queue first: pinned jobs have nowhere else to go.
-		Queues:          map[string]int{queue.NodeQueue(r.p.Node): 2, queue.SiteQueue(r.p.Site): 1},
+		// asynq tries queues one at a time in weighted random order, one
+		// round trip each. The node queue is usually empty, so trying the
+		// site queue first more often saves a round trip per job; pinned
+		// jobs still get a third of the dequeues when both have work.
+		Queues:          map[string]int{queue.NodeQueue(r.p.Node): 1, queue.SiteQueue(r.p.Site): 2},
 		Concurrency:     r.p.Concurrency,
 		PollInterval:    r.p.PollInterval,
 		ShutdownTimeout: r.p.ShutdownTimeout,

@@ -342,6 +342,10 @@ func scaleOut(bin, dir, redisURL, ledgerURL string, cl *coord.Client, k *keys.Ke
 	}
 	workers := *scaleRunners * *concurrency
 	ideal := float64(workers) * 10
+	if *showStages {
+		stages = &stageTimes{}
+		defer func() { fmt.Printf("scale-out mean stage times: %s\n", stages); stages = nil }()
+	}
 	var next atomic.Int64
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
