@@ -100,13 +100,3 @@ func (c *keyShowCmd) Run(_ context.Context, args []string) error {
 	fmt.Printf("%s\nkey id: %s\n", k.AuthorizedKey(), k.ID)
 	return nil
 }
-
-func readFile(path string) ([]byte, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	return b, nil
-}
-
-func statFile(path string) (os.FileInfo, error) { return os.Stat(path) }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 
 	"github.com/spf13/cobra"
 
@@ -52,7 +53,7 @@ func (c *ledgerInitCmd) Run(ctx context.Context, _ []string) error {
 	if c.adminKey == "" {
 		return errors.New("--admin-key is required: the public key file of the first admin")
 	}
-	pub, err := readFile(c.adminKey)
+	pub, err := os.ReadFile(c.adminKey)
 	if err != nil {
 		return err
 	}
@@ -98,7 +99,7 @@ RFC 9421 HTTP Message Signatures by an admin's key.`,
 
 // Run serves the ledger until ctx ends.
 func (c *ledgerServeCmd) Run(ctx context.Context, _ []string) error {
-	if _, err := statFile(c.db); err != nil {
+	if _, err := os.Stat(c.db); err != nil {
 		return fmt.Errorf("ledger store %s: %w (create it with `writ ledger init`)", c.db, err)
 	}
 	store, err := sqlite.Open(ctx, c.db)
