@@ -346,32 +346,12 @@ func scaleOut(bin, dir, redisURL, ledgerURL string, cl *coord.Client, k *keys.Ke
 		stages = &stageTimes{}
 		defer func() { fmt.Printf("scale-out mean stage times: %s\n", stages); stages = nil }()
 	}
-	var next atomic.Int64
-	var firstErr atomic.Value
-	var wg sync.WaitGroup
-	start := time.Now()
 	// Twice the workers in flight keeps every worker busy.
-	for w := 0; w < 2*workers; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := next.Add(1) - 1
-				if i >= int64(len(raws)) {
-					return
-				}
-				if _, err := oneJob(cl, raws[i]); err != nil {
-					firstErr.CompareAndSwap(nil, err)
-					return
-				}
-			}
-		}()
-	}
-	wg.Wait()
-	if err, _ := firstErr.Load().(error); err != nil {
+	got, err := runAll(cl, raws, 2*workers)
+	if err != nil {
 		return err
 	}
-	got := float64(len(raws)) / time.Since(start).Seconds()
+
 	fmt.Printf("scale-out:  %d runners x %d workers on 100 ms jobs: %.0f jobs/s of %.0f ideal (%.0f%%)\n", *scaleRunners, *concurrency, got, ideal, 100*got/ideal)
 	return nil
 }
@@ -454,17 +434,23 @@ func e2eThroughput(cl *coord.Client, k *keys.Key, n int) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
+	return runAll(cl, raws, *inflight)
+}
+
+// runAll runs every envelope through coord with inflight at once and
+// returns jobs/s.
+func runAll(cl *coord.Client, raws [][]byte, inflight int) (float64, error) {
 	var next atomic.Int64
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
 	start := time.Now()
-	for w := 0; w < *inflight; w++ {
+	for w := 0; w < inflight; w++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			for {
 				i := next.Add(1) - 1
-				if i >= int64(n) {
+				if i >= int64(len(raws)) {
 					return
 				}
 				if _, err := oneJob(cl, raws[i]); err != nil {
@@ -478,7 +464,7 @@ func e2eThroughput(cl *coord.Client, k *keys.Key, n int) (float64, error) {
 	if err, _ := firstErr.Load().(error); err != nil {
 		return 0, err
 	}
-	return float64(n) / time.Since(start).Seconds(), nil
+	return float64(len(raws)) / time.Since(start).Seconds(), nil
 }
 
 // e2eAtRate submits at *rate jobs/s and returns submit→done latencies.
