@@ -7,7 +7,7 @@ LDFLAGS := -X main.version=$(VERSION)
 BIN := bin/writ
 DEV_DIR ?= .dev
 # System packages the tests and `writ dev` need.
-APT_PACKAGES := redis-server openssh-client
+APT_PACKAGES := redis-server openssh-client btrfs-progs
 
 .PHONY: help build test test-short dev bench lint generate tidy deps check-clean clean
 
