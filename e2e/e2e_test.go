@@ -459,3 +459,56 @@ func TestDev_Sample(t *testing.T) {
 		t.Errorf("env file = %q, %v", env, err)
 	}
 }
+
+// TestFleet_StorageScript: a signed script submitted with writ run creates
+// a volume, writes into it through the storage module, snapshots it and
+// reports usage, on a real btrfs pool.
+func TestFleet_StorageScript(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBinary(t, "mkfs.btrfs")
+	t.Parallel()
+	f := newFleet(t)
+	f.startSupervisor("local")
+	f.startCoord()
+	f.start("runner:pool", "runner", "--site", "local", "--node", "p1", "--redis", f.redis, "--ledger", f.ledger,
+		"--listen", "", "--pool-file", filepath.Join(f.dir, "pool.img"), "--pool-size", "1G", "--pool-mount", filepath.Join(f.dir, "pool"))
+	run := func(args ...string) []byte {
+		cmd := exec.Command(writBin, append([]string{"run", "../scripts/lib/volume.tengo", "--coord", f.coord,
+			"--key", filepath.Join(f.dir, "admin.key"), "--site", "local"}, args...)...)
+		out, err := cmd.Output()
+		if err != nil {
+			var stderr string
+			if ee, ok := err.(*exec.ExitError); ok {
+				stderr = string(ee.Stderr)
+			}
+			t.Fatalf("writ run volume.tengo %v: %v\n%s", args, err, stderr)
+		}
+		return out
+	}
+	var res struct {
+		Volume    string   `json:"volume"`
+		Limit     int64    `json:"limit"`
+		Used      int64    `json:"used"`
+		ReadBack  string   `json:"read_back"`
+		Snapshots []string `json:"snapshots"`
+		Pool      struct {
+			Total int64 `json:"total"`
+			Free  int64 `json:"free"`
+		} `json:"pool"`
+	}
+	for i := 0; i < 2; i++ { // the second run converges
+		out := run("--arg", "name=data", "--arg", "size=64M", "--arg", "content=stored by writ")
+		if err := json.Unmarshal(out, &res); err != nil {
+			t.Fatalf("result %s: %v", out, err)
+		}
+		if res.Volume != "data" || res.Limit != 64<<20 || res.ReadBack != "stored by writ" || len(res.Snapshots) != 1 || res.Pool.Total == 0 || res.Used == 0 {
+			t.Errorf("run %d: result = %+v", i+1, res)
+		}
+	}
+	// Stop the runner (it unmounts the pool) and check nothing is left.
+	f.stop(f.procs["runner:pool"], syscall.SIGTERM)
+	mounts, _ := os.ReadFile("/proc/self/mounts")
+	if strings.Contains(string(mounts), filepath.Join(f.dir, "pool")) {
+		t.Error("the pool is still mounted after the runner stopped")
+	}
+}

@@ -132,7 +132,14 @@ func newJobMap(rc *Run) *tengo.ImmutableMap {
 	return &tengo.ImmutableMap{Value: map[string]tengo.Object{
 		"__module_name__": &tengo.String{Value: "job"},
 		"result":          &tengo.UserFunction{Name: "result", Value: rc.setResult},
+		"fail":            &tengo.UserFunction{Name: "fail", Value: rc.fail},
 	}}
+}
+
+// fail is job.fail(message...): it stops the script and fails the job with
+// the message (not retried).
+func (rc *Run) fail(args ...tengo.Object) (tengo.Object, error) {
+	return nil, rc.Fail(&RuntimeError{Msg: "job.fail: " + joinArgs(args)})
 }
 
 // setResult is job.result(value): it records value (JSON-encodable, within
@@ -188,6 +195,19 @@ func toJSON(o tengo.Object) any {
 		return nil
 	}
 	return tengo.ToInterface(o)
+}
+
+func jsonMarshal(v any) ([]byte, error) { return json.Marshal(v) }
+
+// argsValue converts any JSON value to Tengo; integers stay integers.
+func argsValue(raw []byte) (tengo.Object, error) {
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, err
+	}
+	return fromJSON(v), nil
 }
 
 // argsObject converts the job's JSON args to a Tengo map; integers stay

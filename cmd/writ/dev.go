@@ -21,17 +21,20 @@ import (
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/ledger/store/sqlite"
 	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/sal/storage"
+	"github.com/writ-fleet/writ/scripts"
 )
 
 // devSite is the site `writ dev` runs.
 const devSite = "local"
 
 type devCmd struct {
-	dir, redis, sample string
-	basePort           int
-	concurrency        int
-	exitAfterSample    bool
-	log                *slog.Logger
+	dir, redis, sample, poolSize string
+	noPool                       bool
+	basePort                     int
+	concurrency                  int
+	exitAfterSample              bool
+	log                          *slog.Logger
 }
 
 func devCommand() *cobra.Command {
@@ -42,7 +45,9 @@ func devCommand() *cobra.Command {
 		Long: `Run a whole writ fleet on this machine, in one process, with embedded
 defaults: a SQLite ledger in DIR, coord, a supervisor for site "local", one
 runner, and a redis-server child process (data in DIR/redis) unless --redis
-names one. A dev admin key is created in DIR/admin.key on first start.
+names one. A dev admin key is created in DIR/admin.key on first start. As
+root it also mounts a loop-backed btrfs storage pool (DIR/pool.img, sparse)
+at DIR/pool for the scripts' storage module.
 
 When the fleet is ready, DIR/env holds the environment for client commands:
 
@@ -60,6 +65,8 @@ redis BASE+5 (BASE defaults to 7700).`,
 	cmd.Flags().StringVar(&c.redis, "redis", "", "use this Redis instead of starting redis-server")
 	cmd.Flags().IntVar(&c.basePort, "base-port", 7700, "ports are BASE+1 … BASE+5")
 	cmd.Flags().IntVar(&c.concurrency, "concurrency", 10, "runner concurrency")
+	cmd.Flags().StringVar(&c.poolSize, "pool-size", "8G", "size of the sparse storage pool file DIR/pool.img (as root)")
+	cmd.Flags().BoolVar(&c.noPool, "no-pool", false, "run without a storage pool")
 	cmd.Flags().StringVar(&c.sample, "sample", "", "when ready, run this script as a signed job and print its result")
 	cmd.Flags().BoolVar(&c.exitAfterSample, "exit-after-sample", false, "stop the fleet after --sample ran (exit status is the job's)")
 	return cmd
@@ -141,13 +148,31 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		lns[name] = ln
 	}
 
+	// Storage needs root (loop devices, mounts): as root the fleet gets a
+	// loop-backed pool in the data directory, unmounted on the way out.
+	var pool *storage.Pool
+	if os.Geteuid() == 0 && !c.noPool {
+		size, err := scripts.ParseSize(c.poolSize)
+		if err != nil {
+			return fmt.Errorf("--pool-size: %w", err)
+		}
+		pool, err = storage.Open(ctx, storage.Config{File: filepath.Join(dir, "pool.img"), Size: size, Mountpoint: filepath.Join(dir, "pool")})
+		if err != nil {
+			return fmt.Errorf("storage pool: %w (or run with --no-pool)", err)
+		}
+		defer pool.Close()
+		c.log.Info("storage pool mounted", "file", filepath.Join(dir, "pool.img"), "at", pool.Mountpoint())
+	} else {
+		c.log.Info("no storage pool: scripts' storage calls will fail (run writ dev as root for one)")
+	}
+
 	g, gctx := errgroup.WithContext(ctx)
 	ledgerURL := httpURL(ledgerAddr)
 	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store) })
 	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0) })
 	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency})
+		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool})
 	})
 
 	envFile := filepath.Join(dir, "env")

@@ -17,12 +17,14 @@ import (
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/runner"
+	"github.com/writ-fleet/writ/sal/storage"
 	"github.com/writ-fleet/writ/scripts"
 )
 
 type runnerCmd struct {
 	site, node, redis, ledger, listen string
 	concurrency, dequeuers            int
+	pool                              poolFlags
 	poll, trustTTL                    time.Duration
 	log                               *slog.Logger
 }
@@ -51,6 +53,7 @@ runners, more capacity. It serves /healthz, /readyz and /metrics on --listen.`,
 	cmd.Flags().DurationVar(&c.poll, "poll", queue.DefaultPollInterval, "how often an idle dequeuer asks Redis for work (lower: less idle latency, more idle Redis load)")
 	cmd.Flags().IntVar(&c.dequeuers, "dequeuers", queue.DefaultDequeuers, "parallel loops taking jobs from Redis (each polls when idle)")
 	trustTTLFlag(cmd, &c.trustTTL)
+	c.pool.add(cmd)
 	return cmd
 }
 
@@ -77,7 +80,15 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL})
+	pool, err := c.pool.open(ctx)
+	if err != nil {
+		return err
+	}
+	if pool != nil {
+		// Unmount on the way out (the pool's loop device goes with it).
+		defer pool.Close()
+	}
+	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, pool: pool})
 }
 
 // runnerParams are the runner's settings from flags.
@@ -85,13 +96,14 @@ type runnerParams struct {
 	ledgerURL, site, node  string
 	concurrency, dequeuers int
 	poll, trustTTL         time.Duration
+	pool                   *storage.Pool // nil: no storage on this node
 }
 
 func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, p runnerParams) error {
 	run, err := runner.New(runner.Params{
 		Site: p.site, Node: p.node, Redis: rdb,
 		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: p.ledgerURL}, TTL: p.trustTTL},
-		Scripts:      scripts.New(scripts.Config{}, nil),
+		Scripts:      scripts.New(scripts.Config{}, scripts.HostModules(p.pool)),
 		Log:          log.With("svc", "runner", "site", p.site, "node", p.node),
 		Metrics:      newRegistry(),
 		Concurrency:  p.concurrency,
@@ -112,4 +124,30 @@ func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queu
 		g.Go(func() error { return serve(ctx, ln, r) })
 	}
 	return g.Wait()
+}
+
+// poolFlags choose the node's storage pool.
+type poolFlags struct {
+	device, file, mount, size string
+	force                     bool
+}
+
+func (f *poolFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.device, "pool", "", "block device for the storage pool (formatted only if empty, or with --pool-force)")
+	cmd.Flags().StringVar(&f.file, "pool-file", "", "file for a loop-backed storage pool (development), created with --pool-size")
+	cmd.Flags().StringVar(&f.size, "pool-size", "20G", "size of a new --pool-file")
+	cmd.Flags().StringVar(&f.mount, "pool-mount", "/var/lib/writ/pool", "where the storage pool is mounted")
+	cmd.Flags().BoolVar(&f.force, "pool-force", false, "format --pool even if it holds data (destroys it)")
+}
+
+// open mounts the pool, or returns nil when none was asked for.
+func (f *poolFlags) open(ctx context.Context) (*storage.Pool, error) {
+	if f.device == "" && f.file == "" {
+		return nil, nil
+	}
+	size, err := scripts.ParseSize(f.size)
+	if err != nil {
+		return nil, fmt.Errorf("--pool-size: %w", err)
+	}
+	return storage.Open(ctx, storage.Config{Device: f.device, File: f.file, Size: size, Mountpoint: f.mount, Force: f.force})
 }

@@ -1,0 +1,214 @@
+package scripts
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/d5/tengo/v2"
+
+	"github.com/writ-fleet/writ/sal/storage"
+)
+
+// Storage is what the "storage" module needs from the node's pool;
+// *storage.Pool satisfies it.
+type Storage interface {
+	EnsureVolume(ctx context.Context, name string, limit int64) (storage.Volume, error)
+	ResizeVolume(ctx context.Context, name string, limit int64) (storage.Volume, error)
+	DeleteVolume(ctx context.Context, name string) error
+	Volume(ctx context.Context, name string) (storage.Volume, error)
+	Volumes(ctx context.Context) ([]storage.Volume, error)
+	WriteFile(vol, rel string, data []byte) error
+	ReadFile(vol, rel string, max int64) ([]byte, error)
+	Snapshot(ctx context.Context, vol, snap string) (string, error)
+	Snapshots(vol string) ([]string, error)
+	DeleteSnapshot(ctx context.Context, vol, snap string) error
+	Restore(ctx context.Context, vol, snap string) (storage.Volume, error)
+	Usage() (storage.Usage, error)
+	EnsureImage(ctx context.Context, url, sha string) (storage.Image, error)
+	EnsureClone(ctx context.Context, sha, name string, limit int64) (storage.Volume, error)
+}
+
+var _ Storage = (*storage.Pool)(nil)
+
+// maxRead bounds storage.read.
+const maxRead = 1 << 20
+
+// ParseSize reads a size such as 1048576, "512M", "10G" or "1.5T" (binary
+// units; "" or "0" mean no limit).
+func ParseSize(s string) (int64, error) {
+	s = strings.TrimSpace(strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(s, "iB"), "B")))
+	if s == "" {
+		return 0, nil
+	}
+	mult := int64(1)
+	switch s[len(s)-1] {
+	case 'K':
+		mult = 1 << 10
+	case 'M':
+		mult = 1 << 20
+	case 'G':
+		mult = 1 << 30
+	case 'T':
+		mult = 1 << 40
+	}
+	if mult > 1 {
+		s = s[:len(s)-1]
+	}
+	f, err := strconv.ParseFloat(s, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G or T", s)
+	}
+	return int64(f * float64(mult)), nil
+}
+
+// StorageModule returns the "storage" module over pool. With a nil pool
+// (a runner started without one) every call returns an error saying so.
+//
+//	storage.volume(name, size)        ensure a volume ("10G"; 0 or "" for no limit) → {name, path, limit, used}
+//	storage.resize(name, size)        change its limit
+//	storage.delete_volume(name)
+//	storage.volumes()                 → [{name, path, limit, used}, ...]
+//	storage.write(vol, path, data)    write a file inside a volume
+//	storage.read(vol, path)           → string (up to 1 MiB)
+//	storage.snapshot(vol, name)       read-only snapshot → path
+//	storage.snapshots(vol)            → [name, ...]
+//	storage.restore(vol, name)        → {name, path, limit, used}
+//	storage.delete_snapshot(vol, name)
+//	storage.usage()                   → {total, used, free} of the pool
+//	storage.image(url, sha256)        download once, verify → {sha256, path, size}
+//	storage.clone(sha256, name, size) writable snapshot of an image → volume
+//
+// Failures come back as error values, for the script to check with
+// is_error(); a script that wants its job to fail calls job.fail.
+func StorageModule(pool Storage) Module {
+	return func(rc *Run) map[string]tengo.Object {
+		call := func(name string, n int, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
+			return Func(name, func(args ...tengo.Object) (tengo.Object, error) {
+				if len(args) != n {
+					return nil, fmt.Errorf("storage.%s takes %d arguments, got %d", name, n, len(args))
+				}
+				if pool == nil {
+					return errValue(errors.New("this runner has no storage pool (start it with --pool or --pool-file)")), nil
+				}
+				v, err := fn(rc.Context(), args)
+				if err != nil {
+					return errValue(err), nil
+				}
+				return toObject(v)
+			})
+		}
+		str := func(o tengo.Object) string { s, _ := tengo.ToString(o); return s }
+		size := func(o tengo.Object) (int64, error) {
+			if i, ok := o.(*tengo.Int); ok {
+				return i.Value, nil
+			}
+			return ParseSize(str(o))
+		}
+		return map[string]tengo.Object{
+			"volume": call("volume", 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				limit, err := size(a[1])
+				if err != nil {
+					return nil, err
+				}
+				return pool.EnsureVolume(ctx, str(a[0]), limit)
+			}),
+			"resize": call("resize", 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				limit, err := size(a[1])
+				if err != nil {
+					return nil, err
+				}
+				return pool.ResizeVolume(ctx, str(a[0]), limit)
+			}),
+			"delete_volume": call("delete_volume", 1, func(ctx context.Context, a []tengo.Object) (any, error) {
+				return true, pool.DeleteVolume(ctx, str(a[0]))
+			}),
+			"volumes": call("volumes", 0, func(ctx context.Context, _ []tengo.Object) (any, error) {
+				vols, err := pool.Volumes(ctx)
+				if vols == nil {
+					vols = []storage.Volume{}
+				}
+				return vols, err
+			}),
+			"write": call("write", 3, func(ctx context.Context, a []tengo.Object) (any, error) {
+				var data []byte
+				if b, ok := a[2].(*tengo.Bytes); ok {
+					data = b.Value
+				} else {
+					data = []byte(str(a[2]))
+				}
+				return len(data), pool.WriteFile(str(a[0]), str(a[1]), data)
+			}),
+			"read": call("read", 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				b, err := pool.ReadFile(str(a[0]), str(a[1]), maxRead)
+				return string(b), err
+			}),
+			"snapshot": call("snapshot", 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				return pool.Snapshot(ctx, str(a[0]), str(a[1]))
+			}),
+			"snapshots": call("snapshots", 1, func(ctx context.Context, a []tengo.Object) (any, error) {
+				snaps, err := pool.Snapshots(str(a[0]))
+				if snaps == nil {
+					snaps = []string{}
+				}
+				return snaps, err
+			}),
+			"restore": call("restore", 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				return pool.Restore(ctx, str(a[0]), str(a[1]))
+			}),
+			"delete_snapshot": call("delete_snapshot", 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				return true, pool.DeleteSnapshot(ctx, str(a[0]), str(a[1]))
+			}),
+			"usage": call("usage", 0, func(ctx context.Context, _ []tengo.Object) (any, error) {
+				return pool.Usage()
+			}),
+			"image": call("image", 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				return pool.EnsureImage(ctx, str(a[0]), str(a[1]))
+			}),
+			"clone": call("clone", 3, func(ctx context.Context, a []tengo.Object) (any, error) {
+				limit, err := size(a[2])
+				if err != nil {
+					return nil, err
+				}
+				return pool.EnsureClone(ctx, str(a[0]), str(a[1]), limit)
+			}),
+		}
+	}
+}
+
+func errValue(err error) tengo.Object {
+	return &tengo.Error{Value: &tengo.String{Value: err.Error()}}
+}
+
+// toObject converts a Go result (a struct with JSON tags, a slice, a
+// string...) to a Tengo value through its JSON form.
+func toObject(v any) (tengo.Object, error) {
+	switch x := v.(type) {
+	case string:
+		return &tengo.String{Value: x}, nil
+	case bool:
+		if x {
+			return tengo.TrueValue, nil
+		}
+		return tengo.FalseValue, nil
+	case int:
+		return &tengo.Int{Value: int64(x)}, nil
+	}
+	raw, err := jsonMarshal(v)
+	if err != nil {
+		return nil, err
+	}
+	return argsValue(raw)
+}
+
+// HostModules returns the modules of the node's host layers, over the given
+// pool (nil for none). The supervisor registers them without a pool, so
+// scripts that import them compile there.
+func HostModules(pool Storage) map[string]Module {
+	if p, ok := pool.(*storage.Pool); ok && p == nil {
+		pool = nil
+	}
+	return map[string]Module{"storage": StorageModule(pool)}
+}
