@@ -237,7 +237,8 @@ func (p *Pool) Images() ([]Image, error) {
 // whose file is ImageFile inside the volume. It takes constant time and no
 // extra space whatever the image's size; blocks are copied only when
 // written. A volume that exists already is kept as it is (it may have been
-// written to), with limit applied.
+// written to), with limit applied (0: none). The returned Volume does not
+// report Used (that needs a quota sync; ask Volume for it).
 func (p *Pool) EnsureClone(ctx context.Context, sha, name string, limit int64) (Volume, error) {
 	if err := checkName("volume", name); err != nil {
 		return Volume{}, err
@@ -247,10 +248,19 @@ func (p *Pool) EnsureClone(ctx context.Context, sha, name string, limit int64) (
 		return Volume{}, fmt.Errorf("storage: image %s: %w (EnsureImage first)", sha, ErrNotFound)
 	}
 	path := p.volumePath(name)
+	created := false
 	if !exists(path) {
 		if err := btrfs.SubvolSnapshot(path, filepath.Dir(img.Path), false); err != nil {
 			return Volume{}, fmt.Errorf("storage: clone image %s into %s: %w", sha, name, err)
 		}
+		created = true
 	}
-	return p.EnsureVolume(ctx, name, limit)
+	// A new snapshot has no limit; set one only when asked, or when an
+	// existing volume may carry another.
+	if limit > 0 || !created {
+		if err := p.setLimit(ctx, path, limit); err != nil {
+			return Volume{}, err
+		}
+	}
+	return Volume{Name: name, Path: path, Limit: limit}, nil
 }
