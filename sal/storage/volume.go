@@ -299,6 +299,16 @@ func (p *Pool) Restore(ctx context.Context, vol, snap string) (Volume, error) {
 	return p.Volume(ctx, vol)
 }
 
+// cleanRel checks that rel is a plain relative path: no "..", no leading
+// "/", nothing to clean.
+func cleanRel(vol, rel string) (string, error) {
+	clean := filepath.Clean("/" + rel)[1:]
+	if clean == "" || clean != rel {
+		return "", fmt.Errorf("storage: path %q inside volume %s: %w (use a plain relative path)", rel, vol, ErrInvalidName)
+	}
+	return clean, nil
+}
+
 // openIn opens rel inside the volume without following symlinks or
 // leaving the volume (openat2 with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS).
 func (p *Pool) openIn(vol, rel string, flags int, mode uint32) (*os.File, error) {
@@ -313,9 +323,9 @@ func (p *Pool) openIn(vol, rel string, flags int, mode uint32) (*os.File, error)
 		return nil, fmt.Errorf("storage: %w", err)
 	}
 	defer root.Close()
-	clean := filepath.Clean("/" + rel)[1:]
-	if clean == "" || clean != rel {
-		return nil, fmt.Errorf("storage: path %q inside volume %s: %w (use a plain relative path)", rel, vol, ErrInvalidName)
+	clean, err := cleanRel(vol, rel)
+	if err != nil {
+		return nil, err
 	}
 	fd, err := unix.Openat2(int(root.Fd()), clean, &unix.OpenHow{
 		Flags:   uint64(flags | unix.O_CLOEXEC),
@@ -329,10 +339,22 @@ func (p *Pool) openIn(vol, rel string, flags int, mode uint32) (*os.File, error)
 }
 
 // WriteFile writes data to rel inside a volume (creating or replacing it).
-// Writing past the volume's size limit fails with an error wrapping
-// ErrQuota, and the volume keeps what was there before.
+// The data goes to a temporary file renamed over rel only once complete, so
+// a failed write (past the volume's size limit: an error wrapping ErrQuota)
+// leaves the volume as it was.
 func (p *Pool) WriteFile(vol, rel string, data []byte) error {
-	f, err := p.openIn(vol, rel, unix.O_WRONLY|unix.O_CREAT|unix.O_TRUNC, 0o644)
+	if _, err := cleanRel(vol, rel); err != nil {
+		return err
+	}
+	// rel must not be a symlink (or lead through one); a missing rel is a
+	// new file.
+	if f, err := p.openIn(vol, rel, unix.O_PATH, 0); err == nil {
+		f.Close()
+	} else if !errors.Is(err, unix.ENOENT) {
+		return err
+	}
+	tmpRel := filepath.Join(filepath.Dir(rel), ".writ-tmp-"+strconv.FormatInt(time.Now().UnixNano(), 36)+"-"+filepath.Base(rel))
+	f, err := p.openIn(vol, tmpRel, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL, 0o644)
 	if err != nil {
 		return err
 	}
@@ -340,9 +362,14 @@ func (p *Pool) WriteFile(vol, rel string, data []byte) error {
 	if werr == nil {
 		werr = f.Sync()
 	}
-	cerr := f.Close()
-	if werr == nil {
+	if cerr := f.Close(); werr == nil {
 		werr = cerr
+	}
+	if werr == nil {
+		werr = os.Rename(f.Name(), filepath.Join(p.volumePath(vol), rel))
+	}
+	if werr != nil {
+		os.Remove(f.Name())
 	}
 	if errors.Is(werr, unix.EDQUOT) {
 		return fmt.Errorf("storage: write %s in volume %s: %w (%d bytes did not fit)", rel, vol, ErrQuota, len(data))
