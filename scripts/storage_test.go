@@ -1,0 +1,81 @@
+package scripts
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/writ-fleet/writ/sal/storage"
+)
+
+// TestStorageModule_VolumeScript runs scripts/lib/volume.tengo against the
+// in-memory storage fake.
+func TestStorageModule_VolumeScript(t *testing.T) {
+	src, err := os.ReadFile("lib/volume.tengo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := storage.NewFake(1 << 30)
+	e := New(Config{}, HostModules(fake))
+	run := func(args string) (Output, error) {
+		return e.Run(context.Background(), string(src), Input{JobID: "j", Args: []byte(args)})
+	}
+	out, err := run(`{"name":"data","size":"64M","content":"hi there"}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var res struct {
+		Volume    string   `json:"volume"`
+		Limit     int64    `json:"limit"`
+		Used      int64    `json:"used"`
+		ReadBack  string   `json:"read_back"`
+		Snapshots []string `json:"snapshots"`
+		Pool      struct{ Total int64 } `json:"pool"`
+	}
+	if err := json.Unmarshal(out.Result, &res); err != nil {
+		t.Fatalf("result %s: %v", out.Result, err)
+	}
+	if res.Volume != "data" || res.Limit != 64<<20 || res.ReadBack != "hi there" || res.Used != 8 || len(res.Snapshots) != 1 || res.Pool.Total != 1<<30 {
+		t.Errorf("result = %+v", res)
+	}
+	// Bad input fails the job with a message that says what is wrong.
+	for _, tc := range []struct{ args, want string }{
+		{`{}`, "args.name is required"},
+		{`{"name":"../x"}`, "invalid name"},
+		{`{"name":"tiny","size":"1K","content":"` + strings.Repeat("x", 2000) + `"}`, "volume size limit reached"},
+	} {
+		_, err := run(tc.args)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("volume.tengo %s = %v, want an error mentioning %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+func TestStorageModule_NoPool(t *testing.T) {
+	e := New(Config{}, HostModules(nil))
+	out, err := e.Run(context.Background(), `storage := import("storage"); job := import("job"); v := storage.volume("x", "1G"); job.result(is_error(v) ? string(v.value) : "no error")`, Input{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(out.Result), "no storage pool") {
+		t.Errorf("result = %s, want the no-pool message", out.Result)
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want int64
+		bad  bool
+	}{
+		{"", 0, false}, {"0", 0, false}, {"1024", 1024, false}, {"512M", 512 << 20, false},
+		{"10G", 10 << 30, false}, {"1.5T", 3 << 39, false}, {"2GiB", 2 << 30, false}, {"-1G", 0, true}, {"lots", 0, true},
+	} {
+		got, err := ParseSize(tc.in)
+		if (err != nil) != tc.bad || got != tc.want {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d (error %v)", tc.in, got, err, tc.want, tc.bad)
+		}
+	}
+}
