@@ -27,11 +27,11 @@ func TestStorageModule_VolumeScript(t *testing.T) {
 		t.Fatal(err)
 	}
 	var res struct {
-		Volume    string   `json:"volume"`
-		Limit     int64    `json:"limit"`
-		Used      int64    `json:"used"`
-		ReadBack  string   `json:"read_back"`
-		Snapshots []string `json:"snapshots"`
+		Volume    string                `json:"volume"`
+		Limit     int64                 `json:"limit"`
+		Used      int64                 `json:"used"`
+		ReadBack  string                `json:"read_back"`
+		Snapshots []string              `json:"snapshots"`
 		Pool      struct{ Total int64 } `json:"pool"`
 	}
 	if err := json.Unmarshal(out.Result, &res); err != nil {
