@@ -237,8 +237,10 @@ func (p *Pool) Images() ([]Image, error) {
 // whose file is ImageFile inside the volume. It takes constant time and no
 // extra space whatever the image's size; blocks are copied only when
 // written. A volume that exists already is kept as it is (it may have been
-// written to), with limit applied (0: none). The returned Volume does not
-// report Used (that needs a quota sync; ask Volume for it).
+// written to), with limit applied (0: none). With simple quotas (Linux
+// 6.7+, see enableQuota) a clone's usage and limit count only what the
+// clone writes itself: the image's blocks belong to the image. The returned
+// Volume does not report Used (that needs a quota sync; ask Volume for it).
 func (p *Pool) EnsureClone(ctx context.Context, sha, name string, limit int64) (Volume, error) {
 	if err := checkName("volume", name); err != nil {
 		return Volume{}, err
