@@ -1,16 +1,21 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -505,8 +510,59 @@ func TestFleet_StorageScript(t *testing.T) {
 			t.Errorf("run %d: result = %+v", i+1, res)
 		}
 	}
-	// Stop the runner (it unmounts the pool) and check nothing is left.
+	// Ten concurrent jobs ask for the same image: it is downloaded once.
+	img := make([]byte, 4<<20)
+	for i := range img {
+		img[i] = byte(i * 31)
+	}
+	sum := sha256.Sum256(img)
+	sha := hex.EncodeToString(sum[:])
+	var downloads atomic.Int64
+	imgSrv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		downloads.Add(1)
+		time.Sleep(200 * time.Millisecond) // keep the jobs overlapping
+		http.ServeContent(w, r, "disk.img", time.Time{}, bytes.NewReader(img))
+	}))
+	defer imgSrv.Close()
+	script := fmt.Sprintf(`job := import("job"); storage := import("storage")
+img := storage.image(%q, %q)
+if is_error(img) { job.fail(img.value) }
+job.result(img.size)`, imgSrv.URL+"/disk.img", sha)
+	var ids []string
+	for i := 0; i < 10; i++ {
+		raw := rawEnvelope(t, envelope.NewJob(fmt.Sprintf("image-%d", i), script, "local", time.Now()), f.admin)
+		rep, err := f.client().Submit(context.Background(), raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, rep.ID)
+	}
+	for _, id := range ids {
+		if j := f.waitJob(id, time.Minute); j.State != queue.StateSucceeded || string(j.Result) != fmt.Sprint(len(img)) {
+			t.Errorf("image job = %s %s (%s)", j.State, j.Result, j.Error)
+		}
+	}
+	if n := downloads.Load(); n != 1 {
+		t.Errorf("ten jobs downloaded the image %d times, want once", n)
+	}
+
+	// Restart the runner: the pool, its volume and its image are found again.
+	poolArgs := []string{"runner", "--site", "local", "--node", "p1", "--redis", f.redis, "--ledger", f.ledger,
+		"--listen", "", "--pool-file", filepath.Join(f.dir, "pool.img"), "--pool-size", "1G", "--pool-mount", filepath.Join(f.dir, "pool")}
 	f.stop(f.procs["runner:pool"], syscall.SIGTERM)
+	f.start("runner:pool2", poolArgs...)
+	check := rawEnvelope(t, envelope.NewJob("after-restart", fmt.Sprintf(`job := import("job"); storage := import("storage")
+job.result({volumes: len(storage.volumes()), image: storage.image("http://127.0.0.1:1/unreachable", %q).size, state: storage.read("data", "hello.txt")})`, sha), "local", time.Now()), f.admin)
+	rep, err := f.client().Submit(context.Background(), check)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if j := f.waitJob(rep.ID, time.Minute); j.State != queue.StateSucceeded || !strings.Contains(string(j.Result), `"state":"stored by writ"`) || !strings.Contains(string(j.Result), `"volumes":1`) || !strings.Contains(string(j.Result), fmt.Sprint(len(img))) {
+		t.Errorf("after the restart: %s %s (%s)", j.State, j.Result, j.Error)
+	}
+
+	// Stop the runner (it unmounts the pool) and check nothing is left.
+	f.stop(f.procs["runner:pool2"], syscall.SIGTERM)
 	mounts, _ := os.ReadFile("/proc/self/mounts")
 	if strings.Contains(string(mounts), filepath.Join(f.dir, "pool")) {
 		t.Error("the pool is still mounted after the runner stopped")

@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // imageServer serves data with range support; the first request is cut
@@ -126,15 +128,23 @@ func TestPool_EnsureImage_Resume(t *testing.T) {
 	}
 }
 
+// TestPool_EnsureClone clones a 2 GiB image (64 MiB with -short) into ten
+// VM disks.
 func TestPool_EnsureClone(t *testing.T) {
-	p, _ := newPool(t)
+	p, _ := newPoolSized(t, 6<<30)
 	ctx := context.Background()
-	data, sha := randomImage(t, 64<<20)
+	size := 2 << 30
+	if testing.Short() {
+		size = 64 << 20
+	}
+	data, sha := randomImage(t, size)
 	hs := httptest.NewServer(&imageServer{data: data})
 	defer hs.Close()
 	if _, err := p.EnsureImage(ctx, hs.URL+"/disk.img", sha); err != nil {
 		t.Fatal(err)
 	}
+	// Let the download's own writes settle before measuring.
+	unix.Sync()
 	before, _ := p.Usage()
 	for i := 0; i < 10; i++ {
 		v, err := p.EnsureClone(ctx, sha, "disk-"+strconv.Itoa(i), 0)

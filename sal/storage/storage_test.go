@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,10 +18,15 @@ import (
 // failed or not.
 func newPool(t *testing.T) (*Pool, Config) {
 	t.Helper()
+	return newPoolSized(t, 1<<30)
+}
+
+func newPoolSized(t *testing.T, size int64) (*Pool, Config) {
+	t.Helper()
 	testenv.RequireRoot(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	dir := t.TempDir()
-	cfg := Config{File: filepath.Join(dir, "pool.img"), Size: 1 << 30, Mountpoint: filepath.Join(dir, "mnt")}
+	cfg := Config{File: filepath.Join(dir, "pool.img"), Size: size, Mountpoint: filepath.Join(dir, "mnt")}
 	p, err := Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -171,6 +177,12 @@ func TestPool_Reopen(t *testing.T) {
 	ctx := context.Background()
 	p.EnsureVolume(ctx, "keep", 8<<20)
 	p.WriteFile("keep", "f", []byte("still here"))
+	data, sha := randomImage(t, 1<<20)
+	hs := httptest.NewServer(&imageServer{data: data})
+	defer hs.Close()
+	if _, err := p.EnsureImage(ctx, hs.URL, sha); err != nil {
+		t.Fatal(err)
+	}
 	// Already mounted: Open uses the mount as it is.
 	p2, err := Open(ctx, cfg)
 	if err != nil {
@@ -190,6 +202,9 @@ func TestPool_Reopen(t *testing.T) {
 	}
 	if v, err := p3.Volume(ctx, "keep"); err != nil || v.Limit != 8<<20 {
 		t.Errorf("volume after reopen = %+v, %v", v, err)
+	}
+	if imgs, err := p3.Images(); err != nil || len(imgs) != 1 || imgs[0].SHA256 != sha {
+		t.Errorf("images after reopen = %+v, %v", imgs, err)
 	}
 }
 
