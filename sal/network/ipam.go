@@ -20,12 +20,8 @@ import (
 	"sort"
 
 	"golang.org/x/sys/unix"
-)
 
-// Errors callers can test for.
-var (
-	ErrExhausted   = errors.New("no free address")
-	ErrInvalidName = errors.New("invalid name")
+	"github.com/writ-fleet/writ/internal/atomicfile"
 )
 
 // maxIfName is the kernel's interface name limit (IFNAMSIZ - 1).
@@ -89,7 +85,7 @@ func (a *IPAM) Gateway() netip.Addr { return a.subnet.Addr().Next() }
 func (a *IPAM) Subnet() netip.Prefix { return a.subnet }
 
 // with runs fn on the state under an exclusive lock and saves it when fn
-// says so (atomically: temporary file, fsync, rename).
+// says so (atomically, so a crash never leaves a torn file).
 func (a *IPAM) with(fn func(st *ipamState) (save bool, err error)) error {
 	if err := os.MkdirAll(filepath.Dir(a.path), 0o755); err != nil {
 		return fmt.Errorf("network: ipam: %w", err)
@@ -121,20 +117,14 @@ func (a *IPAM) with(fn func(st *ipamState) (save bool, err error)) error {
 	if err != nil || !save {
 		return err
 	}
-	data, _ := json.MarshalIndent(st, "", "  ")
-	tmp := a.path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	data, err := json.MarshalIndent(st, "", "  ")
 	if err != nil {
 		return fmt.Errorf("network: ipam: %w", err)
 	}
-	if _, err := f.Write(data); err == nil {
-		err = f.Sync()
-	}
-	f.Close()
-	if err != nil {
+	if err := atomicfile.WriteFile(a.path, data, 0o644); err != nil {
 		return fmt.Errorf("network: ipam: %w", err)
 	}
-	return os.Rename(tmp, a.path)
+	return nil
 }
 
 // Allocate returns owner's address, allocating the lowest free one (not
