@@ -267,7 +267,8 @@ func render(chains []chainSpec) string {
 		if cs.policy == nftables.ChainPolicyDrop {
 			policy = "drop"
 		}
-		fmt.Fprintf(&b, "chain %s { type %s hook %d priority %d; policy %s }\n", cs.name, cs.typ, cs.hook, cs.priority, policy)
+		hook := map[nftables.ChainHook]string{*nftables.ChainHookPrerouting: "prerouting", *nftables.ChainHookInput: "input", *nftables.ChainHookForward: "forward", *nftables.ChainHookOutput: "output", *nftables.ChainHookPostrouting: "postrouting"}[cs.hook]
+		fmt.Fprintf(&b, "chain %s { type %s hook %s priority %d; policy %s }\n", cs.name, cs.typ, hook, cs.priority, policy)
 		for _, r := range cs.rules {
 			fmt.Fprintf(&b, "  rule # %s\n", r.comment)
 			for _, e := range r.exprs {
@@ -283,6 +284,9 @@ func renderExpr(e expr.Any) string {
 	case *expr.Meta:
 		return fmt.Sprintf("meta load %s => reg %d", metaKeys[x.Key], x.Register)
 	case *expr.Cmp:
+		if name := strings.TrimRight(string(x.Data), "\x00"); len(x.Data) == unix.IFNAMSIZ && name != "" && strings.Trim(name, "abcdefghijklmnopqrstuvwxyz0123456789-_.") == "" {
+			return fmt.Sprintf("cmp %s reg %d %q", cmpOps[x.Op], x.Register, name)
+		}
 		return fmt.Sprintf("cmp %s reg %d 0x%s", cmpOps[x.Op], x.Register, hex.EncodeToString(x.Data))
 	case *expr.Payload:
 		base := map[expr.PayloadBase]string{expr.PayloadBaseLLHeader: "link", expr.PayloadBaseNetworkHeader: "network", expr.PayloadBaseTransportHeader: "transport"}[x.Base]
