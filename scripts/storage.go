@@ -9,6 +9,7 @@ import (
 
 	"github.com/d5/tengo/v2"
 
+	"github.com/writ-fleet/writ/sal/network"
 	"github.com/writ-fleet/writ/sal/storage"
 )
 
@@ -85,22 +86,13 @@ func ParseSize(s string) (int64, error) {
 // is_error(); a script that wants its job to fail calls job.fail.
 func StorageModule(pool Storage) Module {
 	return func(rc *Run) map[string]tengo.Object {
-		call := func(name string, n int, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
-			return Func(name, func(args ...tengo.Object) (tengo.Object, error) {
-				if len(args) != n {
-					return nil, fmt.Errorf("storage.%s takes %d arguments, got %d", name, n, len(args))
-				}
-				if pool == nil {
-					return errValue(errors.New("this runner has no storage pool (start it with --pool or --pool-file)")), nil
-				}
-				v, err := fn(rc.Context(), args)
-				if err != nil {
-					return errValue(err), nil
-				}
-				return toObject(v)
-			})
+		var unavailable error
+		if pool == nil {
+			unavailable = errors.New("this runner has no storage pool (start it with --pool or --pool-file)")
 		}
-		str := func(o tengo.Object) string { s, _ := tengo.ToString(o); return s }
+		call := func(name string, n int, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
+			return hostFunc(rc, "storage", name, n, n, unavailable, fn)
+		}
 		size := func(o tengo.Object) (int64, error) {
 			if i, ok := o.(*tengo.Int); ok {
 				return i.Value, nil
@@ -203,12 +195,48 @@ func toObject(v any) (tengo.Object, error) {
 	return argsValue(raw)
 }
 
-// HostModules returns the modules of the node's host layers, over the given
-// pool (nil for none). The supervisor registers them without a pool, so
-// scripts that import them compile there.
-func HostModules(pool Storage) map[string]Module {
-	if p, ok := pool.(*storage.Pool); ok && p == nil {
-		pool = nil
+// hostFunc is a module function over a host layer: it checks the number
+// of arguments (a script bug, so a run error), reports unavailable (a
+// runner without that layer) or fn's failure as an error value the script
+// can check with is_error, and converts fn's result to Tengo.
+func hostFunc(rc *Run, module, name string, minArgs, maxArgs int, unavailable error, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
+	return Func(name, func(args ...tengo.Object) (tengo.Object, error) {
+		if len(args) < minArgs || len(args) > maxArgs {
+			want := fmt.Sprint(minArgs)
+			if maxArgs > minArgs {
+				want = fmt.Sprintf("%d to %d", minArgs, maxArgs)
+			}
+			return nil, fmt.Errorf("%s.%s takes %s arguments, got %d", module, name, want, len(args))
+		}
+		if unavailable != nil {
+			return errValue(unavailable), nil
+		}
+		v, err := fn(rc.Context(), args)
+		if err != nil {
+			return errValue(err), nil
+		}
+		return toObject(v)
+	})
+}
+
+func str(o tengo.Object) string { s, _ := tengo.ToString(o); return s }
+
+// Layers are the node's host layers the script modules act on. A nil
+// field means the node lacks that layer: its module is still importable
+// (so scripts compile, at the supervisor too) and every call returns an
+// error value saying why.
+type Layers struct {
+	Storage Storage
+	Network Network
+}
+
+// HostModules returns the modules of the node's host layers.
+func HostModules(l Layers) map[string]Module {
+	if p, ok := l.Storage.(*storage.Pool); ok && p == nil {
+		l.Storage = nil
 	}
-	return map[string]Module{"storage": StorageModule(pool)}
+	if h, ok := l.Network.(*network.Host); ok && h == nil {
+		l.Network = nil
+	}
+	return map[string]Module{"storage": StorageModule(l.Storage), "net": NetworkModule(l.Network)}
 }

@@ -18,7 +18,7 @@ func TestStorageModule_VolumeScript(t *testing.T) {
 		t.Fatal(err)
 	}
 	fake := storage.NewFake(1 << 30)
-	e := New(Config{}, HostModules(fake))
+	e := New(Config{}, HostModules(Layers{Storage: fake}))
 	run := func(args string) (Output, error) {
 		return e.Run(context.Background(), string(src), Input{JobID: "j", Args: []byte(args)})
 	}
@@ -54,7 +54,7 @@ func TestStorageModule_VolumeScript(t *testing.T) {
 }
 
 func TestStorageModule_NoPool(t *testing.T) {
-	e := New(Config{}, HostModules(nil))
+	e := New(Config{}, HostModules(Layers{}))
 	out, err := e.Run(context.Background(), `storage := import("storage"); job := import("job"); v := storage.volume("x", "1G"); job.result(is_error(v) ? string(v.value) : "no error")`, Input{})
 	if err != nil {
 		t.Fatal(err)

@@ -31,6 +31,8 @@ const devSite = "local"
 type devCmd struct {
 	dir, redis, sample, poolSize string
 	noPool                       bool
+	net                          netFlags
+	args                         []string
 	basePort                     int
 	concurrency                  int
 	exitAfterSample              bool
@@ -47,7 +49,8 @@ defaults: a SQLite ledger in DIR, coord, a supervisor for site "local", one
 runner, and a redis-server child process (data in DIR/redis) unless --redis
 names one. A dev admin key is created in DIR/admin.key on first start. As
 root it also mounts a loop-backed btrfs storage pool (DIR/pool.img, sparse)
-at DIR/pool for the scripts' storage module.
+at DIR/pool for the scripts' storage module, and manages networks (bridges,
+taps, nftables table "inet writ") for the net module, with state in DIR/net.
 
 When the fleet is ready, DIR/env holds the environment for client commands:
 
@@ -67,6 +70,8 @@ redis BASE+5 (BASE defaults to 7700).`,
 	cmd.Flags().IntVar(&c.concurrency, "concurrency", 10, "runner concurrency")
 	cmd.Flags().StringVar(&c.poolSize, "pool-size", "8G", "size of the sparse storage pool file DIR/pool.img (as root)")
 	cmd.Flags().BoolVar(&c.noPool, "no-pool", false, "run without a storage pool")
+	c.net.add(cmd, "")
+	cmd.Flags().StringArrayVar(&c.args, "arg", nil, "argument for --sample, KEY=VALUE (repeatable; default who=writ dev)")
 	cmd.Flags().StringVar(&c.sample, "sample", "", "when ready, run this script as a signed job and print its result")
 	cmd.Flags().BoolVar(&c.exitAfterSample, "exit-after-sample", false, "stop the fleet after --sample ran (exit status is the job's)")
 	return cmd
@@ -166,13 +171,21 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		c.log.Info("no storage pool: scripts' storage calls will fail (run writ dev as root for one)")
 	}
 
+	if c.net.state == "" {
+		c.net.state = filepath.Join(dir, "net")
+	}
+	host, err := c.net.open(ctx, c.log)
+	if err != nil {
+		return fmt.Errorf("network layer: %w", err)
+	}
+
 	g, gctx := errgroup.WithContext(ctx)
 	ledgerURL := httpURL(ledgerAddr)
 	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store) })
 	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0) })
 	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool})
+		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host})
 	})
 
 	envFile := filepath.Join(dir, "env")
@@ -201,7 +214,10 @@ Stop with Ctrl-C.
 		}
 		r := &runCmd{coord: httpURL(coordAddr)}
 		r.key, r.site, r.timeout, r.valid, r.maxRetries = keyPath, devSite, time.Minute, time.Hour, 3
-		r.args = []string{"who=writ dev"}
+		r.args = c.args
+		if len(r.args) == 0 {
+			r.args = []string{"who=writ dev"}
+		}
 		err := r.Run(gctx, []string{c.sample})
 		if c.exitAfterSample {
 			if err == nil {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -17,6 +18,7 @@ import (
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/runner"
+	"github.com/writ-fleet/writ/sal/network"
 	"github.com/writ-fleet/writ/sal/storage"
 	"github.com/writ-fleet/writ/scripts"
 )
@@ -25,6 +27,7 @@ type runnerCmd struct {
 	site, node, redis, ledger, listen string
 	concurrency, dequeuers            int
 	pool                              poolFlags
+	net                               netFlags
 	poll, trustTTL                    time.Duration
 	log                               *slog.Logger
 }
@@ -54,6 +57,7 @@ runners, more capacity. It serves /healthz, /readyz and /metrics on --listen.`,
 	cmd.Flags().IntVar(&c.dequeuers, "dequeuers", queue.DefaultDequeuers, "parallel loops taking jobs from Redis (each polls when idle)")
 	trustTTLFlag(cmd, &c.trustTTL)
 	c.pool.add(cmd)
+	c.net.add(cmd, "/var/lib/writ/net")
 	return cmd
 }
 
@@ -88,7 +92,11 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		// Unmount on the way out (the pool's loop device goes with it).
 		defer pool.Close()
 	}
-	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, pool: pool})
+	host, err := c.net.open(ctx, c.log)
+	if err != nil {
+		return err
+	}
+	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, pool: pool, net: host})
 }
 
 // runnerParams are the runner's settings from flags.
@@ -97,13 +105,14 @@ type runnerParams struct {
 	concurrency, dequeuers int
 	poll, trustTTL         time.Duration
 	pool                   *storage.Pool // nil: no storage on this node
+	net                    *network.Host // nil: no networking on this node
 }
 
 func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, p runnerParams) error {
 	run, err := runner.New(runner.Params{
 		Site: p.site, Node: p.node, Redis: rdb,
 		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: p.ledgerURL}, TTL: p.trustTTL},
-		Scripts:      scripts.New(scripts.Config{}, scripts.HostModules(p.pool)),
+		Scripts:      scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{Storage: p.pool, Network: p.net})),
 		Log:          log.With("svc", "runner", "site", p.site, "node", p.node),
 		Metrics:      newRegistry(),
 		Concurrency:  p.concurrency,
@@ -150,4 +159,37 @@ func (f *poolFlags) open(ctx context.Context) (*storage.Pool, error) {
 		return nil, fmt.Errorf("--pool-size: %w", err)
 	}
 	return storage.Open(ctx, storage.Config{Device: f.device, File: f.file, Size: size, Mountpoint: f.mount, Force: f.force})
+}
+
+// netFlags choose the node's network layer.
+type netFlags struct {
+	state, ns string
+	off       bool
+}
+
+func (f *netFlags) add(cmd *cobra.Command, defaultState string) {
+	cmd.Flags().StringVar(&f.state, "net-state", defaultState, "where networks, forwards and address allocations are kept")
+	cmd.Flags().StringVar(&f.ns, "net-ns", "", "manage the networks of this network namespace (a path such as /var/run/netns/NAME) instead of the host's")
+	cmd.Flags().BoolVar(&f.off, "no-network", false, "run without the network layer (scripts' net calls fail)")
+}
+
+// open returns the network layer with the networks in its state restored
+// (bridges and rules are gone after a reboot), or nil when it is off or the
+// process is not root.
+func (f *netFlags) open(ctx context.Context, log *slog.Logger) (*network.Host, error) {
+	if f.off {
+		return nil, nil
+	}
+	if os.Geteuid() != 0 {
+		log.Warn("no network layer: networking needs root (scripts' net calls will fail)")
+		return nil, nil
+	}
+	host, err := network.New(network.Config{StateDir: f.state, NetNS: f.ns, Log: log.With("svc", "network")})
+	if err != nil {
+		return nil, err
+	}
+	if err := host.Restore(ctx); err != nil {
+		return nil, fmt.Errorf("restore networks from %s: %w (or run with --no-network)", f.state, err)
+	}
+	return host, nil
 }

@@ -67,7 +67,7 @@ func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *
 		Site:    site,
 		Trust:   &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}, TTL: trustTTL},
 		Redis:   rdb,
-		Scripts: scripts.New(scripts.Config{}, scripts.HostModules(nil)),
+		Scripts: scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})),
 		Log:     log.With("svc", "supervisor", "site", site),
 		Metrics: newRegistry(),
 	})

@@ -14,54 +14,54 @@ import (
 )
 
 // PlugGuest makes a "guest": a fresh network namespace joined by a veth
-// pair to bridge (which must exist in the calling thread's namespace),
-// with addr on its eth0 and a default route through gw. hostIf names the
-// host end. Everything goes when the test ends.
-func PlugGuest(t testing.TB, hostIf, bridge string, addr netip.Prefix, gw netip.Addr) netns.NsHandle {
+// pair to bridge in namespace host, with addr on its eth0 and a default
+// route through gw. hostIf names the host end. Everything goes when the
+// test ends (the host end with the guest namespace).
+func PlugGuest(t testing.TB, host netns.NsHandle, hostIf, bridge string, addr netip.Prefix, gw netip.Addr) netns.NsHandle {
 	t.Helper()
-	br, err := netlink.LinkByName(bridge)
-	if err != nil {
-		t.Fatalf("guest %s: bridge %s: %v", hostIf, bridge, err)
-	}
 	ns := NewNetNS(t)
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostIf, MasterIndex: br.Attrs().Index}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(ns))}
-	if err := netlink.LinkAdd(veth); err != nil {
-		t.Fatalf("guest %s: veth: %v", hostIf, err)
-	}
-	t.Cleanup(func() {
-		if l, err := netlink.LinkByName(hostIf); err == nil {
-			netlink.LinkDel(l)
+	err := InNetNS(t, host, func() error {
+		br, err := netlink.LinkByName(bridge)
+		if err != nil {
+			return fmt.Errorf("bridge %s: %w", bridge, err)
 		}
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostIf, MasterIndex: br.Attrs().Index}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(ns))}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return fmt.Errorf("veth: %w", err)
+		}
+		l, err := netlink.LinkByName(hostIf)
+		if err == nil {
+			err = netlink.LinkSetUp(l)
+		}
+		return err
 	})
-	if l, err := netlink.LinkByName(hostIf); err != nil || netlink.LinkSetUp(l) != nil {
-		t.Fatalf("guest %s: host end up: %v", hostIf, err)
+	if err == nil {
+		err = InNetNS(t, ns, func() error { return configure("eth0", addr, gw) })
 	}
-	if err := InNetNS(t, ns, func() error { return configure("eth0", addr, gw) }); err != nil {
+	if err != nil {
 		t.Fatalf("guest %s: %v", hostIf, err)
 	}
 	return ns
 }
 
-// Uplink makes an "outside" namespace joined to the calling thread's
-// namespace by a veth pair: hostAddr on the host end (hostIf), outsideAddr
-// in the outside namespace, which routes only routes (and its own subnet)
-// through the host.
-func Uplink(t testing.TB, hostIf string, hostAddr, outsideAddr netip.Prefix, routes ...netip.Prefix) netns.NsHandle {
+// Uplink makes an "outside" namespace joined to namespace host by a veth
+// pair: hostAddr on the host end (hostIf), outsideAddr in the outside
+// namespace, which routes only routes (and its own subnet) through the
+// host.
+func Uplink(t testing.TB, host netns.NsHandle, hostIf string, hostAddr, outsideAddr netip.Prefix, routes ...netip.Prefix) netns.NsHandle {
 	t.Helper()
 	ns := NewNetNS(t)
-	veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostIf}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(ns))}
-	if err := netlink.LinkAdd(veth); err != nil {
-		t.Fatalf("uplink %s: %v", hostIf, err)
-	}
-	t.Cleanup(func() {
-		if l, err := netlink.LinkByName(hostIf); err == nil {
-			netlink.LinkDel(l)
+	err := InNetNS(t, host, func() error {
+		veth := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: hostIf}, PeerName: "eth0", PeerNamespace: netlink.NsFd(int(ns))}
+		if err := netlink.LinkAdd(veth); err != nil {
+			return err
 		}
+		return configure(hostIf, hostAddr, netip.Addr{})
 	})
-	if err := configure(hostIf, hostAddr, netip.Addr{}); err != nil {
+	if err != nil {
 		t.Fatalf("uplink %s: %v", hostIf, err)
 	}
-	err := InNetNS(t, ns, func() error {
+	err = InNetNS(t, ns, func() error {
 		if err := configure("eth0", outsideAddr, netip.Addr{}); err != nil {
 			return err
 		}

@@ -21,26 +21,21 @@ var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 // network namespaces plugged into writ bridges, "outside" is a namespace
 // behind an uplink, and TCP servers report the source address they see.
 func TestFirewall_Connectivity(t *testing.T) {
-	testenv.NetNS(t)
-	host, err := netns.Get()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer host.Close()
+	host := testenv.NetNS(t)
 	ctx := context.Background()
 	h := newHost(t)
 	alpha := mustNetwork(t, h, "alpha", "10.61.0.0/24")
 	beta := mustNetwork(t, h, "beta", "10.62.0.0/24")
 	// The outside routes writ's subnets through the host, so only writ's
 	// rules can keep it out of them.
-	outside := testenv.Uplink(t, "up0", netip.MustParsePrefix("192.0.2.1/24"), netip.MustParsePrefix("192.0.2.2/24"), netip.MustParsePrefix("10.0.0.0/8"))
+	outside := testenv.Uplink(t, host, "up0", netip.MustParsePrefix("192.0.2.1/24"), netip.MustParsePrefix("192.0.2.2/24"), netip.MustParsePrefix("10.0.0.0/8"))
 
 	guest := func(name string, n Network) (netns.NsHandle, netip.Addr) {
 		addr, err := h.Allocate(ctx, n.Name, name)
 		if err != nil {
 			t.Fatal(err)
 		}
-		ns := testenv.PlugGuest(t, "v"+name, n.Bridge, netip.PrefixFrom(addr, n.Subnet.Bits()), n.Gateway)
+		ns := testenv.PlugGuest(t, host, "v"+name, n.Bridge, netip.PrefixFrom(addr, n.Subnet.Bits()), n.Gateway)
 		testenv.Serve(t, ns, netip.AddrPortFrom(addr, 80).String(), name)
 		return ns, addr
 	}

@@ -1,0 +1,121 @@
+package scripts
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+
+	"github.com/d5/tengo/v2"
+
+	"github.com/writ-fleet/writ/sal/network"
+)
+
+// Network is what the "net" module needs from the node's network layer;
+// *network.Host satisfies it.
+type Network interface {
+	EnsureNetwork(ctx context.Context, spec network.Spec) (network.Network, error)
+	DeleteNetwork(ctx context.Context, name string) error
+	Networks(ctx context.Context) ([]network.Network, error)
+	Allocate(ctx context.Context, network, owner string) (netip.Addr, error)
+	Release(ctx context.Context, network, owner string) error
+	AddForward(ctx context.Context, network string, f network.Forward) (network.Network, error)
+	RemoveForward(ctx context.Context, network, proto string, hostPort uint16) error
+}
+
+var _ Network = (*network.Host)(nil)
+
+// NetworkModule returns the "net" module over host. With a nil host (a
+// runner started without networking) every call returns an error value.
+//
+//	net.network(name, subnet[, prefix6])   ensure a network → {name, bridge, subnet, gateway, prefix6, gateway6, forwards}
+//	net.delete_network(name)               (refused while interfaces are attached)
+//	net.networks()                         → [network, ...]
+//	net.address(network, owner)            the owner's address, allocated once → "10.0.0.2"
+//	net.release(network, owner)            free it (and drop forwards to it)
+//	net.forward(network, proto, host_port, address, port)   port forward → network
+//	net.unforward(network, proto, host_port)
+//
+// Failures come back as error values, for the script to check with
+// is_error(); a script that wants its job to fail calls job.fail.
+func NetworkModule(host Network) Module {
+	return func(rc *Run) map[string]tengo.Object {
+		var unavailable error
+		if host == nil {
+			unavailable = errors.New("this runner has no network layer (run it as root, without --no-network)")
+		}
+		call := func(name string, minArgs, maxArgs int, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
+			return hostFunc(rc, "net", name, minArgs, maxArgs, unavailable, fn)
+		}
+		return map[string]tengo.Object{
+			"network": call("network", 2, 3, func(ctx context.Context, a []tengo.Object) (any, error) {
+				spec := network.Spec{Name: str(a[0])}
+				var err error
+				if spec.Subnet, err = netip.ParsePrefix(str(a[1])); err != nil {
+					return nil, fmt.Errorf("subnet %q: want an IPv4 prefix such as 10.88.0.0/24", str(a[1]))
+				}
+				if len(a) == 3 && str(a[2]) != "" {
+					if spec.Prefix6, err = netip.ParsePrefix(str(a[2])); err != nil {
+						return nil, fmt.Errorf("prefix6 %q: want an IPv6 prefix such as fd00:88::/64", str(a[2]))
+					}
+				}
+				return host.EnsureNetwork(ctx, spec)
+			}),
+			"delete_network": call("delete_network", 1, 1, func(ctx context.Context, a []tengo.Object) (any, error) {
+				return true, host.DeleteNetwork(ctx, str(a[0]))
+			}),
+			"networks": call("networks", 0, 0, func(ctx context.Context, _ []tengo.Object) (any, error) {
+				return host.Networks(ctx)
+			}),
+			"address": call("address", 2, 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				addr, err := host.Allocate(ctx, str(a[0]), str(a[1]))
+				return addr.String(), err
+			}),
+			"release": call("release", 2, 2, func(ctx context.Context, a []tengo.Object) (any, error) {
+				return true, host.Release(ctx, str(a[0]), str(a[1]))
+			}),
+			"forward": call("forward", 5, 5, func(ctx context.Context, a []tengo.Object) (any, error) {
+				hostPort, err := port(a[2])
+				if err != nil {
+					return nil, fmt.Errorf("host_port: %w", err)
+				}
+				guestPort, err := port(a[4])
+				if err != nil {
+					return nil, fmt.Errorf("port: %w", err)
+				}
+				addr, err := netip.ParseAddr(str(a[3]))
+				if err != nil {
+					return nil, fmt.Errorf("address %q: want an IPv4 address", str(a[3]))
+				}
+				return host.AddForward(ctx, str(a[0]), network.Forward{Proto: str(a[1]), HostPort: hostPort, Addr: addr, Port: guestPort})
+			}),
+			"unforward": call("unforward", 3, 3, func(ctx context.Context, a []tengo.Object) (any, error) {
+				hostPort, err := port(a[2])
+				if err != nil {
+					return nil, fmt.Errorf("host_port: %w", err)
+				}
+				return true, host.RemoveForward(ctx, str(a[0]), str(a[1]), hostPort)
+			}),
+		}
+	}
+}
+
+// port reads a port number given as an int or a string ("8080").
+func port(o tengo.Object) (uint16, error) {
+	var n int64
+	switch x := o.(type) {
+	case *tengo.Int:
+		n = x.Value
+	default:
+		v, err := strconv.ParseInt(str(o), 10, 32)
+		if err != nil {
+			return 0, fmt.Errorf("%q is not a port number", str(o))
+		}
+		n = v
+	}
+	if n < 1 || n > 65535 {
+		return 0, fmt.Errorf("%d is not a port number (1-65535)", n)
+	}
+	return uint16(n), nil
+}
