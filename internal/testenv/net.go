@@ -3,7 +3,9 @@ package testenv
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"strings"
 	"testing"
@@ -148,4 +150,32 @@ func Probe(t testing.TB, ns netns.NsHandle, addr string) (string, error) {
 		return err
 	})
 	return line, err
+}
+
+// HTTPGet fetches http://addr/path from inside ns (HTTP/1.0, bounded at
+// two seconds) and returns the body.
+func HTTPGet(t testing.TB, ns netns.NsHandle, addr, path string) (string, error) {
+	t.Helper()
+	var body string
+	err := InNetNS(t, ns, func() error {
+		c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(2 * time.Second))
+		fmt.Fprintf(c, "GET %s HTTP/1.0\r\nHost: %s\r\n\r\n", path, addr)
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 {
+			return fmt.Errorf("GET %s: %s", path, resp.Status)
+		}
+		body = string(b)
+		return err
+	})
+	return body, err
 }

@@ -1,0 +1,215 @@
+// Package vm runs the node's virtual machines: one Driver interface for
+// scripts and the CLI, implemented once by Machines over a hypervisor
+// Backend (sal/vm/qemu, sal/vm/cloudhypervisor).
+//
+// # Records
+//
+// Every VM has a directory under the state root holding vm.json (its spec,
+// backend, desired state, pid, restarts, recent deaths, last error), its
+// NoCloud seed image, its serial console log and its hypervisor's sockets.
+// The record is replaced atomically, so a crash never leaves a torn one.
+//
+// # Recovery
+//
+// A VM counts as alive only if its recorded pid is a live, non-zombie
+// process whose command line names the VM's directory: a recycled pid is
+// never mistaken for it. A restarted runner calls Recover, which
+// re-attaches to live VMs (never starting a second copy) and starts the ones
+// that should run but died. While running, Machines.Run watches every VM
+// that should run: a dead one is restarted with bounded exponential
+// backoff, and one that dies MaxDeaths times within DeathWindow is kept in
+// the failed state with its last console lines. Nothing is ever deleted
+// except by Delete.
+package vm
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"time"
+)
+
+// Errors callers can test for with errors.Is.
+var (
+	ErrNotFound = errors.New("no such VM")
+	ErrInvalid  = errors.New("invalid VM spec")
+	ErrConflict = errors.New("conflict")
+)
+
+// State is a VM's lifecycle state.
+type State int
+
+// States of a VM.
+const (
+	StateStopped    State = iota // not running, and not meant to
+	StateRunning                 // its process is alive
+	StateRestarting              // died; restarting after a backoff
+	StateFailed                  // died too often; kept for inspection
+)
+
+var stateNames = []string{"stopped", "running", "restarting", "failed"}
+
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("State(%d)", int(s))
+}
+
+// MarshalText writes the state's name.
+func (s State) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+// UnmarshalText reads a state's name.
+func (s *State) UnmarshalText(b []byte) error {
+	for i, n := range stateNames {
+		if n == string(b) {
+			*s = State(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("vm: unknown state %q", b)
+}
+
+// Disk is a raw disk image attached to the VM, in order (the first is the
+// guest's vda).
+type Disk struct {
+	Path     string `json:"path"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// NIC is a network interface: a tap made by the network layer, the
+// guest's MAC, and the address the seed's network-config gives it.
+type NIC struct {
+	Tap     string       `json:"tap"`
+	MAC     string       `json:"mac"`
+	Address netip.Prefix `json:"address"`
+	Gateway netip.Addr   `json:"gateway"`
+}
+
+// Spec describes a VM.
+type Spec struct {
+	// Name is [a-z0-9][a-z0-9_.-]{0,62}.
+	Name string `json:"name"`
+	// CPUs defaults to 1; MemoryMiB to 256.
+	CPUs      int `json:"cpus"`
+	MemoryMiB int `json:"memory_mib"`
+	// Direct kernel boot: Kernel (and optionally Initrd and Cmdline).
+	Kernel  string `json:"kernel,omitempty"`
+	Initrd  string `json:"initrd,omitempty"`
+	Cmdline string `json:"cmdline,omitempty"`
+	// Firmware boot (an EFI or BIOS image) when Kernel is empty.
+	Firmware  string    `json:"firmware,omitempty"`
+	Disks     []Disk    `json:"disks"`
+	NICs      []NIC     `json:"nics"`
+	CloudInit CloudInit `json:"cloud_init"`
+}
+
+// Limits on a spec.
+const (
+	DefaultCPUs      = 1
+	DefaultMemoryMiB = 256
+	MaxCPUs          = 64
+	MinMemoryMiB     = 32
+)
+
+var nameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,62}$`)
+
+// ValidName reports whether s is a valid VM name.
+func ValidName(s string) bool { return nameRe.MatchString(s) }
+
+func (s Spec) withDefaults() Spec {
+	if s.CPUs == 0 {
+		s.CPUs = DefaultCPUs
+	}
+	if s.MemoryMiB == 0 {
+		s.MemoryMiB = DefaultMemoryMiB
+	}
+	if s.Disks == nil {
+		s.Disks = []Disk{}
+	}
+	if s.NICs == nil {
+		s.NICs = []NIC{}
+	}
+	return s
+}
+
+// validate names the first thing wrong with the spec.
+func (s Spec) validate() error {
+	switch {
+	case !ValidName(s.Name):
+		return fmt.Errorf("%w: name %q must match %s", ErrInvalid, s.Name, nameRe)
+	case s.CPUs < 1 || s.CPUs > MaxCPUs:
+		return fmt.Errorf("%w: cpus %d must be 1 to %d", ErrInvalid, s.CPUs, MaxCPUs)
+	case s.MemoryMiB < MinMemoryMiB:
+		return fmt.Errorf("%w: memory %d MiB is below %d MiB", ErrInvalid, s.MemoryMiB, MinMemoryMiB)
+	case s.Kernel == "" && s.Firmware == "":
+		return fmt.Errorf("%w: give a kernel (direct boot) or a firmware image", ErrInvalid)
+	}
+	for _, f := range []string{s.Kernel, s.Initrd, s.Firmware} {
+		if f != "" && !fileExists(f) {
+			return fmt.Errorf("%w: %s does not exist", ErrInvalid, f)
+		}
+	}
+	for _, d := range s.Disks {
+		if !fileExists(d.Path) {
+			return fmt.Errorf("%w: disk %s does not exist", ErrInvalid, d.Path)
+		}
+	}
+	for i, n := range s.NICs {
+		if n.Tap == "" || n.MAC == "" {
+			return fmt.Errorf("%w: NIC %d needs a tap and a MAC", ErrInvalid, i)
+		}
+	}
+	return nil
+}
+
+func (s Spec) equal(o Spec) bool {
+	a, _ := json.Marshal(s)
+	b, _ := json.Marshal(o)
+	return string(a) == string(b)
+}
+
+// Info is a VM as the node sees it.
+type Info struct {
+	Name    string `json:"name"`
+	Backend string `json:"backend"`
+	State   State  `json:"state"`
+	// Run says whether the VM should be running.
+	Run       bool      `json:"run"`
+	Pid       int       `json:"pid,omitempty"`
+	StartedAt time.Time `json:"started_at,omitzero"`
+	Restarts  int       `json:"restarts"`
+	LastError string    `json:"last_error,omitempty"`
+	Console   string    `json:"console"`
+	Spec      Spec      `json:"spec"`
+}
+
+// Driver is the VM lifecycle as scripts and the CLI use it. Every method is
+// idempotent: creating an existing VM with the same spec, starting a
+// running one, stopping a stopped one and deleting a missing one all
+// succeed without doing anything.
+type Driver interface {
+	// Create records the VM and builds its seed; it does not start it. A VM
+	// of that name with another spec is ErrConflict while it runs (a stopped
+	// one takes the new spec).
+	Create(ctx context.Context, spec Spec) (Info, error)
+	// Start boots the VM unless it runs, and marks it to be kept running.
+	Start(ctx context.Context, name string) (Info, error)
+	// Stop asks the guest to power off, kills it after grace, and marks it
+	// to stay stopped.
+	Stop(ctx context.Context, name string, grace time.Duration) (Info, error)
+	// Delete stops the VM and removes its record, seed and console.
+	Delete(ctx context.Context, name string) error
+	Info(ctx context.Context, name string) (Info, error)
+	List(ctx context.Context) ([]Info, error)
+	// Console returns up to max bytes of the end of the serial console.
+	Console(ctx context.Context, name string, max int) (string, error)
+	// Recover re-attaches to running VMs and restarts those that should
+	// run but do not. Call it once at start.
+	Recover(ctx context.Context) error
+}
+
+var _ Driver = (*Machines)(nil)
