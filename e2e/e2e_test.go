@@ -475,7 +475,7 @@ func TestFleet_StorageScript(t *testing.T) {
 	f := newFleet(t)
 	f.startSupervisor("local")
 	f.startCoord()
-	f.start("runner:pool", "runner", "--site", "local", "--node", "p1", "--redis", f.redis, "--ledger", f.ledger,
+	f.start("runner:pool", "runner", "--no-network", "--no-vm", "--site", "local", "--node", "p1", "--redis", f.redis, "--ledger", f.ledger,
 		"--listen", "", "--pool-file", filepath.Join(f.dir, "pool.img"), "--pool-size", "1G", "--pool-mount", filepath.Join(f.dir, "pool"))
 	run := func(args ...string) []byte {
 		cmd := exec.Command(writBin, append([]string{"run", "../scripts/lib/volume.tengo", "--coord", f.coord,
@@ -547,7 +547,7 @@ job.result(img.size)`, imgSrv.URL+"/disk.img", sha)
 	}
 
 	// Restart the runner: the pool, its volume and its image are found again.
-	poolArgs := []string{"runner", "--site", "local", "--node", "p1", "--redis", f.redis, "--ledger", f.ledger,
+	poolArgs := []string{"runner", "--no-network", "--no-vm", "--site", "local", "--node", "p1", "--redis", f.redis, "--ledger", f.ledger,
 		"--listen", "", "--pool-file", filepath.Join(f.dir, "pool.img"), "--pool-size", "1G", "--pool-mount", filepath.Join(f.dir, "pool")}
 	f.stop(f.procs["runner:pool"], syscall.SIGTERM)
 	f.start("runner:pool2", poolArgs...)

@@ -205,7 +205,7 @@ func (f *fleet) startCoord() *proc {
 
 func (f *fleet) startRunner(node string, concurrency int) *proc {
 	return f.start("runner:"+node, "runner", "--site", "local", "--node", node, "--redis", f.redis,
-		"--ledger", f.ledger, "--listen", "", "--concurrency", strconv.Itoa(concurrency), "--trust-ttl", "1s")
+		"--ledger", f.ledger, "--listen", "", "--concurrency", strconv.Itoa(concurrency), "--trust-ttl", "1s", "--no-network", "--no-vm")
 }
 
 // startAll starts the supervisor of site local, coord and one runner.

@@ -27,7 +27,7 @@ func TestFleet_NetworkScript(t *testing.T) {
 	f := newFleet(t)
 	f.startSupervisor("local")
 	f.startCoord()
-	f.start("runner:net", "runner", "--site", "local", "--node", "net1", "--redis", f.redis, "--ledger", f.ledger,
+	f.start("runner:net", "runner", "--no-vm", "--site", "local", "--node", "net1", "--redis", f.redis, "--ledger", f.ledger,
 		"--listen", "", "--net-ns", testenv.NetNSPath(node), "--net-state", filepath.Join(f.dir, "net"))
 
 	var res struct {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"time"
 
 	"github.com/d5/tengo/v2"
 
@@ -22,6 +23,9 @@ type Network interface {
 	Release(ctx context.Context, network, owner string) error
 	AddForward(ctx context.Context, network string, f network.Forward) (network.Network, error)
 	RemoveForward(ctx context.Context, network, proto string, hostPort uint16) error
+	Attach(ctx context.Context, network, vm string, nic int) (network.NIC, error)
+	Detach(ctx context.Context, network, vm string, nic int) error
+	WaitTCP(ctx context.Context, addr netip.Addr, port uint16, timeout time.Duration) error
 }
 
 var _ Network = (*network.Host)(nil)
@@ -36,6 +40,9 @@ var _ Network = (*network.Host)(nil)
 //	net.release(network, owner)            free it (and drop forwards to it)
 //	net.forward(network, proto, host_port, address, port)   port forward → network
 //	net.unforward(network, proto, host_port)
+//	net.attach(network, vm, nic)           a VM NIC: tap + MAC + address → {network, tap, mac, address, subnet, gateway}
+//	net.detach(network, vm, nic)           remove the tap, free the address and its forwards
+//	net.wait_tcp(address, port, seconds)   wait until a guest accepts TCP connections
 //
 // Failures come back as error values, for the script to check with
 // is_error(); a script that wants its job to fail calls job.fail.
@@ -90,6 +97,35 @@ func NetworkModule(host Network) Module {
 				}
 				return host.AddForward(ctx, str(a[0]), network.Forward{Proto: str(a[1]), HostPort: hostPort, Addr: addr, Port: guestPort})
 			}),
+			"attach": call("attach", 3, 3, func(ctx context.Context, a []tengo.Object) (any, error) {
+				nic, err := intArg(a[2])
+				if err != nil {
+					return nil, fmt.Errorf("nic: %w", err)
+				}
+				return host.Attach(ctx, str(a[0]), str(a[1]), nic)
+			}),
+			"detach": call("detach", 3, 3, func(ctx context.Context, a []tengo.Object) (any, error) {
+				nic, err := intArg(a[2])
+				if err != nil {
+					return nil, fmt.Errorf("nic: %w", err)
+				}
+				return true, host.Detach(ctx, str(a[0]), str(a[1]), nic)
+			}),
+			"wait_tcp": call("wait_tcp", 3, 3, func(ctx context.Context, a []tengo.Object) (any, error) {
+				addr, err := netip.ParseAddr(str(a[0]))
+				if err != nil {
+					return nil, fmt.Errorf("address %q: want an IP address", str(a[0]))
+				}
+				p, err := port(a[1])
+				if err != nil {
+					return nil, err
+				}
+				secs, err := intArg(a[2])
+				if err != nil {
+					return nil, fmt.Errorf("seconds: %w", err)
+				}
+				return true, host.WaitTCP(ctx, addr, p, time.Duration(secs)*time.Second)
+			}),
 			"unforward": call("unforward", 3, 3, func(ctx context.Context, a []tengo.Object) (any, error) {
 				hostPort, err := port(a[2])
 				if err != nil {
@@ -99,6 +135,18 @@ func NetworkModule(host Network) Module {
 			}),
 		}
 	}
+}
+
+// intArg reads a non-negative integer given as an int or a string.
+func intArg(o tengo.Object) (int, error) {
+	if i, ok := o.(*tengo.Int); ok && i.Value >= 0 {
+		return int(i.Value), nil
+	}
+	v, err := strconv.Atoi(str(o))
+	if err != nil || v < 0 {
+		return 0, fmt.Errorf("%q is not a non-negative integer", str(o))
+	}
+	return v, nil
 }
 
 // port reads a port number given as an int or a string ("8080").

@@ -11,6 +11,7 @@ import (
 
 	"github.com/writ-fleet/writ/sal/network"
 	"github.com/writ-fleet/writ/sal/storage"
+	"github.com/writ-fleet/writ/sal/vm"
 )
 
 // Storage is what the "storage" module needs from the node's pool;
@@ -228,6 +229,7 @@ func str(o tengo.Object) string { s, _ := tengo.ToString(o); return s }
 type Layers struct {
 	Storage Storage
 	Network Network
+	VMs     VMs
 }
 
 // HostModules returns the modules of the node's host layers.
@@ -238,5 +240,8 @@ func HostModules(l Layers) map[string]Module {
 	if h, ok := l.Network.(*network.Host); ok && h == nil {
 		l.Network = nil
 	}
-	return map[string]Module{"storage": StorageModule(l.Storage), "net": NetworkModule(l.Network)}
+	if m, ok := l.VMs.(*vm.Machines); ok && m == nil {
+		l.VMs = nil
+	}
+	return map[string]Module{"storage": StorageModule(l.Storage), "net": NetworkModule(l.Network), "vm": VMModule(l.VMs)}
 }

@@ -32,6 +32,7 @@ type devCmd struct {
 	dir, redis, sample, poolSize string
 	noPool                       bool
 	net                          netFlags
+	vm                           vmFlags
 	args                         []string
 	basePort                     int
 	concurrency                  int
@@ -71,6 +72,7 @@ redis BASE+5 (BASE defaults to 7700).`,
 	cmd.Flags().StringVar(&c.poolSize, "pool-size", "8G", "size of the sparse storage pool file DIR/pool.img (as root)")
 	cmd.Flags().BoolVar(&c.noPool, "no-pool", false, "run without a storage pool")
 	c.net.add(cmd, "")
+	c.vm.add(cmd, "")
 	cmd.Flags().StringArrayVar(&c.args, "arg", nil, "argument for --sample, KEY=VALUE (repeatable; default who=writ dev)")
 	cmd.Flags().StringVar(&c.sample, "sample", "", "when ready, run this script as a signed job and print its result")
 	cmd.Flags().BoolVar(&c.exitAfterSample, "exit-after-sample", false, "stop the fleet after --sample ran (exit status is the job's)")
@@ -178,6 +180,13 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return fmt.Errorf("network layer: %w", err)
 	}
+	if c.vm.dir == "" {
+		c.vm.dir = filepath.Join(dir, "vms")
+	}
+	vms, err := c.vm.open(c.log, host)
+	if err != nil {
+		return fmt.Errorf("VM layer: %w", err)
+	}
 
 	g, gctx := errgroup.WithContext(ctx)
 	ledgerURL := httpURL(ledgerAddr)
@@ -185,7 +194,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0) })
 	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host})
+		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host, vms: vms})
 	})
 
 	envFile := filepath.Join(dir, "env")

@@ -27,9 +27,8 @@ type signFlags struct {
 }
 
 func (f *signFlags) add(cmd *cobra.Command) {
+	f.addSigning(cmd)
 	fl := cmd.Flags()
-	fl.StringVar(&f.key, "key", "", "signing key file (default $WRIT_KEY, ~/.config/writ/key or ~/.ssh/id_ed25519)")
-	fl.StringVar(&f.site, "site", os.Getenv(envSite), "site to run on (default $WRIT_SITE)")
 	fl.StringVar(&f.node, "node", "", "pin the job to one node of the site")
 	fl.StringVar(&f.name, "name", "", "job name (default: the script's file name)")
 	fl.StringArrayVar(&f.args, "arg", nil, "job argument key=value (repeatable); a value that is valid JSON is taken as JSON, else as a string")
@@ -37,6 +36,15 @@ func (f *signFlags) add(cmd *cobra.Command) {
 	fl.DurationVar(&f.timeout, "timeout", envelope.DefaultTimeout, "how long one run may take")
 	fl.DurationVar(&f.valid, "valid", envelope.DefaultValidity, "how long the signed job may be submitted and run")
 	fl.IntVar(&f.maxRetries, "max-retries", envelope.DefaultMaxRetries, "retries after infrastructure failures")
+}
+
+// addSigning adds the flags every signed request needs (key, site) and
+// sets the job defaults for commands that build their own job.
+func (f *signFlags) addSigning(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringVar(&f.key, "key", "", "signing key file (default $WRIT_KEY, ~/.config/writ/key or ~/.ssh/id_ed25519)")
+	fl.StringVar(&f.site, "site", os.Getenv(envSite), "site to run on (default $WRIT_SITE)")
+	f.timeout, f.valid, f.maxRetries = time.Minute, envelope.DefaultValidity, 0
 }
 
 // parseArgs builds the args object from --args-file and --arg.
@@ -75,6 +83,15 @@ func (f *signFlags) sign(scriptPath string) (*envelope.Envelope, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read script: %w", err)
 	}
+	name := f.name
+	if name == "" {
+		name = strings.TrimSuffix(baseName(scriptPath), ".tengo")
+	}
+	return f.signSource(name, string(src))
+}
+
+// signSource signs src as a job called name.
+func (f *signFlags) signSource(name, src string) (*envelope.Envelope, error) {
 	k, err := loadKey(f.key)
 	if err != nil {
 		return nil, err
@@ -82,12 +99,8 @@ func (f *signFlags) sign(scriptPath string) (*envelope.Envelope, error) {
 	if f.site == "" {
 		return nil, fmt.Errorf("no site: pass --site or set $%s", envSite)
 	}
-	name := f.name
-	if name == "" {
-		name = strings.TrimSuffix(baseName(scriptPath), ".tengo")
-	}
 	now := time.Now()
-	j := envelope.NewJob(name, string(src), f.site, now)
+	j := envelope.NewJob(name, src, f.site, now)
 	j.Node = f.node
 	j.Expires = now.Add(f.valid).UTC().Truncate(time.Second)
 	j.Timeout = envelope.Duration(f.timeout)
@@ -326,9 +339,29 @@ func (c *jobWatchCmd) Run(ctx context.Context, args []string) error {
 // watch prints a job's events to stderr and its result to stdout, and
 // returns an error unless it succeeded.
 func watch(ctx context.Context, cl *coord.Client, id string) error {
+	last, err := follow(ctx, cl, id, true)
+	if err != nil {
+		return err
+	}
+	switch last.Type {
+	case queue.EventSucceeded:
+		os.Stdout.Write(append(prettyJSON(last.Result), '\n'))
+		return nil
+	case queue.EventFailed, queue.EventRejected:
+		return &exitError{code: 1}
+	}
+	return errors.New("event stream ended before the job did")
+}
+
+// follow watches a job to its end and returns its last event; verbose
+// prints progress and log lines to stderr, else only failures.
+func follow(ctx context.Context, cl *coord.Client, id string, verbose bool) (queue.Event, error) {
 	var last queue.Event
 	err := cl.Watch(ctx, id, func(ev queue.Event) bool {
 		last = ev
+		if !verbose && ev.Type != queue.EventFailed && ev.Type != queue.EventRejected {
+			return true
+		}
 		switch ev.Type {
 		case queue.EventLog:
 			fmt.Fprintf(os.Stderr, "  %s %s\n", ev.Level, ev.Message)
@@ -347,17 +380,7 @@ func watch(ctx context.Context, cl *coord.Client, id string) error {
 		}
 		return true
 	})
-	if err != nil {
-		return err
-	}
-	switch last.Type {
-	case queue.EventSucceeded:
-		os.Stdout.Write(append(prettyJSON(last.Result), '\n'))
-		return nil
-	case queue.EventFailed, queue.EventRejected:
-		return &exitError{code: 1}
-	}
-	return errors.New("event stream ended before the job did")
+	return last, err
 }
 
 func prettyJSON(raw []byte) []byte {

@@ -69,6 +69,7 @@ URL), WRIT_KEY (signing key file), WRIT_SITE (default site) and WRIT_LEDGER
 		keyCommand(),
 		jobCommand(),
 		runCommand(),
+		vmCommand(),
 		userCommand(),
 		siteCommand(),
 	)

@@ -20,6 +20,8 @@ import (
 	"github.com/writ-fleet/writ/runner"
 	"github.com/writ-fleet/writ/sal/network"
 	"github.com/writ-fleet/writ/sal/storage"
+	"github.com/writ-fleet/writ/sal/vm"
+	"github.com/writ-fleet/writ/sal/vm/qemu"
 	"github.com/writ-fleet/writ/scripts"
 )
 
@@ -28,6 +30,7 @@ type runnerCmd struct {
 	concurrency, dequeuers            int
 	pool                              poolFlags
 	net                               netFlags
+	vm                                vmFlags
 	poll, trustTTL                    time.Duration
 	log                               *slog.Logger
 }
@@ -58,6 +61,7 @@ runners, more capacity. It serves /healthz, /readyz and /metrics on --listen.`,
 	trustTTLFlag(cmd, &c.trustTTL)
 	c.pool.add(cmd)
 	c.net.add(cmd, "/var/lib/writ/net")
+	c.vm.add(cmd, "/var/lib/writ/vms")
 	return cmd
 }
 
@@ -96,7 +100,11 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return err
 	}
-	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, pool: pool, net: host})
+	vms, err := c.vm.open(c.log, host)
+	if err != nil {
+		return err
+	}
+	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, pool: pool, net: host, vms: vms})
 }
 
 // runnerParams are the runner's settings from flags.
@@ -106,13 +114,14 @@ type runnerParams struct {
 	poll, trustTTL         time.Duration
 	pool                   *storage.Pool // nil: no storage on this node
 	net                    *network.Host // nil: no networking on this node
+	vms                    *vm.Machines  // nil: no VMs on this node
 }
 
 func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, p runnerParams) error {
 	run, err := runner.New(runner.Params{
 		Site: p.site, Node: p.node, Redis: rdb,
 		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: p.ledgerURL}, TTL: p.trustTTL},
-		Scripts:      scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{Storage: p.pool, Network: p.net})),
+		Scripts:      scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{Storage: p.pool, Network: p.net, VMs: p.vms})),
 		Log:          log.With("svc", "runner", "site", p.site, "node", p.node),
 		Metrics:      newRegistry(),
 		Concurrency:  p.concurrency,
@@ -127,6 +136,15 @@ func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queu
 	}
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return run.Run(ctx) })
+	if p.vms != nil {
+		// Re-attach to the VMs that survived a restart (never a second
+		// copy), start those that should run, then watch them. VMs outlive
+		// the runner: stopping it stops none of them.
+		if err := p.vms.Recover(ctx); err != nil {
+			log.Error("recover VMs", "err", err)
+		}
+		g.Go(func() error { return p.vms.Run(ctx) })
+	}
 	if ln != nil {
 		r := chi.NewRouter()
 		httpapi.Ops(r, run.Metrics(), run.Ready)
@@ -192,4 +210,41 @@ func (f *netFlags) open(ctx context.Context, log *slog.Logger) (*network.Host, e
 		return nil, fmt.Errorf("restore networks from %s: %w (or run with --no-network)", f.state, err)
 	}
 	return host, nil
+}
+
+// vmFlags choose the node's VM layer.
+type vmFlags struct {
+	dir, driver, accel string
+	off                bool
+}
+
+func (f *vmFlags) add(cmd *cobra.Command, defaultDir string) {
+	cmd.Flags().StringVar(&f.dir, "vm-dir", defaultDir, "where VM records, seeds and consoles are kept")
+	cmd.Flags().StringVar(&f.driver, "vm-driver", "qemu", "hypervisor: qemu or cloud-hypervisor")
+	cmd.Flags().StringVar(&f.accel, "vm-accel", qemu.AccelAuto, "QEMU acceleration: auto (probe KVM, else TCG), kvm or tcg")
+	cmd.Flags().BoolVar(&f.off, "no-vm", false, "run without the VM layer (scripts' vm calls fail)")
+}
+
+// open returns the VM layer, or nil when it is off, the process is not
+// root, or there is no network layer (VM NICs are its taps).
+func (f *vmFlags) open(log *slog.Logger, host *network.Host) (*vm.Machines, error) {
+	if f.off {
+		return nil, nil
+	}
+	if host == nil {
+		log.Warn("no VM layer: it needs the network layer (root, without --no-network)")
+		return nil, nil
+	}
+	var backend vm.Backend
+	switch f.driver {
+	case "qemu":
+		b, err := qemu.New(qemu.Config{Accel: f.accel})
+		if err != nil {
+			return nil, fmt.Errorf("--vm-driver qemu: %w (or run with --no-vm)", err)
+		}
+		backend = b
+	default:
+		return nil, fmt.Errorf("--vm-driver %q: want qemu or cloud-hypervisor", f.driver)
+	}
+	return vm.New(vm.Config{Dir: f.dir, Backend: backend, Exec: host.Do, Log: log.With("svc", "vm")})
 }

@@ -181,8 +181,8 @@ func applyFirewall(nets []Network) error {
 	if err != nil {
 		return err
 	}
-	if exists && render(have) == render(want) {
-		return nil
+	if exists && render(have) == render(want) || !exists && len(nets) == 0 {
+		return nil // nothing to change; a host without networks gets no table
 	}
 	if exists {
 		c.DelTable(writTable)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -13,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
@@ -583,4 +585,33 @@ func enableForwarding(v6 bool) error {
 		}
 	}
 	return nil
+}
+
+// WaitTCP waits until a TCP connection to addr:port succeeds from the
+// Host's namespace (a guest's service came up), polling until timeout or
+// ctx ends.
+func (h *Host) WaitTCP(ctx context.Context, addr netip.Addr, port uint16, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	target := netip.AddrPortFrom(addr, port).String()
+	for {
+		err := h.Do(func() error {
+			// Dial here: the socket is made in the namespace of this thread.
+			c, err := net.DialTimeout("tcp", target, time.Second)
+			if err == nil {
+				c.Close()
+			}
+			return err
+		})
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("network: %s did not accept a connection within %s: %w", target, timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }

@@ -346,5 +346,5 @@ func (f *Fake) EnsureClone(_ context.Context, sha, name string, limit int64) (Vo
 		f.vols[name] = v
 	}
 	v.limit = limit
-	return Volume{Name: name, Path: "/fake/volumes/" + name, Limit: limit}, nil
+	return Volume{Name: name, Path: "/fake/volumes/" + name, Limit: limit, Disk: "/fake/volumes/" + name + "/" + ImageFile}, nil
 }

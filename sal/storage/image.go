@@ -264,5 +264,5 @@ func (p *Pool) EnsureClone(ctx context.Context, sha, name string, limit int64) (
 			return Volume{}, err
 		}
 	}
-	return Volume{Name: name, Path: path, Limit: limit}, nil
+	return Volume{Name: name, Path: path, Limit: limit, Disk: filepath.Join(path, ImageFile)}, nil
 }

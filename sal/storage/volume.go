@@ -38,6 +38,9 @@ type Volume struct {
 	Limit int64 `json:"limit"`
 	// Used is the bytes the volume references.
 	Used int64 `json:"used"`
+	// Disk is the disk file of a volume cloned from an image (EnsureClone);
+	// empty for other volumes.
+	Disk string `json:"disk,omitempty"`
 }
 
 func (p *Pool) volumePath(name string) string { return filepath.Join(p.mnt, "volumes", name) }

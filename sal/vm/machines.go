@@ -134,7 +134,7 @@ type record struct {
 	LastError string      `json:"last_error,omitempty"`
 }
 
-func (m *Machines) dir(name string) string      { return filepath.Join(m.cfg.Dir, name) }
+func (m *Machines) dir(name string) string        { return filepath.Join(m.cfg.Dir, name) }
 func (m *Machines) recordPath(name string) string { return filepath.Join(m.dir(name), "vm.json") }
 func (m *Machines) consolePath(name string) string {
 	return filepath.Join(m.dir(name), "console.log")

@@ -1,0 +1,159 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"strconv"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/writ-fleet/writ/coord"
+	"github.com/writ-fleet/writ/queue"
+)
+
+// vmCmd asks a node about its VMs. Each question is a small signed job
+// pinned to the node: the same path, checks and audit as any other job.
+type vmCmd struct {
+	signFlags
+	coord string
+	bytes int
+	json  bool
+}
+
+const (
+	vmListScript    = `vm := import("vm"); job := import("job"); l := vm.list(); if is_error(l) { job.fail(l.value) }; job.result(l)`
+	vmInfoScript    = `vm := import("vm"); job := import("job"); i := vm.info(job.args.name); if is_error(i) { job.fail(i.value) }; job.result(i)`
+	vmConsoleScript = `vm := import("vm"); job := import("job"); c := vm.console(job.args.name, job.args.bytes); if is_error(c) { job.fail(c.value) }; job.result(c)`
+)
+
+func vmCommand() *cobra.Command {
+	c := &vmCmd{}
+	cmd := &cobra.Command{
+		Use:   "vm",
+		Short: "Look at a node's VMs: list them, show one, read its serial console",
+		Long: `Each subcommand sends a small signed job pinned to NODE (signed with your
+key, like writ run) and prints what the node's VM layer reports.`,
+	}
+	ls := &cobra.Command{
+		Use:   "ls NODE",
+		Short: "List the VMs of a node",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.Run(cmd.Context(), append([]string{"ls"}, args...))
+		},
+	}
+	info := &cobra.Command{
+		Use:   "info NODE VM",
+		Short: "Show one VM: state, pid, restarts, last error, spec",
+		Args:  cobra.ExactArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.Run(cmd.Context(), append([]string{"info"}, args...))
+		},
+	}
+	console := &cobra.Command{
+		Use:     "console NODE VM",
+		Short:   "Print the end of a VM's serial console",
+		Args:    cobra.ExactArgs(2),
+		Example: "  writ vm console n1 web --bytes 8192",
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.Run(cmd.Context(), append([]string{"console"}, args...))
+		},
+	}
+	console.Flags().IntVar(&c.bytes, "bytes", 16<<10, "how much of the console's end to print (at most 32 KiB)")
+	ls.Flags().BoolVar(&c.json, "json", false, "print JSON")
+	for _, sub := range []*cobra.Command{ls, info, console} {
+		c.signFlags.addSigning(sub)
+		coordFlag(sub, &c.coord)
+		cmd.AddCommand(sub)
+	}
+	return cmd
+}
+
+// Run runs one of ls, info or console: args are the subcommand, the node
+// and, but for ls, the VM.
+func (c *vmCmd) Run(ctx context.Context, args []string) error {
+	c.node = args[1]
+	var script string
+	jobArgs := map[string]any{}
+	switch args[0] {
+	case "ls":
+		script = vmListScript
+	case "info":
+		script, jobArgs["name"] = vmInfoScript, args[2]
+	case "console":
+		script, jobArgs["name"], jobArgs["bytes"] = vmConsoleScript, args[2], c.bytes
+	default:
+		return fmt.Errorf("writ vm: unknown subcommand %q", args[0])
+	}
+	for k, v := range jobArgs {
+		b, _ := json.Marshal(v)
+		c.args = append(c.args, k+"="+string(b))
+	}
+	env, err := c.signSource("vm-"+args[0], script)
+	if err != nil {
+		return err
+	}
+	raw, err := json.Marshal(env)
+	if err != nil {
+		return err
+	}
+	cl := &coord.Client{BaseURL: c.coord}
+	rep, err := cl.Submit(ctx, raw)
+	if err != nil {
+		return err
+	}
+	last, err := follow(ctx, cl, rep.ID, false)
+	if err != nil {
+		return err
+	}
+	if last.Type != queue.EventSucceeded {
+		return &exitError{code: 1}
+	}
+	switch {
+	case args[0] == "console":
+		var text string
+		if err := json.Unmarshal(last.Result, &text); err != nil {
+			return err
+		}
+		fmt.Print(text)
+	case args[0] == "ls" && !c.json:
+		var vms []struct {
+			Name      string    `json:"name"`
+			State     string    `json:"state"`
+			Pid       int       `json:"pid"`
+			Restarts  int       `json:"restarts"`
+			StartedAt time.Time `json:"started_at"`
+			Spec      struct {
+				CPUs      int `json:"cpus"`
+				MemoryMiB int `json:"memory_mib"`
+			} `json:"spec"`
+		}
+		if err := json.Unmarshal(last.Result, &vms); err != nil {
+			return err
+		}
+		w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(w, "NAME\tSTATE\tPID\tCPUS\tMEMORY\tRESTARTS\tUP SINCE")
+		for _, v := range vms {
+			since := ""
+			if v.State == "running" && !v.StartedAt.IsZero() {
+				since = v.StartedAt.Local().Format(time.DateTime)
+			}
+			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d MiB\t%d\t%s\n", v.Name, v.State, pidText(v.Pid), v.Spec.CPUs, v.Spec.MemoryMiB, v.Restarts, since)
+		}
+		return w.Flush()
+	default:
+		os.Stdout.Write(append(prettyJSON(last.Result), '\n'))
+	}
+	return nil
+}
+
+func pidText(pid int) string {
+	if pid == 0 {
+		return "-"
+	}
+	return strconv.Itoa(pid)
+}
