@@ -21,6 +21,7 @@ import (
 	"github.com/writ-fleet/writ/sal/network"
 	"github.com/writ-fleet/writ/sal/storage"
 	"github.com/writ-fleet/writ/sal/vm"
+	"github.com/writ-fleet/writ/sal/vm/cloudhypervisor"
 	"github.com/writ-fleet/writ/sal/vm/qemu"
 	"github.com/writ-fleet/writ/scripts"
 )
@@ -241,6 +242,12 @@ func (f *vmFlags) open(log *slog.Logger, host *network.Host) (*vm.Machines, erro
 		b, err := qemu.New(qemu.Config{Accel: f.accel})
 		if err != nil {
 			return nil, fmt.Errorf("--vm-driver qemu: %w (or run with --no-vm)", err)
+		}
+		backend = b
+	case "cloud-hypervisor":
+		b, err := cloudhypervisor.New(cloudhypervisor.Config{})
+		if err != nil {
+			return nil, fmt.Errorf("--vm-driver cloud-hypervisor: %w (or run with --no-vm)", err)
 		}
 		backend = b
 	default:
