@@ -54,7 +54,7 @@ tidy: ## go mod tidy
 
 check-clean: ## fail when go generate or go mod tidy change any file
 	@before=$$(git status --porcelain; git diff | sha256sum); \
-	$(GO) generate ./... && $(GO) mod tidy; \
+	$(GO) generate ./... && $(GO) mod tidy || exit 1; \
 	after=$$(git status --porcelain; git diff | sha256sum); \
 	if [ "$$before" != "$$after" ]; then echo "go generate / go mod tidy changed files:"; git status --porcelain; exit 1; fi
 
