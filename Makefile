@@ -7,9 +7,11 @@ LDFLAGS := -X main.version=$(VERSION)
 BIN := bin/writ
 DEV_DIR ?= .dev
 # System packages the tests and `writ dev` need.
-APT_PACKAGES := redis-server openssh-client btrfs-progs
+# qemu-system-x86 runs VMs; busybox-static and apt's kernel package make the
+# test and demo guest (internal/guest).
+APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static
 
-.PHONY: help build test test-short dev bench lint generate tidy deps check-clean clean
+.PHONY: help build test test-short dev bench bench-vm guest lint generate tidy deps check-clean clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +42,12 @@ dev: deps build ## run a whole fleet on this machine and a sample signed job (Ct
 
 bench: deps ## end-to-end signed-job throughput and latency next to raw asynq (see BENCHMARKS.md)
 	$(GO) run ./cmd/writ-bench
+
+bench-vm: deps ## VM deploy: writ against the same QEMU guest launched by hand (root; see BENCHMARKS.md)
+	$(GO) test -run '^$$' -bench Deploy -benchtime 3x ./sal/vm/qemu/
+
+guest: deps build ## build the demo VM guest into .dev/files (served by make dev) and print the deploy command
+	$(GO) run ./cmd/writ-guest --dir $(DEV_DIR)/files
 
 lint: ## go vet, gofmt, and staticcheck when installed
 	$(GO) vet ./...

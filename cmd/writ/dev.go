@@ -58,7 +58,8 @@ When the fleet is ready, DIR/env holds the environment for client commands:
   . DIR/env && writ run scripts/lib/hello.tengo --arg who=you
 
 Ports: ledger BASE+1, coord BASE+2, supervisor BASE+3, runner BASE+4,
-redis BASE+5 (BASE defaults to 7700).`,
+redis BASE+5, and BASE+6 serving DIR/files over HTTP (images for scripts;
+make guest puts the demo VM guest there). BASE defaults to 7700.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c.log = newLogger(cmd)
@@ -67,7 +68,7 @@ redis BASE+5 (BASE defaults to 7700).`,
 	}
 	cmd.Flags().StringVar(&c.dir, "dir", ".dev", "data directory (ledger, keys, Redis data, env file)")
 	cmd.Flags().StringVar(&c.redis, "redis", "", "use this Redis instead of starting redis-server")
-	cmd.Flags().IntVar(&c.basePort, "base-port", 7700, "ports are BASE+1 … BASE+5")
+	cmd.Flags().IntVar(&c.basePort, "base-port", 7700, "ports are BASE+1 … BASE+6")
 	cmd.Flags().IntVar(&c.concurrency, "concurrency", 10, "runner concurrency")
 	cmd.Flags().StringVar(&c.poolSize, "pool-size", "8G", "size of the sparse storage pool file DIR/pool.img (as root)")
 	cmd.Flags().BoolVar(&c.noPool, "no-pool", false, "run without a storage pool")
@@ -90,7 +91,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return fmt.Errorf("data directory: %w", err)
 	}
 	port := func(n int) string { return fmt.Sprintf("127.0.0.1:%d", c.basePort+n) }
-	ledgerAddr, coordAddr, supAddr, runnerAddr := port(1), port(2), port(3), port(4)
+	ledgerAddr, coordAddr, supAddr, runnerAddr, filesAddr := port(1), port(2), port(3), port(4), port(6)
 
 	keyPath := filepath.Join(dir, "admin.key")
 	admin, err := keys.Load(keyPath)
@@ -144,7 +145,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	}
 
 	lns := map[string]net.Listener{}
-	for name, addr := range map[string]string{"ledger": ledgerAddr, "coord": coordAddr, "supervisor": supAddr, "runner": runnerAddr} {
+	for name, addr := range map[string]string{"ledger": ledgerAddr, "coord": coordAddr, "supervisor": supAddr, "runner": runnerAddr, "files": filesAddr} {
 		ln, err := listen(addr, "--base-port")
 		if err != nil {
 			for _, l := range lns {
@@ -193,6 +194,13 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store) })
 	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0) })
 	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL) })
+	// DIR/files over HTTP: images for the storage and vm modules (make guest
+	// puts the demo guest there).
+	filesDir := filepath.Join(dir, "files")
+	if err := os.MkdirAll(filesDir, 0o755); err != nil {
+		return err
+	}
+	g.Go(func() error { return serve(gctx, lns["files"], http.FileServer(http.Dir(filesDir))) })
 	g.Go(func() error {
 		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host, vms: vms})
 	})
@@ -213,11 +221,12 @@ writ dev fleet is up (site %q, node %q)
   ledger      %s
   supervisor  %s
   redis       %s
+  files       %s (serves %s)
 Submit a job from another shell:
   . %s && %s run scripts/lib/hello.tengo --arg who=you
 Stop with Ctrl-C.
 
-`, devSite, defaultNodeID(), httpURL(coordAddr), ledgerURL, httpURL(supAddr), redisURL, envFile, selfPath())
+`, devSite, defaultNodeID(), httpURL(coordAddr), ledgerURL, httpURL(supAddr), redisURL, httpURL(filesAddr), filesDir, envFile, selfPath())
 		if c.sample == "" {
 			return nil
 		}

@@ -212,7 +212,7 @@ func (m *Machines) Create(ctx context.Context, spec Spec) (Info, error) {
 	if err := os.MkdirAll(m.dir(spec.Name), 0o755); err != nil {
 		return Info{}, fmt.Errorf("vm: %w", err)
 	}
-	if err := writeSeed(filepath.Join(m.dir(spec.Name), "seed.iso"), spec); err != nil {
+	if err := WriteSeed(filepath.Join(m.dir(spec.Name), "seed.iso"), spec); err != nil {
 		return Info{}, err
 	}
 	if err := m.save(r); err != nil {

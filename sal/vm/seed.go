@@ -64,9 +64,9 @@ func seedFiles(spec Spec) map[string]string {
 
 func quote(s string) string { return strconv.Quote(s) }
 
-// writeSeed builds the NoCloud seed image (ISO 9660 with Rock Ridge,
+// WriteSeed builds the NoCloud seed image (ISO 9660 with Rock Ridge,
 // volume label "cidata") at path, replacing any earlier one.
-func writeSeed(path string, spec Spec) error {
+func WriteSeed(path string, spec Spec) error {
 	files := seedFiles(spec)
 	size := int64(1 << 20)
 	for _, c := range files {

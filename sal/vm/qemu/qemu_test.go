@@ -31,12 +31,12 @@ type rig struct {
 	dir  string
 	cfg  vm.Config
 	m    *vm.Machines
-	t    *testing.T
+	t    testing.TB
 	nets network.Network
 	ctx  context.Context
 }
 
-func newRig(t *testing.T) *rig {
+func newRig(t testing.TB) *rig {
 	art := testenv.Guest(t)
 	r := &rig{t: t, art: art, ctx: context.Background(), dir: t.TempDir()}
 	r.node = testenv.NewNetNS(t)
