@@ -1,0 +1,223 @@
+package vm
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	diskfs "github.com/diskfs/go-diskfs"
+)
+
+// fakeBackend launches `sleep` processes that name the VM's directory, so
+// Machines' liveness, kill and restart logic runs on real processes.
+type fakeBackend struct {
+	launches int
+	fail     error
+}
+
+func (f *fakeBackend) Name() string { return "fake" }
+
+func (f *fakeBackend) Launch(ctx context.Context, l Launch) (int, error) {
+	if f.fail != nil {
+		return 0, f.fail
+	}
+	f.launches++
+	// sh names the directory in its command line and execs nothing else,
+	// so the pid is the process that must be watched.
+	cmd := exec.Command("sh", "-c", "while :; do sleep 1; done", filepath.Join(l.Dir, "fake"))
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	go cmd.Wait()
+	return cmd.Process.Pid, nil
+}
+
+func (f *fakeBackend) Shutdown(ctx context.Context, dir string) error { return nil }
+
+func newMachines(t *testing.T, b Backend) *Machines {
+	t.Helper()
+	m, err := New(Config{Dir: t.TempDir(), Backend: b, StopGrace: 200 * time.Millisecond, RestartBackoff: 10 * time.Millisecond, CheckInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		list, _ := m.List(context.Background())
+		for _, i := range list {
+			m.Delete(context.Background(), i.Name)
+		}
+	})
+	return m
+}
+
+func spec(t *testing.T, name string) Spec {
+	k := filepath.Join(t.TempDir(), "vmlinuz")
+	os.WriteFile(k, []byte("kernel"), 0o644)
+	return Spec{Name: name, Kernel: k}
+}
+
+func TestMachines_CreateValidates(t *testing.T) {
+	m := newMachines(t, &fakeBackend{})
+	ctx := context.Background()
+	good := spec(t, "ok")
+	for _, tc := range []struct {
+		name string
+		edit func(*Spec)
+		want string
+	}{
+		{"bad name", func(s *Spec) { s.Name = "Bad/Name" }, "name"},
+		{"no kernel or firmware", func(s *Spec) { s.Kernel = "" }, "give a kernel"},
+		{"missing kernel", func(s *Spec) { s.Kernel = "/nonexistent/vmlinuz" }, "does not exist"},
+		{"too many cpus", func(s *Spec) { s.CPUs = 1000 }, "cpus"},
+		{"too little memory", func(s *Spec) { s.MemoryMiB = 8 }, "memory"},
+		{"missing disk", func(s *Spec) { s.Disks = []Disk{{Path: "/nonexistent.img"}} }, "disk"},
+		{"NIC without a tap", func(s *Spec) { s.NICs = []NIC{{MAC: "02:00:00:00:00:01"}} }, "tap"},
+	} {
+		s := good
+		tc.edit(&s)
+		if _, err := m.Create(ctx, s); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Create = %v, want ErrInvalid mentioning %q", tc.name, err, tc.want)
+		}
+	}
+	if list, _ := m.List(ctx); len(list) != 0 {
+		t.Errorf("refused specs left records: %+v", list)
+	}
+	info, err := m.Create(ctx, good)
+	if err != nil || info.Spec.CPUs != DefaultCPUs || info.Spec.MemoryMiB != DefaultMemoryMiB || info.State != StateStopped {
+		t.Fatalf("Create = %+v, %v", info, err)
+	}
+	// The seed is an ISO 9660 image labelled cidata with the three files.
+	d, err := diskfs.Open(filepath.Join(m.dir("ok"), "seed.iso"), diskfs.WithOpenMode(diskfs.ReadOnly))
+	if err != nil {
+		t.Fatal(err)
+	}
+	fs, err := d.GetFilesystem(0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimRight(fs.Label(), "\x00 "); got != "cidata" {
+		t.Errorf("seed label = %q, want cidata", got)
+	}
+	files, err := fs.ReadDir(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, f := range files {
+		names = append(names, f.Name())
+	}
+	if strings.Join(names, ",") != "meta-data,network-config,user-data" {
+		t.Errorf("seed files = %v", names)
+	}
+	d.Close()
+}
+
+func TestMachines_StartStopConflict(t *testing.T) {
+	b := &fakeBackend{}
+	m := newMachines(t, b)
+	ctx := context.Background()
+	s := spec(t, "v1")
+	m.Create(ctx, s)
+	first, err := m.Start(ctx, "v1")
+	if err != nil || first.Pid == 0 || first.State != StateRunning {
+		t.Fatalf("Start = %+v, %v", first, err)
+	}
+	again, _ := m.Start(ctx, "v1")
+	if again.Pid != first.Pid || b.launches != 1 {
+		t.Errorf("a second Start launched again: pid %d (was %d), %d launches", again.Pid, first.Pid, b.launches)
+	}
+	other := s
+	other.CPUs = 2
+	if _, err := m.Create(ctx, other); !errors.Is(err, ErrConflict) {
+		t.Errorf("Create with another spec while running = %v, want ErrConflict", err)
+	}
+	stopped, err := m.Stop(ctx, "v1", 0)
+	if err != nil || stopped.State != StateStopped || processAlive(first.Pid, m.dir("v1")) {
+		t.Errorf("Stop = %+v, %v (the fake ignores the power button: it must be killed)", stopped, err)
+	}
+	if _, err := m.Create(ctx, other); err != nil {
+		t.Errorf("Create with another spec while stopped = %v", err)
+	}
+	if _, err := m.Info(ctx, "nope"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("Info of a missing VM = %v", err)
+	}
+	if err := m.Delete(ctx, "nope"); err != nil {
+		t.Errorf("Delete of a missing VM = %v", err)
+	}
+}
+
+// TestMachines_Watch: a dead VM is restarted; one that keeps dying ends
+// failed and stays so; a VM whose launch fails is retried.
+func TestMachines_Watch(t *testing.T) {
+	b := &fakeBackend{}
+	m := newMachines(t, b)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	m.Create(ctx, spec(t, "w"))
+	first, _ := m.Start(ctx, "w")
+	go m.Run(ctx)
+	pid := first.Pid
+	for death := 1; death <= DefaultMaxDeaths; death++ {
+		syscall.Kill(pid, syscall.SIGKILL)
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			i, _ := m.Info(ctx, "w")
+			if death < DefaultMaxDeaths && i.State == StateRunning && i.Pid != pid && i.Pid != 0 {
+				pid = i.Pid
+				break
+			}
+			if death == DefaultMaxDeaths && i.State == StateFailed {
+				if !strings.Contains(i.LastError, "died 3 times") || i.Restarts != 2 {
+					t.Errorf("failed VM = %+v", i)
+				}
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("death %d: VM = %+v", death, i)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	time.Sleep(100 * time.Millisecond)
+	if i, _ := m.Info(ctx, "w"); i.State != StateFailed || b.launches != 3 {
+		t.Errorf("after failing: %+v, %d launches; want it left failed after 3", i, b.launches)
+	}
+	// An explicit Start clears the failed state.
+	if i, err := m.Start(ctx, "w"); err != nil || i.State != StateRunning {
+		t.Errorf("Start after failed = %+v, %v", i, err)
+	}
+
+	// A launch that fails is recorded and retried by the watcher.
+	b2 := &fakeBackend{fail: errors.New("no such tap")}
+	m2 := newMachines(t, b2)
+	m2.Create(ctx, spec(t, "f"))
+	if _, err := m2.Start(ctx, "f"); err == nil || !strings.Contains(err.Error(), "no such tap") {
+		t.Fatalf("Start with a failing launch = %v", err)
+	}
+	b2.fail = nil
+	go m2.Run(ctx)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if i, _ := m2.Info(ctx, "f"); i.State == StateRunning && i.Pid != 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the watcher did not retry a failed launch")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestSeedFiles_Quoted(t *testing.T) {
+	s := Spec{Name: "x", NICs: []NIC{{Tap: "t", MAC: "02:00:00:00:00:01"}}, CloudInit: CloudInit{SSHKeys: []string{"ssh-ed25519 AAAA key\"\nruncmd: [evil]"}}}
+	user := seedFiles(s)["user-data"]
+	if strings.Contains(user, "\nruncmd:") {
+		t.Errorf("an SSH key broke out of its YAML string:\n%s", user)
+	}
+}
