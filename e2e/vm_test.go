@@ -10,7 +10,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -73,7 +72,7 @@ func TestFleet_DeployVM(t *testing.T) {
 	node := testenv.NewNetNS(t)
 	f := newFleet(t)
 	vmDir := filepath.Join(f.dir, "vms")
-	t.Cleanup(func() { killQEMUs(vmDir) }) // runs before the fleet stops
+	t.Cleanup(func() { testenv.KillUnder(vmDir) }) // runs before the fleet stops
 	f.startSupervisor("local")
 	f.startCoord()
 	runnerArgs := []string{"runner", "--site", "local", "--node", "vm1", "--redis", f.redis, "--ledger", f.ledger, "--listen", "",
@@ -197,7 +196,7 @@ func TestFleet_DeployVM(t *testing.T) {
 			t.Fatalf("destroy %s: %v\n%s", name, err, out)
 		}
 	}
-	if processRuns(last.Pid) {
+	if testenv.ProcessRuns(last.Pid) {
 		t.Errorf("QEMU pid %d still runs after destroy_vm", last.Pid)
 	}
 	testenv.InNetNS(t, node, func() error {
@@ -230,27 +229,3 @@ type cmdError struct {
 }
 
 func (e *cmdError) Error() string { return e.err.Error() + "\n" + e.stderr }
-
-// processRuns reports whether pid runs and is not a zombie.
-func processRuns(pid int) bool {
-	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	i := strings.LastIndexByte(string(stat), ')')
-	return i > 0 && i+2 < len(stat) && stat[i+2] != 'Z'
-}
-
-// killQEMUs kills every process whose command line names dir.
-func killQEMUs(dir string) {
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		cmdline, err := os.ReadFile(p)
-		if err != nil || !strings.Contains(string(cmdline), dir+"/") {
-			continue
-		}
-		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-}

@@ -10,6 +10,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/writ-fleet/writ/coord"
+	"github.com/writ-fleet/writ/envelope"
 )
 
 type runCmd struct {
@@ -42,20 +43,30 @@ func (c *runCmd) Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	raw, err := json.Marshal(env)
+	cl := &coord.Client{BaseURL: c.coord}
+	id, err := submit(ctx, cl, env)
 	if err != nil {
 		return err
 	}
-	cl := &coord.Client{BaseURL: c.coord}
+	return watch(ctx, cl, id)
+}
+
+// submit sends a signed job to coord and returns its ID. A rejection is
+// printed with its reason and becomes exit status 1.
+func submit(ctx context.Context, cl *coord.Client, env *envelope.Envelope) (string, error) {
+	raw, err := json.Marshal(env)
+	if err != nil {
+		return "", err
+	}
 	rep, err := cl.Submit(ctx, raw)
 	if err != nil {
 		var re *coord.RejectedError
 		if errors.As(err, &re) {
 			fmt.Fprintf(os.Stderr, "✘ %v\n", err)
-			return &exitError{code: 1}
+			return "", &exitError{code: 1}
 		}
-		return err
+		return "", err
 	}
 	fmt.Fprintf(os.Stderr, "● job %s %s\n", rep.ID, rep.State)
-	return watch(ctx, cl, rep.ID)
+	return rep.ID, nil
 }

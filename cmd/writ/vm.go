@@ -97,16 +97,12 @@ func (c *vmCmd) Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	raw, err := json.Marshal(env)
-	if err != nil {
-		return err
-	}
 	cl := &coord.Client{BaseURL: c.coord}
-	rep, err := cl.Submit(ctx, raw)
+	id, err := submit(ctx, cl, env)
 	if err != nil {
 		return err
 	}
-	last, err := follow(ctx, cl, rep.ID, false)
+	last, err := follow(ctx, cl, id, false)
 	if err != nil {
 		return err
 	}

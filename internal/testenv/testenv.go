@@ -10,6 +10,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -87,3 +89,29 @@ func Itoa(i int) string { return strconv.Itoa(i) }
 
 // Addr returns "127.0.0.1:port".
 func Addr(port int) string { return fmt.Sprintf("127.0.0.1:%d", port) }
+
+// ProcessRuns reports whether pid is a live process that is not a zombie
+// (a daemon's reaper may take a moment to collect it).
+func ProcessRuns(pid int) bool {
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := strings.LastIndexByte(string(stat), ')')
+	return i > 0 && i+2 < len(stat) && stat[i+2] != 'Z'
+}
+
+// KillUnder SIGKILLs every process whose command line names a file under
+// dir: the hypervisors of a test's VM directory, whatever the test did.
+func KillUnder(dir string) {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		cmdline, err := os.ReadFile(p)
+		if err != nil || !strings.Contains(string(cmdline), dir+"/") {
+			continue
+		}
+		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+}

@@ -6,8 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -53,7 +51,7 @@ func BenchmarkDeploy(b *testing.B) {
 				boot += time.Since(t1)
 				b.StopTimer()
 				r.m.Delete(r.ctx, name)
-				killUnder(filepath.Join(r.dir, "hand-"+name))
+				testenv.KillUnder(filepath.Join(r.dir, "hand-"+name))
 				r.host.Detach(r.ctx, "web", name, 0)
 				b.StartTimer()
 			}
@@ -98,18 +96,5 @@ func waitHTTP(b *testing.B, r *rig, addr netip.Addr) {
 			b.Fatal("the guest did not serve HTTP within 2 minutes")
 		}
 		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-// killUnder kills processes whose command line names dir.
-func killUnder(dir string) {
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		data, err := os.ReadFile(p)
-		if err == nil && strings.Contains(string(data), dir+"/") {
-			var pid int
-			fmt.Sscan(filepath.Base(filepath.Dir(p)), &pid)
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
 	}
 }

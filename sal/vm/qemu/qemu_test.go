@@ -5,7 +5,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -154,7 +153,7 @@ func TestMachines_Lifecycle(t *testing.T) {
 	if took := time.Since(start); took < time.Second {
 		t.Errorf("Stop took %s, less than the grace", took)
 	}
-	if running(got.Pid) {
+	if testenv.ProcessRuns(got.Pid) {
 		t.Errorf("QEMU pid %d still there after Stop", got.Pid)
 	}
 	if err := m2.Delete(r.ctx, "g1"); err != nil {
@@ -196,15 +195,4 @@ func TestMachines_KeepsDying(t *testing.T) {
 func consoleOf(r *rig, name string) string {
 	s, _ := r.m.Console(r.ctx, name, 4096)
 	return s
-}
-
-// running reports whether pid is a process that is not a zombie (the
-// daemonized QEMU's reaper may take a moment).
-func running(pid int) bool {
-	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	i := strings.LastIndexByte(string(stat), ')')
-	return i > 0 && i+2 < len(stat) && stat[i+2] != 'Z'
 }
