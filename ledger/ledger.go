@@ -109,6 +109,23 @@ type Site struct {
 	Name          string `json:"name"`
 	SupervisorURL string `json:"supervisor_url"`
 	Policy        Policy `json:"policy"`
+	// UptimeInterval is how often the site's nodes report; zero means
+	// DefaultUptimeInterval. Liveness is judged against it.
+	UptimeInterval Seconds `json:"uptime_interval,omitzero"`
+}
+
+// Seconds is a duration kept and sent as whole seconds.
+type Seconds int64
+
+// Duration returns s as a time.Duration.
+func (s Seconds) Duration() time.Duration { return time.Duration(s) * time.Second }
+
+// Interval returns the site's uptime interval, defaulted.
+func (s *Site) Interval() time.Duration {
+	if s.UptimeInterval <= 0 {
+		return DefaultUptimeInterval
+	}
+	return s.UptimeInterval.Duration()
 }
 
 // Signer is one key that may appear on a site's jobs, as a Trust lists it.
@@ -240,4 +257,21 @@ type Store interface {
 	// Trust returns the site and the keys of every user with a role on it.
 	Trust(ctx context.Context, site string) (*Trust, error)
 	Ping(ctx context.Context) error
+
+	// Enrollment tokens; secretHash is the hex SHA-256 of the secret.
+	CreateToken(ctx context.Context, t Token, secretHash string) error
+	ListTokens(ctx context.Context, site string) ([]Token, error)
+	RevokeToken(ctx context.Context, id string, at time.Time) error
+	TokenBySecret(ctx context.Context, secretHash string) (*Token, error)
+	// RegisterNode inserts a node, or updates the facts and capacity of
+	// the same key on the same site (created is false then); the same key
+	// on another site is ErrConflict.
+	RegisterNode(ctx context.Context, n Node) (created bool, err error)
+	GetNode(ctx context.Context, id string) (*Node, error)
+	// ListNodes lists a site's nodes ("" for all).
+	ListNodes(ctx context.Context, site string) ([]Node, error)
+	// ReportUptime records a report and whether it starts a new boot.
+	ReportUptime(ctx context.Context, id string, u Uptime) (restarted bool, err error)
+	AddAudit(ctx context.Context, e AuditEntry) error
+	ListAudit(ctx context.Context, limit int) ([]AuditEntry, error)
 }

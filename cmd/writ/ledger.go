@@ -7,11 +7,14 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/ledger/store/postgres"
 	"github.com/writ-fleet/writ/ledger/store/sqlite"
+	"github.com/writ-fleet/writ/ledger/store/sqlstore"
 )
 
 func ledgerCommand() *cobra.Command {
@@ -39,7 +42,7 @@ func ledgerInitCommand() *cobra.Command {
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
-	cmd.Flags().StringVar(&c.db, "db", "ledger.db", "SQLite file of the ledger")
+	cmd.Flags().StringVar(&c.db, "db", "ledger.db", "the ledger's store: a SQLite file, or postgres://…")
 	cmd.Flags().StringVar(&c.adminName, "admin-name", "admin", "name of the first admin user")
 	cmd.Flags().StringVar(&c.adminKey, "admin-key", "", "the first admin's public key file (OpenSSH .pub) (required)")
 	cmd.Flags().StringVar(&c.site, "site", "", "also create this site")
@@ -57,7 +60,7 @@ func (c *ledgerInitCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return err
 	}
-	store, err := sqlite.Open(ctx, c.db)
+	store, err := openStore(ctx, c.db)
 	if err != nil {
 		return err
 	}
@@ -92,17 +95,19 @@ RFC 9421 HTTP Message Signatures by an admin's key.`,
 			return c.Run(cmd.Context(), args)
 		},
 	}
-	cmd.Flags().StringVar(&c.db, "db", "ledger.db", "SQLite file of the ledger (create it with `writ ledger init`)")
+	cmd.Flags().StringVar(&c.db, "db", "ledger.db", "the ledger's store: a SQLite file, or postgres://… (create it with `writ ledger init`)")
 	cmd.Flags().StringVar(&c.listen, "listen", defaultLedgerAddr, "address to serve the ledger API on")
 	return cmd
 }
 
 // Run serves the ledger until ctx ends.
 func (c *ledgerServeCmd) Run(ctx context.Context, _ []string) error {
-	if _, err := os.Stat(c.db); err != nil {
-		return fmt.Errorf("ledger store %s: %w (create it with `writ ledger init`)", c.db, err)
+	if !isPostgresURL(c.db) {
+		if _, err := os.Stat(c.db); err != nil {
+			return fmt.Errorf("ledger store %s: %w (create it with `writ ledger init`)", c.db, err)
+		}
 	}
-	store, err := sqlite.Open(ctx, c.db)
+	store, err := openStore(ctx, c.db)
 	if err != nil {
 		return err
 	}
@@ -118,4 +123,17 @@ func runLedger(ctx context.Context, log *slog.Logger, ln net.Listener, store led
 	srv := ledger.NewServer(store, log.With("svc", "ledger"), newRegistry(), nil)
 	log.Info("ledger listening", "addr", ln.Addr().String())
 	return serve(ctx, ln, srv.Handler())
+}
+
+// openStore opens the ledger store named by db: a postgres:// or
+// postgresql:// URL, or else a SQLite file.
+func openStore(ctx context.Context, db string) (*sqlstore.Store, error) {
+	if isPostgresURL(db) {
+		return postgres.Open(ctx, db)
+	}
+	return sqlite.Open(ctx, db)
+}
+
+func isPostgresURL(db string) bool {
+	return strings.HasPrefix(db, "postgres://") || strings.HasPrefix(db, "postgresql://")
 }

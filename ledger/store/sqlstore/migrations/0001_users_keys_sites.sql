@@ -7,18 +7,18 @@ CREATE TABLE users (
 
 CREATE TABLE keys (
     id         TEXT PRIMARY KEY,          -- OpenSSH SHA256 fingerprint
-    user       TEXT NOT NULL REFERENCES users(name),
+    "user"     TEXT NOT NULL REFERENCES users(name),
     public_key TEXT NOT NULL,             -- authorized_keys line
     created_at TEXT NOT NULL,
     revoked_at TEXT
 );
-CREATE INDEX keys_user ON keys(user);
+CREATE INDEX keys_user ON keys("user");
 
 CREATE TABLE roles (
-    user TEXT NOT NULL REFERENCES users(name),
+    "user" TEXT NOT NULL REFERENCES users(name),
     site TEXT NOT NULL,                   -- a site name, or '*' for every site
     role TEXT NOT NULL,
-    PRIMARY KEY (user, site)
+    PRIMARY KEY ("user", site)
 );
 
 CREATE TABLE sites (
