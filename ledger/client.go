@@ -24,8 +24,11 @@ import (
 type Client struct {
 	// BaseURL is the ledger's address, e.g. http://127.0.0.1:7701.
 	BaseURL string
-	// Key signs admin calls; optional for reads.
+	// Key signs admin calls (and a node's calls); optional for reads.
 	Key *keys.Key
+	// KeyID, when set, is the signature's keyid instead of Key.ID: a node
+	// signs as its node ID.
+	KeyID string
 	// HTTP is the HTTP client; nil means one with a 10 s timeout.
 	HTTP *http.Client
 }
@@ -67,7 +70,11 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any, signe
 		if c.Key == nil {
 			return errors.New("ledger: this call must be signed; no key given")
 		}
-		if err := httpsig.Sign(req, body, c.Key.ID, c.Key.Private, time.Now()); err != nil {
+		keyID := c.Key.ID
+		if c.KeyID != "" {
+			keyID = c.KeyID
+		}
+		if err := httpsig.Sign(req, body, keyID, c.Key.Private, time.Now()); err != nil {
 			return err
 		}
 	}

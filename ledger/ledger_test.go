@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,8 +17,24 @@ import (
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/ledger/store/postgres"
 	"github.com/writ-fleet/writ/ledger/store/sqlite"
+	"github.com/writ-fleet/writ/ledger/store/sqlstore"
 )
+
+// bothStores runs fn as subtests on SQLite and on PostgreSQL.
+func bothStores(t *testing.T, fn func(t *testing.T, kind string)) {
+	for _, kind := range []string{"sqlite", "postgres"} {
+		t.Run(kind, func(t *testing.T) { fn(t, kind) })
+	}
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testenv.StopPostgres()
+	os.Exit(code)
+}
 
 type fixture struct {
 	admin  *keys.Key
@@ -25,10 +42,20 @@ type fixture struct {
 	url    string
 }
 
-func newFixture(t *testing.T) *fixture {
+func newFixture(t *testing.T) *fixture { return newFixtureOn(t, "sqlite", nil) }
+
+// newFixtureOn serves a ledger on a fresh store of kind ("sqlite" or
+// "postgres") with clock now (nil: the real clock).
+func newFixtureOn(t *testing.T, kind string, now func() time.Time) *fixture {
 	t.Helper()
 	ctx := context.Background()
-	store, err := sqlite.Open(ctx, filepath.Join(t.TempDir(), "ledger.db"))
+	var store *sqlstore.Store
+	var err error
+	if kind == "postgres" {
+		store, err = postgres.Open(ctx, testenv.Postgres(t))
+	} else {
+		store, err = sqlite.Open(ctx, filepath.Join(t.TempDir(), "ledger.db"))
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,7 +68,7 @@ func newFixture(t *testing.T) *fixture {
 	if err := ledger.Init(ctx, store, "root2", admin.AuthorizedKey(), nil); err == nil {
 		t.Error("second Init succeeded, want refusal")
 	}
-	srv := ledger.NewServer(store, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), nil)
+	srv := ledger.NewServer(store, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), now)
 	hs := httptest.NewServer(srv.Handler())
 	t.Cleanup(hs.Close)
 	return &fixture{admin: admin, client: &ledger.Client{BaseURL: hs.URL, Key: admin}, url: hs.URL}

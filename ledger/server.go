@@ -39,15 +39,30 @@ const maxAdminBody = 64 << 10
 //	POST /v1/users/{name}/keys     add {public_key}
 //	POST /v1/users/{name}/roles    bind {site, role} ("" role removes)
 //	POST /v1/users/{name}/disable  and /enable
+//	POST /v1/users/{name}/keys/rotate  {old_key_id, public_key}: add, then revoke
 //	POST /v1/keys/revoke           revoke {key_id}
-//	PUT  /v1/sites/{site}          create or replace {supervisor_url, policy}
+//	PUT  /v1/sites/{site}          create or replace {supervisor_url, policy, uptime_interval}
+//	POST /v1/sites/{site}/tokens   enrollment token {ttl} (the secret is shown once)
+//	POST /v1/sites/{site}/tokens/{id}/revoke
+//	GET  /v1/audit                 the newest admin writes
+//
+// Nodes (signed by the node's own key, keyid = node ID):
+//
+//	POST /v1/nodes/register        {site, token, public_key, facts, capacity}
+//	POST /v1/nodes/{id}/uptime     {boot_id, uptime_seconds, at, used}
+//
+// Public node reads: GET /v1/nodes?site=S, GET /v1/nodes/{id},
+// GET /v1/sites/{site}/tokens (no secrets). The whole API is described in
+// openapi.yaml, served at /v1/openapi.yaml.
 type Server struct {
-	store    Store
-	log      *slog.Logger
-	reg      *prometheus.Registry
-	verifier *httpsig.Verifier
-	now      func() time.Time
-	writes   *prometheus.CounterVec
+	store        Store
+	log          *slog.Logger
+	reg          *prometheus.Registry
+	verifier     *httpsig.Verifier
+	nodeVerifier *httpsig.Verifier
+	nkeys        nodeKeys
+	now          func() time.Time
+	writes       *prometheus.CounterVec
 }
 
 // NewServer returns the API over store. now may be nil (time.Now).
@@ -57,6 +72,7 @@ func NewServer(store Store, log *slog.Logger, reg *prometheus.Registry, now func
 	}
 	s := &Server{store: store, log: log, reg: reg, now: now}
 	s.verifier = &httpsig.Verifier{Keys: s.adminKey, Now: now, MaxBody: maxAdminBody}
+	s.nodeVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody}
 	s.writes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "writ_ledger_admin_writes_total", Help: "Admin write requests by operation and outcome.",
 	}, []string{"op", "outcome"})
@@ -102,6 +118,12 @@ func (s *Server) Handler() http.Handler {
 		r.Get("/keys", s.getKey)
 		r.Get("/users", s.listUsers)
 		r.Get("/users/{name}", s.getUser)
+		r.Get("/nodes", s.listNodes)
+		r.Get("/nodes/{id}", s.getNode)
+		r.Get("/sites/{site}/tokens", s.listTokens)
+		r.Get("/openapi.yaml", serveOpenAPI)
+		r.Post("/nodes/register", s.register)
+		r.Post("/nodes/{id}/uptime", s.uptime)
 		r.Group(func(r chi.Router) {
 			r.Use(s.verifier.Middleware)
 			r.Post("/users", s.admin("create_user", s.createUser))
@@ -111,6 +133,10 @@ func (s *Server) Handler() http.Handler {
 			r.Post("/users/{name}/enable", s.admin("enable_user", s.setDisabled(false)))
 			r.Post("/keys/revoke", s.admin("revoke_key", s.revokeKey))
 			r.Put("/sites/{site}", s.admin("put_site", s.putSite))
+			r.Post("/users/{name}/keys/rotate", s.admin("rotate_key", s.rotateKey))
+			r.Post("/sites/{site}/tokens", s.admin("create_token", s.createToken))
+			r.Post("/sites/{site}/tokens/{id}/revoke", s.admin("revoke_token", s.revokeToken))
+			r.Get("/audit", s.listAudit)
 		})
 	})
 	return r
@@ -122,6 +148,8 @@ func storeErr(err error) error {
 		return &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: err.Error()}
 	case errors.Is(err, ErrExists):
 		return &httpapi.Error{Status: http.StatusConflict, Reason: "exists", Msg: err.Error()}
+	case errors.Is(err, ErrConflict):
+		return &httpapi.Error{Status: http.StatusConflict, Reason: "conflict", Msg: err.Error()}
 	}
 	return err
 }
@@ -134,6 +162,7 @@ func (s *Server) admin(op string, fn func(r *http.Request, body []byte) (any, er
 			if v, err = fn(r, body); err == nil {
 				s.writes.WithLabelValues(op, "ok").Inc()
 				s.log.Info("ledger admin write", "op", op, "by", httpsig.Principal(r.Context()), "path", r.URL.Path)
+				s.audit(r.Context(), httpsig.Principal(r.Context()), op, r.URL.Path, auditDetail(body))
 				httpapi.JSON(w, http.StatusOK, v)
 				return
 			}
@@ -347,6 +376,9 @@ func ValidateSite(site Site) error {
 	u, err := url.Parse(site.SupervisorURL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
 		return fmt.Errorf("supervisor_url %q must be an http(s) URL", site.SupervisorURL)
+	}
+	if site.UptimeInterval < 0 || site.UptimeInterval > 3600 {
+		return fmt.Errorf("uptime_interval %d s must be 0 (default %s) to 3600", site.UptimeInterval, DefaultUptimeInterval)
 	}
 	return site.Policy.Validate()
 }

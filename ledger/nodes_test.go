@@ -1,0 +1,225 @@
+package ledger_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/writ-fleet/writ/httpsig"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
+)
+
+// clock is a settable test clock.
+type clock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
+func (c *clock) add(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+func TestNodes_Registration(t *testing.T) {
+	bothStores(t, func(t *testing.T, kind string) {
+		ctx := context.Background()
+		f := newFixtureOn(t, kind, nil)
+		if err := f.client.PutSite(ctx, ledger.Site{Name: "other", SupervisorURL: "http://127.0.0.1:2", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
+			t.Fatal(err)
+		}
+		tok, err := f.client.CreateToken(ctx, "local", 0)
+		if err != nil || !strings.HasPrefix(tok.Secret, "writ-enroll-") {
+			t.Fatalf("CreateToken = %+v, %v", tok, err)
+		}
+		otherTok, _ := f.client.CreateToken(ctx, "other", 0)
+		shortTok, _ := f.client.CreateToken(ctx, "local", 1)
+		revoked, _ := f.client.CreateToken(ctx, "local", 0)
+		if _, err := f.client.RevokeToken(ctx, "local", revoked.ID); err != nil {
+			t.Fatal(err)
+		}
+		if list, _ := f.client.Tokens(ctx, "local"); len(list) != 3 || list[0].Secret != "" {
+			t.Errorf("Tokens = %+v, want 3 without secrets", list)
+		}
+
+		nodeKey, _ := keys.Generate("node-1")
+		nc := ledger.NodeClient(f.url, nodeKey)
+		req := ledger.RegisterRequest{Site: "local", Token: tok.Secret, PublicKey: nodeKey.AuthorizedKey(),
+			Facts: ledger.Facts{Hostname: "node-1", CPUs: 4, MemoryMiB: 8192}, Capacity: ledger.Capacity{CPUs: 4, MemoryMiB: 8192}}
+		time.Sleep(1100 * time.Millisecond) // let shortTok expire
+		for _, tc := range []struct {
+			name string
+			edit func(*ledger.RegisterRequest)
+			want string
+		}{
+			{"bad token", func(r *ledger.RegisterRequest) { r.Token = "writ-enroll-nope" }, "HTTP 403"},
+			{"another site's token", func(r *ledger.RegisterRequest) { r.Token = otherTok.Secret }, "HTTP 403"},
+			{"expired token", func(r *ledger.RegisterRequest) { r.Token = shortTok.Secret }, "expired"},
+			{"revoked token", func(r *ledger.RegisterRequest) { r.Token = revoked.Secret }, "revoked"},
+			{"bad public key", func(r *ledger.RegisterRequest) { r.PublicKey = "ssh-rsa AAAA" }, "HTTP 400"},
+		} {
+			r := req
+			tc.edit(&r)
+			if _, err := nc.Register(ctx, r); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("%s: Register = %v, want %q", tc.name, err, tc.want)
+			}
+		}
+		// Signed by another key than the one in the body.
+		mallory, _ := keys.Generate("mallory")
+		mc := &ledger.Client{BaseURL: f.url, Key: mallory, KeyID: ledger.NodeID(nodeKey.Public)}
+		if _, err := mc.Register(ctx, req); err == nil || !strings.Contains(err.Error(), "HTTP 401") {
+			t.Errorf("Register signed by another key = %v, want HTTP 401", err)
+		}
+
+		n, err := nc.Register(ctx, req)
+		if err != nil || n.ID != ledger.NodeID(nodeKey.Public) || n.Site != "local" || n.Capacity.CPUs != 4 {
+			t.Fatalf("Register = %+v, %v", n, err)
+		}
+		req.Capacity.CPUs = 8
+		if again, err := nc.Register(ctx, req); err != nil || again.ID != n.ID || again.Capacity.CPUs != 8 {
+			t.Errorf("Register again = %+v, %v; want the same node, updated", again, err)
+		}
+		moved := req
+		moved.Site, moved.Token = "other", otherTok.Secret
+		if _, err := nc.Register(ctx, moved); err == nil || !strings.Contains(err.Error(), "HTTP 409") {
+			t.Errorf("Register on another site = %v, want HTTP 409", err)
+		}
+
+		// A replayed request (same signature and nonce) is refused.
+		body, _ := json.Marshal(req)
+		hr, _ := http.NewRequest("POST", f.url+"/v1/nodes/register", bytes.NewReader(body))
+		hr.Header.Set("Content-Type", "application/json")
+		httpsig.Sign(hr, body, ledger.NodeID(nodeKey.Public), nodeKey.Private, time.Now())
+		for i, want := range []int{200, 401} {
+			replay := hr.Clone(ctx)
+			replay.Body = ioNopCloser(body)
+			resp, err := http.DefaultClient.Do(replay)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != want {
+				t.Errorf("request %d: status %d, want %d", i+1, resp.StatusCode, want)
+			}
+		}
+
+		// Registration and token writes are in the audit log.
+		entries, err := f.client.Audit(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ops := map[string]int{}
+		for _, e := range entries {
+			ops[e.Op]++
+			if strings.Contains(e.Detail, "writ-enroll-") {
+				t.Errorf("a token secret reached the audit log: %+v", e)
+			}
+		}
+		if ops["register_node"] != 1 || ops["create_token"] != 4 || ops["revoke_token"] != 1 {
+			t.Errorf("audit ops = %v", ops)
+		}
+	})
+}
+
+func TestNodes_UptimeAndLiveness(t *testing.T) {
+	bothStores(t, func(t *testing.T, kind string) {
+		ctx := context.Background()
+		clk := &clock{t: time.Now()}
+		f := newFixtureOn(t, kind, clk.now)
+		if err := f.client.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}, UptimeInterval: 10}); err != nil {
+			t.Fatal(err)
+		}
+		tok, _ := f.client.CreateToken(ctx, "local", 0)
+		nodeKey, _ := keys.Generate("node-1")
+		nc := ledger.NodeClient(f.url, nodeKey)
+		n, err := nc.Register(ctx, ledger.RegisterRequest{Site: "local", Token: tok.Secret, PublicKey: nodeKey.AuthorizedKey()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if n.Liveness != ledger.LivenessOffline {
+			t.Errorf("liveness before any report = %s, want offline", n.Liveness)
+		}
+		report := func(boot string, at time.Time) (*ledger.UptimeReply, error) {
+			return nc.ReportUptime(ctx, n.ID, ledger.Uptime{BootID: boot, UptimeSeconds: 5, At: at})
+		}
+		rep, err := report("boot-1", clk.now())
+		if err != nil || rep.Restarted || rep.Liveness != ledger.LivenessOnline || rep.Interval != 10 {
+			t.Fatalf("first report = %+v, %v", rep, err)
+		}
+		if rep, err := report("boot-2", clk.now()); err != nil || !rep.Restarted || rep.Boots != 2 {
+			t.Errorf("report after a reboot = %+v, %v; want restarted", rep, err)
+		}
+		for _, at := range []time.Time{clk.now().Add(-3 * time.Minute), clk.now().Add(3 * time.Minute)} {
+			if _, err := report("boot-2", at); err == nil || !strings.Contains(err.Error(), "HTTP 400") {
+				t.Errorf("report at %s = %v, want HTTP 400 (outside the window)", at, err)
+			}
+		}
+		// Another node may not report for this one.
+		otherKey, _ := keys.Generate("node-2")
+		if _, err := ledger.NodeClient(f.url, otherKey).ReportUptime(ctx, n.ID, ledger.Uptime{BootID: "x", At: clk.now()}); err == nil || !strings.Contains(err.Error(), "HTTP 40") {
+			t.Errorf("report signed by another node = %v", err)
+		}
+		// Liveness follows the clock: online within 2 intervals, stale
+		// within 5, then offline.
+		for _, step := range []struct {
+			advance time.Duration
+			want    string
+		}{{15 * time.Second, ledger.LivenessOnline}, {20 * time.Second, ledger.LivenessStale}, {30 * time.Second, ledger.LivenessOffline}} {
+			clk.add(step.advance)
+			got, err := f.client.Node(ctx, n.ID)
+			if err != nil || got.Liveness != step.want {
+				t.Errorf("after +%s: liveness %s (%v), want %s", step.advance, got.Liveness, err, step.want)
+			}
+		}
+		if list, _ := f.client.Nodes(ctx, "local"); len(list) != 1 || list[0].Liveness != ledger.LivenessOffline || list[0].Boots != 2 {
+			t.Errorf("Nodes = %+v", list)
+		}
+	})
+}
+
+// TestUsers_RotateAndDisable: rotation adds the new key and revokes the
+// old; a disabled user's keys stop counting; every write is audited.
+func TestUsers_RotateAndDisable(t *testing.T) {
+	bothStores(t, func(t *testing.T, kind string) {
+		ctx := context.Background()
+		f := newFixtureOn(t, kind, nil)
+		alice := f.user(t, "alice", map[string]string{"local": ledger.RoleDeployer})
+		next, _ := keys.Generate("alice-2")
+		u, err := f.client.RotateKey(ctx, "alice", alice.ID, next.AuthorizedKey())
+		if err != nil || len(u.Keys) != 2 {
+			t.Fatalf("RotateKey = %+v, %v", u, err)
+		}
+		for _, k := range u.Keys {
+			if (k.ID == alice.ID) != (k.RevokedAt != nil) {
+				t.Errorf("key %s revoked=%v after rotation", k.ID, k.RevokedAt != nil)
+			}
+		}
+		if u, err := f.client.SetDisabled(ctx, "alice", true); err != nil || !u.Disabled {
+			t.Errorf("disable = %+v, %v", u, err)
+		}
+		tr, _ := f.client.Trust(ctx, "local")
+		for _, sg := range tr.Signers {
+			if sg.User == "alice" && !sg.Disabled {
+				t.Errorf("signer %s of a disabled user not flagged", sg.KeyID)
+			}
+		}
+		entries, _ := f.client.Audit(ctx)
+		var ops []string
+		for _, e := range entries {
+			ops = append(ops, e.Actor+":"+e.Op)
+		}
+		if got := strings.Join(ops, ","); got != "root:disable_user,root:rotate_key,root:create_user" {
+			t.Errorf("audit = %s", got)
+		}
+	})
+}
+
+func ioNopCloser(b []byte) io.ReadCloser { return io.NopCloser(bytes.NewReader(b)) }
