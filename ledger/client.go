@@ -98,6 +98,10 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any, signe
 		}
 		return e
 	}
+	if raw, ok := out.(rawReply); ok {
+		*raw.b = data
+		return nil
+	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
 			return fmt.Errorf("ledger %s: decode reply: %w", c.BaseURL, err)

@@ -15,9 +15,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/ledger/store/postgres"
 	"github.com/writ-fleet/writ/ledger/store/sqlite"
 	"github.com/writ-fleet/writ/ledger/store/sqlstore"

@@ -77,3 +77,19 @@ func (c *Client) Audit(ctx context.Context) ([]AuditEntry, error) {
 	var out []AuditEntry
 	return out, c.do(ctx, "GET", "/v1/audit", nil, &out, true)
 }
+
+// GetKey returns one key.
+func (c *Client) GetKey(ctx context.Context, id string) (*Key, error) {
+	var k Key
+	return &k, c.do(ctx, "GET", "/v1/keys?id="+url.QueryEscape(id), nil, &k, false)
+}
+
+// OpenAPI returns the ledger's OpenAPI document.
+func (c *Client) OpenAPI(ctx context.Context) ([]byte, error) {
+	var raw []byte
+	err := c.do(ctx, "GET", "/v1/openapi.yaml", nil, rawReply{&raw}, false)
+	return raw, err
+}
+
+// rawReply takes a reply body as it is.
+type rawReply struct{ b *[]byte }
