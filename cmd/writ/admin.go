@@ -6,6 +6,7 @@ import (
 	"os"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -35,6 +36,7 @@ func (f *adminFlags) client(signed bool) (*ledger.Client, error) {
 func userCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "user", Short: "Manage ledger users, their keys and roles (admin)"}
 	cmd.AddCommand(userAddCommand(), userListCommand(), userRevokeKeyCommand())
+	cmd.AddCommand(userKeyCommands()...)
 	return cmd
 }
 
@@ -158,7 +160,7 @@ func (c *userRevokeKeyCmd) Run(ctx context.Context, args []string) error {
 
 func siteCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "site", Short: "Manage sites: supervisor address and signing policy (admin)"}
-	cmd.AddCommand(siteSetCommand(), siteListCommand())
+	cmd.AddCommand(siteSetCommand(), siteListCommand(), siteTokenCommand())
 	return cmd
 }
 
@@ -167,6 +169,7 @@ type siteSetCmd struct {
 	supervisor string
 	roles      []string
 	threshold  int
+	interval   time.Duration
 }
 
 func siteSetCommand() *cobra.Command {
@@ -182,6 +185,7 @@ func siteSetCommand() *cobra.Command {
 	cmd.Flags().StringVar(&c.supervisor, "supervisor", "", "the site supervisor's URL (required)")
 	cmd.Flags().StringSliceVar(&c.roles, "roles", ledger.DefaultPolicyRoles, "roles that may sign jobs for the site")
 	cmd.Flags().IntVar(&c.threshold, "threshold", 1, "signatures from distinct users a job needs")
+	cmd.Flags().DurationVar(&c.interval, "uptime-interval", ledger.DefaultUptimeInterval, "how often the site's nodes report uptime (liveness: online within 2, stale within 5)")
 	return cmd
 }
 
@@ -191,7 +195,7 @@ func (c *siteSetCmd) Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	s := ledger.Site{Name: args[0], SupervisorURL: c.supervisor, Policy: ledger.Policy{Roles: c.roles, Threshold: c.threshold}}
+	s := ledger.Site{Name: args[0], SupervisorURL: c.supervisor, Policy: ledger.Policy{Roles: c.roles, Threshold: c.threshold}, UptimeInterval: ledger.Seconds(c.interval / time.Second)}
 	if err := ledger.ValidateSite(s); err != nil {
 		return err
 	}

@@ -22,7 +22,7 @@ func ledgerCommand() *cobra.Command {
 		Use:   "ledger",
 		Short: "Create and serve the ledger: users, keys, roles and sites",
 	}
-	cmd.AddCommand(ledgerInitCommand(), ledgerServeCommand())
+	cmd.AddCommand(ledgerInitCommand(), ledgerServeCommand(), ledgerAuditCommand())
 	return cmd
 }
 

@@ -70,6 +70,7 @@ URL), WRIT_KEY (signing key file), WRIT_SITE (default site) and WRIT_LEDGER
 		jobCommand(),
 		runCommand(),
 		vmCommand(),
+		nodeCommand(),
 		userCommand(),
 		siteCommand(),
 	)

@@ -1,0 +1,167 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/writ-fleet/writ/identity"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/runner"
+	"github.com/writ-fleet/writ/sal/vm"
+	"github.com/writ-fleet/writ/scripts"
+)
+
+// nodeCmd runs a node: its identity agent and its runner.
+type nodeCmd struct {
+	ledger, site, token, stateDir, redis, listen string
+	allowTmpfs                                   bool
+	concurrency, cpus                            int
+	memory                                       string
+	interval, trustTTL                           time.Duration
+	pool                                         poolFlags
+	net                                          netFlags
+	vm                                           vmFlags
+	log                                          *slog.Logger
+}
+
+func nodeCommand() *cobra.Command {
+	c := &nodeCmd{}
+	cmd := &cobra.Command{
+		Use:   "node",
+		Short: "Run a node: register with the ledger, report uptime, and run the site's jobs",
+		Long: `Run this machine as a node of SITE. The first start makes the node's
+ed25519 key in --state-dir (keep it on a disk: the key is the node's
+identity, and its ID is derived from it) and registers with the ledger
+using an enrollment token (writ site token create SITE). The node then
+reports its uptime on the site's interval, and runs a runner that takes
+the site's jobs and its own (queue node:<ID>). Stopping it (SIGTERM, a
+planned reboot) sends a last uptime report first.
+
+As root the runner also manages networks and VMs (state under --state-dir),
+like writ runner. writ node ls and writ node info show the registered nodes.`,
+		Example: `  writ node --ledger http://10.0.0.1:7701 --site lab --token writ-enroll-… --redis redis://10.0.1.1:6379/0`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c.log = newLogger(cmd)
+			return c.Run(cmd.Context(), args)
+		},
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL (default $WRIT_LEDGER)")
+	fl.StringVar(&c.site, "site", os.Getenv(envSite), "the site this node belongs to (default $WRIT_SITE)")
+	fl.StringVar(&c.token, "token", os.Getenv("WRIT_TOKEN"), "the site's enrollment token (default $WRIT_TOKEN); needed until the node is registered")
+	fl.StringVar(&c.stateDir, "state-dir", "/var/lib/writ/node", "where the node key (and, as root, network and VM state) live; must survive reboots")
+	fl.BoolVar(&c.allowTmpfs, "allow-tmpfs", false, "accept a --state-dir on tmpfs (the node gets a new identity at every boot)")
+	fl.StringVar(&c.redis, "redis", defaultRedisURL, "the site's Redis")
+	fl.StringVar(&c.listen, "listen", "", `address for the runner's /healthz, /readyz and /metrics ("" for none)`)
+	fl.IntVar(&c.concurrency, "concurrency", runner.DefaultConcurrency, "jobs run at once")
+	fl.IntVar(&c.cpus, "cpus", 0, "CPUs this node offers to jobs (default: all)")
+	fl.StringVar(&c.memory, "memory", "", "memory this node offers to jobs, e.g. 16G (default: all)")
+	fl.DurationVar(&c.interval, "uptime-interval", 0, "report uptime this often (default: the site's interval)")
+	trustTTLFlag(cmd, &c.trustTTL)
+	c.pool.add(cmd)
+	c.net.add(cmd, "")
+	c.vm.add(cmd, "")
+	cmd.AddCommand(nodeListCommands()...)
+	return cmd
+}
+
+// Run runs the node until ctx ends.
+func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
+	if c.site == "" {
+		return errors.New("--site is required (or $WRIT_SITE)")
+	}
+	memBytes, err := parseSizeFlag(c.memory, "--memory")
+	if err != nil {
+		return err
+	}
+	if c.net.state == "" {
+		c.net.state = filepath.Join(c.stateDir, "net")
+	}
+	if c.vm.dir == "" {
+		c.vm.dir = filepath.Join(c.stateDir, "vms")
+	}
+	var vms *vm.Machines
+	agent, err := identity.New(identity.Config{
+		StateDir: c.stateDir, AllowTmpfs: c.allowTmpfs, LedgerURL: c.ledger, Site: c.site, Token: c.token,
+		Capacity: ledger.Capacity{CPUs: c.cpus, MemoryMiB: memBytes >> 20}, Version: version, Interval: c.interval,
+		Used:   func() ledger.Capacity { return vmUse(ctx, vms) },
+		Log:    c.log.With("svc", "identity"),
+		Status: os.Stderr,
+	})
+	if err != nil {
+		return err
+	}
+	var ln net.Listener
+	if c.listen != "" {
+		if ln, err = listen(c.listen, "--listen"); err != nil {
+			return err
+		}
+	}
+	rdb, err := queue.Connect(c.redis)
+	if err != nil {
+		return err
+	}
+	defer rdb.Close()
+	pool, err := c.pool.open(ctx)
+	if err != nil {
+		return err
+	}
+	if pool != nil {
+		defer pool.Close()
+	}
+	host, err := c.net.open(ctx, c.log)
+	if err != nil {
+		return err
+	}
+	if vms, err = c.vm.open(c.log, host); err != nil {
+		return err
+	}
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return agent.Run(gctx) })
+	g.Go(func() error {
+		return runRunner(gctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: agent.ID(),
+			concurrency: c.concurrency, trustTTL: c.trustTTL, pool: pool, net: host, vms: vms})
+	})
+	return g.Wait()
+}
+
+// vmUse is what the node's VMs that should run use.
+func vmUse(ctx context.Context, vms *vm.Machines) ledger.Capacity {
+	var used ledger.Capacity
+	if vms == nil {
+		return used
+	}
+	list, err := vms.List(ctx)
+	if err != nil {
+		return used
+	}
+	for _, v := range list {
+		if v.Run {
+			used.CPUs += v.Spec.CPUs
+			used.MemoryMiB += int64(v.Spec.MemoryMiB)
+		}
+	}
+	return used
+}
+
+func parseSizeFlag(s, flag string) (int64, error) {
+	if s == "" {
+		return 0, nil
+	}
+	n, err := scripts.ParseSize(s)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", flag, err)
+	}
+	return n, nil
+}
