@@ -131,7 +131,21 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		rec:  queue.NewJobRecord{Job: queue.Job{ID: id, Name: job.Name, Site: job.Site, Node: job.Node, SubmittedAt: c.p.Now()}, Envelope: body},
 		done: make(chan supervisor.Verdict, 1),
 	}
+	// Placement: a job that states what it needs and pins no node goes to
+	// a node of its site with room for it. The placement is a routing
+	// hint: it grants nothing, and the job's own signature still decides.
+	if job.Node == "" && (job.Resources != envelope.Resources{}) {
+		node, err := c.placer.place(r.Context(), job.Site, id, job.Resources)
+		if err != nil {
+			c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonNoCapacity, err.Error()))
+			return
+		}
+		sub.place, sub.rec.Job.Node = node, node
+	}
 	v, err := c.forwarderFor(job.Site).submit(r.Context(), sub)
+	if err != nil || v.State == supervisor.VerdictRejected {
+		c.placer.release(id)
+	}
 	if err != nil {
 		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "submit: %v", err))
 		return

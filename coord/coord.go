@@ -59,7 +59,10 @@ type Params struct {
 	// SiteRefresh is how often the site list is read from the ledger; zero
 	// means DefaultSiteRefresh.
 	SiteRefresh time.Duration
-	Now         func() time.Time // optional, time.Now
+	// Placement is the policy for jobs that state resources and pin no
+	// node: PlaceSpread (default) or PlaceBinpack.
+	Placement string
+	Now       func() time.Time // optional, time.Now
 }
 
 // Coord is the front door.
@@ -67,6 +70,7 @@ type Coord struct {
 	p         Params
 	hub       *hub
 	deliverer *deliverer
+	placer    *placer
 	metrics   *metrics
 
 	mu         sync.Mutex
@@ -105,6 +109,13 @@ func New(p Params) (*Coord, error) {
 	if p.Now == nil {
 		p.Now = time.Now
 	}
+	switch p.Placement {
+	case "":
+		p.Placement = PlaceSpread
+	case PlaceSpread, PlaceBinpack:
+	default:
+		return nil, fmt.Errorf("coord: placement %q: want %s or %s", p.Placement, PlaceSpread, PlaceBinpack)
+	}
 	c := &Coord{
 		p:          p,
 		hub:        newHub(),
@@ -128,6 +139,7 @@ func New(p Params) (*Coord, error) {
 	}
 	p.Metrics.MustRegister(c.metrics.submitted, c.metrics.deliveries, c.metrics.applied, c.metrics.batchSize)
 	c.deliverer = &deliverer{c: c}
+	c.placer = newPlacer(p.Ledger, p.Placement, p.Now)
 	return c, nil
 }
 

@@ -110,6 +110,10 @@ func (f *follower) apply(ctx context.Context, batch []queue.Event) error {
 	f.c.metrics.applied.Add(float64(len(batch)))
 	for _, ev := range batch {
 		f.c.hub.publish(ev)
+		switch ev.Type {
+		case queue.EventSucceeded, queue.EventFailed, queue.EventRejected:
+			f.c.placer.release(ev.Job)
+		}
 	}
 	return nil
 }

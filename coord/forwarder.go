@@ -32,8 +32,9 @@ const batchBytes = supervisor.MaxBatchBytes / 2
 
 // submission is one job waiting for its supervisor's verdict.
 type submission struct {
-	rec  queue.NewJobRecord
-	done chan supervisor.Verdict
+	rec   queue.NewJobRecord
+	place string // the node chosen by placement, or ""
+	done  chan supervisor.Verdict
 }
 
 func newForwarder(c *Coord, site string) *forwarder {
@@ -99,6 +100,9 @@ func (f *forwarder) deliver(batch []*submission) {
 	raws := make([][]byte, len(batch))
 	for i, s := range batch {
 		raws[i] = s.rec.Envelope
+		if s.place != "" {
+			raws[i] = supervisor.PlacedItem(s.place, s.rec.Envelope)
+		}
 	}
 	verdicts, err := f.c.post(ctx, f.site, raws)
 	recs := make([]queue.NewJobRecord, len(batch))

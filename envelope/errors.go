@@ -24,6 +24,7 @@ const (
 	ReasonReplayed        Reason = "replayed"         // nonce already used by another job
 	ReasonScriptInvalid   Reason = "script_invalid"   // script does not compile
 	ReasonForbiddenImport Reason = "forbidden_import" // script imports a module outside the sandbox
+	ReasonNoCapacity      Reason = "no_capacity"      // no node of the site has the resources the job needs
 )
 
 // Error is a refusal with a machine-readable reason and a message a person can

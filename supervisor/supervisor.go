@@ -15,6 +15,7 @@
 package supervisor
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -178,14 +179,34 @@ func (s *Supervisor) postBatch(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	in := make([][]byte, len(raws))
+	places := make([]string, len(raws))
 	for i, raw := range raws {
 		in[i] = raw
+		var item placed
+		if bytes.Contains(raw[:min(len(raw), 16)], []byte(`"place"`)) && json.Unmarshal(raw, &item) == nil && len(item.Envelope) > 0 {
+			in[i], places[i] = item.Envelope, item.Place
+		}
 	}
-	httpapi.JSON(w, http.StatusOK, s.Submit(r.Context(), in))
+	httpapi.JSON(w, http.StatusOK, s.submit(r.Context(), in, places))
+}
+
+// placed is a batch item that carries coord's placement of a job that
+// pins no node: {"place": NODE, "envelope": {...}}. The placement only
+// routes the job to the node's queue; it is not signed and grants nothing.
+type placed struct {
+	Place    string          `json:"place"`
+	Envelope json.RawMessage `json:"envelope"`
+}
+
+// PlacedItem is the batch item for an envelope placed on node.
+func PlacedItem(node string, raw []byte) []byte {
+	b, _ := json.Marshal(placed{Place: node, Envelope: raw})
+	return b
 }
 
 // candidate is an envelope that passed the checks that need no Redis.
 type candidate struct {
+	place string // coord's placement, for a job that pins no node
 	idx   int
 	raw   []byte
 	job   *envelope.Job
@@ -197,6 +218,11 @@ type candidate struct {
 // returns one verdict per envelope, in order. Checks run in parallel; Redis
 // work is pipelined across the batch.
 func (s *Supervisor) Submit(ctx context.Context, raws [][]byte) []Verdict {
+	return s.submit(ctx, raws, make([]string, len(raws)))
+}
+
+// submit is Submit with coord's placements (places[i] is "" for none).
+func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string) []Verdict {
 	start := time.Now()
 	defer func() { s.admitDur.Observe(time.Since(start).Seconds()) }()
 	out := make([]Verdict, len(raws))
@@ -209,6 +235,13 @@ func (s *Supervisor) Submit(ctx context.Context, raws [][]byte) []Verdict {
 	for i, raw := range raws {
 		g.Go(func() error {
 			c, v := s.check(ctx, raw, now)
+			if c != nil && places[i] != "" && c.job.Node == "" {
+				if !envelope.ValidNode(places[i]) {
+					c, v = nil, rejected(c.id, envelope.Refuse(envelope.ReasonInvalidJob, "placement "+places[i]+" is not a node ID"))
+				} else {
+					c.place = places[i]
+				}
+			}
 			if c != nil {
 				c.idx = i
 				cands[i] = c
@@ -260,8 +293,11 @@ func (s *Supervisor) Submit(ctx context.Context, raws [][]byte) []Verdict {
 		}
 		eg.Go(func() error {
 			q := queue.SiteQueue(s.p.Site)
-			if c.job.Node != "" {
+			switch {
+			case c.job.Node != "":
 				q = queue.NodeQueue(c.job.Node)
+			case c.place != "":
+				q = queue.NodeQueue(c.place)
 			}
 			dup, err := s.p.Redis.Enqueue(ctx, queue.Task{
 				ID: c.id, Envelope: c.raw, Queue: q, MaxRetry: c.job.MaxRetries,
@@ -289,7 +325,11 @@ func (s *Supervisor) Submit(ctx context.Context, raws [][]byte) []Verdict {
 			done = append(done, c.claim)
 		}
 		if v.State == VerdictQueued {
-			events = append(events, queue.Event{Job: c.id, Type: queue.EventQueued, At: now, Name: c.job.Name, Site: s.p.Site, Node: c.job.Node})
+			node := c.job.Node
+			if node == "" {
+				node = c.place
+			}
+			events = append(events, queue.Event{Job: c.id, Type: queue.EventQueued, At: now, Name: c.job.Name, Site: s.p.Site, Node: node})
 		}
 	}
 	if len(done) > 0 {

@@ -14,8 +14,8 @@ import (
 )
 
 type coordCmd struct {
-	listen, redis, ledger string
-	log                   *slog.Logger
+	listen, redis, ledger, placement string
+	log                              *slog.Logger
 }
 
 func coordCommand() *cobra.Command {
@@ -36,6 +36,7 @@ stateless apart from Redis: restart it, or run several behind a load balancer.`,
 	cmd.Flags().StringVar(&c.listen, "listen", defaultCoordAddr, "address to serve the coord API on")
 	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "coord's Redis, as redis://[:password@]host:port/db")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
+	cmd.Flags().StringVar(&c.placement, "placement", coord.PlaceSpread, "where jobs that state resources (--cpu/--memory) and pin no node go: spread (most free node) or binpack (fullest node that fits)")
 	return cmd
 }
 
@@ -50,12 +51,12 @@ func (c *coordCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runCoord(ctx, c.log, ln, rdb, c.ledger)
+	return runCoord(ctx, c.log, ln, rdb, c.ledger, c.placement)
 }
 
-func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL string) error {
+func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, placement string) error {
 	lc := &ledger.Client{BaseURL: ledgerURL}
-	co, err := coord.New(coord.Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log.With("svc", "coord"), Metrics: newRegistry()})
+	co, err := coord.New(coord.Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log.With("svc", "coord"), Metrics: newRegistry(), Placement: placement})
 	if err != nil {
 		return err
 	}

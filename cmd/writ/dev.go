@@ -193,7 +193,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	ledgerURL := httpURL(ledgerAddr)
 	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store) })
 	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0) })
-	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL) })
+	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL, "") })
 	// DIR/files over HTTP: images for the storage and vm modules (make guest
 	// puts the demo guest there).
 	filesDir := filepath.Join(dir, "files")

@@ -21,6 +21,8 @@ import (
 // signFlags are the job fields set when signing (writ job sign, writ run).
 type signFlags struct {
 	key, site, node, name, argsFile string
+	cpu, diskGB                     int
+	memory                          string
 	args                            []string
 	timeout, valid                  time.Duration
 	maxRetries                      int
@@ -30,6 +32,9 @@ func (f *signFlags) add(cmd *cobra.Command) {
 	f.addSigning(cmd)
 	fl := cmd.Flags()
 	fl.StringVar(&f.node, "node", "", "pin the job to one node of the site")
+	fl.IntVar(&f.cpu, "cpu", 0, "CPUs the job needs: coord places it on a node with them free (unless --node pins one)")
+	fl.StringVar(&f.memory, "memory", "", "memory the job needs, e.g. 512M or 2G (placement, like --cpu)")
+	fl.IntVar(&f.diskGB, "disk", 0, "disk the job needs, in GiB (placement, like --cpu)")
 	fl.StringVar(&f.name, "name", "", "job name (default: the script's file name)")
 	fl.StringArrayVar(&f.args, "arg", nil, "job argument key=value (repeatable); a value that is valid JSON is taken as JSON, else as a string")
 	fl.StringVar(&f.argsFile, "args-file", "", "JSON object file of job arguments (--arg values override it)")
@@ -102,6 +107,11 @@ func (f *signFlags) signSource(name, src string) (*envelope.Envelope, error) {
 	now := time.Now()
 	j := envelope.NewJob(name, src, f.site, now)
 	j.Node = f.node
+	mem, err := parseSizeFlag(f.memory, "--memory")
+	if err != nil {
+		return nil, err
+	}
+	j.Resources = envelope.Resources{CPU: f.cpu, MemoryMB: int(mem >> 20), DiskGB: f.diskGB}
 	j.Expires = now.Add(f.valid).UTC().Truncate(time.Second)
 	j.Timeout = envelope.Duration(f.timeout)
 	j.MaxRetries = f.maxRetries
