@@ -1,0 +1,139 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+)
+
+// TestFleet_Nodes: three `writ node` processes (three state directories)
+// register with one ledger and report uptime; jobs that need a whole
+// node's CPUs land one per node, and a fourth finds no room. Stopping a
+// node turns it stale, then offline, and new jobs avoid it.
+func TestFleet_Nodes(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	// Report every second: online within 2 s, stale within 5 s.
+	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "http://" + testenv.Addr(f.ports["supervisor:local"]),
+		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}, UptimeInterval: 1}); err != nil {
+		t.Fatal(err)
+	}
+	f.startSupervisor("local")
+	f.startCoord()
+	tok, err := f.lc.CreateToken(ctx, "local", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nodes []*proc
+	for i := 1; i <= 3; i++ {
+		nodes = append(nodes, f.start(fmt.Sprintf("node%d", i), "node", "--ledger", f.ledger, "--site", "local", "--token", tok.Secret,
+			"--state-dir", filepath.Join(f.dir, fmt.Sprintf("node%d", i)), "--allow-tmpfs", "--redis", f.redis,
+			"--no-network", "--no-vm", "--cpus", "2", "--memory", "1G", "--concurrency", "2", "--trust-ttl", "1s"))
+	}
+	online := func() map[string]string {
+		list, err := f.lc.Nodes(ctx, "local")
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string]string{}
+		for _, n := range list {
+			out[n.ID] = n.Liveness
+		}
+		return out
+	}
+	testenv.WaitFor(t, 30*time.Second, "three nodes online", func() bool {
+		n := 0
+		for _, l := range online() {
+			if l == ledger.LivenessOnline {
+				n++
+			}
+		}
+		return n == 3
+	})
+
+	submit := func(name string) (string, string) {
+		t.Helper()
+		j := envelope.NewJob(name, `job := import("job"); times := import("times"); times.sleep(1500 * times.millisecond); job.result(job.node)`, "local", time.Now())
+		j.Resources = envelope.Resources{CPU: 2, MemoryMB: 512}
+		rep, err := f.client().Submit(ctx, rawEnvelope(t, j, f.admin))
+		if err != nil {
+			return "", err.Error()
+		}
+		return rep.ID, ""
+	}
+	runAll := func(n int) (map[string]int, string) {
+		t.Helper()
+		var ids []string
+		for i := 0; i < n; i++ {
+			id, refusal := submit(fmt.Sprintf("big-%d-%d", n, i))
+			if refusal != "" {
+				if i < n-1 {
+					t.Fatalf("job %d of %d refused: %s", i+1, n, refusal)
+				}
+				return placed(t, f, ids), refusal
+			}
+			ids = append(ids, id)
+		}
+		return placed(t, f, ids), ""
+	}
+	per, refusal := runAll(4)
+	if len(per) != 3 || !strings.Contains(refusal, "no_capacity") {
+		t.Fatalf("4 jobs of a whole node each on 3 nodes: placed %v, fourth: %q", per, refusal)
+	}
+	for node, n := range per {
+		if n != 1 {
+			t.Errorf("node %s ran %d of the jobs, want 1 each", node, n)
+		}
+	}
+
+	// Stop one node: stale, then offline; new jobs avoid it.
+	var gone string
+	nodeOf := func(p *proc) string {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, line := range strings.Split(p.log.String(), "\n") {
+			if i := strings.Index(line, "writ node n"); i >= 0 {
+				return strings.Fields(line[i+len("writ node "):])[0][:21]
+			}
+		}
+		return ""
+	}
+	gone = nodeOf(nodes[2])
+	f.stop(nodes[2], syscall.SIGTERM)
+	testenv.WaitFor(t, 15*time.Second, "the stopped node to turn stale", func() bool { return online()[gone] == ledger.LivenessStale })
+	testenv.WaitFor(t, 15*time.Second, "the stopped node to turn offline", func() bool { return online()[gone] == ledger.LivenessOffline })
+	per, refusal = runAll(3)
+	if len(per) != 2 || per[gone] != 0 || !strings.Contains(refusal, "no_capacity") || !strings.Contains(refusal, gone+" is offline") {
+		t.Errorf("after stopping %s: placed %v, third: %q", gone, per, refusal)
+	}
+}
+
+// placed waits for the jobs and counts them per node (from their results).
+func placed(t *testing.T, f *fleet, ids []string) map[string]int {
+	t.Helper()
+	per := map[string]int{}
+	for _, id := range ids {
+		j := f.waitJob(id, time.Minute)
+		if j.State != queue.StateSucceeded {
+			t.Fatalf("job %s = %s (%s)", id, j.State, j.Error)
+		}
+		var node string
+		json.Unmarshal(j.Result, &node)
+		if node != j.Node {
+			t.Errorf("job %s ran on %s but was placed on %s", id, node, j.Node)
+		}
+		per[node]++
+	}
+	return per
+}
