@@ -11,7 +11,7 @@ DEV_DIR ?= .dev
 # test and demo guest (internal/guest); the ledger tests run on PostgreSQL too.
 APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql
 
-.PHONY: help build test test-short dev bench bench-vm guest lint generate tidy deps check-clean clean
+.PHONY: help build test test-short dev bench bench-vm bench-ledger guest lint generate tidy deps check-clean clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,9 @@ bench: deps ## end-to-end signed-job throughput and latency next to raw asynq (s
 
 bench-vm: deps ## VM deploy: writ against the same QEMU guest launched by hand (root; see BENCHMARKS.md)
 	$(GO) test -run '^$$' -bench Deploy -benchtime 3x ./sal/vm/qemu/
+
+bench-ledger: ## 100,000 simulated nodes register and report uptime once a minute to a SQLite ledger (see BENCHMARKS.md)
+	$(GO) run ./cmd/writ-ledger-bench -nodes 100000 -interval 1m -for 1m
 
 guest: deps build ## build the demo VM guest into .dev/files (served by make dev) and print the deploy command
 	$(GO) run ./cmd/writ-guest --dir $(DEV_DIR)/files

@@ -33,8 +33,9 @@ type Verifier struct {
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 
-	mu     sync.Mutex
-	nonces map[string]time.Time // guarded by mu; nonce → expiry
+	mu        sync.Mutex
+	nonces    map[string]time.Time // guarded by mu; nonce → expiry
+	lastSweep time.Time            // guarded by mu
 }
 
 // Error is a verification failure; Status is the HTTP status to answer with.
@@ -122,7 +123,11 @@ func (v *Verifier) useNonce(nonce string, now, expiry time.Time) bool {
 	if v.nonces == nil {
 		v.nonces = make(map[string]time.Time)
 	}
-	if len(v.nonces) > 1024 {
+	// Sweep expired nonces at most once a second: a sweep walks the whole
+	// table, which holds every request of the last 2×MaxAge (hundreds of
+	// thousands under a large fleet's uptime reports).
+	if len(v.nonces) > 1024 && now.Sub(v.lastSweep) >= time.Second {
+		v.lastSweep = now
 		for n, exp := range v.nonces {
 			if now.After(exp) {
 				delete(v.nonces, n)

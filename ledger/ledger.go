@@ -270,8 +270,9 @@ type Store interface {
 	GetNode(ctx context.Context, id string) (*Node, error)
 	// ListNodes lists a site's nodes ("" for all).
 	ListNodes(ctx context.Context, site string) ([]Node, error)
-	// ReportUptime records a report and whether it starts a new boot.
-	ReportUptime(ctx context.Context, id string, u Uptime) (restarted bool, err error)
+	// ReportUptime records a report; it returns whether the report starts
+	// a new boot after an earlier one, and the boots counted so far.
+	ReportUptime(ctx context.Context, id string, u Uptime) (restarted bool, boots int64, err error)
 	AddAudit(ctx context.Context, e AuditEntry) error
 	ListAudit(ctx context.Context, limit int) ([]AuditEntry, error)
 }

@@ -224,22 +224,23 @@ func (s *Server) uptime(w http.ResponseWriter, r *http.Request) {
 		httpapi.Fail(w, badRequest("boot_id (1-64 characters) and a non-negative uptime_seconds are required"))
 		return
 	}
-	restarted, err := s.store.ReportUptime(r.Context(), id, u)
+	restarted, boots, err := s.store.ReportUptime(r.Context(), id, u)
 	if err != nil {
 		httpapi.Fail(w, storeErr(err))
 		return
 	}
-	e, _ := s.lookupNode(r.Context(), id)
 	if restarted {
 		s.log.Info("node restarted", "node", id, "boot", u.BootID)
 	}
-	n, err := s.store.GetNode(r.Context(), id)
+	// The signature check looked the node up; this is a cache hit.
+	e, err := s.lookupNode(r.Context(), id)
 	if err != nil {
-		httpapi.Fail(w, storeErr(err))
+		httpapi.Fail(w, err)
 		return
 	}
+	n := Node{LastReport: u.At}
 	n.SetLiveness(now, e.interval)
-	httpapi.JSON(w, http.StatusOK, UptimeReply{Restarted: restarted, Boots: n.Boots, Liveness: n.Liveness, Interval: Seconds(e.interval / time.Second)})
+	httpapi.JSON(w, http.StatusOK, UptimeReply{Restarted: restarted, Boots: boots, Liveness: n.Liveness, Interval: Seconds(e.interval / time.Second)})
 }
 
 func sigErr(err error) error {

@@ -72,7 +72,9 @@ func NewServer(store Store, log *slog.Logger, reg *prometheus.Registry, now func
 	}
 	s := &Server{store: store, log: log, reg: reg, now: now}
 	s.verifier = &httpsig.Verifier{Keys: s.adminKey, Now: now, MaxBody: maxAdminBody}
-	s.nodeVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody}
+	// Node signatures must be as fresh as uptime reports, which also keeps
+	// the nonce table (2×MaxAge of requests) small under a large fleet.
+	s.nodeVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody, MaxAge: ReportWindow}
 	s.writes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "writ_ledger_admin_writes_total", Help: "Admin write requests by operation and outcome.",
 	}, []string{"op", "outcome"})

@@ -39,6 +39,9 @@ type Dialect struct {
 type Store struct {
 	db *sql.DB
 	d  Dialect
+	// Prepared once: the uptime path runs for every report of every node,
+	// and parsing its SQL each time cost more than running it.
+	selBoot, updUptime, insBoot *sql.Stmt
 }
 
 var _ ledger.Store = (*Store)(nil)
@@ -49,6 +52,19 @@ func New(ctx context.Context, db *sql.DB, d Dialect) (*Store, error) {
 	if err := s.migrate(ctx); err != nil {
 		return nil, err
 	}
+	var err error
+	for _, p := range []struct {
+		stmt **sql.Stmt
+		sql  string
+	}{
+		{&s.selBoot, `SELECT boot_id FROM nodes WHERE id = $1`},
+		{&s.updUptime, `UPDATE nodes SET boot_id = $1, uptime_seconds = $2, last_report = $3, used = $4, boots = boots + $5 WHERE id = $6 RETURNING boots`},
+		{&s.insBoot, `INSERT INTO node_boots (node, boot_id, first_seen) VALUES ($1, $2, $3) ON CONFLICT (node, boot_id) DO NOTHING`},
+	} {
+		if *p.stmt, err = db.PrepareContext(ctx, p.sql); err != nil {
+			return nil, fmt.Errorf("prepare: %w", err)
+		}
+	}
 	return s, nil
 }
 
@@ -56,7 +72,12 @@ func New(ctx context.Context, db *sql.DB, d Dialect) (*Store, error) {
 func (s *Store) DB() *sql.DB { return s.db }
 
 // Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error {
+	for _, st := range []*sql.Stmt{s.selBoot, s.updUptime, s.insBoot} {
+		st.Close()
+	}
+	return s.db.Close()
+}
 
 // Ping checks the database answers.
 func (s *Store) Ping(ctx context.Context) error { return s.db.PingContext(ctx) }
@@ -546,38 +567,38 @@ func (s *Store) ListNodes(ctx context.Context, site string) ([]ledger.Node, erro
 	return out, rows.Err()
 }
 
-// ReportUptime implements ledger.Store: one read and one update, plus a
-// boots row when the boot ID is new.
-func (s *Store) ReportUptime(ctx context.Context, id string, u ledger.Uptime) (bool, error) {
+// ReportUptime implements ledger.Store: one read and one update (plus a
+// boots row when the boot ID is new) in one transaction.
+func (s *Store) ReportUptime(ctx context.Context, id string, u ledger.Uptime) (bool, int64, error) {
 	used, _ := json.Marshal(u.Used)
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return false, fmt.Errorf("uptime: %w", err)
+		return false, 0, fmt.Errorf("uptime: %w", err)
 	}
 	defer tx.Rollback()
 	var boot string
-	err = tx.QueryRowContext(ctx, `SELECT boot_id FROM nodes WHERE id = $1`, id).Scan(&boot)
+	err = tx.StmtContext(ctx, s.selBoot).QueryRowContext(ctx, id).Scan(&boot)
 	if errors.Is(err, sql.ErrNoRows) {
-		return false, fmt.Errorf("node %s: %w", id, ledger.ErrNotFound)
+		return false, 0, fmt.Errorf("node %s: %w", id, ledger.ErrNotFound)
 	}
 	if err != nil {
-		return false, fmt.Errorf("uptime: %w", err)
+		return false, 0, fmt.Errorf("uptime: %w", err)
 	}
 	newBoot := boot != u.BootID
 	if newBoot {
-		if _, err := tx.ExecContext(ctx, `INSERT INTO node_boots (node, boot_id, first_seen) VALUES ($1, $2, $3) ON CONFLICT (node, boot_id) DO NOTHING`, id, u.BootID, ts(u.At)); err != nil {
-			return false, fmt.Errorf("uptime: %w", err)
+		if _, err := tx.StmtContext(ctx, s.insBoot).ExecContext(ctx, id, u.BootID, ts(u.At)); err != nil {
+			return false, 0, fmt.Errorf("uptime: %w", err)
 		}
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE nodes SET boot_id = $1, uptime_seconds = $2, last_report = $3, used = $4, boots = boots + $5 WHERE id = $6`,
-		u.BootID, u.UptimeSeconds, ts(u.At), string(used), b2i(newBoot), id); err != nil {
-		return false, fmt.Errorf("uptime: %w", err)
+	var boots int64
+	if err := tx.StmtContext(ctx, s.updUptime).QueryRowContext(ctx, u.BootID, u.UptimeSeconds, ts(u.At), string(used), b2i(newBoot), id).Scan(&boots); err != nil {
+		return false, 0, fmt.Errorf("uptime: %w", err)
 	}
 	if err := tx.Commit(); err != nil {
-		return false, fmt.Errorf("uptime: %w", err)
+		return false, 0, fmt.Errorf("uptime: %w", err)
 	}
 	// The first boot is not a restart.
-	return newBoot && boot != "", nil
+	return newBoot && boot != "", boots, nil
 }
 
 // AddAudit implements ledger.Store.

@@ -56,7 +56,7 @@ func TestStore_NodesAndUptime(t *testing.T) {
 			boot    string
 			restart bool
 		}{{"b1", false}, {"b1", false}, {"b2", true}, {"b2", false}} {
-			restarted, err := s.ReportUptime(ctx, "n1", ledger.Uptime{BootID: tc.boot, UptimeSeconds: int64(i), At: now.Add(time.Duration(i) * time.Second)})
+			restarted, _, err := s.ReportUptime(ctx, "n1", ledger.Uptime{BootID: tc.boot, UptimeSeconds: int64(i), At: now.Add(time.Duration(i) * time.Second)})
 			if err != nil || restarted != tc.restart {
 				t.Errorf("report %d (%s) = %v, %v; want restarted %v", i, tc.boot, restarted, err, tc.restart)
 			}
@@ -65,7 +65,7 @@ func TestStore_NodesAndUptime(t *testing.T) {
 		if err != nil || got.Boots != 2 || got.BootID != "b2" || got.Capacity.CPUs != 8 || got.UptimeSeconds != 3 || !got.LastReport.Equal(now.Add(3*time.Second)) {
 			t.Errorf("GetNode = %+v, %v", got, err)
 		}
-		if _, err := s.ReportUptime(ctx, "nope", ledger.Uptime{BootID: "x", At: now}); !errors.Is(err, ledger.ErrNotFound) {
+		if _, _, err := s.ReportUptime(ctx, "nope", ledger.Uptime{BootID: "x", At: now}); !errors.Is(err, ledger.ErrNotFound) {
 			t.Errorf("report for an unknown node = %v", err)
 		}
 		if list, _ := s.ListNodes(ctx, "a"); len(list) != 1 {
