@@ -1,13 +1,15 @@
 // Package ledger is writ's registry and source of truth for identity: users
-// and their public keys and roles per site, and sites with their supervisor
-// address and signing policy. (Nodes and uptime arrive with node
-// registration.)
+// and their public keys and roles per site, sites with their supervisor
+// address, signing policy and uptime interval, enrollment tokens, nodes
+// with their facts, capacity, uptime and liveness, and the audit log of
+// admin writes.
 //
 // The package holds the types, the trust evaluation every verifier shares
 // (Trust.Authorize), the HTTP API (Server), its client (Client) and the
 // verifier-side cache (TrustCache). Stores live in ledger/store/*.
 //
-// Reads are public (public keys are public); writes are admin calls signed
+// Nodes register and report uptime with requests signed by their own keys
+// (nodeapi.go). Reads are public (public keys are public); writes are admin calls signed
 // with RFC 9421 HTTP Message Signatures by a user holding the admin role on
 // every site ("*").
 package ledger
