@@ -207,8 +207,12 @@ func TestTrust_Authorize(t *testing.T) {
 	}
 }
 
-func TestTrustCache_Revocation(t *testing.T) {
-	f := newFixture(t)
+// TestTrustCache_Revocation: a revoked key stops verifying (as the
+// supervisor and runner verify) within the cache TTL, on both stores.
+func TestTrustCache_Revocation(t *testing.T) { bothStores(t, testTrustCacheRevocation) }
+
+func testTrustCacheRevocation(t *testing.T, kind string) {
+	f := newFixtureOn(t, kind, nil)
 	ctx := context.Background()
 	alice := f.user(t, "alice", map[string]string{"local": "deployer"})
 	now := time.Unix(1_700_000_000, 0)
