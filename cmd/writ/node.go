@@ -113,20 +113,12 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	pool, err := c.pool.open(ctx)
+	pool, host, machines, closeLayers, err := openLayers(ctx, c.log, &c.pool, &c.net, &c.vm)
 	if err != nil {
 		return err
 	}
-	if pool != nil {
-		defer pool.Close()
-	}
-	host, err := c.net.open(ctx, c.log)
-	if err != nil {
-		return err
-	}
-	if vms, err = c.vm.open(c.log, host); err != nil {
-		return err
-	}
+	defer closeLayers()
+	vms = machines
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return agent.Run(gctx) })
 	g.Go(func() error {

@@ -89,22 +89,11 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	pool, err := c.pool.open(ctx)
+	pool, host, vms, closeLayers, err := openLayers(ctx, c.log, &c.pool, &c.net, &c.vm)
 	if err != nil {
 		return err
 	}
-	if pool != nil {
-		// Unmount on the way out (the pool's loop device goes with it).
-		defer pool.Close()
-	}
-	host, err := c.net.open(ctx, c.log)
-	if err != nil {
-		return err
-	}
-	vms, err := c.vm.open(c.log, host)
-	if err != nil {
-		return err
-	}
+	defer closeLayers()
 	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, pool: pool, net: host, vms: vms})
 }
 
@@ -152,6 +141,27 @@ func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queu
 		g.Go(func() error { return serve(ctx, ln, r) })
 	}
 	return g.Wait()
+}
+
+// openLayers opens the node's host layers: the storage pool, the network
+// layer (networks restored) and the VM layer, each nil when off. closeFn
+// unmounts the pool (its loop device goes with it); VMs keep running.
+func openLayers(ctx context.Context, log *slog.Logger, pf *poolFlags, nf *netFlags, vf *vmFlags) (pool *storage.Pool, host *network.Host, vms *vm.Machines, closeFn func(), err error) {
+	closeFn = func() {}
+	if pool, err = pf.open(ctx); err != nil {
+		return nil, nil, nil, closeFn, err
+	}
+	if pool != nil {
+		closeFn = func() { pool.Close() }
+	}
+	if host, err = nf.open(ctx, log); err == nil {
+		vms, err = vf.open(log, host)
+	}
+	if err != nil {
+		closeFn()
+		return nil, nil, nil, func() {}, err
+	}
+	return pool, host, vms, closeFn, nil
 }
 
 // poolFlags choose the node's storage pool.

@@ -402,12 +402,7 @@ func (h *Host) Release(ctx context.Context, network, owner string) error {
 		if !ok {
 			return nil
 		}
-		kept := n.Forwards[:0:0]
-		for _, f := range n.Forwards {
-			if f.Addr != addr {
-				kept = append(kept, f)
-			}
-		}
+		kept := withoutForwards(n.Forwards, func(f Forward) bool { return f.Addr == addr })
 		if len(kept) != len(n.Forwards) {
 			n.Forwards = kept
 			if err := h.commitLocked(n); err != nil {
@@ -498,18 +493,24 @@ func (h *Host) RemoveForward(ctx context.Context, network, proto string, hostPor
 		if err != nil {
 			return err
 		}
-		kept := n.Forwards[:0:0]
-		for _, f := range n.Forwards {
-			if f.Proto != proto || f.HostPort != hostPort {
-				kept = append(kept, f)
-			}
-		}
+		kept := withoutForwards(n.Forwards, func(f Forward) bool { return f.Proto == proto && f.HostPort == hostPort })
 		if len(kept) == len(n.Forwards) {
 			return nil
 		}
 		n.Forwards = kept
 		return h.commitLocked(n)
 	})
+}
+
+// withoutForwards returns a new slice of the forwards drop does not match.
+func withoutForwards(fs []Forward, drop func(Forward) bool) []Forward {
+	kept := []Forward{}
+	for _, f := range fs {
+		if !drop(f) {
+			kept = append(kept, f)
+		}
+	}
+	return kept
 }
 
 // commitLocked saves a changed network and applies the firewall; if the
