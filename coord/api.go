@@ -94,27 +94,37 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	id := env.ID()
-	if job.Site == "" {
-		c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonWrongSite, "job is pinned to node "+job.Node+" but names no site; name the node's site too"))
-		return
-	}
-	if _, ok, err := c.site(r.Context(), job.Site); err != nil {
-		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "ledger unreachable: %v", err))
-		return
-	} else if !ok {
-		c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonWrongSite, "site "+job.Site+" is not registered in the ledger"))
-		return
-	}
-	// Early key check: every signature must name a key the ledger knows
-	// for the site. The supervisor does the full verification.
 	keyIDs := make([]string, len(env.Signatures))
 	for i, s := range env.Signatures {
 		keyIDs[i] = s.KeyID
 	}
-	if trust, err := c.p.Trust.Get(r.Context(), job.Site, keyIDs...); err == nil {
+	site, place := job.Site, ""
+	if job.AnySite {
+		// Choose the site here; the rest of the path treats the job as that
+		// site's (its supervisor checks the site's policy again).
+		var err error
+		if site, place, err = c.chooseSite(r.Context(), env, job, id, keyIDs); err != nil {
+			c.refuse(w, r, id, job, err)
+			return
+		}
+	}
+	if site == "" {
+		c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonWrongSite, "job is pinned to node "+job.Node+" but names no site; name the node's site too"))
+		return
+	}
+	if _, ok, err := c.site(r.Context(), site); err != nil {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "ledger unreachable: %v", err))
+		return
+	} else if !ok {
+		c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger"))
+		return
+	}
+	// Early key check: every signature must name a key the ledger knows
+	// for the site. The supervisor does the full verification.
+	if trust, err := c.p.Trust.Get(r.Context(), site, keyIDs...); err == nil {
 		for _, k := range keyIDs {
 			if !trust.Has(k) {
-				c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("key %s is not registered for site %s", k, job.Site)))
+				c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("key %s is not registered for site %s", k, site)))
 				return
 			}
 		}
@@ -128,21 +138,25 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		events = ch
 	}
 	sub := &submission{
-		rec:  queue.NewJobRecord{Job: queue.Job{ID: id, Name: job.Name, Site: job.Site, Node: job.Node, SubmittedAt: c.p.Now()}, Envelope: body},
-		done: make(chan supervisor.Verdict, 1),
+		rec:   queue.NewJobRecord{Job: queue.Job{ID: id, Name: job.Name, Site: site, Node: job.Node, SubmittedAt: c.p.Now()}, Envelope: body},
+		place: place,
+		done:  make(chan supervisor.Verdict, 1),
+	}
+	if place != "" {
+		sub.rec.Job.Node = place
 	}
 	// Placement: a job that states what it needs and pins no node goes to
 	// a node of its site with room for it. The placement is a routing
 	// hint: it grants nothing, and the job's own signature still decides.
-	if job.Node == "" && (job.Resources != envelope.Resources{}) {
-		node, err := c.placer.place(r.Context(), job.Site, id, job.Resources)
+	if job.Node == "" && !job.AnySite && (job.Resources != envelope.Resources{}) {
+		node, err := c.placer.place(r.Context(), site, id, job.Resources)
 		if err != nil {
 			c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonNoCapacity, err.Error()))
 			return
 		}
 		sub.place, sub.rec.Job.Node = node, node
 	}
-	v, err := c.forwarderFor(job.Site).submit(r.Context(), sub)
+	v, err := c.forwarderFor(site).submit(r.Context(), sub)
 	if err != nil || v.State == supervisor.VerdictRejected {
 		c.placer.release(id)
 	}

@@ -159,3 +159,55 @@ func (p *placer) release(id string) {
 	c.DiskGiB -= r.need.DiskGiB
 	p.byNode[r.node] = c
 }
+
+// chooseSite picks a site for a job that allows any: the first, by name
+// (its own Site first, as a preference), whose signing policy the job's
+// signatures satisfy and, when it states resources, where a node has room
+// (that node is returned too, and reserved). The error says why each site
+// was passed over.
+func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, job *envelope.Job, id string, keyIDs []string) (site, node string, err error) {
+	sites, err := c.refreshSites(ctx)
+	if err != nil {
+		return "", "", fmt.Errorf("read sites from the ledger: %w", err)
+	}
+	names := make([]string, 0, len(sites))
+	for n := range sites {
+		if n != job.Site {
+			names = append(names, n)
+		}
+	}
+	sort.Strings(names)
+	if _, ok := sites[job.Site]; ok {
+		names = append([]string{job.Site}, names...)
+	}
+	var why []string
+	capacity := false
+	for _, name := range names {
+		trust, err := c.p.Trust.Get(ctx, name, keyIDs...)
+		if err != nil {
+			why = append(why, name+": "+err.Error())
+			continue
+		}
+		if _, err := trust.Authorize(env); err != nil {
+			why = append(why, name+": "+err.Error())
+			continue
+		}
+		if (job.Resources == envelope.Resources{}) {
+			return name, "", nil
+		}
+		node, err := c.placer.place(ctx, name, id, job.Resources)
+		if err == nil {
+			return name, node, nil
+		}
+		capacity = true
+		why = append(why, name+": "+err.Error())
+	}
+	reason := envelope.ReasonBelowThreshold
+	if capacity {
+		reason = envelope.ReasonNoCapacity
+	}
+	if len(names) == 0 {
+		why = append(why, "the ledger has no sites")
+	}
+	return "", "", envelope.Refuse(reason, "no site takes this job: "+strings.Join(why, "; "))
+}

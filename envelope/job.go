@@ -85,10 +85,15 @@ type Job struct {
 	Name string `json:"name"`
 	// Script is the Tengo source to run.
 	Script string `json:"script"`
-	// Site is the site to run on. Required unless Node is set.
+	// Site is the site to run on. Required unless AnySite is set (a node
+	// pinned with Node must name its site too).
 	Site string `json:"site,omitempty"`
 	// Node pins the job to one node; optional.
 	Node string `json:"node,omitempty"`
+	// AnySite lets coord send the job to any site whose signing policy its
+	// signatures satisfy (and, with Resources, where a node has room); Site,
+	// if set, is then only a preference. It cannot be combined with Node.
+	AnySite bool `json:"any_site,omitempty"`
 	// Args is a JSON object the script reads as job.args.
 	Args json.RawMessage `json:"args,omitempty"`
 	// NotBefore and Expires bound when the job may be accepted and run.
@@ -150,8 +155,10 @@ func (j *Job) Validate() error {
 		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("script is %d bytes, the limit is %d", len(j.Script), MaxScriptBytes)}
 	case len(j.Args) > MaxArgsBytes:
 		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("args are %d bytes, the limit is %d", len(j.Args), MaxArgsBytes)}
-	case j.Site == "" && j.Node == "":
-		return bad("job names neither a site nor a node")
+	case j.Site == "" && j.Node == "" && !j.AnySite:
+		return bad("job names neither a site nor a node (nor allows any site)")
+	case j.AnySite && j.Node != "":
+		return bad("a job for any site cannot pin a node")
 	case j.Site != "" && !ValidSite(j.Site):
 		return bad("site %q is not a valid site name (lower-case letters, digits, dashes)", j.Site)
 	case j.Node != "" && !ValidNode(j.Node):

@@ -179,7 +179,7 @@ func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*envelope.Job, *
 	if env.ID() != d.ID {
 		return nil, fail("id_mismatch", fmt.Errorf("task id %s does not match the envelope's job id %s: the queue entry was altered", d.ID, env.ID()))
 	}
-	if job.Site != r.p.Site {
+	if job.Site != r.p.Site && !job.AnySite {
 		return nil, fail(string(envelope.ReasonWrongSite), fmt.Errorf("job is for site %q, this runner serves %q", job.Site, r.p.Site))
 	}
 	if job.Node != "" && job.Node != r.p.Node {

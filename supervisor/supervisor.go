@@ -372,7 +372,9 @@ func (s *Supervisor) check(ctx context.Context, raw []byte, now time.Time) (*can
 		return nil, rejected(id, err)
 	}
 	id := env.ID()
-	if job.Site != s.p.Site {
+	// A job for any site is this site's once coord routed it here: the
+	// signers said so, and the site's own policy is checked below.
+	if job.Site != s.p.Site && !job.AnySite {
 		msg := fmt.Sprintf("job is for site %q but this supervisor serves %q", job.Site, s.p.Site)
 		if job.Site == "" {
 			msg = "job names no site; this supervisor serves " + s.p.Site

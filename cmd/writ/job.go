@@ -23,6 +23,7 @@ type signFlags struct {
 	key, site, node, name, argsFile string
 	cpu, diskGB                     int
 	memory                          string
+	anySite                         bool
 	args                            []string
 	timeout, valid                  time.Duration
 	maxRetries                      int
@@ -32,6 +33,7 @@ func (f *signFlags) add(cmd *cobra.Command) {
 	f.addSigning(cmd)
 	fl := cmd.Flags()
 	fl.StringVar(&f.node, "node", "", "pin the job to one node of the site")
+	fl.BoolVar(&f.anySite, "any-site", false, "let coord send the job to any site whose signing policy it satisfies (and, with --cpu/--memory, where a node has room); --site becomes a preference")
 	fl.IntVar(&f.cpu, "cpu", 0, "CPUs the job needs: coord places it on a node with them free (unless --node pins one)")
 	fl.StringVar(&f.memory, "memory", "", "memory the job needs, e.g. 512M or 2G (placement, like --cpu)")
 	fl.IntVar(&f.diskGB, "disk", 0, "disk the job needs, in GiB (placement, like --cpu)")
@@ -101,12 +103,12 @@ func (f *signFlags) signSource(name, src string) (*envelope.Envelope, error) {
 	if err != nil {
 		return nil, err
 	}
-	if f.site == "" {
-		return nil, fmt.Errorf("no site: pass --site or set $%s", envSite)
+	if f.site == "" && !f.anySite {
+		return nil, fmt.Errorf("no site: pass --site, set $%s, or allow --any-site", envSite)
 	}
 	now := time.Now()
 	j := envelope.NewJob(name, src, f.site, now)
-	j.Node = f.node
+	j.Node, j.AnySite = f.node, f.anySite
 	mem, err := parseSizeFlag(f.memory, "--memory")
 	if err != nil {
 		return nil, err
