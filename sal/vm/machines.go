@@ -303,20 +303,21 @@ func (m *Machines) Stop(ctx context.Context, name string, grace time.Duration) (
 	return m.info(r), nil
 }
 
-// stopLocked powers the guest off, gracefully first, then by force.
+// stopLocked powers the guest off, gracefully first, then by force, and
+// returns once the process has exited.
 func (m *Machines) stopLocked(ctx context.Context, r *record, grace time.Duration) error {
 	if m.alive(r) {
-		dir := m.dir(r.Spec.Name)
-		if err := m.cfg.Backend.Shutdown(ctx, dir); err != nil {
+		_, start, _ := procStat(r.Pid)
+		if err := m.cfg.Backend.Shutdown(ctx, m.dir(r.Spec.Name)); err != nil {
 			m.log.Warn("vm graceful stop failed; killing", "vm", r.Spec.Name, "err", err)
-		} else if waitDead(ctx, r.Pid, dir, grace) {
+		} else if waitGone(ctx, r.Pid, start, grace) {
 			m.log.Info("vm stopped", "vm", r.Spec.Name)
 		}
-		if m.alive(r) {
+		if !waitGone(ctx, r.Pid, start, 0) {
 			syscall.Kill(r.Pid, syscall.SIGKILL)
 			// Wait even if ctx is done: the record must not say stopped
 			// while the process lives.
-			if !waitDead(context.WithoutCancel(ctx), r.Pid, dir, 10*time.Second) {
+			if !waitGone(context.WithoutCancel(ctx), r.Pid, start, 10*time.Second) {
 				return fmt.Errorf("vm %q: pid %d survives SIGKILL", r.Spec.Name, r.Pid)
 			}
 			m.log.Info("vm killed after the grace period", "vm", r.Spec.Name, "grace", grace)
