@@ -446,8 +446,7 @@ func TestFleet_SupervisorDown(t *testing.T) {
 func TestDev_Sample(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	base := 30000 + freePort(t)%20000
-	cmd := exec.Command(writBin, "dev", "--dir", filepath.Join(dir, "dev"), "--base-port", fmt.Sprint(base),
+	cmd := exec.Command(writBin, "dev", "--dir", filepath.Join(dir, "dev"), "--base-port", "0",
 		"--sample", "../scripts/lib/hello.tengo", "--exit-after-sample")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	out, err := cmd.CombinedOutput()

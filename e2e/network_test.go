@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"net/netip"
 	"os/exec"
 	"path/filepath"
@@ -81,8 +80,7 @@ func TestDev_Network(t *testing.T) {
 	t.Parallel()
 	node := testenv.NewNetNS(t)
 	dir := t.TempDir()
-	base := 30000 + freePort(t)%20000
-	cmd := exec.Command(writBin, "dev", "--dir", filepath.Join(dir, "dev"), "--base-port", fmt.Sprint(base), "--no-pool",
+	cmd := exec.Command(writBin, "dev", "--dir", filepath.Join(dir, "dev"), "--base-port", "0", "--no-pool",
 		"--net-ns", testenv.NetNSPath(node), "--sample", "../scripts/lib/network.tengo",
 		"--arg", "name=devnet", "--arg", "host_port=8081", "--exit-after-sample")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -68,7 +68,7 @@ make guest puts the demo VM guest there). BASE defaults to 7700.`,
 	}
 	cmd.Flags().StringVar(&c.dir, "dir", ".dev", "data directory (ledger, keys, Redis data, env file)")
 	cmd.Flags().StringVar(&c.redis, "redis", "", "use this Redis instead of starting redis-server")
-	cmd.Flags().IntVar(&c.basePort, "base-port", 7700, "ports are BASE+1 … BASE+6")
+	cmd.Flags().IntVar(&c.basePort, "base-port", 7700, "ports are BASE+1 … BASE+6 (0: any free ports, shown in the banner and DIR/env)")
 	cmd.Flags().IntVar(&c.concurrency, "concurrency", 10, "runner concurrency")
 	cmd.Flags().StringVar(&c.poolSize, "pool-size", "8G", "size of the sparse storage pool file DIR/pool.img (as root)")
 	cmd.Flags().BoolVar(&c.noPool, "no-pool", false, "run without a storage pool")
@@ -90,8 +90,32 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-	port := func(n int) string { return fmt.Sprintf("127.0.0.1:%d", c.basePort+n) }
-	ledgerAddr, coordAddr, supAddr, runnerAddr, filesAddr := port(1), port(2), port(3), port(4), port(6)
+	// BASE 0 gives every service a free port (tests run fleets side by
+	// side); the banner and DIR/env say which.
+	port := func(n int) string {
+		if c.basePort == 0 {
+			return "127.0.0.1:0"
+		}
+		return fmt.Sprintf("127.0.0.1:%d", c.basePort+n)
+	}
+	lns := map[string]net.Listener{}
+	for name, n := range map[string]int{"ledger": 1, "coord": 2, "supervisor": 3, "runner": 4, "files": 6} {
+		addr := port(n)
+		ln, err := listen(addr, "--base-port")
+		if err != nil {
+			for _, l := range lns {
+				l.Close()
+			}
+			return err
+		}
+		lns[name] = ln
+	}
+	ledgerAddr, coordAddr, supAddr, filesAddr := lns["ledger"].Addr().String(), lns["coord"].Addr().String(), lns["supervisor"].Addr().String(), lns["files"].Addr().String()
+	closeListeners := func() {
+		for _, l := range lns {
+			l.Close()
+		}
+	}
 
 	keyPath := filepath.Join(dir, "admin.key")
 	admin, err := keys.Load(keyPath)
@@ -110,8 +134,16 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		if err := os.MkdirAll(rdir, 0o755); err != nil {
 			return err
 		}
-		p, err := redisproc.Start(redisproc.Config{Dir: rdir, Port: c.basePort + 5, Persist: true})
+		redisPort := c.basePort + 5
+		if c.basePort == 0 {
+			if redisPort, err = freePort(); err != nil {
+				closeListeners()
+				return err
+			}
+		}
+		p, err := redisproc.Start(redisproc.Config{Dir: rdir, Port: redisPort, Persist: true})
 		if err != nil {
+			closeListeners()
 			return err
 		}
 		// Stop Redis last, after every service using it has stopped.
@@ -144,17 +176,6 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 
-	lns := map[string]net.Listener{}
-	for name, addr := range map[string]string{"ledger": ledgerAddr, "coord": coordAddr, "supervisor": supAddr, "runner": runnerAddr, "files": filesAddr} {
-		ln, err := listen(addr, "--base-port")
-		if err != nil {
-			for _, l := range lns {
-				l.Close()
-			}
-			return err
-		}
-		lns[name] = ln
-	}
 
 	// Storage needs root (loop devices, mounts): as root the fleet gets a
 	// loop-backed pool in the data directory, unmounted on the way out.
@@ -298,4 +319,14 @@ func waitHTTP(ctx context.Context, url string) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
 }
