@@ -8,8 +8,9 @@ BIN := bin/writ
 DEV_DIR ?= .dev
 # System packages the tests and `writ dev` need.
 # qemu-system-x86 runs VMs; busybox-static and apt's kernel package make the
-# test and demo guest (internal/guest); the ledger tests run on PostgreSQL too.
-APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql
+# test and demo guest (internal/guest); the ledger tests run on PostgreSQL too;
+# ovmf, systemd-boot-efi, binutils (objcopy) and ipxe-qemu build and boot the node image (efi).
+APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql ovmf systemd-boot-efi binutils ipxe-qemu
 
 .PHONY: help build test test-short dev bench bench-vm bench-ledger guest lint generate tidy deps check-clean clean
 

@@ -71,6 +71,7 @@ URL), WRIT_KEY (signing key file), WRIT_SITE (default site) and WRIT_LEDGER
 		runCommand(),
 		vmCommand(),
 		nodeCommand(),
+		imageCommand(),
 		userCommand(),
 		siteCommand(),
 	)

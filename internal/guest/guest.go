@@ -12,17 +12,17 @@ import (
 	"bytes"
 	"compress/gzip"
 	"context"
-	"debug/elf"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strings"
 
 	"github.com/u-root/u-root/pkg/cpio"
 	"golang.org/x/sys/unix"
+
+	"github.com/writ-fleet/writ/efi"
 )
 
 // KernelPackage is the Debian meta-package whose kernel the guest boots.
@@ -69,23 +69,18 @@ func Build(ctx context.Context, dir string) (Artifacts, error) {
 	if exists(out.Kernel) && exists(out.Initrd) {
 		return out, nil
 	}
-	root := filepath.Join(dir, "kernel")
-	if err := fetchKernel(ctx, dir, root); err != nil {
+	k, err := efi.FetchKernel(ctx, KernelPackage, dir)
+	if err != nil {
 		return Artifacts{}, err
 	}
-	vmlinuz, _ := filepath.Glob(filepath.Join(root, "boot", "vmlinuz-*"))
-	mods, _ := filepath.Glob(filepath.Join(root, "lib", "modules", "*"))
-	if len(vmlinuz) != 1 || len(mods) != 1 {
-		return Artifacts{}, fmt.Errorf("guest: unexpected kernel package layout in %s", root)
-	}
-	initrd, err := buildInitramfs(mods[0])
+	initrd, err := buildInitramfs(k.Modules)
 	if err != nil {
 		return Artifacts{}, err
 	}
 	if err := os.WriteFile(out.Initrd+".tmp", initrd, 0o644); err != nil {
 		return Artifacts{}, err
 	}
-	kernel, err := os.ReadFile(vmlinuz[0])
+	kernel, err := os.ReadFile(k.Vmlinuz)
 	if err == nil {
 		err = os.WriteFile(out.Kernel+".tmp", kernel, 0o644)
 	}
@@ -96,149 +91,6 @@ func Build(ctx context.Context, dir string) (Artifacts, error) {
 		err = os.Rename(out.Kernel+".tmp", out.Kernel)
 	}
 	return out, err
-}
-
-// fetchKernel downloads the kernel package into dir and unpacks it into
-// root. apt-get and dpkg-deb do this: no Go library speaks apt's
-// repositories and keys.
-func fetchKernel(ctx context.Context, dir, root string) error {
-	if exists(root) {
-		return nil
-	}
-	pkg, err := kernelPackage(ctx)
-	if err != nil {
-		return err
-	}
-	debs, _ := filepath.Glob(filepath.Join(dir, pkg+"_*.deb"))
-	if len(debs) == 0 {
-		download := func() ([]byte, error) {
-			cmd := exec.CommandContext(ctx, "apt-get", "download", pkg)
-			cmd.Dir = dir
-			return cmd.CombinedOutput()
-		}
-		out, err := download()
-		if err != nil && os.Geteuid() == 0 {
-			// A fresh machine may have no package lists yet.
-			if upd, uerr := exec.CommandContext(ctx, "apt-get", "update", "-qq").CombinedOutput(); uerr != nil {
-				return fmt.Errorf("guest: apt-get update: %v\n%s", uerr, upd)
-			}
-			out, err = download()
-		}
-		if err != nil {
-			return fmt.Errorf("guest: apt-get download %s: %v\n%s", pkg, err, out)
-		}
-		debs, _ = filepath.Glob(filepath.Join(dir, pkg+"_*.deb"))
-		if len(debs) == 0 {
-			return fmt.Errorf("guest: apt-get download %s left no .deb in %s", pkg, dir)
-		}
-	}
-	tmp := root + ".tmp"
-	os.RemoveAll(tmp)
-	if out, err := exec.CommandContext(ctx, "dpkg-deb", "-x", debs[0], tmp).CombinedOutput(); err != nil {
-		return fmt.Errorf("guest: unpack %s: %v\n%s", debs[0], err, out)
-	}
-	return os.Rename(tmp, root)
-}
-
-// kernelPackage resolves the meta-package to the versioned kernel package
-// (running apt-get update first if the lists do not know it, as root).
-func kernelPackage(ctx context.Context) (string, error) {
-	for try := 0; ; try++ {
-		out, _ := exec.CommandContext(ctx, "apt-cache", "depends", KernelPackage).Output()
-		for _, line := range strings.Split(string(out), "\n") {
-			if dep, ok := strings.CutPrefix(strings.TrimSpace(line), "Depends: "); ok && strings.HasPrefix(dep, "linux-image-") {
-				return dep, nil
-			}
-		}
-		if try > 0 || os.Geteuid() != 0 {
-			return "", fmt.Errorf("guest: apt-cache knows no kernel behind %s (run apt-get update as root)", KernelPackage)
-		}
-		if upd, err := exec.CommandContext(ctx, "apt-get", "update", "-qq").CombinedOutput(); err != nil {
-			return "", fmt.Errorf("guest: apt-get update: %v\n%s", err, upd)
-		}
-	}
-}
-
-// ResolveModules returns the module files (relative to modDir) to load for
-// names, dependencies first. Dependencies are read from each module's
-// .modinfo section: Debian's package ships no modules.dep.
-func ResolveModules(modDir string, names []string) ([]string, error) {
-	index := map[string]string{} // module name → relative path
-	err := filepath.WalkDir(filepath.Join(modDir, "kernel"), func(p string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() || !strings.HasSuffix(p, ".ko") {
-			return err
-		}
-		rel, _ := filepath.Rel(modDir, p)
-		name := strings.ReplaceAll(strings.TrimSuffix(d.Name(), ".ko"), "-", "_")
-		index[name] = rel
-		return nil
-	})
-	if err != nil {
-		return nil, fmt.Errorf("guest: index modules: %w", err)
-	}
-	var order []string
-	state := map[string]int{} // 1 visiting, 2 done
-	var visit func(name string) error
-	visit = func(name string) error {
-		name = strings.ReplaceAll(name, "-", "_")
-		switch state[name] {
-		case 1:
-			return fmt.Errorf("guest: module dependency cycle at %s", name)
-		case 2:
-			return nil
-		}
-		rel, ok := index[name]
-		if !ok {
-			return fmt.Errorf("guest: module %s not in %s (built in? then leave it out)", name, modDir)
-		}
-		state[name] = 1
-		deps, err := moduleDepends(filepath.Join(modDir, rel))
-		if err != nil {
-			return err
-		}
-		for _, d := range deps {
-			if err := visit(d); err != nil {
-				return err
-			}
-		}
-		state[name] = 2
-		order = append(order, rel)
-		return nil
-	}
-	sorted := append([]string(nil), names...)
-	sort.Strings(sorted)
-	for _, n := range sorted {
-		if err := visit(n); err != nil {
-			return nil, err
-		}
-	}
-	return order, nil
-}
-
-// moduleDepends reads "depends=" from a module's .modinfo section.
-func moduleDepends(path string) ([]string, error) {
-	f, err := elf.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("guest: module %s: %w", path, err)
-	}
-	defer f.Close()
-	sec := f.Section(".modinfo")
-	if sec == nil {
-		return nil, nil
-	}
-	data, err := sec.Data()
-	if err != nil {
-		return nil, fmt.Errorf("guest: module %s: %w", path, err)
-	}
-	for _, kv := range bytes.Split(data, []byte{0}) {
-		if v, ok := bytes.CutPrefix(kv, []byte("depends=")); ok {
-			if len(v) == 0 {
-				return nil, nil
-			}
-			return strings.Split(string(v), ","), nil
-		}
-	}
-	return nil, nil
 }
 
 // initScript is the guest's /init.
@@ -289,7 +141,7 @@ func buildInitramfs(modDir string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	mods, err := ResolveModules(modDir, Modules)
+	mods, err := efi.ResolveModules(modDir, Modules)
 	if err != nil {
 		return nil, err
 	}

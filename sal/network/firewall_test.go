@@ -2,11 +2,8 @@ package network
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/google/nftables"
@@ -14,8 +11,6 @@ import (
 
 	"github.com/writ-fleet/writ/internal/testenv"
 )
-
-var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
 
 // TestFirewall_Connectivity proves the rules with traffic: guests are
 // network namespaces plugged into writ bridges, "outside" is a namespace
@@ -125,8 +120,8 @@ func TestFirewall_Golden(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	golden(t, "ruleset.golden", both)
-	golden(t, "ruleset-alpha.golden", alphaOnly)
+	testenv.Golden(t, "ruleset.golden", both)
+	testenv.Golden(t, "ruleset-alpha.golden", alphaOnly)
 
 	handles := func() []uint64 {
 		var out []uint64
@@ -161,7 +156,7 @@ func TestFirewall_Golden(t *testing.T) {
 	if err := h.DeleteNetwork(ctx, "alpha"); err != nil {
 		t.Fatal(err)
 	}
-	golden(t, "ruleset-empty.golden", mustRuleset(t, h))
+	testenv.Golden(t, "ruleset-empty.golden", mustRuleset(t, h))
 	if _, err := c.ListTableOfFamily("other", nftables.TableFamilyINet); err != nil {
 		t.Errorf("the foreign table is gone: %v", err)
 	}
@@ -177,26 +172,4 @@ func mustRuleset(t *testing.T, h *Host) string {
 		t.Fatal(err)
 	}
 	return s
-}
-
-// golden compares got with testdata/name; -update rewrites the file.
-func golden(t *testing.T, name, got string) {
-	t.Helper()
-	path := filepath.Join("testdata", name)
-	if *update {
-		if err := os.MkdirAll("testdata", 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(path, []byte(got), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		return
-	}
-	want, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("%v (run go test -update to create it)", err)
-	}
-	if got != string(want) {
-		t.Errorf("%s differs (-update rewrites it):\n--- got\n%s\n--- want\n%s", name, got, want)
-	}
 }

@@ -1,0 +1,279 @@
+// Package nodeinit is `writ init`: PID 1 of the writ node image. It mounts
+// the basic filesystems, loads the image's kernel modules, brings up the
+// network with DHCP (insomniacslk/dhcp), finds the node's disk, reads the
+// site configuration (baked in, overridden on the kernel command line),
+// reaps orphans, and hands over to the node (identity agent and runner);
+// it prints a status a person at the console can act on, and powers off or
+// reboots cleanly when asked.
+package nodeinit
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/insomniacslk/dhcp/dhcpv4/nclient4"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/writ-fleet/writ/efi"
+)
+
+// PoolLabel marks a disk writ formatted as the node's pool.
+const PoolLabel = "writ-pool"
+
+// Config is the node's configuration after the kernel command line.
+type Config struct {
+	efi.NodeConfig
+	// Disk is the block device for the node's pool ("" when none: the node
+	// keeps its key in memory and says so).
+	Disk string
+}
+
+// Setup does everything PID 1 does before the node runs; it returns the
+// configuration. out is the console.
+func Setup(ctx context.Context, out io.Writer) (Config, error) {
+	say := func(format string, a ...any) { fmt.Fprintf(out, "writ init: "+format+"\n", a...) }
+	if err := mountBasics(); err != nil {
+		return Config{}, err
+	}
+	// Ctrl-Alt-Del becomes SIGINT to PID 1 (a clean reboot), not an
+	// immediate reset.
+	unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
+	loaded, failed := loadModules("/etc/writ/modules.order", "/lib/modules")
+	say("loaded %d kernel modules (%d failed)", loaded, len(failed))
+	for _, f := range failed {
+		say("  module %s", f)
+	}
+	cfg, err := readConfig(efi.ConfigPath, "/proc/cmdline")
+	if err != nil {
+		return Config{}, err
+	}
+	say("site %q, ledger %s, redis %s", cfg.Site, cfg.Ledger, cfg.Redis)
+	if err := bringUpNetwork(ctx, say); err != nil {
+		say("NETWORK DOWN: %v", err)
+	}
+	cfg.Disk = findDisk(say)
+	return cfg, nil
+}
+
+func mountBasics() error {
+	for _, m := range []struct{ src, dst, fstype string }{
+		{"proc", "/proc", "proc"}, {"sysfs", "/sys", "sysfs"}, {"devtmpfs", "/dev", "devtmpfs"},
+		{"tmpfs", "/run", "tmpfs"}, {"tmpfs", "/tmp", "tmpfs"}, {"tmpfs", "/var/lib/writ", "tmpfs"},
+	} {
+		os.MkdirAll(m.dst, 0o755)
+		if err := unix.Mount(m.src, m.dst, m.fstype, 0, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount %s: %w", m.dst, err)
+		}
+	}
+	os.MkdirAll("/sys/fs/cgroup", 0o755)
+	unix.Mount("cgroup2", "/sys/fs/cgroup", "cgroup2", 0, "")
+	return nil
+}
+
+// loadModules loads the modules listed (dependencies first) in order.
+func loadModules(order, dir string) (int, []string) {
+	data, err := os.ReadFile(order)
+	if err != nil {
+		return 0, []string{"no " + order}
+	}
+	n := 0
+	var failed []string
+	for _, name := range strings.Fields(string(data)) {
+		f, err := os.Open(filepath.Join(dir, name))
+		if err == nil {
+			err = unix.FinitModule(int(f.Fd()), "", 0)
+			f.Close()
+		}
+		switch {
+		case err == nil:
+			n++
+		case errors.Is(err, unix.EEXIST):
+		default:
+			failed = append(failed, name+": "+err.Error())
+		}
+	}
+	return n, failed
+}
+
+// readConfig reads the baked-in configuration and applies writ.KEY=VALUE
+// from the kernel command line.
+func readConfig(path, cmdline string) (Config, error) {
+	var cfg Config
+	if data, err := os.ReadFile(path); err == nil {
+		if err := json.Unmarshal(data, &cfg.NodeConfig); err != nil {
+			return cfg, fmt.Errorf("%s: %w", path, err)
+		}
+	}
+	line, _ := os.ReadFile(cmdline)
+	applyCmdline(&cfg.NodeConfig, string(line))
+	return cfg, nil
+}
+
+func applyCmdline(c *efi.NodeConfig, line string) {
+	for _, f := range strings.Fields(line) {
+		k, v, ok := strings.Cut(f, "=")
+		if !ok {
+			continue
+		}
+		switch k {
+		case "writ.ledger":
+			c.Ledger = v
+		case "writ.site":
+			c.Site = v
+		case "writ.token":
+			c.Token = v
+		case "writ.redis":
+			c.Redis = v
+		}
+	}
+}
+
+// bringUpNetwork brings up lo and configures the first interface that
+// gets a DHCP lease.
+func bringUpNetwork(ctx context.Context, say func(string, ...any)) error {
+	if lo, err := netlink.LinkByName("lo"); err == nil {
+		netlink.LinkSetUp(lo)
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return err
+	}
+	var tried []string
+	for _, l := range links {
+		if l.Type() != "device" || l.Attrs().Name == "lo" || len(l.Attrs().HardwareAddr) == 0 {
+			continue
+		}
+		name := l.Attrs().Name
+		tried = append(tried, name)
+		if err := netlink.LinkSetUp(l); err != nil {
+			continue
+		}
+		lease, err := dhcp(ctx, name)
+		if err != nil {
+			say("%s: no DHCP lease: %v", name, err)
+			continue
+		}
+		ack := lease.ACK
+		ones, _ := ack.SubnetMask().Size()
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: ack.YourIPAddr, Mask: net.CIDRMask(ones, 32)}}
+		if err := netlink.AddrReplace(l, addr); err != nil {
+			return fmt.Errorf("%s: address: %w", name, err)
+		}
+		if r := ack.Router(); len(r) > 0 {
+			netlink.RouteReplace(&netlink.Route{LinkIndex: l.Attrs().Index, Gw: r[0]})
+		}
+		say("network: %s %s via %v", name, addr.IPNet, ack.Router())
+		return nil
+	}
+	return fmt.Errorf("no interface got a lease (tried %v)", tried)
+}
+
+func dhcp(ctx context.Context, iface string) (*nclient4.Lease, error) {
+	c, err := nclient4.New(iface, nclient4.WithTimeout(2*time.Second), nclient4.WithRetry(3))
+	if err != nil {
+		return nil, err
+	}
+	defer c.Close()
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	return c.Request(ctx)
+}
+
+// findDisk returns the block device for the pool: one writ formatted
+// before (label writ-pool), else an empty one (its first MiB all zero), else
+// "". A disk that holds anything else is never chosen.
+func findDisk(say func(string, ...any)) string {
+	// Give slow controllers a moment to show their disks.
+	var names []string
+	for i := 0; i < 20; i++ {
+		entries, _ := os.ReadDir("/sys/block")
+		names = names[:0]
+		for _, e := range entries {
+			n := e.Name()
+			if strings.HasPrefix(n, "loop") || strings.HasPrefix(n, "ram") || strings.HasPrefix(n, "sr") {
+				continue
+			}
+			names = append(names, n)
+		}
+		if len(names) > 0 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	sort.Strings(names)
+	var empty string
+	for _, n := range names {
+		dev := "/dev/" + n
+		head := make([]byte, 1<<20)
+		f, err := os.Open(dev)
+		if err != nil {
+			continue
+		}
+		k, _ := io.ReadFull(f, head)
+		f.Close()
+		head = head[:k]
+		// A btrfs superblock sits at 64 KiB: magic at +0x40, label at +0x12b.
+		if len(head) > 0x10000+0x12b+len(PoolLabel) && string(head[0x10040:0x10048]) == "_BHRfS_M" &&
+			string(head[0x1012b:0x1012b+len(PoolLabel)]) == PoolLabel {
+			say("disk %s: the node's pool", dev)
+			return dev
+		}
+		if empty == "" && len(head) == 1<<20 && bytes.Count(head, []byte{0}) == len(head) {
+			empty = dev
+		}
+	}
+	if empty != "" {
+		say("disk %s: empty; it becomes the node's pool", empty)
+		return empty
+	}
+	say("NO DISK for a pool (disks: %v): the node key lives in memory and the node gets a new identity at every boot", names)
+	return ""
+}
+
+// Reaper reaps orphaned children until ctx ends (PID 1's duty). Start it
+// only after the last child started with exec.Cmd.Wait has been waited for
+// by its owner, or use it alone.
+func Reaper(ctx context.Context) {
+	ch := make(chan os.Signal, 16)
+	signal.Notify(ch, syscall.SIGCHLD)
+	defer signal.Stop(ch)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ch:
+		}
+		for {
+			var ws unix.WaitStatus
+			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if pid <= 0 || err != nil {
+				break
+			}
+		}
+	}
+}
+
+// Halt syncs, unmounts what it can and powers off (or reboots).
+func Halt(reboot bool) {
+	unix.Sync()
+	unix.Unmount("/var/lib/writ/pool", 0)
+	unix.Sync()
+	cmd := unix.LINUX_REBOOT_CMD_POWER_OFF
+	if reboot {
+		cmd = unix.LINUX_REBOOT_CMD_RESTART
+	}
+	unix.Reboot(cmd)
+}
