@@ -98,4 +98,3 @@ func kernelPackage(ctx context.Context, meta string) (string, error) {
 		}
 	}
 }
-

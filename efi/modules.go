@@ -91,4 +91,3 @@ func moduleDepends(path string) ([]string, error) {
 	}
 	return nil, nil
 }
-

@@ -17,7 +17,6 @@ import (
 // ESPBootPath is where UEFI firmware looks for a removable disk's loader.
 const ESPBootPath = "/EFI/BOOT/BOOTX64.EFI"
 
-
 // WriteUSBImage writes a bootable disk image to path: a GPT with one EFI
 // system partition (FAT32) holding efiFile as EFI/BOOT/BOOTX64.EFI. The
 // image is sized to fit, with room to spare; dd it onto a USB stick.
@@ -123,4 +122,3 @@ func ListUSBImage(image string) ([]string, error) {
 	}
 	return out, walk(".")
 }
-

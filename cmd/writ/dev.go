@@ -176,7 +176,6 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 
-
 	// Storage needs root (loop devices, mounts): as root the fleet gets a
 	// loop-backed pool in the data directory, unmounted on the way out.
 	var pool *storage.Pool

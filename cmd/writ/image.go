@@ -22,7 +22,7 @@ func imageCommand() *cobra.Command {
 
 type imageBuildCmd struct {
 	kernel, modules, kernelPackage, cache, out, writ, cmdline, baseURL string
-	cfg                                                                 efi.NodeConfig
+	cfg                                                                efi.NodeConfig
 }
 
 func imageBuildCommand() *cobra.Command {
