@@ -17,8 +17,9 @@ import (
 // added): virtio and common NICs, NVMe/AHCI and USB storage, btrfs, and
 // the networking a node's SALs need (tun, bridge, veth, nf_tables and the
 // nft expressions writ's rules use). A module the kernel has built in is
-// skipped.
+// skipped. They load in this order, each after its dependencies.
 var NodeModules = []string{
+	"crc32c_generic", "crc32c_intel", // libcrc32c needs a crc32c first (a soft dependency)
 	"virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "e1000", "e1000e", "igb", "ixgbe", "r8169",
 	"nvme", "ahci", "usb_storage", "uas", "xhci_pci", "sd_mod",
 	"btrfs", "tun", "bridge", "veth", "nf_tables", "nft_nat", "nft_masq", "nft_ct", "nft_fib_inet", "nf_nat",

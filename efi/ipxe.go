@@ -16,7 +16,7 @@ const (
 )
 
 // DefaultCmdline is the node's kernel command line.
-const DefaultCmdline = "console=ttyS0 console=tty0 panic=10"
+const DefaultCmdline = "console=tty0 console=ttyS0 panic=10" // the last console is /dev/console: the serial one
 
 // IPXEScript returns the iPXE script that loads the kernel and initramfs
 // from base (the image server's URL) and boots them with cmdline. Overrides

@@ -6,12 +6,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"sort"
 	"strings"
 )
 
 // ResolveModules returns the module files (relative to modDir) to load for
-// names, dependencies first. Dependencies are read from each module's
+// names, in their order, each after its dependencies. Dependencies are read from each module's
 // .modinfo section: Debian's package ships no modules.dep.
 func ResolveModules(modDir string, names []string) ([]string, error) {
 	index := map[string]string{} // module name → relative path
@@ -56,9 +55,10 @@ func ResolveModules(modDir string, names []string) ([]string, error) {
 		order = append(order, rel)
 		return nil
 	}
-	sorted := append([]string(nil), names...)
-	sort.Strings(sorted)
-	for _, n := range sorted {
+	// In the caller's order: soft dependencies (a crc32c implementation
+	// before libcrc32c) are not in .modinfo's depends, so callers list them
+	// first.
+	for _, n := range names {
 		if err := visit(n); err != nil {
 			return nil, err
 		}

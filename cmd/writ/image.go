@@ -37,8 +37,8 @@ USB stick) and boot.ipxe (for writ image serve). The kernel is --kernel with
 --modules, or the Debian package --kernel-package fetched with apt-get.
 The site configuration baked in can be overridden on the kernel command
 line: writ.ledger=URL writ.site=NAME writ.token=SECRET writ.redis=URL.`,
-		Example: `  CGO_ENABLED=0 go build -o bin/writ-static ./cmd/writ
-  writ image build --writ bin/writ-static --ledger http://10.0.0.1:7701 --site lab --token writ-enroll-… --redis redis://10.0.1.1:6379/0`,
+		Example: `  make static      # bin/writ-static: writ linked statically, as /init must be
+  writ image build --writ bin/writ-static --writ bin/writ-static --ledger http://10.0.0.1:7701 --site lab --token writ-enroll-… --redis redis://10.0.1.1:6379/0`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
@@ -78,7 +78,7 @@ func (c *imageBuildCmd) Run(ctx context.Context, _ []string) error {
 	if static, err := efi.IsStatic(writ); err != nil {
 		return fmt.Errorf("--writ %s: %w", writ, err)
 	} else if !static {
-		return fmt.Errorf("--writ %s is dynamically linked; /init must be static: CGO_ENABLED=0 go build -o bin/writ-static ./cmd/writ", writ)
+		return fmt.Errorf("--writ %s is dynamically linked; /init must be static: make static (bin/writ-static)", writ)
 	}
 	b := efi.Build{Kernel: c.kernel, Modules: c.modules, Writ: writ, Config: c.cfg, Cmdline: c.cmdline, BaseURL: c.baseURL}
 	if b.Kernel == "" {
@@ -90,16 +90,23 @@ func (c *imageBuildCmd) Run(ctx context.Context, _ []string) error {
 	} else if b.Modules == "" {
 		return errors.New("--kernel needs --modules (the kernel's lib/modules/VERSION)")
 	}
-	// The node formats its empty disk with mkfs.btrfs: no Go library makes
-	// btrfs. It goes into the initramfs with the libraries it needs.
-	if mkfs, err := exec.LookPath("mkfs.btrfs"); err == nil {
-		extra, err := efi.WithLibraries("sbin/mkfs.btrfs", mkfs)
+	// The node formats its empty disk with mkfs.btrfs and sets quota
+	// limits with btrfs: no Go library makes btrfs or manages its quota
+	// groups. They go into the initramfs with the libraries they need.
+	b.Extra = map[string]string{}
+	for _, tool := range []string{"mkfs.btrfs", "btrfs"} {
+		path, err := exec.LookPath(tool)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "warning: %s not found (apt-get install btrfs-progs): nodes will lack it\n", tool)
+			continue
+		}
+		files, err := efi.WithLibraries("sbin/"+tool, path)
 		if err != nil {
 			return err
 		}
-		b.Extra = extra
-	} else {
-		fmt.Fprintln(os.Stderr, "warning: mkfs.btrfs not found (apt-get install btrfs-progs): nodes will not format a storage pool")
+		for k, v := range files {
+			b.Extra[k] = v
+		}
 	}
 	arts, err := b.Make(ctx, c.out)
 	if err != nil {

@@ -20,6 +20,11 @@ var version = "dev"
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if os.Getpid() == 1 {
+		// The node image runs writ as /init: whatever the kernel passed,
+		// PID 1 is writ init.
+		os.Args = []string{os.Args[0], "init"}
+	}
 	root := rootCommand()
 	root.SetContext(ctx)
 	if err := root.ExecuteContext(ctx); err != nil {
@@ -72,6 +77,7 @@ URL), WRIT_KEY (signing key file), WRIT_SITE (default site) and WRIT_LEDGER
 		vmCommand(),
 		nodeCommand(),
 		imageCommand(),
+		initCommand(),
 		userCommand(),
 		siteCommand(),
 	)

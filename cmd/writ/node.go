@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -28,6 +29,7 @@ type nodeCmd struct {
 	concurrency, cpus                            int
 	memory                                       string
 	interval, trustTTL                           time.Duration
+	status                                       io.Writer // the status line; stderr by default
 	pool                                         poolFlags
 	net                                          netFlags
 	vm                                           vmFlags
@@ -35,7 +37,7 @@ type nodeCmd struct {
 }
 
 func nodeCommand() *cobra.Command {
-	c := &nodeCmd{}
+	c := &nodeCmd{status: os.Stderr}
 	cmd := &cobra.Command{
 		Use:   "node",
 		Short: "Run a node: register with the ledger, report uptime, and run the site's jobs",
@@ -91,13 +93,19 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	if c.vm.dir == "" {
 		c.vm.dir = filepath.Join(c.stateDir, "vms")
 	}
-	var vms *vm.Machines
+	// The host layers first: the pool may be the disk the node key lives
+	// on (writ init puts --state-dir inside it).
+	pool, host, vms, closeLayers, err := openLayers(ctx, c.log, &c.pool, &c.net, &c.vm)
+	if err != nil {
+		return err
+	}
+	defer closeLayers()
 	agent, err := identity.New(identity.Config{
 		StateDir: c.stateDir, AllowTmpfs: c.allowTmpfs, LedgerURL: c.ledger, Site: c.site, Token: c.token,
 		Capacity: ledger.Capacity{CPUs: c.cpus, MemoryMiB: memBytes >> 20}, Version: version, Interval: c.interval,
 		Used:   func() ledger.Capacity { return vmUse(ctx, vms) },
 		Log:    c.log.With("svc", "identity"),
-		Status: os.Stderr,
+		Status: c.status,
 	})
 	if err != nil {
 		return err
@@ -113,12 +121,6 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	pool, host, machines, closeLayers, err := openLayers(ctx, c.log, &c.pool, &c.net, &c.vm)
-	if err != nil {
-		return err
-	}
-	defer closeLayers()
-	vms = machines
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return agent.Run(gctx) })
 	g.Go(func() error {

@@ -16,11 +16,10 @@ import (
 	"io"
 	"net"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4/nclient4"
@@ -243,26 +242,43 @@ func findDisk(say func(string, ...any)) string {
 	return ""
 }
 
-// Reaper reaps orphaned children until ctx ends (PID 1's duty). Start it
-// only after the last child started with exec.Cmd.Wait has been waited for
-// by its owner, or use it alone.
+// Reaper reaps orphans until ctx ends (PID 1's duty). Every process whose
+// parent dies becomes PID 1's child; writ's own children are waited for by
+// the code that started them, so the reaper takes only zombies that have
+// stayed zombies across two of its scans (a second apart): no owner is
+// waiting for them.
 func Reaper(ctx context.Context) {
-	ch := make(chan os.Signal, 16)
-	signal.Notify(ch, syscall.SIGCHLD)
-	defer signal.Stop(ch)
+	seen := map[int]bool{}
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-ch:
+		case <-time.After(time.Second):
 		}
-		for {
-			var ws unix.WaitStatus
-			pid, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
-			if pid <= 0 || err != nil {
-				break
+		now := map[int]bool{}
+		procs, _ := filepath.Glob("/proc/[0-9]*/stat")
+		for _, p := range procs {
+			data, err := os.ReadFile(p)
+			if err != nil {
+				continue
 			}
+			i := bytes.LastIndexByte(data, ')')
+			if i < 0 || i+4 >= len(data) {
+				continue
+			}
+			fields := strings.Fields(string(data[i+2:]))
+			if len(fields) < 2 || fields[0] != "Z" || fields[1] != "1" {
+				continue
+			}
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+			if seen[pid] {
+				var ws unix.WaitStatus
+				unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+				continue
+			}
+			now[pid] = true
 		}
+		seen = now
 	}
 }
 

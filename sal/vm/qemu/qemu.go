@@ -173,6 +173,11 @@ func (b *Backend) Shutdown(ctx context.Context, dir string) error {
 // Command runs one QMP command on the socket and returns its "return"
 // value.
 func Command(socket, command string) (json.RawMessage, error) {
+	return CommandArgs(socket, command, nil)
+}
+
+// CommandArgs runs one QMP command with arguments (nil for none).
+func CommandArgs(socket, command string, args any) (json.RawMessage, error) {
 	mon, err := qmp.NewSocketMonitor("unix", socket, 2*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("qemu: qmp %s: %w", socket, err)
@@ -181,7 +186,14 @@ func Command(socket, command string) (json.RawMessage, error) {
 		return nil, fmt.Errorf("qemu: qmp connect: %w", err)
 	}
 	defer mon.Disconnect()
-	raw, err := mon.Run([]byte(`{"execute":"` + command + `"}`))
+	req, err := json.Marshal(struct {
+		Execute   string `json:"execute"`
+		Arguments any    `json:"arguments,omitempty"`
+	}{command, args})
+	if err != nil {
+		return nil, err
+	}
+	raw, err := mon.Run(req)
 	if err != nil {
 		return nil, fmt.Errorf("qemu: qmp %s: %w", command, err)
 	}

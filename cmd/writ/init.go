@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/writ-fleet/writ/efi/nodeinit"
+)
+
+type initCmd struct{ force bool }
+
+func initCommand() *cobra.Command {
+	c := &initCmd{}
+	cmd := &cobra.Command{
+		Use:   "init",
+		Short: "PID 1 of the writ node image (not for use on a running system)",
+		Long: `writ init is the first process of the writ node image (writ image build
+installs writ as /init). It mounts the basics, loads the image's kernel
+modules, brings up networking with DHCP, turns an empty disk into the
+node's btrfs pool (never a disk that holds data) and keeps the node key
+there, then runs the node (registration, uptime, runner) with the site
+configuration baked into the image or given on the kernel command line
+(writ.ledger= writ.site= writ.token= writ.redis=). Ctrl-Alt-Del or SIGTERM
+reboots cleanly; SIGUSR2 powers off.`,
+		Args:   cobra.NoArgs,
+		Hidden: true,
+		RunE:   func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	cmd.Flags().BoolVar(&c.force, "force", false, "run even when not PID 1")
+	return cmd
+}
+
+// Run runs the node image until asked to reboot or power off; as PID 1 it
+// then does so (it never returns).
+func (c *initCmd) Run(ctx context.Context, _ []string) error {
+	if os.Getpid() != 1 && !c.force {
+		return errors.New("writ init is the node image's PID 1; it does not run on a live system")
+	}
+	os.Setenv("PATH", "/sbin:/bin:/usr/sbin:/usr/bin")
+	reboot := make(chan bool, 1)
+	sig := make(chan os.Signal, 4)
+	// SIGINT is Ctrl-Alt-Del once Setup turns the key combination over to
+	// PID 1.
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR2)
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		s := <-sig
+		reboot <- s != syscall.SIGUSR2
+		cancel()
+	}()
+	go nodeinit.Reaper(ctx)
+	cfg, err := nodeinit.Setup(ctx, os.Stdout)
+	if err != nil {
+		fmt.Printf("writ init: %v\n", err)
+	} else {
+		n := &nodeCmd{ledger: cfg.Ledger, site: cfg.Site, token: cfg.Token, redis: cfg.Redis, concurrency: 4,
+			stateDir: "/var/lib/writ/node", allowTmpfs: true, status: os.Stdout, log: slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+		n.vm.off = true // the image carries no hypervisor
+		if cfg.Disk != "" {
+			n.pool.device, n.pool.mount = cfg.Disk, "/var/lib/writ/pool"
+			n.stateDir, n.allowTmpfs = filepath.Join(n.pool.mount, "identity"), false
+		} else {
+			fmt.Println("writ init: WARNING: no disk; the node key is in memory: this node gets a new identity at every boot")
+		}
+		if err := n.Run(ctx, nil); err != nil && ctx.Err() == nil {
+			fmt.Printf("writ init: the node stopped: %v\n", err)
+		}
+	}
+	if ctx.Err() == nil {
+		fmt.Println("writ init: waiting; Ctrl-Alt-Del reboots")
+	}
+	r := <-reboot // sent before ctx is cancelled
+	if os.Getpid() != 1 {
+		return nil
+	}
+	fmt.Printf("writ init: %s\n", map[bool]string{true: "rebooting", false: "powering off"}[r])
+	nodeinit.Halt(r)
+	select {}
+}

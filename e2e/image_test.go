@@ -1,0 +1,157 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/writ-fleet/writ/efi"
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/sal/vm/qemu"
+)
+
+// nodeImage builds the writ node image for the fleet (a static writ as
+// /init, Debian's linux-image-amd64) with the fleet's addresses as the
+// QEMU guest sees the host (10.0.2.2, user networking).
+func nodeImage(t *testing.T, f *fleet, token string) string {
+	t.Helper()
+	dir := t.TempDir()
+	static := filepath.Join(dir, "writ-static")
+	// Static, as /init must be; cgo stays on (the btrfs ioctls need it),
+	// with the pure-Go resolver and user lookups.
+	build := exec.Command("go", "build", "-tags", "netgo,osusergo", "-ldflags", `-linkmode external -extldflags "-static"`, "-o", static, "github.com/writ-fleet/writ/cmd/writ")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build a static writ: %v\n%s", err, out)
+	}
+	k, err := efi.FetchKernel(context.Background(), "linux-image-amd64", filepath.Join(os.TempDir(), "writ-kernel-cache"))
+	if err != nil {
+		t.Fatalf("fetch the kernel: %v", err)
+	}
+	host := func(u string) string { return strings.Replace(u, "127.0.0.1", "10.0.2.2", 1) }
+	out := filepath.Join(dir, "image")
+	cmd := exec.Command(writBin, "image", "build", "--writ", static, "--kernel", k.Vmlinuz, "--modules", k.Modules, "--out", out,
+		"--ledger", host(f.ledger), "--site", "local", "--token", token, "--redis", host(f.redis))
+	res, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("writ image build: %v\n%s", err, res)
+	}
+	t.Logf("writ image build:\n%s", res)
+	return out
+}
+
+// TestImage_BootUSB boots the node image from usb.img in QEMU (OVMF, TCG,
+// an empty virtio disk, user networking) against a fleet on the host: the
+// node registers, reports uptime, runs a signed job pinned to it, and after
+// a reboot comes back with the same node ID (its key is on its disk).
+func TestImage_BootUSB(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBinary(t, qemu.DefaultBinary)
+	for _, p := range []string{efi.DefaultStub, "/usr/share/OVMF/OVMF_CODE_4M.fd"} {
+		if _, err := os.Stat(p); err != nil {
+			t.Fatalf("%s missing: make test installs systemd-boot-efi and ovmf", p)
+		}
+	}
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "http://" + testenv.Addr(f.ports["supervisor:local"]),
+		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}, UptimeInterval: 5}); err != nil {
+		t.Fatal(err)
+	}
+	f.startSupervisor("local")
+	f.startCoord()
+	tok, err := f.lc.CreateToken(ctx, "local", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	image := nodeImage(t, f, tok.Secret)
+
+	dir := t.TempDir()
+	vars := filepath.Join(dir, "OVMF_VARS.fd")
+	data, _ := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
+	os.WriteFile(vars, data, 0o644)
+	disk := filepath.Join(dir, "disk.img")
+	if err := os.WriteFile(disk, nil, 0o644); err != nil || os.Truncate(disk, 2<<30) != nil {
+		t.Fatal("make the node's empty disk")
+	}
+	console := filepath.Join(dir, "console.log")
+	qmpSock := filepath.Join(dir, "qmp.sock")
+	vmCmd := exec.Command(qemu.DefaultBinary, "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "2", "-m", "1024",
+		"-nodefaults", "-display", "none", "-serial", "file:"+console, "-qmp", "unix:"+qmpSock+",server=on,wait=off",
+		"-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd", "-drive", "if=pflash,format=raw,file="+vars,
+		"-device", "qemu-xhci", "-drive", "if=none,id=stick,format=raw,file="+filepath.Join(image, efi.USBFile), "-device", "usb-storage,drive=stick,bootindex=0",
+		"-drive", "if=virtio,format=raw,file="+disk,
+		"-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0")
+	vmCmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	start := time.Now()
+	if err := vmCmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { vmCmd.Process.Kill(); vmCmd.Wait() })
+	consoleTail := func() string { b, _ := os.ReadFile(console); return tail(string(b), 3000) }
+
+	var node ledger.Node
+	waitNode := func(what string, cond func(n ledger.Node) bool) {
+		t.Helper()
+		deadline := time.Now().Add(4 * time.Minute)
+		for time.Now().Before(deadline) {
+			if list, err := f.lc.Nodes(ctx, "local"); err == nil && len(list) > 0 {
+				if len(list) > 1 {
+					t.Fatalf("more than one node registered: %+v", list)
+				}
+				if cond(list[0]) {
+					node = list[0]
+					return
+				}
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+		t.Fatalf("timed out waiting for %s; console:\n%s", what, consoleTail())
+	}
+	waitNode("the node to register and report", func(n ledger.Node) bool { return n.Liveness == ledger.LivenessOnline })
+	t.Logf("power-on to registered and reporting: %s (TCG)", time.Since(start).Round(time.Millisecond))
+	first := node
+	if first.Facts.Kernel == "" || first.Capacity.CPUs != 2 {
+		t.Errorf("node facts = %+v", first)
+	}
+
+	// A signed job pinned to the node runs there and returns its result.
+	j := envelope.NewJob("on-the-node", `job := import("job"); storage := import("storage"); u := storage.usage(); job.result({node: job.node, pool: is_error(u) ? string(u.value) : u.total})`, "local", time.Now())
+	j.Node = first.ID
+	rep, err := f.client().Submit(ctx, rawEnvelope(t, j, f.admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := f.waitJob(rep.ID, 2*time.Minute)
+	var out struct {
+		Node string `json:"node"`
+		Pool any    `json:"pool"`
+	}
+	json.Unmarshal(res.Result, &out)
+	if res.State != queue.StateSucceeded || out.Node != first.ID {
+		t.Fatalf("pinned job = %s %s (%s); console:\n%s", res.State, res.Result, res.Error, consoleTail())
+	}
+	if total, ok := out.Pool.(float64); !ok || total < 1<<30 {
+		t.Errorf("the node's pool = %v, want the 2 GiB disk formatted as its pool", out.Pool)
+	}
+
+	// Reboot (Ctrl-Alt-Del: a clean reboot by writ init): same node ID, a
+	// new boot.
+	keys := []map[string]string{{"type": "qcode", "data": "ctrl"}, {"type": "qcode", "data": "alt"}, {"type": "qcode", "data": "delete"}}
+	if _, err := qemu.CommandArgs(qmpSock, "send-key", map[string]any{"keys": keys}); err != nil {
+		t.Fatal(err)
+	}
+	waitNode("the node to come back after a reboot", func(n ledger.Node) bool { return n.Boots >= 2 && n.Liveness == ledger.LivenessOnline })
+	if node.ID != first.ID {
+		t.Errorf("after a reboot the node is %s, was %s", node.ID, first.ID)
+	}
+}
