@@ -3,10 +3,12 @@ package e2e
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -25,13 +27,7 @@ import (
 func nodeImage(t *testing.T, f *fleet, token string) string {
 	t.Helper()
 	dir := t.TempDir()
-	static := filepath.Join(dir, "writ-static")
-	// Static, as /init must be; cgo stays on (the btrfs ioctls need it),
-	// with the pure-Go resolver and user lookups.
-	build := exec.Command("go", "build", "-tags", "netgo,osusergo", "-ldflags", `-linkmode external -extldflags "-static"`, "-o", static, "github.com/writ-fleet/writ/cmd/writ")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build a static writ: %v\n%s", err, out)
-	}
+	static := staticWrit(t)
 	k, err := efi.FetchKernel(context.Background(), "linux-image-amd64", filepath.Join(os.TempDir(), "writ-kernel-cache"))
 	if err != nil {
 		t.Fatalf("fetch the kernel: %v", err)
@@ -46,6 +42,30 @@ func nodeImage(t *testing.T, f *fleet, token string) string {
 	}
 	t.Logf("writ image build:\n%s", res)
 	return out
+}
+
+var (
+	staticOnce sync.Once
+	staticPath string
+	staticErr  error
+)
+
+// staticWrit builds writ statically once per test binary: /init must be
+// static. cgo stays on (the btrfs ioctls need it), with the pure-Go
+// resolver and user lookups.
+func staticWrit(t *testing.T) string {
+	t.Helper()
+	staticOnce.Do(func() {
+		staticPath = filepath.Join(filepath.Dir(writBin), "writ-static")
+		build := exec.Command("go", "build", "-tags", "netgo,osusergo", "-ldflags", `-linkmode external -extldflags "-static"`, "-o", staticPath, "github.com/writ-fleet/writ/cmd/writ")
+		if out, err := build.CombinedOutput(); err != nil {
+			staticErr = fmt.Errorf("build a static writ: %v\n%s", err, out)
+		}
+	})
+	if staticErr != nil {
+		t.Fatal(staticErr)
+	}
+	return staticPath
 }
 
 // TestImage_BootUSB boots the node image from usb.img in QEMU (OVMF, TCG,
@@ -153,5 +173,73 @@ func TestImage_BootUSB(t *testing.T) {
 	waitNode("the node to come back after a reboot", func(n ledger.Node) bool { return n.Boots >= 2 && n.Liveness == ledger.LivenessOnline })
 	if node.ID != first.ID {
 		t.Errorf("after a reboot the node is %s, was %s", node.ID, first.ID)
+	}
+}
+
+// TestImage_NetbootIPXE netboots the node image over iPXE from writ image
+// serve: OVMF's iPXE (the NIC's option ROM) gets the script's URL from
+// DHCP, the server answers this machine's MAC with its own script (which
+// passes the enrollment token on the kernel command line), and the node
+// registers. It has no disk, so its key lives in memory.
+func TestImage_NetbootIPXE(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBinary(t, qemu.DefaultBinary)
+	if _, err := os.Stat("/usr/lib/ipxe/qemu/efi-virtio.rom"); err != nil {
+		t.Fatalf("QEMU's iPXE ROM is missing: make test installs ipxe-qemu")
+	}
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	f.startSupervisor("local")
+	tok, err := f.lc.CreateToken(ctx, "local", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	image := nodeImage(t, f, "") // no token baked in: the per-MAC script brings it
+	port := testenv.FreePort(t)
+	base := fmt.Sprintf("http://10.0.2.2:%d", port)
+	const mac = "52:54:00:12:34:56"
+	os.MkdirAll(filepath.Join(image, "mac"), 0o755)
+	script := efi.IPXEScript(base, efi.DefaultCmdline+" writ.token="+tok.Secret)
+	if err := os.WriteFile(filepath.Join(image, "mac", "52-54-00-12-34-56.ipxe"), []byte(script), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	srv := f.start("image", "image", "serve", "--dir", image, "--listen", testenv.Addr(port))
+
+	dir := t.TempDir()
+	vars := filepath.Join(dir, "OVMF_VARS.fd")
+	data, _ := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
+	os.WriteFile(vars, data, 0o644)
+	console := filepath.Join(dir, "console.log")
+	vmCmd := exec.Command(qemu.DefaultBinary, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "1024",
+		"-nodefaults", "-display", "none", "-serial", "file:"+console,
+		"-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd", "-drive", "if=pflash,format=raw,file="+vars,
+		"-netdev", "user,id=n0,bootfile="+base+"/boot.ipxe?mac="+mac,
+		"-device", "virtio-net-pci,netdev=n0,mac="+mac+",bootindex=0")
+	vmCmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	start := time.Now()
+	if err := vmCmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { vmCmd.Process.Kill(); vmCmd.Wait() })
+	deadline := time.Now().Add(4 * time.Minute)
+	for {
+		if list, err := f.lc.Nodes(ctx, "local"); err == nil && len(list) == 1 && list[0].Liveness == ledger.LivenessOnline {
+			break
+		}
+		if time.Now().After(deadline) {
+			b, _ := os.ReadFile(console)
+			t.Fatalf("the netbooted node did not register; console:\n%s", tail(string(b), 3000))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Logf("power-on to registered over iPXE: %s (TCG)", time.Since(start).Round(time.Millisecond))
+	srv.mu.Lock()
+	log := srv.log.String()
+	srv.mu.Unlock()
+	for _, want := range []string{`"path":"/boot.ipxe","mac":"` + mac, `"path":"/vmlinuz"`, `"path":"/initrd.img"`} {
+		if !strings.Contains(log, want) {
+			t.Errorf("the image server's access log lacks %s:\n%s", want, tail(log, 2000))
+		}
 	}
 }
