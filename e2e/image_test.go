@@ -7,6 +7,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -139,6 +141,18 @@ func TestImage_BootUSB(t *testing.T) {
 	}
 	waitNode("the node to register and report", func(n ledger.Node) bool { return n.Liveness == ledger.LivenessOnline })
 	t.Logf("power-on to registered and reporting: %s (TCG)", time.Since(start).Round(time.Millisecond))
+	if initAt, regAt, ok := bootTimes(console); ok {
+		t.Logf("after the kernel started: /init at %.2f s, registered at %.2f s (%.2f× the kernel's boot-to-init)", initAt, regAt, regAt/initAt)
+	}
+	if b, err := os.ReadFile(console); err == nil {
+		var steps []string
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "writ ") {
+				steps = append(steps, l)
+			}
+		}
+		t.Logf("the node's console:\n%s", strings.Join(steps, "\n"))
+	}
 	first := node
 	if first.Facts.Kernel == "" || first.Capacity.CPUs != 2 {
 		t.Errorf("node facts = %+v", first)
@@ -242,4 +256,22 @@ func TestImage_NetbootIPXE(t *testing.T) {
 			t.Errorf("the image server's access log lacks %s:\n%s", want, tail(log, 2000))
 		}
 	}
+}
+
+var (
+	initRe = regexp.MustCompile(`\[\s*([0-9.]+)\] Run /init as init process`)
+	regRe  = regexp.MustCompile(`\[\s*([0-9.]+)\] writ node n[0-9a-f]+: registered with site`)
+)
+
+// bootTimes reads from a node's console when the kernel started /init and
+// when the node was registered, in seconds after the kernel started.
+func bootTimes(console string) (initAt, regAt float64, ok bool) {
+	b, _ := os.ReadFile(console)
+	mi, mr := initRe.FindSubmatch(b), regRe.FindSubmatch(b)
+	if mi == nil || mr == nil {
+		return 0, 0, false
+	}
+	initAt, _ = strconv.ParseFloat(string(mi[1]), 64)
+	regAt, _ = strconv.ParseFloat(string(mr[1]), 64)
+	return initAt, regAt, initAt > 0
 }

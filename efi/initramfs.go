@@ -13,16 +13,23 @@ import (
 	"github.com/u-root/u-root/pkg/cpio"
 )
 
-// NodeModules are the kernel modules a node loads (dependencies are
-// added): virtio and common NICs, NVMe/AHCI and USB storage, btrfs, and
-// the networking a node's SALs need (tun, bridge, veth, nf_tables and the
-// nft expressions writ's rules use). A module the kernel has built in is
-// skipped. They load in this order, each after its dependencies.
-var NodeModules = []string{
+// BootModules are the kernel modules a node needs before it can register:
+// virtio and common NICs, NVMe/AHCI/SCSI disks and btrfs. writ init loads
+// them first, in this order (each after its dependencies); a module the
+// kernel has built in, or lacks, is skipped.
+var BootModules = []string{
 	"crc32c_generic", "crc32c_intel", // libcrc32c needs a crc32c first (a soft dependency)
 	"virtio_pci", "virtio_net", "virtio_blk", "virtio_scsi", "e1000", "e1000e", "igb", "ixgbe", "r8169",
-	"nvme", "ahci", "usb_storage", "uas", "xhci_pci", "sd_mod",
-	"btrfs", "tun", "bridge", "veth", "nf_tables", "nft_nat", "nft_masq", "nft_ct", "nft_fib_inet", "nf_nat",
+	"nvme", "ahci", "sd_mod", "btrfs",
+}
+
+// NodeModules are the rest a node loads while it registers: USB storage
+// and the networking its SALs need (tun, bridge, veth, nf_tables and the
+// nft expressions writ's rules use). Loading modules under emulation is
+// slow, so these stay off the path to registration.
+var NodeModules = []string{
+	"usb_storage", "uas", "xhci_pci",
+	"tun", "bridge", "veth", "nf_tables", "nft_nat", "nft_masq", "nft_ct", "nft_fib_inet", "nf_nat",
 }
 
 // NodeConfig is the site configuration baked into the image
@@ -41,10 +48,10 @@ const ConfigPath = "etc/writ/node.json"
 type Initramfs struct {
 	// Init is the static writ binary, installed as /init.
 	Init string
-	// Modules is the kernel's lib/modules/VERSION directory; Want names
-	// the modules to include (NodeModules by default).
-	Modules string
-	Want    []string
+	// Modules is the kernel's lib/modules/VERSION directory; Boot and Want
+	// name the modules to include (BootModules and NodeModules by default).
+	Modules    string
+	Boot, Want []string
 	// Config is baked into /etc/writ/node.json.
 	Config NodeConfig
 	// Extra files to add: archive path → host path (such as mkfs.btrfs and
@@ -55,13 +62,30 @@ type Initramfs struct {
 // Write writes the initramfs (gzip-compressed newc cpio) to w. The archive
 // is reproducible: same inputs, same bytes.
 func (in Initramfs) Write(w io.Writer) error {
-	want := in.Want
+	bootWant, want := in.Boot, in.Want
+	if bootWant == nil {
+		bootWant = BootModules
+	}
 	if want == nil {
 		want = NodeModules
 	}
-	mods, err := ResolveAvailable(in.Modules, want)
+	boot, err := ResolveAvailable(in.Modules, bootWant)
 	if err != nil {
 		return err
+	}
+	every, err := ResolveAvailable(in.Modules, append(append([]string(nil), bootWant...), want...))
+	if err != nil {
+		return err
+	}
+	inBoot := map[string]bool{}
+	for _, m := range boot {
+		inBoot[m] = true
+	}
+	var rest []string
+	for _, m := range every {
+		if !inBoot[m] {
+			rest = append(rest, m)
+		}
 	}
 	var records []cpio.Record
 	dirs := map[string]bool{}
@@ -79,17 +103,21 @@ func (in Initramfs) Write(w io.Writer) error {
 		return fmt.Errorf("efi: init binary: %w", err)
 	}
 	add("init", initBin, 0o755)
-	var order []string
-	for _, m := range mods {
-		data, err := os.ReadFile(filepath.Join(in.Modules, m))
-		if err != nil {
-			return err
+	for _, list := range []struct {
+		file string
+		mods []string
+	}{{"etc/writ/modules.boot", boot}, {"etc/writ/modules.order", rest}} {
+		var order []string
+		for _, m := range list.mods {
+			data, err := os.ReadFile(filepath.Join(in.Modules, m))
+			if err != nil {
+				return err
+			}
+			add("lib/modules/"+filepath.Base(m), data, 0o644)
+			order = append(order, filepath.Base(m))
 		}
-		p := "lib/modules/" + filepath.Base(m)
-		add(p, data, 0o644)
-		order = append(order, filepath.Base(m))
+		add(list.file, []byte(strings.Join(order, "\n")+"\n"), 0o644)
 	}
-	add("etc/writ/modules.order", []byte(strings.Join(order, "\n")+"\n"), 0o644)
 	cfg, _ := json.MarshalIndent(in.Config, "", "  ")
 	add(ConfigPath, cfg, 0o600)
 	extra := make([]string, 0, len(in.Extra))

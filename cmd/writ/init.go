@@ -57,12 +57,13 @@ func (c *initCmd) Run(ctx context.Context, _ []string) error {
 		cancel()
 	}()
 	go nodeinit.Reaper(ctx)
-	cfg, err := nodeinit.Setup(ctx, os.Stdout)
+	console := nodeinit.Console(os.Stdout)
+	cfg, err := nodeinit.Setup(ctx, console)
 	if err != nil {
 		fmt.Printf("writ init: %v\n", err)
 	} else {
 		n := &nodeCmd{ledger: cfg.Ledger, site: cfg.Site, token: cfg.Token, redis: cfg.Redis, concurrency: 4,
-			stateDir: "/var/lib/writ/node", allowTmpfs: true, status: os.Stdout, log: slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+			stateDir: "/var/lib/writ/node", allowTmpfs: true, status: console, log: slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 		n.vm.off = true // the image carries no hypervisor
 		if cfg.Disk != "" {
 			n.pool.device, n.pool.mount = cfg.Disk, "/var/lib/writ/pool"

@@ -20,6 +20,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4/nclient4"
@@ -50,11 +51,19 @@ func Setup(ctx context.Context, out io.Writer) (Config, error) {
 	// Ctrl-Alt-Del becomes SIGINT to PID 1 (a clean reboot), not an
 	// immediate reset.
 	unix.Reboot(unix.LINUX_REBOOT_CMD_CAD_OFF)
-	loaded, failed := loadModules("/etc/writ/modules.order", "/lib/modules")
-	say("loaded %d kernel modules (%d failed)", loaded, len(failed))
+	// The modules registration needs first; the rest load meanwhile.
+	loaded, failed := loadModules("/etc/writ/modules.boot", "/lib/modules")
+	say("loaded %d boot modules (%d failed)", loaded, len(failed))
 	for _, f := range failed {
 		say("  module %s", f)
 	}
+	go func() {
+		loaded, failed := loadModules("/etc/writ/modules.order", "/lib/modules")
+		say("loaded %d more modules (%d failed)", loaded, len(failed))
+		for _, f := range failed {
+			say("  module %s", f)
+		}
+	}()
 	cfg, err := readConfig(efi.ConfigPath, "/proc/cmdline")
 	if err != nil {
 		return Config{}, err
@@ -292,4 +301,42 @@ func Halt(reboot bool) {
 		cmd = unix.LINUX_REBOOT_CMD_RESTART
 	}
 	unix.Reboot(cmd)
+}
+
+// Console returns a writer that prefixes each line written to w with the
+// time since the kernel started, as the kernel's own messages are, so a
+// console shows how long each step took after boot.
+func Console(w io.Writer) io.Writer { return &consoleWriter{w: w, start: true} }
+
+type consoleWriter struct {
+	mu    sync.Mutex
+	w     io.Writer
+	start bool // at the start of a line; guarded by mu
+}
+
+func (c *consoleWriter) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []byte
+	for _, b := range p {
+		if c.start {
+			out = append(out, fmt.Sprintf("[%12.6f] ", uptime())...)
+			c.start = false
+		}
+		out = append(out, b)
+		if b == '\n' {
+			c.start = true
+		}
+	}
+	if _, err := c.w.Write(out); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// uptime is the seconds since the kernel started (CLOCK_BOOTTIME).
+func uptime() float64 {
+	var ts unix.Timespec
+	unix.ClockGettime(unix.CLOCK_BOOTTIME, &ts)
+	return float64(ts.Sec) + float64(ts.Nsec)/1e9
 }
