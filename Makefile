@@ -12,7 +12,7 @@ DEV_DIR ?= .dev
 # ovmf, systemd-boot-efi, binutils (objcopy) and ipxe-qemu build and boot the node image (efi).
 APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql ovmf systemd-boot-efi binutils ipxe-qemu
 
-.PHONY: help build static image test test-short dev bench bench-vm bench-ledger guest lint generate tidy deps check-clean clean
+.PHONY: help build static image test test-short dev bench bench-image bench-vm bench-ledger guest lint generate tidy deps check-clean clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,10 +45,13 @@ bench: deps ## end-to-end signed-job throughput and latency next to raw asynq (s
 	$(GO) run ./cmd/writ-bench
 
 static: ## build bin/writ-static, linked statically (the node image's /init)
-	$(GO) build -tags netgo,osusergo -ldflags '$(LDFLAGS) -linkmode external -extldflags "-static"' -o bin/writ-static ./cmd/writ
+	$(GO) build -tags netgo,osusergo -ldflags '$(LDFLAGS) -s -w -linkmode external -extldflags "-static"' -o bin/writ-static ./cmd/writ
 
 image: deps static build ## build the node image into image/ (set LEDGER, SITE, TOKEN, REDIS to bake in a site)
 	$(BIN) image build --writ bin/writ-static --out image --ledger "$(LEDGER)" --site "$(SITE)" --token "$(TOKEN)" --redis "$(REDIS)"
+
+bench-image: deps ## boot the node image from USB under TCG, alone, and print boot-to-registered (root; see BENCHMARKS.md)
+	$(GO) test -count=1 -run 'TestImage_BootUSB' -v ./e2e | grep -E 'power-on|kernel started|bytes'
 
 bench-vm: deps ## VM deploy: writ against the same QEMU guest launched by hand (root; see BENCHMARKS.md)
 	$(GO) test -run '^$$' -bench Deploy -benchtime 3x ./sal/vm/qemu/

@@ -59,7 +59,7 @@ func staticWrit(t *testing.T) string {
 	t.Helper()
 	staticOnce.Do(func() {
 		staticPath = filepath.Join(filepath.Dir(writBin), "writ-static")
-		build := exec.Command("go", "build", "-tags", "netgo,osusergo", "-ldflags", `-linkmode external -extldflags "-static"`, "-o", staticPath, "github.com/writ-fleet/writ/cmd/writ")
+		build := exec.Command("go", "build", "-tags", "netgo,osusergo", "-ldflags", `-s -w -linkmode external -extldflags "-static"`, "-o", staticPath, "github.com/writ-fleet/writ/cmd/writ")
 		if out, err := build.CombinedOutput(); err != nil {
 			staticErr = fmt.Errorf("build a static writ: %v\n%s", err, out)
 		}
