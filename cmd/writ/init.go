@@ -15,7 +15,7 @@ import (
 	"github.com/writ-fleet/writ/efi/nodeinit"
 )
 
-type initCmd struct{ force bool }
+type initCmd struct{}
 
 func initCommand() *cobra.Command {
 	c := &initCmd{}
@@ -34,14 +34,15 @@ reboots cleanly; SIGUSR2 powers off.`,
 		Hidden: true,
 		RunE:   func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
-	cmd.Flags().BoolVar(&c.force, "force", false, "run even when not PID 1")
 	return cmd
 }
 
 // Run runs the node image until asked to reboot or power off; as PID 1 it
 // then does so (it never returns).
 func (c *initCmd) Run(ctx context.Context, _ []string) error {
-	if os.Getpid() != 1 && !c.force {
+	// It mounts over /run, /tmp and /var/lib/writ and may reboot: never on
+	// a live system.
+	if os.Getpid() != 1 {
 		return errors.New("writ init is the node image's PID 1; it does not run on a live system")
 	}
 	os.Setenv("PATH", "/sbin:/bin:/usr/sbin:/usr/bin")
@@ -79,9 +80,6 @@ func (c *initCmd) Run(ctx context.Context, _ []string) error {
 		fmt.Println("writ init: waiting; Ctrl-Alt-Del reboots")
 	}
 	r := <-reboot // sent before ctx is cancelled
-	if os.Getpid() != 1 {
-		return nil
-	}
 	fmt.Printf("writ init: %s\n", map[bool]string{true: "rebooting", false: "powering off"}[r])
 	nodeinit.Halt(r)
 	select {}
