@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -61,7 +62,7 @@ func (c *initCmd) Run(ctx context.Context, _ []string) error {
 	console := nodeinit.Console(os.Stdout)
 	cfg, err := nodeinit.Setup(ctx, console)
 	if err != nil {
-		fmt.Printf("writ init: %v\n", err)
+		fmt.Fprintf(console, "writ init: %v\n", err)
 	} else {
 		n := &nodeCmd{ledger: cfg.Ledger, site: cfg.Site, token: cfg.Token, redis: cfg.Redis, concurrency: 4,
 			stateDir: "/var/lib/writ/node", allowTmpfs: true, status: console, log: slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelWarn}))}
@@ -70,17 +71,27 @@ func (c *initCmd) Run(ctx context.Context, _ []string) error {
 			n.pool.device, n.pool.mount = cfg.Disk, "/var/lib/writ/pool"
 			n.stateDir, n.allowTmpfs = filepath.Join(n.pool.mount, "identity"), false
 		} else {
-			fmt.Println("writ init: WARNING: no disk; the node key is in memory: this node gets a new identity at every boot")
+			fmt.Fprintln(console, "writ init: WARNING: no disk; the node key is in memory: this node gets a new identity at every boot")
 		}
-		if err := n.Run(ctx, nil); err != nil && ctx.Err() == nil {
-			fmt.Printf("writ init: the node stopped: %v\n", err)
+		// A node that stops on an error (a layer that could not start) is
+		// started again: a person at the console reads why meanwhile.
+		for {
+			err := n.Run(ctx, nil)
+			if ctx.Err() != nil {
+				break
+			}
+			fmt.Fprintf(console, "writ init: the node stopped: %v; starting it again in 5 s\n", err)
+			select {
+			case <-ctx.Done():
+			case <-time.After(5 * time.Second):
+			}
 		}
 	}
 	if ctx.Err() == nil {
-		fmt.Println("writ init: waiting; Ctrl-Alt-Del reboots")
+		fmt.Fprintln(console, "writ init: waiting; Ctrl-Alt-Del reboots")
 	}
 	r := <-reboot // sent before ctx is cancelled
-	fmt.Printf("writ init: %s\n", map[bool]string{true: "rebooting", false: "powering off"}[r])
+	fmt.Fprintf(console, "writ init: %s\n", map[bool]string{true: "rebooting", false: "powering off"}[r])
 	nodeinit.Halt(r)
 	select {}
 }

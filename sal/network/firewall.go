@@ -179,6 +179,11 @@ func applyFirewall(nets []Network) error {
 	}
 	have, exists, err := readTable(c)
 	if err != nil {
+		if len(nets) == 0 && (errors.Is(err, unix.EPROTONOSUPPORT) || strings.Contains(err.Error(), "protocol not supported")) {
+			// No nf_tables in the kernel (yet: a booting node loads it while
+			// it registers), so there is no table to remove either.
+			return nil
+		}
 		return err
 	}
 	if exists && render(have) == render(want) || !exists && len(nets) == 0 {
