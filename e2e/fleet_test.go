@@ -265,3 +265,21 @@ func count(evs []queue.Event, t queue.EventType) int {
 	}
 	return n
 }
+
+// enrollSite sets site local's uptime interval (seconds), starts its
+// supervisor and coord, and returns a fresh enrollment token's secret.
+func (f *fleet) enrollSite(interval int) string {
+	f.t.Helper()
+	ctx := context.Background()
+	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "http://" + testenv.Addr(f.ports["supervisor:local"]),
+		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}, UptimeInterval: ledger.Seconds(interval)}); err != nil {
+		f.t.Fatal(err)
+	}
+	f.startSupervisor("local")
+	f.startCoord()
+	tok, err := f.lc.CreateToken(ctx, "local", 0)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return tok.Secret
+}

@@ -85,22 +85,9 @@ func TestImage_BootUSB(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
-	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "http://" + testenv.Addr(f.ports["supervisor:local"]),
-		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}, UptimeInterval: 5}); err != nil {
-		t.Fatal(err)
-	}
-	f.startSupervisor("local")
-	f.startCoord()
-	tok, err := f.lc.CreateToken(ctx, "local", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	image := nodeImage(t, f, tok.Secret)
-
+	image := nodeImage(t, f, f.enrollSite(5))
 	dir := t.TempDir()
-	vars := filepath.Join(dir, "OVMF_VARS.fd")
-	data, _ := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
-	os.WriteFile(vars, data, 0o644)
+	vars := ovmfVars(t)
 	disk := filepath.Join(dir, "disk.img")
 	if err := os.WriteFile(disk, nil, 0o644); err != nil || os.Truncate(disk, 2<<30) != nil {
 		t.Fatal("make the node's empty disk")
@@ -204,26 +191,20 @@ func TestImage_NetbootIPXE(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
-	f.startSupervisor("local")
-	tok, err := f.lc.CreateToken(ctx, "local", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	token := f.enrollSite(5)
 	image := nodeImage(t, f, "") // no token baked in: the per-MAC script brings it
 	port := testenv.FreePort(t)
 	base := fmt.Sprintf("http://10.0.2.2:%d", port)
 	const mac = "52:54:00:12:34:56"
 	os.MkdirAll(filepath.Join(image, "mac"), 0o755)
-	script := efi.IPXEScript(base, efi.DefaultCmdline+" writ.token="+tok.Secret)
+	script := efi.IPXEScript(base, efi.DefaultCmdline+" writ.token="+token)
 	if err := os.WriteFile(filepath.Join(image, "mac", "52-54-00-12-34-56.ipxe"), []byte(script), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	srv := f.start("image", "image", "serve", "--dir", image, "--listen", testenv.Addr(port))
 
 	dir := t.TempDir()
-	vars := filepath.Join(dir, "OVMF_VARS.fd")
-	data, _ := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
-	os.WriteFile(vars, data, 0o644)
+	vars := ovmfVars(t)
 	console := filepath.Join(dir, "console.log")
 	vmCmd := exec.Command(qemu.DefaultBinary, "-machine", "q35,accel=tcg", "-cpu", "max", "-m", "1024",
 		"-nodefaults", "-display", "none", "-serial", "file:"+console,
@@ -274,4 +255,18 @@ func bootTimes(console string) (initAt, regAt float64, ok bool) {
 	initAt, _ = strconv.ParseFloat(string(mi[1]), 64)
 	regAt, _ = strconv.ParseFloat(string(mr[1]), 64)
 	return initAt, regAt, initAt > 0
+}
+
+// ovmfVars is a private copy of OVMF's variable store for one VM.
+func ovmfVars(t *testing.T) string {
+	t.Helper()
+	data, err := os.ReadFile("/usr/share/OVMF/OVMF_VARS_4M.fd")
+	if err != nil {
+		t.Fatalf("OVMF: %v (make test installs ovmf)", err)
+	}
+	vars := filepath.Join(t.TempDir(), "OVMF_VARS.fd")
+	if err := os.WriteFile(vars, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return vars
 }

@@ -24,20 +24,10 @@ func TestFleet_Nodes(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
-	// Report every second: online within 2 s, stale within 5 s.
-	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "http://" + testenv.Addr(f.ports["supervisor:local"]),
-		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}, UptimeInterval: 1}); err != nil {
-		t.Fatal(err)
-	}
-	f.startSupervisor("local")
-	f.startCoord()
-	tok, err := f.lc.CreateToken(ctx, "local", 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	token := f.enrollSite(1) // report every second: online within 2 s, stale within 5 s
 	var nodes []*proc
 	for i := 1; i <= 3; i++ {
-		nodes = append(nodes, f.start(fmt.Sprintf("node%d", i), "node", "--ledger", f.ledger, "--site", "local", "--token", tok.Secret,
+		nodes = append(nodes, f.start(fmt.Sprintf("node%d", i), "node", "--ledger", f.ledger, "--site", "local", "--token", token,
 			"--state-dir", filepath.Join(f.dir, fmt.Sprintf("node%d", i)), "--allow-tmpfs", "--redis", f.redis,
 			"--no-network", "--no-vm", "--cpus", "2", "--memory", "1G", "--concurrency", "2", "--trust-ttl", "1s"))
 	}
