@@ -157,6 +157,16 @@ func (h *Host) ipam(n Network) (*IPAM, error) {
 	return NewIPAM(filepath.Join(h.cfg.StateDir, "ipam", n.Name+".json"), n.Subnet)
 }
 
+// ipamLocked loads a network and its address allocator.
+func (h *Host) ipamLocked(network string) (Network, *IPAM, error) {
+	n, err := h.loadLocked(network)
+	if err != nil {
+		return Network{}, nil, err
+	}
+	ipam, err := h.ipam(n)
+	return n, ipam, err
+}
+
 // loadLocked reads one network's state; ErrNotFound when there is none.
 func (h *Host) loadLocked(name string) (Network, error) {
 	if !ValidName(name) {
@@ -364,11 +374,7 @@ func (h *Host) Network(ctx context.Context, name string) (Network, error) {
 func (h *Host) Allocate(ctx context.Context, network, owner string) (netip.Addr, error) {
 	var out netip.Addr
 	err := h.locked(func() error {
-		n, err := h.loadLocked(network)
-		if err != nil {
-			return err
-		}
-		ipam, err := h.ipam(n)
+		_, ipam, err := h.ipamLocked(network)
 		if err != nil {
 			return err
 		}
@@ -383,14 +389,10 @@ func (h *Host) Allocate(ctx context.Context, network, owner string) (netip.Addr,
 // Releasing an address not held is not an error.
 func (h *Host) Release(ctx context.Context, network, owner string) error {
 	return h.locked(func() error {
-		n, err := h.loadLocked(network)
+		n, ipam, err := h.ipamLocked(network)
 		if errors.Is(err, ErrNotFound) {
 			return nil
 		}
-		if err != nil {
-			return err
-		}
-		ipam, err := h.ipam(n)
 		if err != nil {
 			return err
 		}
@@ -417,11 +419,7 @@ func (h *Host) Release(ctx context.Context, network, owner string) error {
 func (h *Host) Allocations(ctx context.Context, network string) (map[string]netip.Addr, error) {
 	var out map[string]netip.Addr
 	err := h.locked(func() error {
-		n, err := h.loadLocked(network)
-		if err != nil {
-			return err
-		}
-		ipam, err := h.ipam(n)
+		_, ipam, err := h.ipamLocked(network)
 		if err != nil {
 			return err
 		}
