@@ -33,6 +33,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
@@ -73,13 +74,13 @@ type Coord struct {
 	placer    *placer
 	metrics   *metrics
 
-	mu         sync.Mutex
-	sites      map[string]ledger.Site // guarded by mu
-	sitesAt    time.Time              // guarded by mu
-	forwarders map[string]*forwarder  // guarded by mu
-	followers  map[string]context.CancelFunc
-	runCtx     context.Context // set by Run; followers start under it
-	group      *errgroup.Group
+	mu          sync.Mutex
+	sites       map[string]ledger.Site // guarded by mu
+	forwarders  map[string]*forwarder  // guarded by mu
+	siteLookups singleflight.Group
+	followers   map[string]context.CancelFunc
+	runCtx      context.Context // set by Run; followers start under it
+	group       *errgroup.Group
 }
 
 type metrics struct {
@@ -183,7 +184,7 @@ func (c *Coord) refreshSites(ctx context.Context) (map[string]ledger.Site, error
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.sites, c.sitesAt = sites, c.p.Now()
+	c.sites = sites
 	for name := range sites {
 		if _, ok := c.followers[name]; ok || c.runCtx == nil {
 			continue
@@ -196,21 +197,21 @@ func (c *Coord) refreshSites(ctx context.Context) (map[string]ledger.Site, error
 	return sites, nil
 }
 
-// site returns a site by name, refreshing the list when it is unknown (at
-// most once a second).
+// site returns a site by name. A name coord does not know is looked up in
+// the ledger before it is refused, so a site used right after it was
+// created works; concurrent lookups share one ledger call.
 func (c *Coord) site(ctx context.Context, name string) (ledger.Site, bool, error) {
 	c.mu.Lock()
 	s, ok := c.sites[name]
-	stale := c.p.Now().Sub(c.sitesAt) > time.Second
 	c.mu.Unlock()
-	if ok || !stale {
-		return s, ok, nil
+	if ok {
+		return s, true, nil
 	}
-	sites, err := c.refreshSites(ctx)
+	v, err, _ := c.siteLookups.Do("sites", func() (any, error) { return c.refreshSites(ctx) })
 	if err != nil {
 		return ledger.Site{}, false, err
 	}
-	s, ok = sites[name]
+	s, ok = v.(map[string]ledger.Site)[name]
 	return s, ok, nil
 }
 

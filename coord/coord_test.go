@@ -148,6 +148,15 @@ func TestCoord_Submit(t *testing.T) {
 	if !errors.As(err, &re) || re.Reply.Reason != string(envelope.ReasonWrongSite) {
 		t.Errorf("unknown site = %v", err)
 	}
+	// A site created right after coord missed it works at once: coord
+	// asks the ledger again before refusing.
+	admc := &ledger.Client{BaseURL: l.URL, Key: admin}
+	if err := admc.PutSite(ctx, ledger.Site{Name: "fresh", SupervisorURL: sup.URL, Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := cl.Submit(ctx, sign("new site", "fresh")); err != nil || rep.State != "queued" {
+		t.Errorf("job for a site created a moment ago = %+v, %v; want queued", rep, err)
+	}
 	stranger, _ := keys.Generate("x")
 	j := envelope.NewJob("stranger", "x := 1", "s", time.Now())
 	env, _ := j.Sign(stranger)

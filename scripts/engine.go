@@ -237,6 +237,8 @@ func (e *Engine) compile(script string) (*instance, error) {
 				attrs[k] = v
 			}
 			mods.AddBuiltinModule(name, attrs)
+		case "rand":
+			mods.AddBuiltinModule(name, randModule(rc))
 		default:
 			mods.AddBuiltinModule(name, stdlib.BuiltinModules[name])
 		}

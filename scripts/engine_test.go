@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -173,6 +174,69 @@ func BenchmarkEngine_RunCached(b *testing.B) {
 	for b.Loop() {
 		if _, err := e.Run(context.Background(), script, in); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// TestEngine_Run_RandSeed: a seeded script repeats its sequence, runs of
+// one compiled script do not share a generator, and a seed in one run
+// does not reach a run beside it.
+func TestEngine_Run_RandSeed(t *testing.T) {
+	e := New(Config{}, nil)
+	run := func(script string) string {
+		t.Helper()
+		out, err := e.Run(context.Background(), script, Input{JobID: "j", Site: "local", Attempt: 1})
+		if err != nil {
+			t.Fatalf("Run = %v", err)
+		}
+		return string(out.Result)
+	}
+	seeded := `rand := import("rand"); job := import("job"); rand.seed(42); job.result([rand.int(), rand.intn(1000), rand.float(), rand.perm(5)])`
+	first := run(seeded)
+	if again := run(seeded); again != first {
+		t.Errorf("seeded runs differ:\n%s\n%s", first, again)
+	}
+	unseeded := `rand := import("rand"); job := import("job"); job.result(rand.int())`
+	a, b := run(unseeded), run(unseeded)
+	if a == b {
+		t.Errorf("two unseeded runs drew the same number %s", a)
+	}
+	// The seeded run's sequence must not leak into the next run on the
+	// same compiled instance.
+	run(`rand := import("rand"); rand.seed(42)`)
+	if after := run(`rand := import("rand"); job := import("job"); rand.seed(42); x := rand.int(); job.result(x)`); !strings.Contains(first, strings.Trim(after, "\n")) {
+		t.Errorf("reseeded run drew %s, want the first number of %s", after, first)
+	}
+	if got := run(`rand := import("rand"); job := import("job"); job.result(rand.int())`); strings.Contains(first, got) {
+		t.Errorf("an unseeded run after a seeded one drew %s, the seeded sequence's first number", got)
+	}
+	// rand.rand(seed) generators repeat too, independently of the module's.
+	gen := `rand := import("rand"); job := import("job"); r := rand.rand(7); rand.seed(1); job.result([r.int(), r.intn(10)])`
+	if x, y := run(gen), run(gen); x != y {
+		t.Errorf("rand.rand(7) sequences differ: %s vs %s", x, y)
+	}
+	for _, bad := range []string{`rand := import("rand"); rand.intn(0)`, `rand := import("rand"); rand.perm(-1)`, `rand := import("rand"); rand.perm(100000000)`} {
+		if _, err := e.Run(context.Background(), bad, Input{JobID: "j", Attempt: 1}); err == nil {
+			t.Errorf("Run(%s) = nil error, want a refusal (not a panic)", bad)
+		}
+	}
+}
+
+// TestLibrary_Hello: scripts/lib/hello.tengo greets "world" with no args
+// and the caller's name with one.
+func TestLibrary_Hello(t *testing.T) {
+	src, err := os.ReadFile("lib/hello.tengo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := New(Config{}, nil)
+	for args, want := range map[string]string{``: `"hello, world"`, `{"who":"you"}`: `"hello, you"`} {
+		out, err := e.Run(context.Background(), string(src), Input{JobID: "j", Site: "local", Node: "n", Attempt: 1, Args: []byte(args)})
+		if err != nil {
+			t.Fatalf("Run(args %s) = %v", args, err)
+		}
+		if !strings.Contains(string(out.Result), `"greeting":`+want) {
+			t.Errorf("Run(args %s) = %s, want greeting %s", args, out.Result, want)
 		}
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand"
 	"strings"
 	"time"
 
@@ -30,12 +31,14 @@ type Run struct {
 	logBytes  int
 	logCut    bool
 	jobMap    *tengo.ImmutableMap // the "job" module of this instance
+	rng       *rand.Rand          // the "rand" module's generator, new per run
 }
 
 func (rc *Run) begin(ctx context.Context, in Input, args tengo.Object) {
 	rc.ctx, rc.in, rc.args = ctx, in, args
 	rc.result, rc.resultErr, rc.moduleErr = nil, nil, nil
 	rc.logBytes, rc.logCut = 0, false
+	rc.rng = newRunRand()
 	rc.fillJob()
 }
 
