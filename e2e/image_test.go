@@ -30,7 +30,7 @@ func nodeImage(t *testing.T, f *fleet, token string) string {
 	t.Helper()
 	dir := t.TempDir()
 	static := staticWrit(t)
-	k, err := efi.FetchKernel(context.Background(), "linux-image-amd64", filepath.Join(os.TempDir(), "writ-kernel-cache"))
+	k, err := efi.FetchKernel(context.Background(), "linux-image-amd64", efi.DefaultCacheDir())
 	if err != nil {
 		t.Fatalf("fetch the kernel: %v", err)
 	}

@@ -138,3 +138,49 @@ func OVMF(t *testing.T) (code, vars string) {
 	}
 	return code, vars
 }
+
+// TestFetchKernel_Concurrent: four callers at once into one empty cache,
+// two fetching the kernel and two building the test guest on it, all
+// succeed with one download. (Two tests once fetched into the same empty
+// cache at once and one deleted the other's half-unpacked tree.)
+func TestFetchKernel_Concurrent(t *testing.T) {
+	testenv.RequireRoot(t)
+	testenv.RequireBinary(t, "busybox")
+	aptGet, err := exec.LookPath("apt-get")
+	if err != nil {
+		t.Skip("apt-get is not installed")
+	}
+	// An apt-get in front of the real one counts the downloads.
+	bin, count := t.TempDir(), filepath.Join(t.TempDir(), "downloads")
+	wrapper := "#!/bin/sh\n[ \"$1\" = download ] && echo \"$2\" >> " + count + "\nexec " + aptGet + " \"$@\"\n"
+	if err := os.WriteFile(filepath.Join(bin, "apt-get"), []byte(wrapper), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("PATH", bin+string(os.PathListSeparator)+os.Getenv("PATH"))
+
+	cache := t.TempDir()
+	errs := make(chan error, 4)
+	for i := 0; i < 4; i++ {
+		go func() {
+			if i%2 == 0 {
+				_, err := efi.FetchKernel(context.Background(), guest.KernelPackage, cache)
+				errs <- err
+				return
+			}
+			_, err := guest.Build(context.Background(), cache)
+			errs <- err
+		}()
+	}
+	for i := 0; i < 4; i++ {
+		if err := <-errs; err != nil {
+			t.Errorf("caller: %v", err)
+		}
+	}
+	data, _ := os.ReadFile(count)
+	if n := strings.Count(string(data), "\n"); n != 1 {
+		t.Errorf("apt-get download ran %d times, want once:\n%s", n, data)
+	}
+	if left, _ := filepath.Glob(filepath.Join(cache, ".linux-image-*")); len(left) > 0 {
+		t.Errorf("temporary directories left in the cache: %v", left)
+	}
+}

@@ -46,7 +46,7 @@ line: writ.ledger=URL writ.site=NAME writ.token=SECRET writ.redis=URL.`,
 	fl.StringVar(&c.kernel, "kernel", "", "kernel image (vmlinuz); with --modules")
 	fl.StringVar(&c.modules, "modules", "", "the kernel's lib/modules/VERSION directory")
 	fl.StringVar(&c.kernelPackage, "kernel-package", "linux-image-amd64", "Debian kernel package to fetch when --kernel is not given")
-	fl.StringVar(&c.cache, "cache", defaultCache("kernel"), "where fetched kernel packages are kept")
+	fl.StringVar(&c.cache, "cache", efi.DefaultCacheDir(), "where fetched kernel packages are kept")
 	fl.StringVar(&c.out, "out", "image", "output directory")
 	fl.StringVar(&c.writ, "writ", "", "the static writ binary for /init (default: this binary, if static)")
 	fl.StringVar(&c.cmdline, "cmdline", efi.DefaultCmdline, "kernel command line")
@@ -56,13 +56,6 @@ line: writ.ledger=URL writ.site=NAME writ.token=SECRET writ.redis=URL.`,
 	fl.StringVar(&c.cfg.Token, "token", "", "the site's enrollment token")
 	fl.StringVar(&c.cfg.Redis, "redis", "", "the site's Redis")
 	return cmd
-}
-
-func defaultCache(what string) string {
-	if d, err := os.UserCacheDir(); err == nil {
-		return filepath.Join(d, "writ", what)
-	}
-	return filepath.Join(os.TempDir(), "writ-"+what)
 }
 
 // Run builds the image and prints what it made.
