@@ -18,7 +18,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -28,6 +27,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/efi"
+	"github.com/writ-fleet/writ/internal/reaper"
 )
 
 // PoolLabel marks a disk writ formatted as the node's pool.
@@ -251,45 +251,9 @@ func findDisk(say func(string, ...any)) string {
 	return ""
 }
 
-// Reaper reaps orphans until ctx ends (PID 1's duty). Every process whose
-// parent dies becomes PID 1's child; writ's own children are waited for by
-// the code that started them, so the reaper takes only zombies that have
-// stayed zombies across two of its scans (a second apart): no owner is
-// waiting for them.
-func Reaper(ctx context.Context) {
-	seen := map[int]bool{}
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(time.Second):
-		}
-		now := map[int]bool{}
-		procs, _ := filepath.Glob("/proc/[0-9]*/stat")
-		for _, p := range procs {
-			data, err := os.ReadFile(p)
-			if err != nil {
-				continue
-			}
-			i := bytes.LastIndexByte(data, ')')
-			if i < 0 || i+4 >= len(data) {
-				continue
-			}
-			fields := strings.Fields(string(data[i+2:]))
-			if len(fields) < 2 || fields[0] != "Z" || fields[1] != "1" {
-				continue
-			}
-			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-			if seen[pid] {
-				var ws unix.WaitStatus
-				unix.Wait4(pid, &ws, unix.WNOHANG, nil)
-				continue
-			}
-			now[pid] = true
-		}
-		seen = now
-	}
-}
+// Reaper reaps orphans until ctx ends (PID 1's duty: every process whose
+// parent dies becomes PID 1's child). See package reaper.
+func Reaper(ctx context.Context) { reaper.Run(ctx, reaper.DefaultInterval) }
 
 // Halt syncs, unmounts what it can and powers off (or reboots).
 func Halt(reboot bool) {

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/writ-fleet/writ/internal/atomicfile"
+	"github.com/writ-fleet/writ/internal/reaper"
 )
 
 // Backend is one hypervisor: it launches a VM's process and asks a guest
@@ -74,6 +75,9 @@ type Config struct {
 	RestartBackoff time.Duration
 	// CheckInterval is how often Run looks for dead VMs. Default DefaultCheckInterval.
 	CheckInterval time.Duration
+	// ReapInterval is how often Run reaps dead hypervisor processes.
+	// Default reaper.DefaultInterval.
+	ReapInterval time.Duration
 	// Log is optional.
 	Log *slog.Logger
 }
@@ -264,8 +268,20 @@ func (m *Machines) launchLocked(ctx context.Context, r *record) error {
 		return err
 	})
 	if err != nil {
-		r.State, r.Pid, r.LastError = StateRestarting, 0, err.Error()
-		r.NextStart = time.Now().Add(m.backoff(r))
+		// A failed launch counts as a death: it backs off like one, and
+		// too many of them leave the VM failed, with the launch's error.
+		now := time.Now()
+		m.died(r, now)
+		r.Pid = 0
+		if len(r.Deaths) >= m.cfg.MaxDeaths {
+			r.State = StateFailed
+			r.LastError = fmt.Sprintf("launch failed %d times within %s; kept stopped (start it again by hand). Last error: %v", len(r.Deaths), m.cfg.DeathWindow, err)
+			m.log.Error("vm failed", "vm", name, "launches", len(r.Deaths), "err", err)
+		} else {
+			r.State, r.LastError = StateRestarting, "launch failed: "+err.Error()
+			r.NextStart = now.Add(m.backoff(r))
+			m.log.Warn("vm launch failed", "vm", name, "err", err, "retry_in", m.backoff(r))
+		}
 		m.save(r)
 		return fmt.Errorf("vm %q: launch: %w", name, err)
 	}
@@ -274,6 +290,20 @@ func (m *Machines) launchLocked(ctx context.Context, r *record) error {
 	return m.save(r)
 }
 
+// died counts a death (or a failed launch) of r at now, forgetting those
+// older than the death window.
+func (m *Machines) died(r *record, now time.Time) {
+	keep := r.Deaths[:0]
+	for _, d := range r.Deaths {
+		if now.Sub(d) < m.cfg.DeathWindow {
+			keep = append(keep, d)
+		}
+	}
+	r.Deaths = append(keep, now)
+}
+
+// backoff is the delay before r's next start: RestartBackoff, doubled for
+// each recent death after the first, at most maxRestartBackoff.
 func (m *Machines) backoff(r *record) time.Duration {
 	d := m.cfg.RestartBackoff
 	for i := 1; i < len(r.Deaths) && d < maxRestartBackoff; i++ {
@@ -455,7 +485,18 @@ func (m *Machines) Recover(ctx context.Context) error {
 
 // Run watches the VMs until ctx ends, restarting dead ones (see the
 // package doc). It never stops a VM: they outlive the runner.
+//
+// Hypervisors daemonize, so the processes that run VMs are not children
+// anything waits for: Run makes this process a child subreaper and reaps
+// them (and their dead intermediates) once they exit, so no VM leaves a
+// zombie behind however often it dies or fails to launch.
 func (m *Machines) Run(ctx context.Context) error {
+	if stop, err := reaper.Subreap(); err != nil {
+		m.log.Warn("vm watcher: cannot become a child subreaper; dead hypervisors are left to PID 1", "err", err)
+	} else {
+		defer stop()
+	}
+	go reaper.Run(ctx, m.cfg.ReapInterval)
 	t := time.NewTicker(m.cfg.CheckInterval)
 	defer t.Stop()
 	for {
@@ -512,13 +553,7 @@ func (m *Machines) check(ctx context.Context, name string, recovering bool) erro
 	now := time.Now()
 	if r.State == StateRunning {
 		// It died: count it.
-		keep := r.Deaths[:0]
-		for _, d := range r.Deaths {
-			if now.Sub(d) < m.cfg.DeathWindow {
-				keep = append(keep, d)
-			}
-		}
-		r.Deaths = append(keep, now)
+		m.died(r, now)
 		con := tail(m.consolePath(name), consoleTail)
 		m.log.Warn("vm died", "vm", name, "pid", r.Pid, "deaths", len(r.Deaths))
 		r.Pid = 0

@@ -3,15 +3,20 @@ package vm
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	diskfs "github.com/diskfs/go-diskfs"
+
+	"github.com/writ-fleet/writ/internal/reaper"
+	"github.com/writ-fleet/writ/internal/testenv"
 )
 
 // fakeBackend launches `sleep` processes that name the VM's directory, so
@@ -220,4 +225,76 @@ func TestSeedFiles_Quoted(t *testing.T) {
 	if strings.Contains(user, "\nruncmd:") {
 		t.Errorf("an SSH key broke out of its YAML string:\n%s", user)
 	}
+}
+
+// daemonFailBackend fails every launch the way a hypervisor that
+// daemonizes does: the launcher forks a process that outlives it and then
+// dies, and reports an error. It records when each launch happened.
+type daemonFailBackend struct {
+	mu       sync.Mutex
+	launches []time.Time
+}
+
+func (f *daemonFailBackend) Name() string { return "fake" }
+
+func (f *daemonFailBackend) Launch(ctx context.Context, l Launch) (int, error) {
+	f.mu.Lock()
+	f.launches = append(f.launches, time.Now())
+	f.mu.Unlock()
+	// The subshell is orphaned when sh exits and dies a moment later: under
+	// a child subreaper it becomes this process's zombie.
+	out, err := exec.Command("sh", "-c", "(sleep 0.01; exit 1) & echo 'kvm_buf_set_msrs: Assertion failed'; exit 1").CombinedOutput()
+	return 0, fmt.Errorf("qemu: %v: %s", err, strings.TrimSpace(string(out)))
+}
+
+func (f *daemonFailBackend) Shutdown(ctx context.Context, dir string) error { return nil }
+
+// TestMachines_FailedLaunches: ten failed launches back off as documented
+// (RestartBackoff doubling per failure), end in the failed state with the
+// launch's error, and leave no zombie behind.
+func TestMachines_FailedLaunches(t *testing.T) {
+	b := &daemonFailBackend{}
+	const base = 20 * time.Millisecond
+	m, err := New(Config{Dir: t.TempDir(), Backend: b, MaxDeaths: 10, RestartBackoff: base, CheckInterval: 5 * time.Millisecond, ReapInterval: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	if _, err := m.Create(ctx, spec(t, "doomed")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Start(ctx, "doomed"); err == nil || !strings.Contains(err.Error(), "kvm_buf_set_msrs") {
+		t.Fatalf("Start = %v, want the launch error", err)
+	}
+	var info Info
+	testenv.WaitFor(t, time.Minute, "the VM to end failed", func() bool {
+		info, _ = m.Info(ctx, "doomed")
+		return info.State == StateFailed
+	})
+	if !strings.Contains(info.LastError, "kvm_buf_set_msrs") || !strings.Contains(info.LastError, "10 times") {
+		t.Errorf("LastError = %q, want the launch error and the count", info.LastError)
+	}
+	b.mu.Lock()
+	launches := append([]time.Time(nil), b.launches...)
+	b.mu.Unlock()
+	if len(launches) != 10 {
+		t.Fatalf("%d launches, want 10", len(launches))
+	}
+	for i := 1; i < len(launches); i++ {
+		want := base << (i - 1)
+		if gap := launches[i].Sub(launches[i-1]); gap < want {
+			t.Errorf("launch %d came %s after the one before, want at least %s (the backoff)", i+1, gap, want)
+		}
+	}
+	time.Sleep(100 * time.Millisecond) // the watcher keeps running: no launch may follow
+	if b.mu.Lock(); len(b.launches) != 10 {
+		t.Errorf("%d launches after failing, want 10", len(b.launches))
+	}
+	b.mu.Unlock()
+	testenv.WaitFor(t, 10*time.Second, "the dead launchers to be reaped", func() bool {
+		return len(reaper.Zombies()) == 0
+	})
 }

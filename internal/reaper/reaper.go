@@ -1,0 +1,98 @@
+// Package reaper collects zombie processes that no code of this process
+// waits for: the orphans a child subreaper (or PID 1) inherits.
+//
+// A hypervisor daemonizes (QEMU's -daemonize forks twice), so the process
+// that ends up running a VM is not a child writ waits for. Under a child
+// subreaper those processes, and their dead intermediates, become this
+// process's children; Run reaps the ones that stay zombies. Children that
+// some code waits for (an exec.Cmd) are reaped by that code the moment they
+// exit, so Run takes only zombies that have stayed zombies across two of its
+// scans: nobody is waiting for them.
+package reaper
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// DefaultInterval is how often Run scans for zombies.
+const DefaultInterval = time.Second
+
+// Subreap makes this process a child subreaper (PR_SET_CHILD_SUBREAPER):
+// orphans among its descendants become its children instead of PID 1's.
+// The returned func turns that off again.
+func Subreap() (func(), error) {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		return nil, err
+	}
+	return func() { unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0) }, nil
+}
+
+// Run reaps, until ctx ends, every zombie child of this process that has
+// stayed a zombie across two scans interval apart (zero means
+// DefaultInterval).
+func Run(ctx context.Context, interval time.Duration) {
+	if interval <= 0 {
+		interval = DefaultInterval
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	seen := map[int]bool{}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		seen = Once(seen)
+	}
+}
+
+// Once is one scan: it reaps the zombie children of this process that are
+// in seen (found by the scan before) and returns the zombies found now.
+func Once(seen map[int]bool) map[int]bool {
+	now := map[int]bool{}
+	for _, pid := range Zombies() {
+		if seen[pid] {
+			var ws unix.WaitStatus
+			unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+			continue
+		}
+		now[pid] = true
+	}
+	return now
+}
+
+// Zombies lists the zombie children of this process.
+func Zombies() []int {
+	self := strconv.Itoa(os.Getpid())
+	var out []int
+	procs, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, p := range procs {
+		data, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		// The command name is in parentheses and may hold spaces; the
+		// state and parent pid follow the last ')'.
+		i := bytes.LastIndexByte(data, ')')
+		if i < 0 || i+4 >= len(data) {
+			continue
+		}
+		fields := strings.Fields(string(data[i+2:]))
+		if len(fields) < 2 || fields[0] != "Z" || fields[1] != self {
+			continue
+		}
+		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
+			out = append(out, pid)
+		}
+	}
+	return out
+}
