@@ -249,7 +249,7 @@ func (f *vmFlags) open(log *slog.Logger, host *network.Host) (*vm.Machines, erro
 	var backend vm.Backend
 	switch f.driver {
 	case "qemu":
-		b, err := qemu.New(qemu.Config{Accel: f.accel})
+		b, err := qemu.New(qemu.Config{Accel: f.accel, Log: log.With("svc", "vm")})
 		if err != nil {
 			return nil, fmt.Errorf("--vm-driver qemu: %w (or run with --no-vm)", err)
 		}

@@ -4,14 +4,18 @@
 // console appended to a file, and direct kernel or firmware boot.
 //
 // Acceleration is KVM or TCG; "auto" probes whether KVM really runs a guest
-// (a bounded boot of a 512-byte boot sector) and falls back to TCG.
+// under the options real VMs get (a bounded boot of a probe that reaches
+// 64-bit mode with paging, probe.S) and uses TCG otherwise; a KVM launch
+// that fails after a good probe falls back to TCG too.
 package qemu
 
 import (
 	"context"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -41,14 +45,17 @@ type Config struct {
 	Binary string
 	// Accel is AccelAuto (default), AccelKVM or AccelTCG.
 	Accel string
+	// Log is optional; it says which acceleration auto chose and why.
+	Log *slog.Logger
 }
 
 // Backend launches VMs with QEMU.
 type Backend struct {
 	cfg Config
+	log *slog.Logger
 
-	once  sync.Once
-	accel string // resolved by once
+	mu    sync.Mutex
+	accel string // guarded by mu; "" until resolved
 }
 
 var _ vm.Backend = (*Backend)(nil)
@@ -71,7 +78,11 @@ func New(cfg Config) (*Backend, error) {
 		return nil, fmt.Errorf("qemu: %s not found (apt-get install qemu-system-x86): %w", cfg.Binary, err)
 	}
 	cfg.Binary = bin
-	return &Backend{cfg: cfg}, nil
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Backend{cfg: cfg, log: log}, nil
 }
 
 // Name implements vm.Backend.
@@ -79,36 +90,44 @@ func (b *Backend) Name() string { return "qemu" }
 
 // Accel returns the acceleration in use, probing once for "auto".
 func (b *Backend) Accel(ctx context.Context) string {
-	b.once.Do(func() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.accel == "" {
 		b.accel = b.cfg.Accel
 		if b.accel == AccelAuto {
+			start := time.Now()
 			b.accel = ProbeAccel(ctx, b.cfg.Binary)
+			b.log.Info("qemu: acceleration probed", "accel", b.accel, "took", time.Since(start).Round(time.Millisecond))
 		}
-	})
+	}
 	return b.accel
+}
+
+// machineArgs are the machine and CPU options of every VM, and of the
+// probe, so the probe asks KVM for exactly what real VMs need.
+func machineArgs(accel string) []string {
+	cpu := "max"
+	if accel == AccelKVM {
+		cpu = "host"
+	}
+	return []string{"-machine", "q35,accel=" + accel, "-cpu", cpu}
 }
 
 // Args returns the QEMU command line for l (without the binary), the same
 // one a person would type to run the guest by hand.
 func (b *Backend) Args(l vm.Launch, accel string) []string {
 	s := l.Spec
-	cpu := "max"
-	if accel == AccelKVM {
-		cpu = "host"
-	}
-	args := []string{
-		"-name", "writ-" + s.Name,
-		"-machine", "q35,accel=" + accel,
-		"-cpu", cpu,
+	args := append([]string{"-name", "writ-" + s.Name}, machineArgs(accel)...)
+	args = append(args,
 		"-smp", strconv.Itoa(s.CPUs),
 		"-m", strconv.Itoa(s.MemoryMiB),
 		"-nodefaults", "-no-user-config", "-display", "none",
-		"-chardev", "file,id=console,path=" + l.Console + ",append=on",
+		"-chardev", "file,id=console,path="+l.Console+",append=on",
 		"-serial", "chardev:console",
-		"-qmp", "unix:" + filepath.Join(l.Dir, "qmp.sock") + ",server=on,wait=off",
+		"-qmp", "unix:"+filepath.Join(l.Dir, "qmp.sock")+",server=on,wait=off",
 		"-pidfile", filepath.Join(l.Dir, "qemu.pid"),
 		"-daemonize",
-	}
+	)
 	if s.Kernel != "" {
 		args = append(args, "-kernel", s.Kernel)
 		if s.Initrd != "" {
@@ -141,16 +160,39 @@ func qemuEscape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
 
 // Launch implements vm.Backend. QEMU daemonizes once the VM is set up, so
 // a launch error (a bad disk, a busy tap) comes back here with QEMU's words.
+//
+// Under "auto", a KVM launch that fails is tried once more under TCG: a
+// host whose KVM runs the probe may still refuse a real VM (QEMU aborting
+// in kvm_buf_set_msrs has been seen). When TCG works, the backend uses TCG
+// from then on and says so in the log; when it fails too, the problem is
+// not KVM and the TCG error is returned.
 func (b *Backend) Launch(ctx context.Context, l vm.Launch) (int, error) {
+	accel := b.Accel(ctx)
+	pid, err := b.launch(l, accel)
+	if err == nil || accel != AccelKVM || b.cfg.Accel != AccelAuto {
+		return pid, err
+	}
+	pid, terr := b.launch(l, AccelTCG)
+	if terr != nil {
+		return 0, terr
+	}
+	b.mu.Lock()
+	b.accel = AccelTCG
+	b.mu.Unlock()
+	b.log.Warn("qemu: a KVM launch failed though KVM passed the probe; falling back to TCG for every VM of this process", "vm", l.Spec.Name, "kvm_error", err.Error())
+	return pid, nil
+}
+
+func (b *Backend) launch(l vm.Launch, accel string) (int, error) {
 	pidfile := filepath.Join(l.Dir, "qemu.pid")
 	os.Remove(pidfile)
 	os.Remove(filepath.Join(l.Dir, "qmp.sock"))
 	// QEMU is a system tool with no library form: one process per VM.
-	cmd := exec.Command(b.cfg.Binary, b.Args(l, b.Accel(ctx))...)
+	cmd := exec.Command(b.cfg.Binary, b.Args(l, accel)...)
 	cmd.Dir = l.Dir
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return 0, fmt.Errorf("qemu: %v: %s", err, strings.TrimSpace(string(out)))
+		return 0, fmt.Errorf("qemu (%s): %v: %s", accel, err, strings.TrimSpace(string(out)))
 	}
 	data, err := os.ReadFile(pidfile)
 	if err != nil {
@@ -212,21 +254,34 @@ func CommandArgs(socket, command string, args any) (json.RawMessage, error) {
 	return reply.Return, nil
 }
 
-// probeTimeout bounds the KVM probe: a working KVM runs the boot sector
-// in well under a second; a broken one hangs.
+// probeTimeout bounds the KVM probe: a working KVM runs the probe guest in
+// well under a second; a broken one hangs.
 const probeTimeout = 5 * time.Second
 
-// bootSector writes 1 to isa-debug-exit (port 0xf4) and halts: QEMU exits
-// with status (1<<1)|1 = 3 once the guest's first instruction runs.
-var bootSector = func() []byte {
+// probeSector is probe.S assembled (see there for what it does and how to
+// rebuild it): a boot sector that reaches 64-bit mode with paging, writes
+// 32 MiB, loops 200 million times and writes 1 to isa-debug-exit, so QEMU
+// exits with status (1<<1)|1 = 3.
+var probeSector = func() []byte {
+	code, err := hex.DecodeString("fa31c08ed88ec08ed0bc007cbf00106631c0b9000c66f3ab66c70600100320000066c706002003300000bf003066b883000000b9200066890566050000200083c708e2f2660f0116b87c0f20e06683c8200f22e066b8001000000f22d866b9800000c00f32660d000100000f300f20c0660d010000800f22c066ea817c0000080048c7c70000000148c7c1000040004831c0f348ab48c7c100c2eb0b48ffc975fbb001e6f4f4ebfd0000000000000000ffff0000009aaf000f00a87c0000")
+	if err != nil || len(code) > 510 {
+		panic("qemu: bad probe sector")
+	}
 	b := make([]byte, 512)
-	copy(b, []byte{0xb0, 0x01, 0xe6, 0xf4, 0xf4, 0xeb, 0xfd}) // mov al,1; out 0xf4,al; hlt; jmp $-1
+	copy(b, code)
 	b[510], b[511] = 0x55, 0xaa
 	return b
 }()
 
-// ProbeAccel reports AccelKVM if /dev/kvm runs a guest with binary, and
+// probeDiskSize pads the probe's disk: SeaBIOS cannot read the boot sector
+// of a one-sector disk on q35's AHCI controller.
+const probeDiskSize = 1 << 20
+
+// ProbeAccel reports AccelKVM if /dev/kvm runs the probe guest (see
+// probe.S) with binary under the machine and CPU options real VMs get, and
 // AccelTCG otherwise (no /dev/kvm, an error, or a hang past the bound).
+// Opening /dev/kvm, or running a real-mode boot sector, proves little: on
+// some hosts both work while real guests abort or stall.
 func ProbeAccel(ctx context.Context, binary string) string {
 	if accelWorks(ctx, binary, AccelKVM) {
 		return AccelKVM
@@ -248,13 +303,16 @@ func accelWorks(ctx context.Context, binary, accel string) bool {
 	}
 	defer os.RemoveAll(dir)
 	img := filepath.Join(dir, "boot.img")
-	if err := os.WriteFile(img, bootSector, 0o644); err != nil {
+	disk := make([]byte, probeDiskSize)
+	copy(disk, probeSector)
+	if err := os.WriteFile(img, disk, 0o644); err != nil {
 		return false
 	}
 	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, binary, "-machine", "pc,accel="+accel, "-nodefaults", "-no-user-config", "-display", "none",
+	args := append(machineArgs(accel), "-m", "256", "-nodefaults", "-no-user-config", "-display", "none",
 		"-device", "isa-debug-exit,iobase=0xf4,iosize=0x04", "-drive", "file="+qemuEscape(img)+",format=raw,if=ide")
+	cmd := exec.CommandContext(ctx, binary, args...)
 	err = cmd.Run()
 	var ee *exec.ExitError
 	return errors.As(err, &ee) && ee.ExitCode() == 3

@@ -36,6 +36,16 @@ type rig struct {
 }
 
 func newRig(t testing.TB) *rig {
+	t.Helper()
+	b, err := New(Config{Accel: AccelTCG})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return newRigWith(t, b)
+}
+
+// newRigWith is newRig over backend b.
+func newRigWith(t testing.TB, b *Backend) *rig {
 	art := testenv.Guest(t)
 	r := &rig{t: t, art: art, ctx: context.Background(), dir: t.TempDir()}
 	r.node = testenv.NewNetNS(t)
@@ -48,10 +58,6 @@ func newRig(t testing.TB) *rig {
 	}
 	r.disk = filepath.Join(t.TempDir(), "disk.img")
 	if err := guest.WriteDisk(r.disk, page, 16<<20); err != nil {
-		t.Fatal(err)
-	}
-	b, err := New(Config{Accel: AccelTCG})
-	if err != nil {
 		t.Fatal(err)
 	}
 	r.cfg = vm.Config{Dir: r.dir, Backend: b, Exec: r.host.Do, StopGrace: 2 * time.Second,
