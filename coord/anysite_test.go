@@ -47,7 +47,7 @@ func TestCoord_ChooseSite(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return c.chooseSite(ctx, env, j, env.ID(), []string{l.Admin.ID})
+		return c.chooseSite(ctx, env, j, env.ID())
 	}
 	if site, _, err := choose("", envelope.Resources{}); err != nil || site != "lab" {
 		t.Errorf("any site = %s, %v; want lab (the first by name whose policy passes)", site, err)

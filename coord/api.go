@@ -14,8 +14,9 @@ import (
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
-	"github.com/writ-fleet/writ/supervisor"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // MaxWait bounds GET /v1/jobs/{id}?wait=.
@@ -31,7 +32,7 @@ type SubmitReply struct {
 
 // ListReply is the body of GET /v1/jobs.
 type ListReply struct {
-	Jobs []queue.Job `json:"jobs"`
+	Jobs []job.Record `json:"jobs"`
 	// Next is the before= value of the next page; 0 when there is none.
 	Next int64 `json:"next,omitempty"`
 }
@@ -53,19 +54,19 @@ func (c *Coord) reply(w http.ResponseWriter, status int, rep SubmitReply) {
 }
 
 // refuse records a job coord itself refused (when it has an ID) and answers.
-func (c *Coord) refuse(w http.ResponseWriter, r *http.Request, id string, job *envelope.Job, err error) {
-	v := supervisor.Verdict{ID: id, State: supervisor.VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
+func (c *Coord) refuse(w http.ResponseWriter, r *http.Request, id string, spec *envelope.Job, err error) {
+	v := job.Verdict{ID: id, State: job.VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
 	if id != "" {
-		rec := queue.Job{ID: id, State: queue.StateRejected, Reason: v.Reason, Error: v.Error, SubmittedAt: c.p.Now()}
-		if job != nil {
-			rec.Name, rec.Site, rec.Node = job.Name, job.Site, job.Node
+		rec := job.Record{ID: id, State: job.StateRejected, Reason: v.Reason, Error: v.Error, SubmittedAt: c.p.Now()}
+		if spec != nil {
+			rec.Name, rec.Site, rec.Node = spec.Name, spec.Site, spec.Node
 		}
 		if _, err := c.p.Redis.CreateJobs(r.Context(), []queue.NewJobRecord{{Job: rec}}, c.p.Retention); err != nil {
 			c.p.Log.Warn("record rejected job", "job", id, "err", err)
 		}
 	}
 	c.p.Log.Info("job rejected by coord", "job", id, "reason", v.Reason, "error", v.Error)
-	c.reply(w, supervisor.Status(v), SubmitReply{ID: id, State: v.State, Reason: v.Reason, Error: v.Error})
+	c.reply(w, job.Status(v), SubmitReply{ID: id, State: v.State, Reason: v.Reason, Error: v.Error})
 }
 
 func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
@@ -84,63 +85,57 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		httpapi.Fail(w, err)
 		return
 	}
-	env, job, err := envelope.Parse(body)
+	env, err := envelope.Decode(body)
 	if err != nil {
-		id := ""
-		if e, derr := envelope.Decode(body); derr == nil {
-			id = e.ID()
-		}
-		c.refuse(w, r, id, nil, err)
+		c.refuse(w, r, "", nil, err)
 		return
 	}
 	id := env.ID()
-	keyIDs := make([]string, len(env.Signatures))
-	for i, s := range env.Signatures {
-		keyIDs[i] = s.KeyID
+	spec, err := env.Job()
+	if err != nil {
+		c.refuse(w, r, id, nil, err)
+		return
 	}
-	site, place := job.Site, ""
-	if job.AnySite {
+	site, place := spec.Site, ""
+	if spec.AnySite {
 		// Choose the site here; the rest of the path treats the job as that
 		// site's (its supervisor checks the site's policy again).
-		var err error
-		if site, place, err = c.chooseSite(r.Context(), env, job, id, keyIDs); err != nil {
-			c.refuse(w, r, id, job, err)
+		if site, place, err = c.chooseSite(r.Context(), env, spec, id); err != nil {
+			c.refuse(w, r, id, spec, err)
 			return
 		}
-	}
-	if site == "" {
-		c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonWrongSite, "job is pinned to node "+job.Node+" but names no site; name the node's site too"))
-		return
+	} else {
+		// The verification every service runs, so a job refused here would
+		// be refused by the supervisor and the runner too. A ledger coord
+		// cannot reach judges nothing: the job goes on, and the supervisor
+		// judges it (or it waits, pending).
+		_, err := verify.Envelope(r.Context(), c.p.Trust, env, verify.Target{Site: site}, c.p.Now())
+		if verify.Retry(err) {
+			c.p.Log.Warn("job not verified by coord; the supervisor will", "job", id, "err", err)
+		} else if err != nil {
+			c.refuse(w, r, id, spec, err)
+			return
+		}
 	}
 	if _, ok, err := c.site(r.Context(), site); err != nil {
 		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "ledger unreachable: %v", err))
 		return
 	} else if !ok {
-		c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger"))
+		c.refuse(w, r, id, spec, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger"))
 		return
-	}
-	// Early key check: every signature must name a key the ledger knows
-	// for the site. The supervisor does the full verification.
-	if trust, err := c.p.Trust.Get(r.Context(), site, keyIDs...); err == nil {
-		for _, k := range keyIDs {
-			if !trust.Has(k) {
-				c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("key %s is not registered for site %s", k, site)))
-				return
-			}
-		}
 	}
 	// Submit and wait: subscribe before the job can produce events, so
 	// none is missed and a new job needs no read before it ends.
-	var events <-chan queue.Event
+	var events <-chan job.Event
 	if wait > 0 {
 		ch, cancel := c.hub.subscribe(id)
 		defer cancel()
 		events = ch
 	}
 	sub := &submission{
-		rec:   queue.NewJobRecord{Job: queue.Job{ID: id, Name: job.Name, Site: site, Node: job.Node, SubmittedAt: c.p.Now()}, Envelope: body},
+		rec:   queue.NewJobRecord{Job: job.Record{ID: id, Name: spec.Name, Site: site, Node: spec.Node, SubmittedAt: c.p.Now()}, Envelope: body},
 		place: place,
-		done:  make(chan supervisor.Verdict, 1),
+		done:  make(chan job.Verdict, 1),
 	}
 	if place != "" {
 		sub.rec.Job.Node = place
@@ -148,16 +143,16 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 	// Placement: a job that states what it needs and pins no node goes to
 	// a node of its site with room for it. The placement is a routing
 	// hint: it grants nothing, and the job's own signature still decides.
-	if job.Node == "" && !job.AnySite && (job.Resources != envelope.Resources{}) {
-		node, err := c.placer.place(r.Context(), site, id, job.Resources)
+	if spec.Node == "" && !spec.AnySite && (spec.Resources != envelope.Resources{}) {
+		node, err := c.placer.place(r.Context(), site, id, spec.Resources)
 		if err != nil {
-			c.refuse(w, r, id, job, envelope.Refuse(envelope.ReasonNoCapacity, err.Error()))
+			c.refuse(w, r, id, spec, envelope.Refuse(envelope.ReasonNoCapacity, err.Error()))
 			return
 		}
 		sub.place, sub.rec.Job.Node = node, node
 	}
 	v, err := c.forwarderFor(site).submit(r.Context(), sub)
-	if err != nil || v.State == supervisor.VerdictRejected {
+	if err != nil || v.State == job.VerdictRejected {
 		c.placer.release(id)
 	}
 	if err != nil {
@@ -165,12 +160,12 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	status := http.StatusAccepted
-	if v.State == supervisor.VerdictRejected {
-		status = supervisor.Status(v)
+	if v.State == job.VerdictRejected {
+		status = job.Status(v)
 	} else if wait > 0 {
 		// Submit and wait: answer with the job's record once it ends.
 		c.metrics.submitted.WithLabelValues(v.State, "").Inc()
-		j, err := c.awaitJob(r.Context(), v.ID, wait, events, v.State == supervisor.VerdictDuplicate)
+		j, err := c.awaitJob(r.Context(), v.ID, wait, events, v.State == job.VerdictDuplicate)
 		if err != nil {
 			httpapi.Fail(w, err)
 			return
@@ -210,8 +205,8 @@ func (c *Coord) getJob(w http.ResponseWriter, r *http.Request) {
 }
 
 // waitJob returns the job once it is over or wait has passed.
-func (c *Coord) waitJob(ctx context.Context, id string, wait time.Duration) (*queue.Job, error) {
-	var events <-chan queue.Event
+func (c *Coord) waitJob(ctx context.Context, id string, wait time.Duration) (*job.Record, error) {
+	var events <-chan job.Event
 	if wait > 0 {
 		ch, cancel := c.hub.subscribe(id)
 		defer cancel()
@@ -223,7 +218,7 @@ func (c *Coord) waitJob(ctx context.Context, id string, wait time.Duration) (*qu
 // awaitJob waits on a subscription made before the job could change. With
 // readFirst false (a job just created by this request) it skips the first
 // read: any event since is in the subscription.
-func (c *Coord) awaitJob(ctx context.Context, id string, wait time.Duration, events <-chan queue.Event, readFirst bool) (*queue.Job, error) {
+func (c *Coord) awaitJob(ctx context.Context, id string, wait time.Duration, events <-chan job.Event, readFirst bool) (*job.Record, error) {
 	if readFirst || wait == 0 {
 		j, err := c.p.Redis.GetJob(ctx, id)
 		if err != nil || wait == 0 || j.State.Terminal() {
@@ -289,7 +284,7 @@ func (c *Coord) jobEvents(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-cache")
 	w.WriteHeader(http.StatusOK)
 	last := "0-0"
-	send := func(ev queue.Event) bool {
+	send := func(ev job.Event) bool {
 		b, _ := json.Marshal(ev)
 		_, err := fmt.Fprintf(w, "id: %s\nevent: %s\ndata: %s\n\n", ev.Seq, ev.Type, b)
 		flusher.Flush()
@@ -327,7 +322,7 @@ func (c *Coord) jobEvents(w http.ResponseWriter, r *http.Request) {
 	}
 	if j.State.Terminal() {
 		// Ended without events (refused before running): say how.
-		send(queue.Event{Job: id, Type: queue.EventType(j.State), Reason: j.Reason, Error: j.Error, At: j.SubmittedAt})
+		send(job.Event{Job: id, Type: job.EventType(j.State), Reason: j.Reason, Error: j.Error, At: j.SubmittedAt})
 		return
 	}
 	tick := time.NewTicker(5 * time.Second)
@@ -352,8 +347,8 @@ func (c *Coord) jobEvents(w http.ResponseWriter, r *http.Request) {
 			if catchUp() {
 				return
 			}
-			if j, err := c.p.Redis.GetJob(ctx, id); err == nil && j.State == queue.StateRejected {
-				send(queue.Event{Job: id, Type: queue.EventRejected, Reason: j.Reason, Error: j.Error, At: c.p.Now()})
+			if j, err := c.p.Redis.GetJob(ctx, id); err == nil && j.State == job.StateRejected {
+				send(job.Event{Job: id, Type: job.EventRejected, Reason: j.Reason, Error: j.Error, At: c.p.Now()})
 				return
 			}
 		}
@@ -362,7 +357,7 @@ func (c *Coord) jobEvents(w http.ResponseWriter, r *http.Request) {
 
 func (c *Coord) listJobs(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
-	f := queue.ListFilter{Site: q.Get("site"), State: queue.State(q.Get("state"))}
+	f := queue.ListFilter{Site: q.Get("site"), State: job.State(q.Get("state"))}
 	if s := q.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 || n > 1000 {
@@ -385,7 +380,7 @@ func (c *Coord) listJobs(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if jobs == nil {
-		jobs = []queue.Job{}
+		jobs = []job.Record{}
 	}
 	httpapi.JSON(w, http.StatusOK, ListReply{Jobs: jobs, Next: next})
 }

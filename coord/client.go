@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
 )
 
@@ -57,12 +58,12 @@ func (c *Client) Submit(ctx context.Context, envelopeJSON []byte) (SubmitReply, 
 // SubmitWait posts a signed envelope and waits up to wait for the job to
 // end, in one request. It returns the job's record (which may still be
 // running when wait passed), or a *RejectedError.
-func (c *Client) SubmitWait(ctx context.Context, envelopeJSON []byte, wait time.Duration) (*queue.Job, error) {
+func (c *Client) SubmitWait(ctx context.Context, envelopeJSON []byte, wait time.Duration) (*job.Record, error) {
 	_, j, err := c.submit(ctx, envelopeJSON, wait)
 	return j, err
 }
 
-func (c *Client) submit(ctx context.Context, envelopeJSON []byte, wait time.Duration) (SubmitReply, *queue.Job, error) {
+func (c *Client) submit(ctx context.Context, envelopeJSON []byte, wait time.Duration) (SubmitReply, *job.Record, error) {
 	u := c.url("/v1/jobs")
 	if wait > 0 {
 		u += "?wait=" + wait.String()
@@ -79,7 +80,7 @@ func (c *Client) submit(ctx context.Context, envelopeJSON []byte, wait time.Dura
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if wait > 0 && resp.StatusCode == http.StatusOK {
-		var j queue.Job
+		var j job.Record
 		if err := json.Unmarshal(data, &j); err != nil {
 			return SubmitReply{}, nil, fmt.Errorf("coord: bad reply: %w", err)
 		}
@@ -106,12 +107,12 @@ func submitReply(status int, data []byte) (SubmitReply, error) {
 }
 
 // Job returns a job's record; wait > 0 blocks until it ends or wait passes.
-func (c *Client) Job(ctx context.Context, id string, wait time.Duration) (*queue.Job, error) {
+func (c *Client) Job(ctx context.Context, id string, wait time.Duration) (*job.Record, error) {
 	u := c.url("/v1/jobs/" + url.PathEscape(id))
 	if wait > 0 {
 		u += "?wait=" + wait.String()
 	}
-	var j queue.Job
+	var j job.Record
 	return &j, c.get(ctx, u, &j)
 }
 
@@ -158,7 +159,7 @@ func (c *Client) get(ctx context.Context, u string, out any) error {
 
 // Watch calls fn for each of the job's events (history first) until the
 // job ends, fn returns false, or ctx ends. A broken stream is resumed.
-func (c *Client) Watch(ctx context.Context, id string, fn func(queue.Event) bool) error {
+func (c *Client) Watch(ctx context.Context, id string, fn func(job.Event) bool) error {
 	lastID := ""
 	for attempt := 0; ; attempt++ {
 		ended, err := c.watchOnce(ctx, id, &lastID, fn)
@@ -176,7 +177,7 @@ func (c *Client) Watch(ctx context.Context, id string, fn func(queue.Event) bool
 	}
 }
 
-func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn func(queue.Event) bool) (bool, error) {
+func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn func(job.Event) bool) (bool, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("/v1/jobs/"+url.PathEscape(id)+"/events"), nil)
 	if err != nil {
 		return false, err
@@ -201,7 +202,7 @@ func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn fu
 		case strings.HasPrefix(line, "data: "):
 			data.WriteString(line[len("data: "):])
 		case line == "" && data.Len() > 0:
-			var ev queue.Event
+			var ev job.Event
 			err := json.Unmarshal([]byte(data.String()), &ev)
 			data.Reset()
 			if err != nil {

@@ -37,6 +37,7 @@ import (
 
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // Defaults for Params.
@@ -48,7 +49,7 @@ const (
 type Params struct {
 	Redis  *queue.Redis       // required: coord's own Redis
 	Ledger *ledger.Client     // required: sites
-	Trust  *ledger.TrustCache // required: early key checks
+	Trust  verify.TrustSource // required (a *ledger.TrustCache): coord verifies jobs before it routes them
 	Log    *slog.Logger       // required
 	// Metrics is the registry to report to; nil means a new one.
 	Metrics *prometheus.Registry

@@ -14,10 +14,10 @@ import (
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
-	"github.com/writ-fleet/writ/supervisor"
 )
 
 func TestSeqAfter(t *testing.T) {
@@ -45,9 +45,9 @@ func TestHub_SlowSubscriberDoesNotBlock(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		for i := 0; i < 1000; i++ {
-			h.publish(queue.Event{Job: "j", Type: queue.EventLog})
+			h.publish(job.Event{Job: "j", Type: job.EventLog})
 		}
-		h.publish(queue.Event{Job: "other"})
+		h.publish(job.Event{Job: "other"})
 		close(done)
 	}()
 	select {
@@ -63,7 +63,7 @@ func TestHub_SlowSubscriberDoesNotBlock(t *testing.T) {
 // fakeSupervisor answers batches with verdicts from judge, or 503 while down.
 type fakeSupervisor struct {
 	down  atomic.Bool
-	judge func(job *envelope.Job) supervisor.Verdict
+	judge func(spec *envelope.Job) job.Verdict
 }
 
 func (f *fakeSupervisor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -80,14 +80,14 @@ func (f *fakeSupervisor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	var raws []json.RawMessage
 	body, _ := io.ReadAll(r.Body)
 	json.Unmarshal(body, &raws)
-	out := make([]supervisor.Verdict, len(raws))
+	out := make([]job.Verdict, len(raws))
 	for i, raw := range raws {
-		env, job, err := envelope.Parse(raw)
+		env, spec, err := envelope.Parse(raw)
 		if err != nil {
-			out[i] = supervisor.Verdict{State: supervisor.VerdictRejected, Reason: "malformed", Error: err.Error()}
+			out[i] = job.Verdict{State: job.VerdictRejected, Reason: "malformed", Error: err.Error()}
 			continue
 		}
-		out[i] = f.judge(job)
+		out[i] = f.judge(spec)
 		out[i].ID = env.ID()
 	}
 	json.NewEncoder(w).Encode(out)
@@ -96,11 +96,11 @@ func (f *fakeSupervisor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func TestCoord_Submit(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	fs := &fakeSupervisor{judge: func(j *envelope.Job) supervisor.Verdict {
+	fs := &fakeSupervisor{judge: func(j *envelope.Job) job.Verdict {
 		if j.Name == "bad" {
-			return supervisor.Verdict{State: supervisor.VerdictRejected, Reason: "script_invalid", Error: "does not compile"}
+			return job.Verdict{State: job.VerdictRejected, Reason: "script_invalid", Error: "does not compile"}
 		}
-		return supervisor.Verdict{State: supervisor.VerdictQueued}
+		return job.Verdict{State: job.VerdictQueued}
 	}}
 	sup := httptest.NewServer(fs)
 	defer sup.Close()
@@ -141,7 +141,7 @@ func TestCoord_Submit(t *testing.T) {
 	if !errors.As(err, &re) || re.Reply.Reason != "script_invalid" || re.Status != http.StatusUnprocessableEntity {
 		t.Fatalf("bad = %v", err)
 	}
-	if j, err := cl.Job(ctx, re.Reply.ID, 0); err != nil || j.State != queue.StateRejected || j.Error != "does not compile" {
+	if j, err := cl.Job(ctx, re.Reply.ID, 0); err != nil || j.State != job.StateRejected || j.Error != "does not compile" {
 		t.Errorf("rejected job record = %+v, %v", j, err)
 	}
 	_, err = cl.Submit(ctx, sign("nowhere", "unknown-site"))
@@ -174,7 +174,7 @@ func TestCoord_Submit(t *testing.T) {
 	fs.down.Store(false)
 	testenv.WaitFor(t, 10*time.Second, "the pending job to be delivered", func() bool {
 		j, err := cl.Job(ctx, rep.ID, 0)
-		return err == nil && j.State == queue.StateQueued
+		return err == nil && j.State == job.StateQueued
 	})
 	list, err := cl.Jobs(ctx, queue.ListFilter{Site: "s"})
 	if err != nil || len(list.Jobs) != 4 {

@@ -2,11 +2,13 @@ package coord
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
-	"github.com/writ-fleet/writ/supervisor"
 )
 
 // deliverer retries jobs whose supervisor could not be reached. Pending
@@ -38,65 +40,117 @@ func (d *deliverer) run(ctx context.Context) error {
 	}
 }
 
-// once tries every due delivery, grouped by site.
+// once tries every due delivery, grouped by site. Each job goes to the
+// site coord recorded for it, placed on the node recorded for it (a job for
+// any site or with resources keeps the choice made at submission). It
+// returns every error it met; a delivery that met one is tried again later.
 func (d *deliverer) once(ctx context.Context) error {
-	due, err := d.c.p.Redis.DuePending(ctx, d.c.p.Now(), supervisor.MaxBatch)
+	due, err := d.c.p.Redis.DuePending(ctx, d.c.p.Now(), job.MaxBatch)
 	if err != nil || len(due) == 0 {
 		return err
 	}
-	bySite := map[string][]queue.PendingDelivery{}
+	type delivery struct {
+		id  string
+		raw []byte // the envelope, or its placed batch item
+	}
+	var errs []error
+	drop := func(id string, state job.State, reason, msg string) {
+		if err := d.c.p.Redis.ResolvePending(ctx, id, state, reason, msg); err != nil {
+			errs = append(errs, fmt.Errorf("resolve pending job %s: %w", id, err))
+			return
+		}
+		if err := d.c.p.Redis.DonePending(ctx, id); err != nil {
+			errs = append(errs, fmt.Errorf("drop pending job %s: %w", id, err))
+		}
+	}
+	bySite := map[string][]delivery{}
 	for _, p := range due {
-		_, job, err := envelope.Parse(p.Envelope)
+		env, err := envelope.Decode(p.Envelope)
+		var spec *envelope.Job
+		if err == nil {
+			spec, err = env.Job()
+		}
 		if err != nil {
-			// It parsed when accepted; a record that no longer parses is
+			// It decoded when accepted; a record that no longer does is
 			// dropped rather than retried forever.
-			d.c.p.Redis.SetState(ctx, p.ID, queue.StateRejected, string(envelope.ReasonOf(err)), err.Error())
-			d.c.p.Redis.DonePending(ctx, p.ID)
+			drop(p.ID, job.StateRejected, string(envelope.ReasonOf(err)), err.Error())
 			continue
 		}
-		bySite[job.Site] = append(bySite[job.Site], p)
+		rec, err := d.c.p.Redis.GetJob(ctx, p.ID)
+		if errors.Is(err, queue.ErrNoJob) {
+			// Its record expired: nobody can follow it any more.
+			if err := d.c.p.Redis.DonePending(ctx, p.ID); err != nil {
+				errs = append(errs, fmt.Errorf("drop pending job %s: %w", p.ID, err))
+			}
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("read pending job %s: %w", p.ID, err))
+			continue
+		}
+		raw := p.Envelope
+		if spec.Node == "" && rec.Node != "" {
+			raw = job.PlacedItem(rec.Node, p.Envelope)
+		}
+		bySite[rec.Site] = append(bySite[rec.Site], delivery{id: p.ID, raw: raw})
 	}
-	for site, ps := range bySite {
-		raws := make([][]byte, len(ps))
-		for i, p := range ps {
-			raws[i] = p.Envelope
+	for site, ds := range bySite {
+		raws := make([][]byte, len(ds))
+		for i, dl := range ds {
+			raws[i] = dl.raw
 		}
 		verdicts, err := d.c.post(ctx, site, raws)
 		if err != nil {
-			for _, p := range ps {
-				d.reschedule(ctx, p.ID)
+			for _, dl := range ds {
+				if err := d.reschedule(ctx, dl.id); err != nil {
+					errs = append(errs, err)
+				}
 			}
-			d.c.p.Log.Info("supervisor still unreachable; will retry", "site", site, "jobs", len(ps), "err", err)
+			d.c.p.Log.Info("supervisor still unreachable; will retry", "site", site, "jobs", len(ds), "err", err)
 			continue
 		}
 		var done []string
 		for i, v := range verdicts {
-			id := ps[i].ID
+			id := ds[i].id
+			var err error
 			switch {
 			case v.Retry:
-				d.reschedule(ctx, id)
+				if err := d.reschedule(ctx, id); err != nil {
+					errs = append(errs, err)
+				}
 				continue
-			case v.State == supervisor.VerdictRejected:
-				d.c.p.Redis.ResolvePending(ctx, id, queue.StateRejected, v.Reason, v.Error)
+			case v.State == job.VerdictRejected:
+				err = d.c.p.Redis.ResolvePending(ctx, id, job.StateRejected, v.Reason, v.Error)
 			default:
 				// queued: the supervisor's event will follow; duplicate: it
 				// had the job already. Either way it is queued now.
-				d.c.p.Redis.ResolvePending(ctx, id, queue.StateQueued, "", "")
+				err = d.c.p.Redis.ResolvePending(ctx, id, job.StateQueued, "", "")
+			}
+			if err != nil {
+				// Left pending: the next round delivers it again, which
+				// the supervisor answers as a duplicate.
+				errs = append(errs, fmt.Errorf("resolve pending job %s: %w", id, err))
+				continue
 			}
 			done = append(done, id)
 		}
 		if err := d.c.p.Redis.DonePending(ctx, done...); err != nil {
-			return err
+			errs = append(errs, fmt.Errorf("drop delivered jobs: %w", err))
+			continue
 		}
 		d.c.p.Log.Info("delivered pending jobs", "site", site, "jobs", len(done))
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
-func (d *deliverer) reschedule(ctx context.Context, id string) {
+// reschedule puts a pending delivery back, due after its backoff.
+func (d *deliverer) reschedule(ctx context.Context, id string) error {
 	wait := minDeliverWait
 	if j, err := d.c.p.Redis.GetJob(ctx, id); err == nil {
 		wait = max(minDeliverWait, min(maxDeliverWait, d.c.p.Now().Sub(j.SubmittedAt)/4))
 	}
-	d.c.p.Redis.RetryPendingAt(ctx, id, d.c.p.Now().Add(wait))
+	if err := d.c.p.Redis.RetryPendingAt(ctx, id, d.c.p.Now().Add(wait)); err != nil {
+		return fmt.Errorf("reschedule pending job %s: %w", id, err)
+	}
+	return nil
 }

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/job"
 )
 
 // follower keeps job records of one site current: it follows the
@@ -66,7 +66,7 @@ func (f *follower) follow(ctx context.Context) error {
 	}
 	f.c.p.Log.Info("following site events", "site", f.site, "after", cursor)
 	br := bufio.NewReaderSize(resp.Body, 64<<10)
-	var batch []queue.Event
+	var batch []job.Event
 	var data strings.Builder
 	var id string
 	for {
@@ -84,7 +84,7 @@ func (f *follower) follow(ctx context.Context) error {
 		case strings.HasPrefix(line, "data: "):
 			data.WriteString(line[len("data: "):])
 		case line == "" && data.Len() > 0:
-			var ev queue.Event
+			var ev job.Event
 			if err := json.Unmarshal([]byte(data.String()), &ev); err == nil && id != "" {
 				ev.Seq = id
 				batch = append(batch, ev)
@@ -103,7 +103,7 @@ func (f *follower) follow(ctx context.Context) error {
 	}
 }
 
-func (f *follower) apply(ctx context.Context, batch []queue.Event) error {
+func (f *follower) apply(ctx context.Context, batch []job.Event) error {
 	if err := f.c.p.Redis.ApplyEvents(ctx, f.site, batch, f.c.p.Retention); err != nil {
 		return err
 	}
@@ -111,7 +111,7 @@ func (f *follower) apply(ctx context.Context, batch []queue.Event) error {
 	for _, ev := range batch {
 		f.c.hub.publish(ev)
 		switch ev.Type {
-		case queue.EventSucceeded, queue.EventFailed, queue.EventRejected:
+		case job.EventSucceeded, job.EventFailed, job.EventRejected:
 			f.c.placer.release(ev.Job)
 		}
 	}

@@ -9,8 +9,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
-	"github.com/writ-fleet/writ/supervisor"
 )
 
 // forwarder sends a site's submissions to its supervisor in batches. There
@@ -28,17 +28,17 @@ const senders = 4
 
 // batchBytes bounds one batch's envelopes, well inside the supervisor's
 // request limit (one envelope is at most envelope.MaxEnvelopeBytes).
-const batchBytes = supervisor.MaxBatchBytes / 2
+const batchBytes = job.MaxBatchBytes / 2
 
 // submission is one job waiting for its supervisor's verdict.
 type submission struct {
 	rec   queue.NewJobRecord
 	place string // the node chosen by placement, or ""
-	done  chan supervisor.Verdict
+	done  chan job.Verdict
 }
 
 func newForwarder(c *Coord, site string) *forwarder {
-	f := &forwarder{c: c, site: site, in: make(chan *submission, 4*supervisor.MaxBatch)}
+	f := &forwarder{c: c, site: site, in: make(chan *submission, 4*job.MaxBatch)}
 	for i := 0; i < senders; i++ {
 		go f.send()
 	}
@@ -46,17 +46,17 @@ func newForwarder(c *Coord, site string) *forwarder {
 }
 
 // submit hands one job to the forwarder and waits for its verdict.
-func (f *forwarder) submit(ctx context.Context, s *submission) (supervisor.Verdict, error) {
+func (f *forwarder) submit(ctx context.Context, s *submission) (job.Verdict, error) {
 	select {
 	case f.in <- s:
 	case <-ctx.Done():
-		return supervisor.Verdict{}, ctx.Err()
+		return job.Verdict{}, ctx.Err()
 	}
 	select {
 	case v := <-s.done:
 		return v, nil
 	case <-ctx.Done():
-		return supervisor.Verdict{}, ctx.Err()
+		return job.Verdict{}, ctx.Err()
 	}
 }
 
@@ -73,7 +73,7 @@ func (f *forwarder) send() {
 		batch := []*submission{first}
 		size := len(first.rec.Envelope)
 	drain:
-		for len(batch) < supervisor.MaxBatch {
+		for len(batch) < job.MaxBatch {
 			select {
 			case s := <-f.in:
 				if size+len(s.rec.Envelope)+1 > batchBytes {
@@ -101,13 +101,13 @@ func (f *forwarder) deliver(batch []*submission) {
 	for i, s := range batch {
 		raws[i] = s.rec.Envelope
 		if s.place != "" {
-			raws[i] = supervisor.PlacedItem(s.place, s.rec.Envelope)
+			raws[i] = job.PlacedItem(s.place, s.rec.Envelope)
 		}
 	}
 	verdicts, err := f.c.post(ctx, f.site, raws)
 	recs := make([]queue.NewJobRecord, len(batch))
 	for i, s := range batch {
-		v := supervisor.Verdict{ID: s.rec.Job.ID, Retry: true}
+		v := job.Verdict{ID: s.rec.Job.ID, Retry: true}
 		if err == nil {
 			v = verdicts[i]
 		}
@@ -117,14 +117,14 @@ func (f *forwarder) deliver(batch []*submission) {
 	if _, rerr := f.c.p.Redis.CreateJobs(ctx, recs, f.c.p.Retention); rerr != nil {
 		f.c.p.Log.Error("record jobs", "site", f.site, "err", rerr)
 		for _, s := range batch {
-			s.done <- supervisor.Verdict{ID: s.rec.Job.ID, State: supervisor.VerdictRejected, Reason: "unavailable", Error: "coord could not record the job: " + rerr.Error(), Retry: true}
+			s.done <- job.Verdict{ID: s.rec.Job.ID, State: job.VerdictRejected, Reason: "unavailable", Error: "coord could not record the job: " + rerr.Error(), Retry: true}
 		}
 		return
 	}
 	for i, s := range batch {
-		v := supervisor.Verdict{ID: s.rec.Job.ID, State: string(recs[i].Job.State), Reason: recs[i].Job.Reason, Error: recs[i].Job.Error}
-		if err == nil && verdicts[i].State == supervisor.VerdictDuplicate {
-			v.State = supervisor.VerdictDuplicate
+		v := job.Verdict{ID: s.rec.Job.ID, State: string(recs[i].Job.State), Reason: recs[i].Job.Reason, Error: recs[i].Job.Error}
+		if err == nil && verdicts[i].State == job.VerdictDuplicate {
+			v.State = job.VerdictDuplicate
 		}
 		s.done <- v
 	}
@@ -132,24 +132,24 @@ func (f *forwarder) deliver(batch []*submission) {
 
 // recordState maps a supervisor verdict (or a failure to reach it) to the
 // state coord records.
-func recordState(v supervisor.Verdict, postErr error) (queue.State, string, string) {
+func recordState(v job.Verdict, postErr error) (job.State, string, string) {
 	switch {
 	case postErr != nil || v.Retry:
 		msg := v.Error
 		if postErr != nil {
 			msg = postErr.Error()
 		}
-		return queue.StatePending, "", "waiting for the supervisor: " + msg
-	case v.State == supervisor.VerdictRejected:
-		return queue.StateRejected, v.Reason, v.Error
+		return job.StatePending, "", "waiting for the supervisor: " + msg
+	case v.State == job.VerdictRejected:
+		return job.StateRejected, v.Reason, v.Error
 	}
-	return queue.StateQueued, "", ""
+	return job.StateQueued, "", ""
 }
 
 // post sends envelopes to the site's supervisor and returns its verdicts. An
 // error means the supervisor could not be reached or did not answer sanely;
 // the jobs are then delivered later.
-func (c *Coord) post(ctx context.Context, site string, raws [][]byte) ([]supervisor.Verdict, error) {
+func (c *Coord) post(ctx context.Context, site string, raws [][]byte) ([]job.Verdict, error) {
 	base, err := c.supervisorURL(site)
 	if err != nil {
 		return nil, err
@@ -184,7 +184,7 @@ func (c *Coord) post(ctx context.Context, site string, raws [][]byte) ([]supervi
 		c.metrics.deliveries.WithLabelValues(site, "error").Inc()
 		return nil, fmt.Errorf("supervisor of site %s answered HTTP %d: %s", site, resp.StatusCode, bytes.TrimSpace(data))
 	}
-	var out []supervisor.Verdict
+	var out []job.Verdict
 	if err := json.Unmarshal(data, &out); err != nil || len(out) != len(raws) {
 		c.metrics.deliveries.WithLabelValues(site, "error").Inc()
 		return nil, fmt.Errorf("supervisor of site %s sent a bad reply (%d verdicts for %d jobs): %v", site, len(out), len(raws), err)

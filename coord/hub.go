@@ -3,7 +3,7 @@ package coord
 import (
 	"sync"
 
-	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/job"
 )
 
 // hub wakes the requests waiting on a job (GET ?wait, event streams) when
@@ -12,19 +12,19 @@ import (
 // a waiter that subscribes and then reads can never miss the end of a job.
 type hub struct {
 	mu   sync.Mutex
-	subs map[string]map[chan queue.Event]struct{} // guarded by mu; job ID → subscribers
+	subs map[string]map[chan job.Event]struct{} // guarded by mu; job ID → subscribers
 }
 
-func newHub() *hub { return &hub{subs: map[string]map[chan queue.Event]struct{}{}} }
+func newHub() *hub { return &hub{subs: map[string]map[chan job.Event]struct{}{}} }
 
 // subscribe returns a channel of the job's events and a func to unsubscribe.
 // The channel is buffered; when a slow subscriber's buffer is full, further
 // events are dropped for it, and it re-reads Redis instead.
-func (h *hub) subscribe(id string) (<-chan queue.Event, func()) {
-	ch := make(chan queue.Event, 64)
+func (h *hub) subscribe(id string) (<-chan job.Event, func()) {
+	ch := make(chan job.Event, 64)
 	h.mu.Lock()
 	if h.subs[id] == nil {
-		h.subs[id] = map[chan queue.Event]struct{}{}
+		h.subs[id] = map[chan job.Event]struct{}{}
 	}
 	h.subs[id][ch] = struct{}{}
 	h.mu.Unlock()
@@ -38,7 +38,7 @@ func (h *hub) subscribe(id string) (<-chan queue.Event, func()) {
 	}
 }
 
-func (h *hub) publish(ev queue.Event) {
+func (h *hub) publish(ev job.Event) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for ch := range h.subs[ev.Job] {

@@ -10,6 +10,7 @@ import (
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // Placement policies.
@@ -165,37 +166,32 @@ func (p *placer) release(id string) {
 // signatures satisfy and, when it states resources, where a node has room
 // (that node is returned too, and reserved). The error says why each site
 // was passed over.
-func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, job *envelope.Job, id string, keyIDs []string) (site, node string, err error) {
+func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, spec *envelope.Job, id string) (site, node string, err error) {
 	sites, err := c.refreshSites(ctx)
 	if err != nil {
 		return "", "", fmt.Errorf("read sites from the ledger: %w", err)
 	}
 	names := make([]string, 0, len(sites))
 	for n := range sites {
-		if n != job.Site {
+		if n != spec.Site {
 			names = append(names, n)
 		}
 	}
 	sort.Strings(names)
-	if _, ok := sites[job.Site]; ok {
-		names = append([]string{job.Site}, names...)
+	if _, ok := sites[spec.Site]; ok {
+		names = append([]string{spec.Site}, names...)
 	}
 	var why []string
 	capacity := false
 	for _, name := range names {
-		trust, err := c.p.Trust.Get(ctx, name, keyIDs...)
-		if err != nil {
+		if _, err := verify.Envelope(ctx, c.p.Trust, env, verify.Target{Site: name}, c.p.Now()); err != nil {
 			why = append(why, name+": "+err.Error())
 			continue
 		}
-		if _, err := trust.Authorize(env); err != nil {
-			why = append(why, name+": "+err.Error())
-			continue
-		}
-		if (job.Resources == envelope.Resources{}) {
+		if (spec.Resources == envelope.Resources{}) {
 			return name, "", nil
 		}
-		node, err := c.placer.place(ctx, name, id, job.Resources)
+		node, err := c.placer.place(ctx, name, id, spec.Resources)
 		if err == nil {
 			return name, node, nil
 		}

@@ -23,6 +23,7 @@ import (
 	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
@@ -106,7 +107,7 @@ func TestFleet_Burst(t *testing.T) {
 	nodes := map[string]int{}
 	for i, id := range ids {
 		j := f.waitJob(id, 60*time.Second)
-		if j.State != queue.StateSucceeded || string(j.Result) != fmt.Sprint(i) {
+		if j.State != job.StateSucceeded || string(j.Result) != fmt.Sprint(i) {
 			t.Fatalf("job %d = %s result %s (%s)", i, j.State, j.Result, j.Error)
 		}
 		nodes[j.Node]++
@@ -114,7 +115,7 @@ func TestFleet_Burst(t *testing.T) {
 	// Exactly once: every job has one started event and one succeeded.
 	for _, id := range ids {
 		evs := f.events(id)
-		if s, ok := count(evs, queue.EventStarted), count(evs, queue.EventSucceeded); s != 1 || ok != 1 {
+		if s, ok := count(evs, job.EventStarted), count(evs, job.EventSucceeded); s != 1 || ok != 1 {
 			t.Errorf("job %s: %d started, %d succeeded events, want 1 and 1", id, s, ok)
 		}
 	}
@@ -159,7 +160,7 @@ func TestFleet_Rejections(t *testing.T) {
 	f.startSupervisor("multi")
 	stranger, _ := keys.Generate("stranger")
 	now := time.Now()
-	job := func(mut func(*envelope.Job)) *envelope.Job {
+	mkJob := func(mut func(*envelope.Job)) *envelope.Job {
 		j := envelope.NewJob("t", `job := import("job"); job.result("ran")`, "local", now)
 		if mut != nil {
 			mut(j)
@@ -167,10 +168,10 @@ func TestFleet_Rejections(t *testing.T) {
 		return j
 	}
 	// The revoked key works first, then is revoked.
-	okRev := rawEnvelope(t, job(nil), revoked)
+	okRev := rawEnvelope(t, mkJob(nil), revoked)
 	if rep, err := f.client().Submit(ctx, okRev); err != nil {
 		t.Fatalf("submit by key before revocation: %v", err)
-	} else if j := f.waitJob(rep.ID, 30*time.Second); j.State != queue.StateSucceeded {
+	} else if j := f.waitJob(rep.ID, 30*time.Second); j.State != job.StateSucceeded {
 		t.Fatalf("job before revocation: %+v", j)
 	}
 	if err := f.lc.RevokeKey(ctx, revoked.ID); err != nil {
@@ -178,7 +179,7 @@ func TestFleet_Rejections(t *testing.T) {
 	}
 	time.Sleep(1500 * time.Millisecond) // the supervisor's --trust-ttl is 1s
 
-	replayed := job(nil)
+	replayed := mkJob(nil)
 	if _, err := f.client().Submit(ctx, rawEnvelope(t, replayed, f.admin)); err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +188,7 @@ func TestFleet_Rejections(t *testing.T) {
 
 	tampered := func() []byte {
 		var env map[string]any
-		json.Unmarshal(rawEnvelope(t, job(nil), f.admin), &env)
+		json.Unmarshal(rawEnvelope(t, mkJob(nil), f.admin), &env)
 		sigs := env["signatures"].([]any)
 		s := sigs[0].(map[string]any)
 		sig := []byte(s["sig"].(string))
@@ -201,7 +202,7 @@ func TestFleet_Rejections(t *testing.T) {
 		return raw
 	}()
 	multi := func(ks ...*keys.Key) []byte {
-		return rawEnvelope(t, job(func(j *envelope.Job) { j.Site = "multi" }), ks...)
+		return rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Site = "multi" }), ks...)
 	}
 	for _, tc := range []struct {
 		name   string
@@ -211,21 +212,21 @@ func TestFleet_Rejections(t *testing.T) {
 		noID   bool
 	}{
 		{"bad signature", tampered, envelope.ReasonBadSignature, "does not verify", false},
-		{"unknown key", rawEnvelope(t, job(nil), stranger), envelope.ReasonUnknownKey, "not registered", false},
-		{"revoked key", rawEnvelope(t, job(nil), revoked), envelope.ReasonRevokedKey, "revoked", false},
-		{"expired", rawEnvelope(t, job(func(j *envelope.Job) {
+		{"unknown key", rawEnvelope(t, mkJob(nil), stranger), envelope.ReasonUnknownKey, "not registered", false},
+		{"revoked key", rawEnvelope(t, mkJob(nil), revoked), envelope.ReasonRevokedKey, "revoked", false},
+		{"expired", rawEnvelope(t, mkJob(func(j *envelope.Job) {
 			j.NotBefore, j.Expires = now.Add(-2*time.Hour), now.Add(-time.Hour)
 		}), f.admin), envelope.ReasonExpired, "expired at", false},
-		{"not yet valid", rawEnvelope(t, job(func(j *envelope.Job) {
+		{"not yet valid", rawEnvelope(t, mkJob(func(j *envelope.Job) {
 			j.NotBefore, j.Expires = now.Add(time.Hour), now.Add(2*time.Hour)
 		}), f.admin), envelope.ReasonNotYetValid, "not valid before", false},
 		{"replayed nonce", rawEnvelope(t, &replay, f.admin), envelope.ReasonReplayed, "already used", false},
-		{"wrong site", rawEnvelope(t, job(func(j *envelope.Job) { j.Site = "elsewhere" }), f.admin), envelope.ReasonWrongSite, "not registered", false},
+		{"wrong site", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Site = "elsewhere" }), f.admin), envelope.ReasonWrongSite, "not registered", false},
 		{"below threshold", multi(a), envelope.ReasonBelowThreshold, "requires signatures from 2 distinct users; got 1", false},
-		{"does not compile", rawEnvelope(t, job(func(j *envelope.Job) { j.Script = "x := (" }), f.admin), envelope.ReasonScriptInvalid, "does not compile", false},
-		{"forbidden import", rawEnvelope(t, job(func(j *envelope.Job) { j.Script = `os := import("os"); os.exit(1)` }), f.admin), envelope.ReasonForbiddenImport, `"os"`, false},
-		{"oversized script", rawEnvelope(t, job(func(j *envelope.Job) { j.Script = "x := 1\n" + strings.Repeat("// pad\n", envelope.MaxScriptBytes/7+1) }), f.admin), envelope.ReasonTooLarge, "script is", false},
-		{"oversized args", rawEnvelope(t, job(func(j *envelope.Job) {
+		{"does not compile", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = "x := (" }), f.admin), envelope.ReasonScriptInvalid, "does not compile", false},
+		{"forbidden import", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = `os := import("os"); os.exit(1)` }), f.admin), envelope.ReasonForbiddenImport, `"os"`, false},
+		{"oversized script", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = "x := 1\n" + strings.Repeat("// pad\n", envelope.MaxScriptBytes/7+1) }), f.admin), envelope.ReasonTooLarge, "script is", false},
+		{"oversized args", rawEnvelope(t, mkJob(func(j *envelope.Job) {
 			j.Args = json.RawMessage(`{"a":"` + strings.Repeat("x", envelope.MaxArgsBytes) + `"}`)
 		}), f.admin), envelope.ReasonTooLarge, "args are", false},
 		{"malformed JSON", []byte(`{"payloadType": "application/vnd.writ.job.v1+json", "payload": `), envelope.ReasonMalformed, "not valid DSSE JSON", true},
@@ -249,7 +250,7 @@ func TestFleet_Rejections(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if j.State != queue.StateRejected || j.Reason != string(tc.reason) || j.StartedAt != nil {
+			if j.State != job.StateRejected || j.Reason != string(tc.reason) || j.StartedAt != nil {
 				t.Errorf("job state = %s reason %s started %v; want rejected %s, never started", j.State, j.Reason, j.StartedAt, tc.reason)
 			}
 		})
@@ -283,7 +284,7 @@ func TestFleet_Limits(t *testing.T) {
 	f := newFleet(t)
 	f.startAll()
 	ctx := context.Background()
-	submit := func(script string, timeout time.Duration) *queue.Job {
+	submit := func(script string, timeout time.Duration) *job.Record {
 		j := envelope.NewJob("limits", script, "local", time.Now())
 		j.Timeout = envelope.Duration(timeout)
 		env, _ := j.Sign(f.admin)
@@ -294,13 +295,13 @@ func TestFleet_Limits(t *testing.T) {
 		}
 		return f.waitJob(rep.ID, 60*time.Second)
 	}
-	if j := submit(`for {}`, 2*time.Second); j.State != queue.StateFailed || j.Reason != "timeout" || j.Attempts != 1 {
+	if j := submit(`for {}`, 2*time.Second); j.State != job.StateFailed || j.Reason != "timeout" || j.Attempts != 1 {
 		t.Errorf("infinite loop: %s %s %q attempts %d, want failed timeout after 1 attempt", j.State, j.Reason, j.Error, j.Attempts)
 	}
-	if j := submit(`a := []; for { a = append(a, [1, 2, 3]) }`, time.Minute); j.State != queue.StateFailed || j.Reason != "alloc_limit" {
+	if j := submit(`a := []; for { a = append(a, [1, 2, 3]) }`, time.Minute); j.State != job.StateFailed || j.Reason != "alloc_limit" {
 		t.Errorf("unbounded allocation: %s %s %q, want failed alloc_limit", j.State, j.Reason, j.Error)
 	}
-	if j := submit(`job := import("job"); job.result("still alive")`, time.Minute); j.State != queue.StateSucceeded || string(j.Result) != `"still alive"` {
+	if j := submit(`job := import("job"); job.result("still alive")`, time.Minute); j.State != job.StateSucceeded || string(j.Result) != `"still alive"` {
 		t.Errorf("job after the limits: %+v", j)
 	}
 }
@@ -327,8 +328,8 @@ func TestFleet_Duplicate(t *testing.T) {
 		t.Errorf("submit after the job ended = %+v, %v; want duplicate", r3, err)
 	}
 	time.Sleep(500 * time.Millisecond)
-	if evs := f.events(r1.ID); count(evs, queue.EventStarted) != 1 {
-		t.Errorf("job started %d times, want 1", count(evs, queue.EventStarted))
+	if evs := f.events(r1.ID); count(evs, job.EventStarted) != 1 {
+		t.Errorf("job started %d times, want 1", count(evs, job.EventStarted))
 	}
 }
 
@@ -358,23 +359,23 @@ func TestFleet_RunnerKilled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitState(t, f, rep.ID, queue.StateRunning)
-	waitState(t, f, rep0.ID, queue.StateRunning)
+	waitState(t, f, rep.ID, job.StateRunning)
+	waitState(t, f, rep0.ID, job.StateRunning)
 	f.stop(r, syscall.SIGKILL)
 	f.startRunner("n1b", 2)
 	// asynq hands a task whose worker died to another one once its lease
 	// (30 s) and a clock-skew margin (30 s) have passed.
 	got := f.waitJob(rep.ID, 3*time.Minute)
-	if got.State != queue.StateSucceeded || got.Node != "n1b" || string(got.Result) != "2" {
+	if got.State != job.StateSucceeded || got.Node != "n1b" || string(got.Result) != "2" {
 		t.Errorf("job after runner kill = %s on %s result %s (%s), want succeeded on n1b in attempt 2", got.State, got.Node, got.Result, got.Error)
 	}
 	got0 := f.waitJob(rep0.ID, 2*time.Minute)
-	if got0.State != queue.StateFailed || got0.Reason != "runner_lost" {
+	if got0.State != job.StateFailed || got0.Reason != "runner_lost" {
 		t.Errorf("job without retries after runner kill = %s %s (%s), want failed runner_lost", got0.State, got0.Reason, got0.Error)
 	}
 }
 
-func waitState(t *testing.T, f *fleet, id string, s queue.State) {
+func waitState(t *testing.T, f *fleet, id string, s job.State) {
 	t.Helper()
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
@@ -406,14 +407,14 @@ func TestFleet_CoordRestart(t *testing.T) {
 	done := submit(`job := import("job"); job.result("before")`)
 	f.waitJob(done, 30*time.Second)
 	slow := submit(`job := import("job"); times := import("times"); times.sleep(2 * times.second); job.result("during")`)
-	waitState(t, f, slow, queue.StateRunning)
+	waitState(t, f, slow, job.StateRunning)
 	f.stop(c, syscall.SIGKILL)
 	time.Sleep(3 * time.Second) // the slow job finishes while coord is down
 	f.startCoord()
-	if j := f.waitJob(done, 10*time.Second); j.State != queue.StateSucceeded || string(j.Result) != `"before"` {
+	if j := f.waitJob(done, 10*time.Second); j.State != job.StateSucceeded || string(j.Result) != `"before"` {
 		t.Errorf("job finished before the restart: %+v", j)
 	}
-	if j := f.waitJob(slow, 30*time.Second); j.State != queue.StateSucceeded || string(j.Result) != `"during"` {
+	if j := f.waitJob(slow, 30*time.Second); j.State != job.StateSucceeded || string(j.Result) != `"during"` {
 		t.Errorf("job finished during the restart: %+v", j)
 	}
 	list, err := f.client().Jobs(ctx, queue.ListFilter{Site: "local"})
@@ -436,7 +437,7 @@ func TestFleet_SupervisorDown(t *testing.T) {
 		t.Fatalf("submit with the supervisor down = %+v, %v; want pending", rep, err)
 	}
 	f.startSupervisor("local")
-	if j := f.waitJob(rep.ID, 60*time.Second); j.State != queue.StateSucceeded || string(j.Result) != `"delivered"` {
+	if j := f.waitJob(rep.ID, 60*time.Second); j.State != job.StateSucceeded || string(j.Result) != `"delivered"` {
 		t.Errorf("job after the supervisor came back: %+v", j)
 	}
 }
@@ -537,7 +538,7 @@ job.result(img.size)`, imgSrv.URL+"/disk.img", sha)
 		ids = append(ids, rep.ID)
 	}
 	for _, id := range ids {
-		if j := f.waitJob(id, time.Minute); j.State != queue.StateSucceeded || string(j.Result) != fmt.Sprint(len(img)) {
+		if j := f.waitJob(id, time.Minute); j.State != job.StateSucceeded || string(j.Result) != fmt.Sprint(len(img)) {
 			t.Errorf("image job = %s %s (%s)", j.State, j.Result, j.Error)
 		}
 	}
@@ -556,7 +557,7 @@ job.result({volumes: len(storage.volumes()), image: storage.image("http://127.0.
 	if err != nil {
 		t.Fatal(err)
 	}
-	if j := f.waitJob(rep.ID, time.Minute); j.State != queue.StateSucceeded || !strings.Contains(string(j.Result), `"state":"stored by writ"`) || !strings.Contains(string(j.Result), `"volumes":1`) || !strings.Contains(string(j.Result), fmt.Sprint(len(img))) {
+	if j := f.waitJob(rep.ID, time.Minute); j.State != job.StateSucceeded || !strings.Contains(string(j.Result), `"state":"stored by writ"`) || !strings.Contains(string(j.Result), `"volumes":1`) || !strings.Contains(string(j.Result), fmt.Sprint(len(img))) {
 		t.Errorf("after the restart: %s %s (%s)", j.State, j.Result, j.Error)
 	}
 

@@ -17,9 +17,9 @@ import (
 
 	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/queue"
 )
 
 // writBin is the writ binary built once for all tests.
@@ -228,7 +228,7 @@ func (f *fleet) addUser(name string, roles map[string]string) *keys.Key {
 }
 
 // waitJob waits for a job to end and returns it.
-func (f *fleet) waitJob(id string, timeout time.Duration) *queue.Job {
+func (f *fleet) waitJob(id string, timeout time.Duration) *job.Record {
 	f.t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -245,18 +245,18 @@ func (f *fleet) waitJob(id string, timeout time.Duration) *queue.Job {
 }
 
 // events returns a job's events (by watching it to the end).
-func (f *fleet) events(id string) []queue.Event {
+func (f *fleet) events(id string) []job.Event {
 	f.t.Helper()
-	var evs []queue.Event
+	var evs []job.Event
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if err := f.client().Watch(ctx, id, func(ev queue.Event) bool { evs = append(evs, ev); return true }); err != nil {
+	if err := f.client().Watch(ctx, id, func(ev job.Event) bool { evs = append(evs, ev); return true }); err != nil {
 		f.t.Fatalf("watch %s: %v", id, err)
 	}
 	return evs
 }
 
-func count(evs []queue.Event, t queue.EventType) int {
+func count(evs []job.Event, t job.EventType) int {
 	n := 0
 	for _, e := range evs {
 		if e.Type == t {

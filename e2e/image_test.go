@@ -18,8 +18,8 @@ import (
 	"github.com/writ-fleet/writ/efi"
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/sal/vm/qemu"
 )
 
@@ -158,7 +158,7 @@ func TestImage_BootUSB(t *testing.T) {
 		Pool any    `json:"pool"`
 	}
 	json.Unmarshal(res.Result, &out)
-	if res.State != queue.StateSucceeded || out.Node != first.ID {
+	if res.State != job.StateSucceeded || out.Node != first.ID {
 		t.Fatalf("pinned job = %s %s (%s); console:\n%s", res.State, res.Result, res.Error, consoleTail())
 	}
 	if total, ok := out.Pool.(float64); !ok || total < 1<<30 {

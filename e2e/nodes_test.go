@@ -12,8 +12,8 @@ import (
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/queue"
 )
 
 // TestFleet_Nodes: three `writ node` processes (three state directories)
@@ -115,7 +115,7 @@ func placed(t *testing.T, f *fleet, ids []string) map[string]int {
 	per := map[string]int{}
 	for _, id := range ids {
 		j := f.waitJob(id, time.Minute)
-		if j.State != queue.StateSucceeded {
+		if j.State != job.StateSucceeded {
 			t.Fatalf("job %s = %s (%s)", id, j.State, j.Error)
 		}
 		var node string

@@ -6,14 +6,16 @@
 // Signatures cover PAE(payloadType, payload), the exact payload bytes, so there
 // is no canonicalization step to get wrong. An envelope may carry several
 // signatures (k-of-n site policies); each key counts once. The key ID in a
-// signature is an unauthenticated hint: Verify uses it only to pick candidate
-// keys.
+// signature is an unauthenticated hint: Signers uses it only to try a key
+// first, and a signature with an empty or foreign key ID still verifies.
 //
 // A job's ID is the hex SHA-256 of the PAE bytes, so adding a signature does
 // not change it and the same signed job submitted twice has the same ID.
 //
-// Decoding is strict and bounded (see the Max* constants): unknown fields,
-// oversized parts and malformed base64 are errors that say what is wrong.
+// Decoding is bounded (see the Max* constants) and exact: oversized parts,
+// malformed base64 and a member name given twice are errors that say what
+// is wrong. The envelope ignores members DSSE does not define, as the spec
+// says; the job payload is strict (see Envelope.Job).
 package envelope
 
 import (
@@ -117,35 +119,59 @@ func (e *Envelope) MarshalJSON() ([]byte, error) {
 	return json.Marshal(w)
 }
 
-// Decode parses a JSON envelope strictly: size-bounded, no unknown fields, no
-// trailing data, base64 in either the standard or the URL-safe alphabet
-// (DSSE requires accepting both), at most MaxSignatures signatures. It does
-// not check payloadType or signatures.
+// Decode parses a JSON envelope: size-bounded, exact member names, no
+// name twice, no trailing data, base64 in either the standard or the
+// URL-safe alphabet (DSSE requires accepting both), at most MaxSignatures
+// signatures. Members DSSE does not define are ignored, at the top level
+// and in signatures, as the spec tells consumers to. It does not check
+// payloadType or signatures.
 func Decode(data []byte) (*Envelope, error) {
 	if len(data) > MaxEnvelopeBytes {
 		return nil, &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("envelope is %d bytes, the limit is %d", len(data), MaxEnvelopeBytes)}
 	}
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	var w wireEnvelope
-	if err := dec.Decode(&w); err != nil {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "envelope is not valid DSSE JSON: " + err.Error()}
+	malformed := func(msg string, err error) error {
+		return &Error{Reason: ReasonMalformed, Msg: msg + ": " + err.Error()}
 	}
-	if dec.More() {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "envelope has trailing data after the JSON object"}
+	top, err := members(data)
+	if err != nil {
+		return nil, malformed("envelope is not valid DSSE JSON", err)
+	}
+	var w wireEnvelope
+	if err := stringMember(top, "payloadType", &w.PayloadType); err != nil {
+		return nil, malformed("envelope", err)
+	}
+	if err := stringMember(top, "payload", &w.Payload); err != nil {
+		return nil, malformed("envelope", err)
 	}
 	if w.PayloadType == "" {
 		return nil, &Error{Reason: ReasonMalformed, Msg: "envelope has no payloadType"}
 	}
-	if len(w.Signatures) > MaxSignatures {
-		return nil, &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("envelope has %d signatures, the limit is %d", len(w.Signatures), MaxSignatures)}
+	var sigs []json.RawMessage
+	if raw, ok := top["signatures"]; ok {
+		if err := json.Unmarshal(raw, &sigs); err != nil {
+			return nil, malformed("envelope signatures are not a JSON array", err)
+		}
+	}
+	if len(sigs) > MaxSignatures {
+		return nil, &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("envelope has %d signatures, the limit is %d", len(sigs), MaxSignatures)}
 	}
 	payload, err := decodeBase64(w.Payload)
 	if err != nil {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "envelope payload is not base64: " + err.Error()}
+		return nil, malformed("envelope payload is not base64", err)
 	}
-	e := &Envelope{PayloadType: w.PayloadType, Payload: payload, Signatures: make([]Signature, 0, len(w.Signatures))}
-	for i, s := range w.Signatures {
+	e := &Envelope{PayloadType: w.PayloadType, Payload: payload, Signatures: make([]Signature, 0, len(sigs))}
+	for i, raw := range sigs {
+		m, err := members(raw)
+		if err != nil {
+			return nil, malformed(fmt.Sprintf("signature %d", i), err)
+		}
+		var s wireSignature
+		if err := stringMember(m, "keyid", &s.KeyID); err != nil {
+			return nil, malformed(fmt.Sprintf("signature %d", i), err)
+		}
+		if err := stringMember(m, "sig", &s.Sig); err != nil {
+			return nil, malformed(fmt.Sprintf("signature %d", i), err)
+		}
 		if len(s.KeyID) > MaxKeyIDLen {
 			return nil, &Error{Reason: ReasonMalformed, Msg: fmt.Sprintf("signature %d: key id is longer than %d bytes", i, MaxKeyIDLen)}
 		}
@@ -156,6 +182,18 @@ func Decode(data []byte) (*Envelope, error) {
 		e.Signatures = append(e.Signatures, Signature{KeyID: s.KeyID, Sig: sig})
 	}
 	return e, nil
+}
+
+// stringMember sets *dst to the string member name of obj, if present.
+func stringMember(obj map[string]json.RawMessage, name string, dst *string) error {
+	raw, ok := obj[name]
+	if !ok {
+		return nil
+	}
+	if err := json.Unmarshal(raw, dst); err != nil {
+		return fmt.Errorf("%s is not a string", name)
+	}
+	return nil
 }
 
 // decodeBase64 accepts standard and URL-safe base64, padded or not.
@@ -176,43 +214,55 @@ type TrustedKey struct {
 	Key ed25519.PublicKey
 }
 
-// Verify returns the distinct trusted keys with a valid signature on the
-// envelope, in signature order. A signature whose key ID names a trusted key
-// is checked against that key; one with an empty or unmatched key ID is tried
-// against every trusted key when there are at most MaxSignatures of them
-// (the ID is only a hint). Bad signatures are skipped, not fatal: callers
-// decide whether the keys returned meet their threshold. Each key counts once.
-func (e *Envelope) Verify(trusted []TrustedKey) []TrustedKey {
+// Signers reports, for each signature, the index in keys of the key that
+// made it, or -1 when none did. The key ID is a hint, not a claim (DSSE:
+// it must not decide anything): a key whose ID matches is tried first, then
+// every other key, so a signature with an empty or foreign key ID still
+// counts. The work is bounded: at most len(keys) verifications per distinct
+// signature, and Decode caps signatures at MaxSignatures.
+func (e *Envelope) Signers(keys []TrustedKey) []int {
 	pae := PAE(e.PayloadType, e.Payload)
-	var accepted []TrustedKey
-	seen := make(map[string]bool)
-	check := func(k TrustedKey, sig []byte) bool {
-		if seen[string(k.Key)] || len(k.Key) != ed25519.PublicKeySize {
-			return false
-		}
-		if ed25519.Verify(k.Key, pae, sig) {
-			seen[string(k.Key)] = true
-			accepted = append(accepted, k)
-			return true
-		}
-		return false
-	}
-	for _, s := range e.Signatures {
-		matched := false
-		for _, k := range trusted {
-			if s.KeyID != "" && k.ID == s.KeyID {
-				matched = true
-				check(k, s.Sig)
-			}
-		}
-		if matched || len(trusted) > MaxSignatures {
+	out := make([]int, len(e.Signatures))
+	done := map[string]int{} // signature bytes already resolved
+	for i, s := range e.Signatures {
+		if j, ok := done[string(s.Sig)]; ok {
+			out[i] = j
 			continue
 		}
-		for _, k := range trusted {
-			if check(k, s.Sig) {
+		out[i] = -1
+		order := make([]int, 0, len(keys))
+		for j, k := range keys {
+			if s.KeyID != "" && k.ID == s.KeyID {
+				order = append([]int{j}, order...)
+			} else {
+				order = append(order, j)
+			}
+		}
+		for _, j := range order {
+			k := keys[j]
+			if len(k.Key) == ed25519.PublicKeySize && ed25519.Verify(k.Key, pae, s.Sig) {
+				out[i] = j
 				break
 			}
 		}
+		done[string(s.Sig)] = out[i]
+	}
+	return out
+}
+
+// Verify returns the distinct trusted keys with a valid signature on the
+// envelope, in signature order (see Signers for how key IDs are used). Bad
+// signatures are skipped, not fatal: callers decide whether the keys
+// returned meet their threshold. Each key counts once.
+func (e *Envelope) Verify(trusted []TrustedKey) []TrustedKey {
+	var accepted []TrustedKey
+	seen := make(map[string]bool)
+	for _, j := range e.Signers(trusted) {
+		if j < 0 || seen[string(trusted[j].Key)] {
+			continue
+		}
+		seen[string(trusted[j].Key)] = true
+		accepted = append(accepted, trusted[j])
 	}
 	return accepted
 }

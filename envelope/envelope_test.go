@@ -194,7 +194,9 @@ func TestParse_Rejects(t *testing.T) {
 		wantMsg string
 	}{
 		{"not json", []byte("{"), ReasonMalformed, "not valid DSSE JSON"},
-		{"unknown envelope field", []byte(`{"payloadType":"x","payload":"","signatures":[],"extra":1}`), ReasonMalformed, "unknown field"},
+		{"envelope key twice", []byte(`{"payloadType":"x","payload":"","payloadType":"y","signatures":[]}`), ReasonMalformed, "twice"},
+		{"signature key twice", []byte(`{"payloadType":"x","payload":"","signatures":[{"keyid":"a","sig":"","sig":"AA=="}]}`), ReasonMalformed, "twice"},
+		{"envelope not an object", []byte(`[1]`), ReasonMalformed, "not a JSON object"},
 		{"trailing data", []byte(`{"payloadType":"x","payload":"","signatures":[]} {}`), ReasonMalformed, "trailing"},
 		{"bad base64", []byte(`{"payloadType":"x","payload":"!!!","signatures":[]}`), ReasonMalformed, "not base64"},
 		{"wrong type", []byte(`{"payloadType":"text/plain","payload":"aGk=","signatures":[]}`), ReasonPayloadType, "payloadType"},
@@ -229,7 +231,13 @@ func TestParse_Rejects(t *testing.T) {
 			e.Sign(k.ID, k.Private)
 			raw, _ := json.Marshal(e)
 			return raw
-		}(), ReasonMalformed, "unknown field"},
+		}(), ReasonMalformed, "unknown key"},
+		{"job key twice", signPayload(`{"name":"t","script":"x := 1","script":"x := 2","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "twice"},
+		{"job key case variant", signPayload(`{"name":"t","script":"x := 1","Script":"x := 2","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "case-sensitive"},
+		{"job key upper case only", signPayload(`{"name":"t","SCRIPT":"x := 1","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "case-sensitive"},
+		{"args key twice", signPayload(`{"name":"t","script":"x := 1","site":"local","args":{"who":"a","n":{"x":1},"who":"b"},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "twice"},
+		{"resources case variant", signPayload(`{"name":"t","script":"x := 1","site":"local","resources":{"CPU":2},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "case-sensitive"},
+		{"args too deep", signPayload(`{"name":"t","script":"x := 1","site":"local","args":{"a":` + strings.Repeat("[", maxJSONDepth) + strings.Repeat("]", maxJSONDepth) + `},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "levels deep"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, _, err := Parse(tc.data)
@@ -243,6 +251,41 @@ func TestParse_Rejects(t *testing.T) {
 				t.Errorf("errors.Is(err, Reason %q) = false", tc.want)
 			}
 		})
+	}
+}
+
+// signPayload signs a hand-written job payload with a fixed key.
+func signPayload(payload string) []byte {
+	k := keys.FromSeed(bytes.Repeat([]byte{9}, 32))
+	e := New(PayloadType, []byte(payload))
+	e.Sign(k.ID, k.Private)
+	raw, _ := json.Marshal(e)
+	return raw
+}
+
+// TestParse_Limits: each bound of the payload decoder, just inside and
+// just outside.
+func TestParse_Limits(t *testing.T) {
+	payload := func(args string) string {
+		return `{"name":"t","script":"x := 1","site":"local","args":` + args + `,"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`
+	}
+	// The job object is one level, args a second: maxJSONDepth-2 more fit.
+	inside := `{"a":` + strings.Repeat("[", maxJSONDepth-2) + strings.Repeat("]", maxJSONDepth-2) + `}`
+	outside := `{"a":` + strings.Repeat("[", maxJSONDepth-1) + strings.Repeat("]", maxJSONDepth-1) + `}`
+	if _, _, err := Parse(signPayload(payload(inside))); err != nil {
+		t.Errorf("args %d levels deep: %v, want accepted", maxJSONDepth, err)
+	}
+	if _, _, err := Parse(signPayload(payload(outside))); ReasonOf(err) != ReasonMalformed {
+		t.Errorf("args %d levels deep: %v, want malformed", maxJSONDepth+1, err)
+	}
+	// Members DSSE does not define are ignored, at the top and in signatures.
+	var env map[string]any
+	json.Unmarshal(signPayload(payload(`{}`)), &env)
+	env["extension"] = map[string]any{"kind": "x"}
+	env["signatures"].([]any)[0].(map[string]any)["note"] = "hi"
+	raw, _ := json.Marshal(env)
+	if _, _, err := Parse(raw); err != nil {
+		t.Errorf("envelope with unknown members: %v, want accepted", err)
 	}
 }
 

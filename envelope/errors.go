@@ -21,6 +21,8 @@ const (
 	ReasonRoleNotAllowed  Reason = "role_not_allowed" // signer's role may not sign for the site
 	ReasonBelowThreshold  Reason = "below_threshold"  // fewer valid signers than the site requires
 	ReasonWrongSite       Reason = "wrong_site"       // job names another site, or an unknown one
+	ReasonWrongNode       Reason = "wrong_node"       // job is pinned to another node
+	ReasonIDMismatch      Reason = "id_mismatch"      // the carrier's job ID is not the envelope's (swapped in transit)
 	ReasonReplayed        Reason = "replayed"         // nonce already used by another job
 	ReasonScriptInvalid   Reason = "script_invalid"   // script does not compile
 	ReasonForbiddenImport Reason = "forbidden_import" // script imports a module outside the sandbox

@@ -222,11 +222,35 @@ func (j *Job) Sign(k *keys.Key) (*Envelope, error) {
 }
 
 // Job decodes and validates the envelope's payload as a writ job. It checks
-// the payloadType first, decodes strictly (unknown fields are errors) and then
-// applies Validate. It does not verify signatures.
+// the payloadType first, decodes strictly (unknown, repeated and
+// case-variant member names are errors, reason malformed) and then applies
+// Validate. It does not verify signatures.
 func (e *Envelope) Job() (*Job, error) {
 	if e.PayloadType != PayloadType {
 		return nil, &Error{Reason: ReasonPayloadType, Msg: fmt.Sprintf("payloadType is %q, want %q", e.PayloadType, PayloadType)}
+	}
+	// Every reader of the payload must see the same job: no name twice at
+	// any depth, and member names exactly as Job spells them (Go matches
+	// them case-insensitively, so "Script" beside "script" would run one
+	// and show reviewers the other).
+	if err := checkDuplicateKeys(e.Payload); err != nil {
+		return nil, &Error{Reason: ReasonMalformed, Msg: "job payload: " + err.Error()}
+	}
+	obj, err := members(e.Payload)
+	if err != nil {
+		return nil, &Error{Reason: ReasonMalformed, Msg: "job payload: " + err.Error()}
+	}
+	if err := checkExactNames(obj, jobNames, "job payload"); err != nil {
+		return nil, &Error{Reason: ReasonMalformed, Msg: err.Error()}
+	}
+	if raw, ok := obj["resources"]; ok && string(raw) != "null" {
+		res, err := members(raw)
+		if err != nil {
+			return nil, &Error{Reason: ReasonMalformed, Msg: "job payload resources: " + err.Error()}
+		}
+		if err := checkExactNames(res, resourcesNames, "job payload resources"); err != nil {
+			return nil, &Error{Reason: ReasonMalformed, Msg: err.Error()}
+		}
 	}
 	dec := json.NewDecoder(bytes.NewReader(e.Payload))
 	dec.DisallowUnknownFields()

@@ -181,6 +181,13 @@ func (t *Trust) Has(keyID string) bool {
 // *envelope.Error naming the most specific problem: unknown_key,
 // revoked_key, bad_signature, role_not_allowed or below_threshold. It does
 // not check the job's time window or site (see envelope.Job).
+//
+// A signature's key ID only says which key to try first (DSSE: it must not
+// decide anything): a signature with an empty or foreign key ID is tried
+// against every key of the site, so it counts when a registered key made
+// it. That bounds the work to len(signatures) × len(keys) verifications.
+// Revoked, disabled and role-less keys are tried too, so a signature they
+// made is refused for that reason and not as unknown.
 func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 	if len(env.Signatures) == 0 {
 		return nil, envelope.Refuse(envelope.ReasonNoSignature, "envelope carries no signatures")
@@ -189,18 +196,29 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 	for _, r := range t.Site.Policy.Roles {
 		allowed[r] = true
 	}
-	var candidates []envelope.TrustedKey
+	all := make([]envelope.TrustedKey, len(t.Signers))
+	for i := range t.Signers {
+		all[i] = envelope.TrustedKey{ID: t.Signers[i].KeyID, Key: t.Signers[i].pub}
+	}
 	var problem error
 	note := func(err error) {
 		if problem == nil {
 			problem = err
 		}
 	}
-	for _, sig := range env.Signatures {
-		s, ok := t.byID[sig.KeyID]
+	users := map[string]bool{}
+	for i, j := range env.Signers(all) {
+		hint := env.Signatures[i].KeyID
+		if j < 0 {
+			if _, known := t.byID[hint]; known {
+				note(envelope.Refuse(envelope.ReasonBadSignature, fmt.Sprintf("signature by key %s (user %s) does not verify: the job was altered or signed with another key", hint, t.byID[hint].User)))
+			} else {
+				note(envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("signature %d (key id %q) was made by no key registered for site %s", i, hint, t.Site.Name)))
+			}
+			continue
+		}
+		s := &t.Signers[j]
 		switch {
-		case !ok:
-			note(envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("key %s is not registered for site %s", sig.KeyID, t.Site.Name)))
 		case s.Revoked:
 			note(envelope.Refuse(envelope.ReasonRevokedKey, fmt.Sprintf("key %s of user %s was revoked", s.KeyID, s.User)))
 		case s.Disabled:
@@ -208,25 +226,7 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 		case !allowed[s.Role]:
 			note(envelope.Refuse(envelope.ReasonRoleNotAllowed, fmt.Sprintf("user %s has role %q on site %s, which may not sign jobs (allowed: %s)", s.User, s.Role, t.Site.Name, strings.Join(t.Site.Policy.Roles, ", "))))
 		default:
-			candidates = append(candidates, envelope.TrustedKey{ID: s.KeyID, Key: s.pub})
-		}
-	}
-	accepted := env.Verify(candidates)
-	users := map[string]bool{}
-	for _, k := range accepted {
-		users[t.byID[k.ID].User] = true
-	}
-	if len(accepted) < len(candidates) {
-		// Some candidate key did not verify; name the first one.
-		ok := map[string]bool{}
-		for _, k := range accepted {
-			ok[k.ID] = true
-		}
-		for _, c := range candidates {
-			if !ok[c.ID] {
-				note(envelope.Refuse(envelope.ReasonBadSignature, fmt.Sprintf("signature by key %s (user %s) does not verify: the job was altered or signed with another key", c.ID, t.byID[c.ID].User)))
-				break
-			}
+			users[s.User] = true
 		}
 	}
 	names := make([]string, 0, len(users))

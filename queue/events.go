@@ -8,47 +8,9 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/writ-fleet/writ/job"
 )
-
-// EventType is what happened to a job.
-type EventType string
-
-// Event types, in the order a job usually sees them.
-const (
-	EventQueued    EventType = "queued"    // supervisor accepted and enqueued it
-	EventRejected  EventType = "rejected"  // refused before running (reason says why)
-	EventStarted   EventType = "started"   // a runner began a run
-	EventLog       EventType = "log"       // the script wrote a log line
-	EventRetrying  EventType = "retrying"  // a run failed and will be retried
-	EventSucceeded EventType = "succeeded" // a run finished; result is set
-	EventFailed    EventType = "failed"    // the job failed for good
-)
-
-// String implements fmt.Stringer.
-func (t EventType) String() string { return string(t) }
-
-// Terminal reports whether the event ends the job.
-func (t EventType) Terminal() bool {
-	return t == EventRejected || t == EventSucceeded || t == EventFailed
-}
-
-// Event is one entry of a site's event stream.
-type Event struct {
-	// Seq is the stream entry ID ("ms-seq"), set when read back.
-	Seq     string          `json:"seq,omitempty"`
-	Job     string          `json:"job"`
-	Type    EventType       `json:"type"`
-	At      time.Time       `json:"at"`
-	Name    string          `json:"name,omitempty"`
-	Site    string          `json:"site,omitempty"`
-	Node    string          `json:"node,omitempty"`
-	Attempt int             `json:"attempt,omitempty"`
-	Level   string          `json:"level,omitempty"`
-	Message string          `json:"message,omitempty"`
-	Reason  string          `json:"reason,omitempty"`
-	Error   string          `json:"error,omitempty"`
-	Result  json.RawMessage `json:"result,omitempty"`
-}
 
 // EventStreamMaxLen bounds a site's event stream (approximately).
 const EventStreamMaxLen = 1_000_000
@@ -56,7 +18,7 @@ const EventStreamMaxLen = 1_000_000
 func eventStream(site string) string { return "writ:site:" + site + ":events" }
 
 // Publish appends events to site's stream in one round trip.
-func (r *Redis) Publish(ctx context.Context, site string, events ...Event) error {
+func (r *Redis) Publish(ctx context.Context, site string, events ...job.Event) error {
 	if len(events) == 0 {
 		return nil
 	}
@@ -68,7 +30,7 @@ func (r *Redis) Publish(ctx context.Context, site string, events ...Event) error
 	return nil
 }
 
-func publishPipe(ctx context.Context, pipe redis.Pipeliner, site string, events []Event) {
+func publishPipe(ctx context.Context, pipe redis.Pipeliner, site string, events []job.Event) {
 	for _, ev := range events {
 		ev.Seq = ""
 		b, _ := json.Marshal(ev)
@@ -115,14 +77,14 @@ func (r *Redis) ReadRawEvents(ctx context.Context, site, after string, count int
 
 // ReadEvents is ReadRawEvents with the events decoded (entries that are not
 // writ events are skipped).
-func (r *Redis) ReadEvents(ctx context.Context, site, after string, count int64, block time.Duration) ([]Event, error) {
+func (r *Redis) ReadEvents(ctx context.Context, site, after string, count int64, block time.Duration) ([]job.Event, error) {
 	raws, err := r.ReadRawEvents(ctx, site, after, count, block)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]Event, 0, len(raws))
+	out := make([]job.Event, 0, len(raws))
 	for _, raw := range raws {
-		var ev Event
+		var ev job.Event
 		if err := json.Unmarshal(raw.JSON, &ev); err != nil {
 			continue
 		}

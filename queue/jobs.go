@@ -10,65 +10,9 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/writ-fleet/writ/job"
 )
-
-// State is a job's state as coord tracks it.
-type State string
-
-// Job states.
-const (
-	StatePending   State = "pending"   // accepted by coord, supervisor not reached yet
-	StateQueued    State = "queued"    // enqueued by the site's supervisor
-	StateRunning   State = "running"   // a runner is running it
-	StateRetrying  State = "retrying"  // a run failed; another will follow
-	StateSucceeded State = "succeeded" // done; result is set
-	StateFailed    State = "failed"    // failed for good; error and reason say why
-	StateRejected  State = "rejected"  // refused before running; reason says why
-)
-
-// String implements fmt.Stringer.
-func (s State) String() string { return string(s) }
-
-// Terminal reports whether the job is over.
-func (s State) Terminal() bool {
-	return s == StateSucceeded || s == StateFailed || s == StateRejected
-}
-
-// stateOf maps an event to the state it moves the job to ("" for none).
-func stateOf(t EventType) State {
-	switch t {
-	case EventQueued:
-		return StateQueued
-	case EventRejected:
-		return StateRejected
-	case EventStarted:
-		return StateRunning
-	case EventRetrying:
-		return StateRetrying
-	case EventSucceeded:
-		return StateSucceeded
-	case EventFailed:
-		return StateFailed
-	}
-	return ""
-}
-
-// Job is coord's record of a job.
-type Job struct {
-	ID          string          `json:"id"`
-	Name        string          `json:"name"`
-	Site        string          `json:"site"`
-	Node        string          `json:"node,omitempty"`
-	State       State           `json:"state"`
-	Reason      string          `json:"reason,omitempty"`
-	Error       string          `json:"error,omitempty"`
-	Attempts    int             `json:"attempts"`
-	SubmittedAt time.Time       `json:"submitted_at"`
-	QueuedAt    *time.Time      `json:"queued_at,omitempty"`
-	StartedAt   *time.Time      `json:"started_at,omitempty"`
-	FinishedAt  *time.Time      `json:"finished_at,omitempty"`
-	Result      json.RawMessage `json:"result,omitempty"`
-}
 
 // DefaultJobRetention is how long coord keeps a job's record.
 const DefaultJobRetention = 7 * 24 * time.Hour
@@ -142,7 +86,7 @@ return 1
 
 // NewJobRecord is a job coord has just accepted or rejected.
 type NewJobRecord struct {
-	Job Job
+	Job job.Record
 	// Envelope is kept for redelivery while State is pending.
 	Envelope []byte
 }
@@ -151,7 +95,7 @@ type NewJobRecord struct {
 // earlier submission or an event already set, and returns for each the
 // state it already had ("" when it was new).
 // Pending jobs are also put on the delivery list, due at once.
-func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention time.Duration) ([]State, error) {
+func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention time.Duration) ([]job.State, error) {
 	if retention == 0 {
 		retention = DefaultJobRetention
 	}
@@ -166,7 +110,7 @@ func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention t
 				args = append(args, "reason", j.Reason, "error", j.Error)
 			}
 			cmds[i] = createJob.Run(ctx, pipe, []string{jobKey(j.ID), jobsIndex, siteIndex(j.Site)}, args...)
-			if j.State == StatePending {
+			if j.State == job.StatePending {
 				pipe.HSet(ctx, pendingEnvs, j.ID, rec.Envelope)
 				pipe.ZAddNX(ctx, pendingDue, redis.Z{Score: float64(time.Now().UnixMilli()), Member: j.ID})
 			}
@@ -175,28 +119,22 @@ func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention t
 	if err != nil {
 		return nil, fmt.Errorf("record jobs: %w", err)
 	}
-	out := make([]State, len(recs))
+	out := make([]job.State, len(recs))
 	for i, c := range cmds {
 		s, err := c.Text()
 		if err != nil {
 			return nil, fmt.Errorf("record job: %w", err)
 		}
-		out[i] = State(s)
+		out[i] = job.State(s)
 	}
 	return out, nil
-}
-
-// SetState overwrites a job's state, reason and error (coord uses it for a
-// pending job its supervisor refused).
-func (r *Redis) SetState(ctx context.Context, id string, s State, reason, msg string) error {
-	return r.rdb.HSet(ctx, jobKey(id), "state", string(s), "reason", reason, "error", msg).Err()
 }
 
 // ApplyEvents applies events of site to job records and advances the site's
 // cursor to the last one, in one round trip and one script call. The script
 // touches many keys, so a Redis Cluster deployment must keep coord's keys in
 // one slot (coord's Redis is its own; the sites' Redis may be clustered).
-func (r *Redis) ApplyEvents(ctx context.Context, site string, events []Event, retention time.Duration) error {
+func (r *Redis) ApplyEvents(ctx context.Context, site string, events []job.Event, retention time.Duration) error {
 	if len(events) == 0 {
 		return nil
 	}
@@ -209,19 +147,19 @@ func (r *Redis) ApplyEvents(ctx context.Context, site string, events []Event, re
 		raw, _ := json.Marshal(ev)
 		at := ev.At.UTC().Format(timeFieldLayer)
 		var fields []any
-		if s := stateOf(ev.Type); s != "" {
+		if s := job.StateOf(ev.Type); s != "" {
 			fields = append(fields, "state", string(s))
 		}
 		switch ev.Type {
-		case EventQueued:
+		case job.EventQueued:
 			fields = append(fields, "queued_at", at)
-		case EventStarted:
+		case job.EventStarted:
 			fields = append(fields, "started_at", at, "node", ev.Node, "attempts", ev.Attempt)
-		case EventRetrying:
+		case job.EventRetrying:
 			fields = append(fields, "error", ev.Error, "reason", ev.Reason)
-		case EventSucceeded:
+		case job.EventSucceeded:
 			fields = append(fields, "finished_at", at, "result", string(ev.Result), "error", "", "reason", "")
-		case EventFailed, EventRejected:
+		case job.EventFailed, job.EventRejected:
 			fields = append(fields, "finished_at", at, "error", ev.Error, "reason", ev.Reason)
 		}
 		keysList = append(keysList, jobKey(ev.Job), jobEventsKey(ev.Job))
@@ -273,7 +211,7 @@ func (r *Redis) Cursor(ctx context.Context, site string) (string, error) {
 var ErrNoJob = errors.New("no such job")
 
 // GetJob returns a job record.
-func (r *Redis) GetJob(ctx context.Context, id string) (*Job, error) {
+func (r *Redis) GetJob(ctx context.Context, id string) (*job.Record, error) {
 	m, err := r.rdb.HGetAll(ctx, jobKey(id)).Result()
 	if err != nil {
 		return nil, fmt.Errorf("get job: %w", err)
@@ -284,7 +222,7 @@ func (r *Redis) GetJob(ctx context.Context, id string) (*Job, error) {
 	return jobFromHash(m), nil
 }
 
-func jobFromHash(m map[string]string) *Job {
+func jobFromHash(m map[string]string) *job.Record {
 	t := func(k string) *time.Time {
 		v, ok := m[k]
 		if !ok || v == "" {
@@ -296,7 +234,7 @@ func jobFromHash(m map[string]string) *Job {
 		}
 		return &tt
 	}
-	j := &Job{ID: m["id"], Name: m["name"], Site: m["site"], Node: m["node"], State: State(m["state"]),
+	j := &job.Record{ID: m["id"], Name: m["name"], Site: m["site"], Node: m["node"], State: job.State(m["state"]),
 		Reason: m["reason"], Error: m["error"], QueuedAt: t("queued_at"), StartedAt: t("started_at"), FinishedAt: t("finished_at")}
 	if s := t("submitted_at"); s != nil {
 		j.SubmittedAt = *s
@@ -309,14 +247,14 @@ func jobFromHash(m map[string]string) *Job {
 }
 
 // JobEvents returns a job's recorded events, oldest first.
-func (r *Redis) JobEvents(ctx context.Context, id string) ([]Event, error) {
+func (r *Redis) JobEvents(ctx context.Context, id string) ([]job.Event, error) {
 	raws, err := r.rdb.LRange(ctx, jobEventsKey(id), 0, -1).Result()
 	if err != nil {
 		return nil, fmt.Errorf("job events: %w", err)
 	}
-	out := make([]Event, 0, len(raws))
+	out := make([]job.Event, 0, len(raws))
 	for _, raw := range raws {
-		var ev Event
+		var ev job.Event
 		if json.Unmarshal([]byte(raw), &ev) == nil {
 			out = append(out, ev)
 		}
@@ -327,7 +265,7 @@ func (r *Redis) JobEvents(ctx context.Context, id string) ([]Event, error) {
 // ListFilter selects jobs for ListJobs.
 type ListFilter struct {
 	Site  string
-	State State
+	State job.State
 	// Before pages backwards: only jobs submitted before this cursor (as
 	// returned in NextBefore); 0 means from the newest.
 	Before int64
@@ -337,7 +275,7 @@ type ListFilter struct {
 // ListJobs returns jobs newest first and the cursor of the next page (0
 // when there is none). A state filter is applied while scanning, at most
 // 20 pages deep.
-func (r *Redis) ListJobs(ctx context.Context, f ListFilter) ([]Job, int64, error) {
+func (r *Redis) ListJobs(ctx context.Context, f ListFilter) ([]job.Record, int64, error) {
 	if f.Limit <= 0 || f.Limit > 1000 {
 		f.Limit = 100
 	}
@@ -349,7 +287,7 @@ func (r *Redis) ListJobs(ctx context.Context, f ListFilter) ([]Job, int64, error
 	if f.Before > 0 {
 		max = "(" + strconv.FormatInt(f.Before, 10)
 	}
-	var out []Job
+	var out []job.Record
 	for scans := 0; scans < 20 && len(out) < f.Limit; scans++ {
 		zs, err := r.rdb.ZRevRangeByScoreWithScores(ctx, index, &redis.ZRangeBy{Max: max, Min: "-inf", Count: int64(f.Limit)}).Result()
 		if err != nil {
@@ -461,7 +399,7 @@ return 1
 `)
 
 // ResolvePending records the verdict on a job that was pending delivery.
-func (r *Redis) ResolvePending(ctx context.Context, id string, s State, reason, msg string) error {
+func (r *Redis) ResolvePending(ctx context.Context, id string, s job.State, reason, msg string) error {
 	return r.execScripts(ctx, func(pipe redis.Pipeliner) {
 		resolvePending.Run(ctx, pipe, []string{jobKey(id)}, string(s), reason, msg)
 	})

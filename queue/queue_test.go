@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 )
 
 func connect(t *testing.T) *Redis {
@@ -118,15 +119,15 @@ func TestRedis_EventsAndJobs(t *testing.T) {
 	// Events may arrive before coord writes the record: the record must
 	// end up complete either way.
 	if err := r.Publish(ctx, "s",
-		Event{Job: "j1", Type: EventQueued, At: now},
-		Event{Job: "j1", Type: EventStarted, At: now, Node: "n1", Attempt: 1},
-		Event{Job: "j1", Type: EventLog, At: now, Level: "info", Message: "hi"},
-		Event{Job: "j1", Type: EventSucceeded, At: now, Result: []byte(`{"ok":true}`)},
+		job.Event{Job: "j1", Type: job.EventQueued, At: now},
+		job.Event{Job: "j1", Type: job.EventStarted, At: now, Node: "n1", Attempt: 1},
+		job.Event{Job: "j1", Type: job.EventLog, At: now, Level: "info", Message: "hi"},
+		job.Event{Job: "j1", Type: job.EventSucceeded, At: now, Result: []byte(`{"ok":true}`)},
 	); err != nil {
 		t.Fatal(err)
 	}
 	// The supervisor's "queued" can come after a fast runner's events.
-	if err := r.Publish(ctx, "s", Event{Job: "j1", Type: EventQueued, At: now}); err != nil {
+	if err := r.Publish(ctx, "s", job.Event{Job: "j1", Type: job.EventQueued, At: now}); err != nil {
 		t.Fatal(err)
 	}
 	evs, err := r.ReadEvents(ctx, "s", "0", 100, 0)
@@ -140,15 +141,15 @@ func TestRedis_EventsAndJobs(t *testing.T) {
 	if err := r.ApplyEvents(ctx, "s", evs, 0); err != nil {
 		t.Fatal(err)
 	}
-	prev, err := r.CreateJobs(ctx, []NewJobRecord{{Job: Job{ID: "j1", Name: "hello", Site: "s", State: StateQueued, SubmittedAt: now}}}, 0)
-	if err != nil || prev[0] != StateSucceeded {
+	prev, err := r.CreateJobs(ctx, []NewJobRecord{{Job: job.Record{ID: "j1", Name: "hello", Site: "s", State: job.StateQueued, SubmittedAt: now}}}, 0)
+	if err != nil || prev[0] != job.StateSucceeded {
 		t.Fatalf("CreateJobs = %v, %v; want existing state succeeded", prev, err)
 	}
 	j, err := r.GetJob(ctx, "j1")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if j.State != StateSucceeded || j.Name != "hello" || j.Node != "n1" || j.Attempts != 1 || string(j.Result) != `{"ok":true}` || j.StartedAt == nil {
+	if j.State != job.StateSucceeded || j.Name != "hello" || j.Node != "n1" || j.Attempts != 1 || string(j.Result) != `{"ok":true}` || j.StartedAt == nil {
 		t.Errorf("GetJob = %+v", j)
 	}
 	hist, _ := r.JobEvents(ctx, "j1")
@@ -165,11 +166,11 @@ func TestRedis_EventsAndJobs(t *testing.T) {
 	// Listing with filters and pages.
 	var recs []NewJobRecord
 	for i := 0; i < 25; i++ {
-		st := StateQueued
+		st := job.StateQueued
 		if i%5 == 0 {
-			st = StateRejected
+			st = job.StateRejected
 		}
-		recs = append(recs, NewJobRecord{Job: Job{ID: fmt.Sprintf("k%02d", i), Name: "k", Site: "t", State: st, SubmittedAt: now.Add(time.Duration(i) * time.Millisecond)}})
+		recs = append(recs, NewJobRecord{Job: job.Record{ID: fmt.Sprintf("k%02d", i), Name: "k", Site: "t", State: st, SubmittedAt: now.Add(time.Duration(i) * time.Millisecond)}})
 	}
 	if _, err := r.CreateJobs(ctx, recs, 0); err != nil {
 		t.Fatal(err)
@@ -182,12 +183,12 @@ func TestRedis_EventsAndJobs(t *testing.T) {
 	if len(page2) != 10 || page2[0].ID != "k14" {
 		t.Errorf("ListJobs page 2 first = %v", page2)
 	}
-	rej, _, _ := r.ListJobs(ctx, ListFilter{Site: "t", State: StateRejected, Limit: 100})
+	rej, _, _ := r.ListJobs(ctx, ListFilter{Site: "t", State: job.StateRejected, Limit: 100})
 	if len(rej) != 5 {
 		t.Errorf("rejected jobs = %d, want 5", len(rej))
 	}
 	// Pending deliveries.
-	if _, err := r.CreateJobs(ctx, []NewJobRecord{{Job: Job{ID: "p1", Site: "s", State: StatePending, SubmittedAt: now}, Envelope: []byte("ENV")}}, 0); err != nil {
+	if _, err := r.CreateJobs(ctx, []NewJobRecord{{Job: job.Record{ID: "p1", Site: "s", State: job.StatePending, SubmittedAt: now}, Envelope: []byte("ENV")}}, 0); err != nil {
 		t.Fatal(err)
 	}
 	due, _ := r.DuePending(ctx, time.Now().Add(time.Second), 10)

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/writ-fleet/writ/job"
 )
 
 // Admission is what the replay guard knows about a job's nonce.
@@ -76,7 +78,7 @@ func (r *Redis) Admit(ctx context.Context, claims []Claim) ([]Admission, error) 
 
 // Queued marks claims as enqueued and publishes their events, in one round
 // trip.
-func (r *Redis) Queued(ctx context.Context, site string, claims []Claim, events []Event) error {
+func (r *Redis) Queued(ctx context.Context, site string, claims []Claim, events []job.Event) error {
 	pipe := r.rdb.Pipeline()
 	for _, c := range claims {
 		pipe.SetArgs(ctx, nonceKey(c.Site, c.Nonce), c.JobID+queuedMark, redis.SetArgs{KeepTTL: true})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
 )
 
@@ -39,7 +40,7 @@ func (rp *reaper) once(ctx context.Context) {
 		r.p.Log.Warn("look for lost jobs", "err", err)
 	}
 	for _, t := range lost {
-		ev := queue.Event{Job: t.ID, Type: queue.EventFailed, At: r.p.Now(), Site: r.p.Site, Attempt: t.Attempts,
+		ev := job.Event{Job: t.ID, Type: job.EventFailed, At: r.p.Now(), Site: r.p.Site, Attempt: t.Attempts,
 			Reason: "runner_lost", Error: "the runner running this job stopped mid-run and no retries were left"}
 		if err := r.p.Redis.Publish(ctx, r.p.Site, ev); err != nil {
 			r.p.Log.Error("report lost job", "job", t.ID, "err", err)

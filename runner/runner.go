@@ -19,16 +19,15 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/writ-fleet/writ/internal/stack"
-
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/writ-fleet/writ/envelope"
-	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/internal/stack"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // Defaults for Params.
@@ -43,7 +42,7 @@ type Params struct {
 	Site    string             // required
 	Node    string             // required: this node's ID
 	Redis   *queue.Redis       // required: the site's Redis
-	Trust   *ledger.TrustCache // required
+	Trust   verify.TrustSource // required: *ledger.TrustCache
 	Scripts *scripts.Engine    // required
 	Log     *slog.Logger       // required
 	Metrics *prometheus.Registry
@@ -148,19 +147,19 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 			err = rep.finish(nil, fail("panic", fmt.Errorf("panic: %v at %s", p, stack.PanicSite())))
 		}
 	}()
-	job, f := r.verify(ctx, d)
+	spec, f := r.verify(ctx, d)
 	if f != nil {
 		return rep.finish(nil, f)
 	}
-	rep.emit(queue.Event{Type: queue.EventStarted, Node: r.p.Node, Attempt: d.Attempt, Name: job.Name})
+	rep.emit(job.Event{Type: job.EventStarted, Node: r.p.Node, Attempt: d.Attempt, Name: spec.Name})
 
-	runCtx, cancel := scripts.WithTimeout(ctx, job.RunTimeout())
+	runCtx, cancel := scripts.WithTimeout(ctx, spec.RunTimeout())
 	defer cancel()
 	stopFlush := rep.flushLoop()
 	start := time.Now()
-	out, runErr := r.p.Scripts.Run(runCtx, job.Script, scripts.Input{
-		JobID: d.ID, Name: job.Name, Site: r.p.Site, Node: r.p.Node,
-		Args: job.Args, Attempt: d.Attempt, Log: rep.log,
+	out, runErr := r.p.Scripts.Run(runCtx, spec.Script, scripts.Input{
+		JobID: d.ID, Name: spec.Name, Site: r.p.Site, Node: r.p.Node,
+		Args: spec.Args, Attempt: d.Attempt, Log: rep.log,
 	})
 	r.runTime.Observe(time.Since(start).Seconds())
 	stopFlush()
@@ -170,36 +169,18 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	return rep.finish(out.Result, nil)
 }
 
-// verify decodes the envelope and checks it as the supervisor did.
+// verify checks the delivery as the supervisor did (verify.Job), and that
+// it is this node's to run and the queue entry carries the envelope it
+// names. A ledger it cannot reach is retried; every refusal is final.
 func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*envelope.Job, *failure) {
-	env, job, err := envelope.Parse(d.Envelope)
+	_, c, err := verify.Job(ctx, r.p.Trust, d.Envelope, verify.Target{Site: r.p.Site, Node: r.p.Node, ID: d.ID}, r.p.Now())
+	if verify.Retry(err) {
+		return nil, retry(verify.ReasonUnavailable, err)
+	}
 	if err != nil {
-		return nil, fail(string(envelope.ReasonOf(err)), err)
+		return nil, fail(verify.Reason(err), err)
 	}
-	if env.ID() != d.ID {
-		return nil, fail("id_mismatch", fmt.Errorf("task id %s does not match the envelope's job id %s: the queue entry was altered", d.ID, env.ID()))
-	}
-	if job.Site != r.p.Site && !job.AnySite {
-		return nil, fail(string(envelope.ReasonWrongSite), fmt.Errorf("job is for site %q, this runner serves %q", job.Site, r.p.Site))
-	}
-	if job.Node != "" && job.Node != r.p.Node {
-		return nil, fail(string(envelope.ReasonWrongSite), fmt.Errorf("job is pinned to node %q, this is %q", job.Node, r.p.Node))
-	}
-	if err := job.CheckTime(r.p.Now()); err != nil {
-		return nil, fail(string(envelope.ReasonOf(err)), err)
-	}
-	keyIDs := make([]string, len(env.Signatures))
-	for i, s := range env.Signatures {
-		keyIDs[i] = s.KeyID
-	}
-	trust, err := r.p.Trust.Get(ctx, r.p.Site, keyIDs...)
-	if err != nil {
-		return nil, retry("ledger_unavailable", err)
-	}
-	if _, err := trust.Authorize(env); err != nil {
-		return nil, fail(string(envelope.ReasonOf(err)), err)
-	}
-	return job, nil
+	return c.Job, nil
 }
 
 // classify sorts a script failure into retry or fail.
@@ -227,10 +208,10 @@ type reporter struct {
 	d queue.Delivery
 
 	mu      sync.Mutex
-	pending []queue.Event // guarded by mu
+	pending []job.Event // guarded by mu
 }
 
-func (rep *reporter) emit(ev queue.Event) {
+func (rep *reporter) emit(ev job.Event) {
 	ev.Job, ev.Site = rep.d.ID, rep.r.p.Site
 	if ev.At.IsZero() {
 		ev.At = rep.r.p.Now()
@@ -244,7 +225,7 @@ func (rep *reporter) emit(ev queue.Event) {
 }
 
 func (rep *reporter) log(level, line string) {
-	rep.emit(queue.Event{Type: queue.EventLog, Level: level, Message: line, Attempt: rep.d.Attempt})
+	rep.emit(job.Event{Type: job.EventLog, Level: level, Message: line, Attempt: rep.d.Attempt})
 }
 
 // flush sends pending events. Publishing must finish even when the job's
@@ -295,20 +276,20 @@ func (rep *reporter) flushLoop() func() {
 func (rep *reporter) finish(result []byte, f *failure) error {
 	r := rep.r
 	if f == nil {
-		rep.emit(queue.Event{Type: queue.EventSucceeded, Node: r.p.Node, Attempt: rep.d.Attempt, Result: result})
+		rep.emit(job.Event{Type: job.EventSucceeded, Node: r.p.Node, Attempt: rep.d.Attempt, Result: result})
 		rep.flush()
 		r.jobs.WithLabelValues(r.p.Site, "succeeded", "").Inc()
 		return nil
 	}
 	log := r.p.Log.With("job", rep.d.ID, "attempt", rep.d.Attempt, "reason", f.reason, "err", f.err)
 	if f.outcome == queue.Retry && !rep.d.LastAttempt() {
-		rep.emit(queue.Event{Type: queue.EventRetrying, Node: r.p.Node, Attempt: rep.d.Attempt, Reason: f.reason, Error: f.err.Error()})
+		rep.emit(job.Event{Type: job.EventRetrying, Node: r.p.Node, Attempt: rep.d.Attempt, Reason: f.reason, Error: f.err.Error()})
 		rep.flush()
 		r.jobs.WithLabelValues(r.p.Site, "retrying", f.reason).Inc()
 		log.Warn("job run failed; will retry")
 		return f.err
 	}
-	rep.emit(queue.Event{Type: queue.EventFailed, Node: r.p.Node, Attempt: rep.d.Attempt, Reason: f.reason, Error: f.err.Error()})
+	rep.emit(job.Event{Type: job.EventFailed, Node: r.p.Node, Attempt: rep.d.Attempt, Reason: f.reason, Error: f.err.Error()})
 	rep.flush()
 	r.jobs.WithLabelValues(r.p.Site, "failed", f.reason).Inc()
 	log.Info("job failed")

@@ -10,6 +10,7 @@ import (
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
@@ -61,13 +62,13 @@ func (f *fixture) enqueue(tb testing.TB, script, node string, mutate func(*envel
 }
 
 // terminal collects the terminal event of each job from the site stream.
-func (f *fixture) terminal(tb testing.TB, ids []string, timeout time.Duration) map[string]queue.Event {
+func (f *fixture) terminal(tb testing.TB, ids []string, timeout time.Duration) map[string]job.Event {
 	tb.Helper()
 	want := map[string]bool{}
 	for _, id := range ids {
 		want[id] = true
 	}
-	out := map[string]queue.Event{}
+	out := map[string]job.Event{}
 	after := "0"
 	deadline := time.Now().Add(timeout)
 	for len(out) < len(want) {
@@ -107,16 +108,16 @@ func TestRunner_Handle(t *testing.T) {
 	got := f.terminal(t, []string{ok, pinned, other, expired, timeout, crashed}, 30*time.Second)
 	for _, tc := range []struct {
 		id     string
-		typ    queue.EventType
+		typ    job.EventType
 		reason string
 		result string
 	}{
-		{ok, queue.EventSucceeded, "", `"n1"`},
-		{pinned, queue.EventSucceeded, "", `"pinned"`},
-		{other, queue.EventFailed, "wrong_site", ""},
-		{expired, queue.EventFailed, "expired", ""},
-		{timeout, queue.EventFailed, "timeout", ""},
-		{crashed, queue.EventFailed, "script_error", ""},
+		{ok, job.EventSucceeded, "", `"n1"`},
+		{pinned, job.EventSucceeded, "", `"pinned"`},
+		{other, job.EventFailed, "wrong_site", ""},
+		{expired, job.EventFailed, "expired", ""},
+		{timeout, job.EventFailed, "timeout", ""},
+		{crashed, job.EventFailed, "script_error", ""},
 	} {
 		ev := got[tc.id]
 		if ev.Type != tc.typ || ev.Reason != tc.reason || (tc.result != "" && string(ev.Result) != tc.result) {

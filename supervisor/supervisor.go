@@ -30,42 +30,16 @@ import (
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/httpapi"
-	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
-)
-
-// Bounds of one batch request.
-const (
-	// MaxBatch bounds the envelopes in one batch request.
-	MaxBatch = 512
-	// MaxBatchBytes bounds a batch request's body; coord splits batches to
-	// stay under it.
-	MaxBatchBytes = 16 << 20
-)
-
-// Verdict is the supervisor's answer for one envelope.
-type Verdict struct {
-	ID     string `json:"id,omitempty"`
-	State  string `json:"state"` // queued, duplicate or rejected
-	Reason string `json:"reason,omitempty"`
-	Error  string `json:"error,omitempty"`
-	// Retry is set when the job could not be judged for a passing reason
-	// (Redis or the ledger unreachable): submit it again later.
-	Retry bool `json:"retry,omitempty"`
-}
-
-// Verdict states.
-const (
-	VerdictQueued    = "queued"
-	VerdictDuplicate = "duplicate"
-	VerdictRejected  = "rejected"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // Params are a Supervisor's dependencies.
 type Params struct {
 	Site    string             // required: the site this supervisor serves
-	Trust   *ledger.TrustCache // required
+	Trust   verify.TrustSource // required: *ledger.TrustCache
 	Redis   *queue.Redis       // required: the site's Redis
 	Scripts *scripts.Engine    // required: validates scripts
 	Log     *slog.Logger       // required
@@ -132,27 +106,6 @@ func (s *Supervisor) Handler() http.Handler {
 	return r
 }
 
-// Status returns the HTTP status that answers a verdict.
-func Status(v Verdict) int {
-	if v.State != VerdictRejected {
-		return http.StatusAccepted
-	}
-	if v.Retry {
-		return http.StatusServiceUnavailable
-	}
-	switch envelope.Reason(v.Reason) {
-	case envelope.ReasonTooLarge:
-		return http.StatusRequestEntityTooLarge
-	case envelope.ReasonMalformed, envelope.ReasonPayloadType, envelope.ReasonInvalidJob:
-		return http.StatusBadRequest
-	case envelope.ReasonReplayed:
-		return http.StatusConflict
-	case envelope.ReasonScriptInvalid, envelope.ReasonForbiddenImport, envelope.ReasonExpired, envelope.ReasonNotYetValid, envelope.ReasonWrongSite:
-		return http.StatusUnprocessableEntity
-	}
-	return http.StatusForbidden
-}
-
 func (s *Supervisor) postJob(w http.ResponseWriter, r *http.Request) {
 	body, err := httpapi.ReadBody(r, envelope.MaxEnvelopeBytes)
 	if err != nil {
@@ -160,11 +113,11 @@ func (s *Supervisor) postJob(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	v := s.Submit(r.Context(), [][]byte{body})[0]
-	httpapi.JSON(w, Status(v), v)
+	httpapi.JSON(w, job.Status(v), v)
 }
 
 func (s *Supervisor) postBatch(w http.ResponseWriter, r *http.Request) {
-	body, err := httpapi.ReadBody(r, MaxBatchBytes)
+	body, err := httpapi.ReadBody(r, job.MaxBatchBytes)
 	if err != nil {
 		httpapi.Fail(w, err)
 		return
@@ -174,34 +127,20 @@ func (s *Supervisor) postBatch(w http.ResponseWriter, r *http.Request) {
 		httpapi.Fail(w, &httpapi.Error{Status: http.StatusBadRequest, Reason: "malformed", Msg: "batch must be a JSON array of envelopes: " + err.Error()})
 		return
 	}
-	if len(raws) > MaxBatch {
-		httpapi.Fail(w, &httpapi.Error{Status: http.StatusRequestEntityTooLarge, Reason: "too_large", Msg: fmt.Sprintf("batch has %d envelopes, the limit is %d", len(raws), MaxBatch)})
+	if len(raws) > job.MaxBatch {
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusRequestEntityTooLarge, Reason: "too_large", Msg: fmt.Sprintf("batch has %d envelopes, the limit is %d", len(raws), job.MaxBatch)})
 		return
 	}
 	in := make([][]byte, len(raws))
 	places := make([]string, len(raws))
 	for i, raw := range raws {
 		in[i] = raw
-		var item placed
+		var item job.Placed
 		if bytes.Contains(raw[:min(len(raw), 16)], []byte(`"place"`)) && json.Unmarshal(raw, &item) == nil && len(item.Envelope) > 0 {
 			in[i], places[i] = item.Envelope, item.Place
 		}
 	}
 	httpapi.JSON(w, http.StatusOK, s.submit(r.Context(), in, places))
-}
-
-// placed is a batch item that carries coord's placement of a job that
-// pins no node: {"place": NODE, "envelope": {...}}. The placement only
-// routes the job to the node's queue; it is not signed and grants nothing.
-type placed struct {
-	Place    string          `json:"place"`
-	Envelope json.RawMessage `json:"envelope"`
-}
-
-// PlacedItem is the batch item for an envelope placed on node.
-func PlacedItem(node string, raw []byte) []byte {
-	b, _ := json.Marshal(placed{Place: node, Envelope: raw})
-	return b
 }
 
 // candidate is an envelope that passed the checks that need no Redis.
@@ -217,15 +156,15 @@ type candidate struct {
 // Submit judges a batch of envelopes and enqueues the accepted ones. It
 // returns one verdict per envelope, in order. Checks run in parallel; Redis
 // work is pipelined across the batch.
-func (s *Supervisor) Submit(ctx context.Context, raws [][]byte) []Verdict {
+func (s *Supervisor) Submit(ctx context.Context, raws [][]byte) []job.Verdict {
 	return s.submit(ctx, raws, make([]string, len(raws)))
 }
 
 // submit is Submit with coord's placements (places[i] is "" for none).
-func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string) []Verdict {
+func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string) []job.Verdict {
 	start := time.Now()
 	defer func() { s.admitDur.Observe(time.Since(start).Seconds()) }()
-	out := make([]Verdict, len(raws))
+	out := make([]job.Verdict, len(raws))
 	cands := make([]*candidate, len(raws))
 	now := s.p.Now()
 
@@ -272,7 +211,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 	adm, err := s.p.Redis.Admit(ctx, claims)
 	if err != nil {
 		for _, c := range live {
-			out[c.idx] = Verdict{ID: c.id, State: VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+			out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
 		}
 		s.count(out)
 		return out
@@ -288,7 +227,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 			out[c.idx] = rejected(c.id, envelope.Refuse(envelope.ReasonReplayed, "nonce "+c.job.Nonce+" was already used by another job"))
 			continue
 		case queue.AdmitDuplicate:
-			out[c.idx] = Verdict{ID: c.id, State: VerdictDuplicate}
+			out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictDuplicate}
 			continue
 		}
 		eg.Go(func() error {
@@ -305,11 +244,11 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 			})
 			switch {
 			case err != nil:
-				out[c.idx] = Verdict{ID: c.id, State: VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
 			case dup:
-				out[c.idx] = Verdict{ID: c.id, State: VerdictDuplicate}
+				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictDuplicate}
 			default:
-				out[c.idx] = Verdict{ID: c.id, State: VerdictQueued}
+				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictQueued}
 			}
 			return nil
 		})
@@ -318,18 +257,18 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 
 	// Stage 4: mark enqueued claims and publish queued events together.
 	var done []queue.Claim
-	var events []queue.Event
+	var events []job.Event
 	for _, c := range live {
 		v := out[c.idx]
-		if v.State == VerdictQueued || v.State == VerdictDuplicate {
+		if v.State == job.VerdictQueued || v.State == job.VerdictDuplicate {
 			done = append(done, c.claim)
 		}
-		if v.State == VerdictQueued {
+		if v.State == job.VerdictQueued {
 			node := c.job.Node
 			if node == "" {
 				node = c.place
 			}
-			events = append(events, queue.Event{Job: c.id, Type: queue.EventQueued, At: now, Name: c.job.Name, Site: s.p.Site, Node: node})
+			events = append(events, job.Event{Job: c.id, Type: job.EventQueued, At: now, Name: c.job.Name, Site: s.p.Site, Node: node})
 		}
 	}
 	if len(done) > 0 {
@@ -344,62 +283,33 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 	return out
 }
 
-func rejected(id string, err error) Verdict {
-	return Verdict{ID: id, State: VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
+func rejected(id string, err error) job.Verdict {
+	return job.Verdict{ID: id, State: job.VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
 }
 
-func (s *Supervisor) count(out []Verdict) {
+func (s *Supervisor) count(out []job.Verdict) {
 	for _, v := range out {
 		s.jobs.WithLabelValues(s.p.Site, v.State, v.Reason).Inc()
-		if v.State == VerdictRejected && !v.Retry {
+		if v.State == job.VerdictRejected && !v.Retry {
 			s.verifies.WithLabelValues(s.p.Site, v.Reason).Inc()
 			s.p.Log.Info("job rejected", "job", v.ID, "reason", v.Reason, "error", v.Error)
 		}
 	}
 }
 
-// check runs every check that needs no Redis: decoding, site, time window,
-// signatures and policy, script compilation.
-func (s *Supervisor) check(ctx context.Context, raw []byte, now time.Time) (*candidate, Verdict) {
-	env, job, err := envelope.Parse(raw)
+// check runs every check that needs no Redis: the one verification every
+// service runs (verify.Job: decoding, site, time window, signatures and
+// policy), then script compilation.
+func (s *Supervisor) check(ctx context.Context, raw []byte, now time.Time) (*candidate, job.Verdict) {
+	id, c, err := verify.Job(ctx, s.p.Trust, raw, verify.Target{Site: s.p.Site}, now)
+	if verify.Retry(err) {
+		return nil, job.Verdict{ID: id, State: job.VerdictRejected, Reason: verify.ReasonUnavailable, Error: err.Error(), Retry: true}
+	}
 	if err != nil {
-		id := ""
-		if env != nil {
-			id = env.ID()
-		} else if e, derr := envelope.Decode(raw); derr == nil {
-			id = e.ID()
-		}
 		return nil, rejected(id, err)
 	}
-	id := env.ID()
-	// A job for any site is this site's once coord routed it here: the
-	// signers said so, and the site's own policy is checked below.
-	if job.Site != s.p.Site && !job.AnySite {
-		msg := fmt.Sprintf("job is for site %q but this supervisor serves %q", job.Site, s.p.Site)
-		if job.Site == "" {
-			msg = "job names no site; this supervisor serves " + s.p.Site
-		}
-		return nil, rejected(id, envelope.Refuse(envelope.ReasonWrongSite, msg))
-	}
-	if err := job.CheckTime(now); err != nil {
+	if err := s.p.Scripts.Check(c.Job.Script); err != nil {
 		return nil, rejected(id, err)
 	}
-	keyIDs := make([]string, len(env.Signatures))
-	for i, sig := range env.Signatures {
-		keyIDs[i] = sig.KeyID
-	}
-	trust, err := s.p.Trust.Get(ctx, s.p.Site, keyIDs...)
-	if err != nil {
-		if ledger.NotFound(err) {
-			return nil, rejected(id, envelope.Refuse(envelope.ReasonWrongSite, "site "+s.p.Site+" is not registered in the ledger"))
-		}
-		return nil, Verdict{ID: id, State: VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
-	}
-	if _, err := trust.Authorize(env); err != nil {
-		return nil, rejected(id, err)
-	}
-	if err := s.p.Scripts.Check(job.Script); err != nil {
-		return nil, rejected(id, err)
-	}
-	return &candidate{raw: raw, job: job, id: id, claim: queue.Claim{Site: s.p.Site, Nonce: job.Nonce, JobID: id, Until: job.Expires}}, Verdict{}
+	return &candidate{raw: raw, job: c.Job, id: id, claim: queue.Claim{Site: s.p.Site, Nonce: c.Job.Nonce, JobID: id, Until: c.Job.Expires}}, job.Verdict{}
 }

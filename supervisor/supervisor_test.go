@@ -13,6 +13,7 @@ import (
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
@@ -62,7 +63,7 @@ func TestSupervisor_Submit(t *testing.T) {
 		b, _ := j2.Sign(admin)
 		ra, _ := json.Marshal(a)
 		replay, _ = json.Marshal(b)
-		if v := sup.Submit(ctx, [][]byte{ra})[0]; v.State != VerdictQueued {
+		if v := sup.Submit(ctx, [][]byte{ra})[0]; v.State != job.VerdictQueued {
 			t.Fatalf("first of the nonce pair = %+v", v)
 		}
 	}
@@ -71,16 +72,16 @@ func TestSupervisor_Submit(t *testing.T) {
 	// The same envelope twice in one batch: its two copies are enqueued
 	// concurrently, so either may be the one queued; the other must be a
 	// duplicate.
-	if a, b := got[0].State, got[1].State; !(a == VerdictQueued && b == VerdictDuplicate || a == VerdictDuplicate && b == VerdictQueued) {
+	if a, b := got[0].State, got[1].State; !(a == job.VerdictQueued && b == job.VerdictDuplicate || a == job.VerdictDuplicate && b == job.VerdictQueued) {
 		t.Errorf("the same envelope twice in a batch = %s and %s, want one queued and one duplicate", a, b)
 	}
 	want := []struct{ state, reason string }{
 		{"", ""},
 		{"", ""},
-		{VerdictRejected, string(envelope.ReasonReplayed)},
-		{VerdictQueued, ""},
-		{VerdictRejected, string(envelope.ReasonMalformed)},
-		{VerdictRejected, string(envelope.ReasonWrongSite)},
+		{job.VerdictRejected, string(envelope.ReasonReplayed)},
+		{job.VerdictQueued, ""},
+		{job.VerdictRejected, string(envelope.ReasonMalformed)},
+		{job.VerdictRejected, string(envelope.ReasonWrongSite)},
 	}
 	for i, w := range want {
 		if w.state == "" {
@@ -91,7 +92,7 @@ func TestSupervisor_Submit(t *testing.T) {
 		}
 	}
 	// Once more, later: a duplicate, enqueued nowhere.
-	if v := sup.Submit(ctx, [][]byte{good})[0]; v.State != VerdictDuplicate {
+	if v := sup.Submit(ctx, [][]byte{good})[0]; v.State != job.VerdictDuplicate {
 		t.Errorf("resubmission = %+v, want duplicate", v)
 	}
 	depth, err := rdb.QueueDepth(queue.SiteQueue("s"), queue.NodeQueue("n7"))

@@ -32,6 +32,7 @@ import (
 	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/redisproc"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/queue"
 )
@@ -418,11 +419,11 @@ func oneJob(cl *coord.Client, raw []byte) (time.Duration, error) {
 		end := time.Now()
 		stages.add(j.SubmittedAt.Sub(start), j.QueuedAt.Sub(j.SubmittedAt), j.StartedAt.Sub(*j.QueuedAt), j.FinishedAt.Sub(*j.StartedAt), end.Sub(*j.FinishedAt))
 	}
-	if j.State != queue.StateSucceeded {
+	if j.State != job.StateSucceeded {
 		var evs []string
 		wctx, wcancel := context.WithTimeout(context.Background(), 2*time.Second)
 		defer wcancel()
-		cl.Watch(wctx, rep.ID, func(ev queue.Event) bool { evs = append(evs, string(ev.Type)+"@"+ev.Seq); return true })
+		cl.Watch(wctx, rep.ID, func(ev job.Event) bool { evs = append(evs, string(ev.Type)+"@"+ev.Seq); return true })
 		return 0, fmt.Errorf("job %s ended %s: %s (submit reply %+v; events %v)", rep.ID, j.State, j.Error, rep, evs)
 	}
 	return time.Since(start), nil

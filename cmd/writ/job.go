@@ -15,6 +15,7 @@ import (
 
 	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
 )
 
@@ -310,7 +311,7 @@ func jobListCommand() *cobra.Command {
 
 // Run lists jobs.
 func (c *jobListCmd) Run(ctx context.Context, _ []string) error {
-	rep, err := (&coord.Client{BaseURL: c.coord}).Jobs(ctx, queue.ListFilter{Site: c.site, State: queue.State(c.state), Limit: c.limit})
+	rep, err := (&coord.Client{BaseURL: c.coord}).Jobs(ctx, queue.ListFilter{Site: c.site, State: job.State(c.state), Limit: c.limit})
 	if err != nil {
 		return err
 	}
@@ -356,10 +357,10 @@ func watch(ctx context.Context, cl *coord.Client, id string) error {
 		return err
 	}
 	switch last.Type {
-	case queue.EventSucceeded:
+	case job.EventSucceeded:
 		os.Stdout.Write(append(prettyJSON(last.Result), '\n'))
 		return nil
-	case queue.EventFailed, queue.EventRejected:
+	case job.EventFailed, job.EventRejected:
 		return &exitError{code: 1}
 	}
 	return errors.New("event stream ended before the job did")
@@ -367,25 +368,25 @@ func watch(ctx context.Context, cl *coord.Client, id string) error {
 
 // follow watches a job to its end and returns its last event; verbose
 // prints progress and log lines to stderr, else only failures.
-func follow(ctx context.Context, cl *coord.Client, id string, verbose bool) (queue.Event, error) {
-	var last queue.Event
-	err := cl.Watch(ctx, id, func(ev queue.Event) bool {
+func follow(ctx context.Context, cl *coord.Client, id string, verbose bool) (job.Event, error) {
+	var last job.Event
+	err := cl.Watch(ctx, id, func(ev job.Event) bool {
 		last = ev
-		if !verbose && ev.Type != queue.EventFailed && ev.Type != queue.EventRejected {
+		if !verbose && ev.Type != job.EventFailed && ev.Type != job.EventRejected {
 			return true
 		}
 		switch ev.Type {
-		case queue.EventLog:
+		case job.EventLog:
 			fmt.Fprintf(os.Stderr, "  %s %s\n", ev.Level, ev.Message)
-		case queue.EventStarted:
+		case job.EventStarted:
 			fmt.Fprintf(os.Stderr, "● started on %s (attempt %d)\n", ev.Node, ev.Attempt)
-		case queue.EventRetrying:
+		case job.EventRetrying:
 			fmt.Fprintf(os.Stderr, "↻ attempt %d failed, will retry: %s\n", ev.Attempt, ev.Error)
-		case queue.EventSucceeded:
+		case job.EventSucceeded:
 			fmt.Fprintf(os.Stderr, "✔ succeeded\n")
-		case queue.EventFailed:
+		case job.EventFailed:
 			fmt.Fprintf(os.Stderr, "✘ failed (%s): %s\n", ev.Reason, ev.Error)
-		case queue.EventRejected:
+		case job.EventRejected:
 			fmt.Fprintf(os.Stderr, "✘ rejected (%s): %s\n", ev.Reason, ev.Error)
 		default:
 			fmt.Fprintf(os.Stderr, "● %s\n", ev.Type)

@@ -12,7 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/writ-fleet/writ/coord"
-	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/job"
 )
 
 // vmCmd asks a node about its VMs. Each question is a small signed job
@@ -106,7 +106,7 @@ func (c *vmCmd) Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	if last.Type != queue.EventSucceeded {
+	if last.Type != job.EventSucceeded {
 		return &exitError{code: 1}
 	}
 	switch {

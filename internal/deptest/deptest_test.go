@@ -48,6 +48,36 @@ var rules = []struct {
 	{"keys", []string{module + "/"}, "keys is a leaf"},
 	{"httpsig", []string{module + "/ledger", module + "/queue", module + "/coord"}, "request signing is a leaf"},
 	{"ledger", []string{module + "/queue", module + "/coord", module + "/supervisor", module + "/runner"}, "the ledger does not depend on the job path"},
+	// No service imports another: what they share (job states, events,
+	// verdicts, the one verification) lives in job and verify.
+	{"coord", []string{module + "/supervisor", module + "/runner", module + "/identity", module + "/scripts", module + "/sal/"}, "no service imports another service, and coord runs no scripts"},
+	{"supervisor", []string{module + "/coord", module + "/runner", module + "/identity"}, "no service imports another service"},
+	{"runner", []string{module + "/coord", module + "/supervisor", module + "/identity"}, "no service imports another service"},
+	{"identity", []string{module + "/coord", module + "/supervisor", module + "/runner"}, "no service imports another service"},
+	{"job", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "job is data every side shares"},
+	{"verify", []string{module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "the one verification needs only the envelope and the ledger's trust"},
+}
+
+// heavy are modules coord must not link: it routes and records jobs, and
+// runs no script or host layer (a coord that imported the supervisor once
+// pulled all of these in).
+var heavy = []string{"github.com/d5/tengo", "github.com/google/nftables", "github.com/vishvananda/netlink", "github.com/containerd/btrfs", "github.com/diskfs/go-diskfs"}
+
+func TestCoordIsLight(t *testing.T) {
+	for _, p := range listPackages(t) {
+		if p.ImportPath != module+"/coord" {
+			continue
+		}
+		for _, d := range p.Deps {
+			for _, h := range heavy {
+				if strings.HasPrefix(d, h) {
+					t.Errorf("coord depends on %s", d)
+				}
+			}
+		}
+		return
+	}
+	t.Fatal("package coord not found")
 }
 
 func TestLayering(t *testing.T) {

@@ -1,0 +1,145 @@
+// Package verify is the one check of a signed job. coord runs it before it
+// routes a job, the supervisor before it enqueues one, and the runner again
+// before it runs one (neither coord, Redis nor the network is trusted to
+// carry a job unaltered), so the three cannot disagree about a job.
+//
+// Job decodes the envelope strictly, checks it is for the site (and node)
+// doing the check and inside its validity window, and authorizes its
+// signatures against the site's keys and policy from the ledger. Every
+// outcome has one rule:
+//
+//   - accepted: a *Checked with the job and the users who signed it;
+//   - refused: an *envelope.Error whose reason says why (malformed,
+//     wrong_site, expired, unknown_key, below_threshold, …). Refusals are
+//     final: the same bytes are refused again, anywhere. A site the ledger
+//     does not know (HTTP 404) is refused as wrong_site;
+//   - not judged: an error wrapping ErrUnavailable (the ledger could not be
+//     reached and no usable snapshot was at hand). Try again later.
+package verify
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/ledger"
+)
+
+// ErrUnavailable marks a check that could not be finished for a passing
+// reason; the job was not judged.
+var ErrUnavailable = errors.New("ledger unavailable")
+
+// ReasonUnavailable is the reason recorded for ErrUnavailable.
+const ReasonUnavailable = "ledger_unavailable"
+
+// TrustSource gives a site's trust snapshot; *ledger.TrustCache is one.
+// keyIDs are the signatures' key IDs, so a key the snapshot does not know
+// yet can refresh it. A site the ledger does not know is an error for which
+// ledger.NotFound is true.
+type TrustSource interface {
+	Get(ctx context.Context, site string, keyIDs ...string) (*ledger.Trust, error)
+}
+
+var _ TrustSource = (*ledger.TrustCache)(nil)
+
+// Target is who is checking: the job must be theirs to take.
+type Target struct {
+	// Site is the site the checker serves (coord: the site it routes to).
+	// A job for another site is refused unless it allows any site.
+	Site string
+	// Node, when set, is the node that would run the job: a job pinned to
+	// another node is refused.
+	Node string
+	// ID, when set, is the job ID the carrier claims (a queue task's ID):
+	// an envelope with another ID was swapped in transit.
+	ID string
+}
+
+// Checked is an accepted job.
+type Checked struct {
+	ID       string
+	Envelope *envelope.Envelope
+	Job      *envelope.Job
+	// Signers are the distinct users whose signatures counted.
+	Signers []string
+}
+
+// Job checks raw against t at time now (see the package doc for the
+// outcomes). The returned ID is the envelope's job ID whenever raw is a
+// DSSE envelope at all, also when the job is refused, so refusals can be
+// recorded against it; it is "" otherwise.
+func Job(ctx context.Context, trust TrustSource, raw []byte, t Target, now time.Time) (id string, c *Checked, err error) {
+	env, err := envelope.Decode(raw)
+	if err != nil {
+		return "", nil, err
+	}
+	id = env.ID()
+	c, err = check(ctx, trust, env, t, now)
+	return id, c, err
+}
+
+// Envelope is Job for an envelope already decoded.
+func Envelope(ctx context.Context, trust TrustSource, env *envelope.Envelope, t Target, now time.Time) (*Checked, error) {
+	return check(ctx, trust, env, t, now)
+}
+
+func check(ctx context.Context, trust TrustSource, env *envelope.Envelope, t Target, now time.Time) (*Checked, error) {
+	id := env.ID()
+	spec, err := env.Job()
+	if err != nil {
+		return nil, err
+	}
+	if len(env.Signatures) == 0 {
+		return nil, envelope.Refuse(envelope.ReasonNoSignature, "envelope carries no signatures")
+	}
+	if t.ID != "" && t.ID != id {
+		return nil, envelope.Refuse(envelope.ReasonIDMismatch, fmt.Sprintf("the carrier says job %s but the envelope is job %s: it was altered or swapped in transit", t.ID, id))
+	}
+	switch {
+	case spec.AnySite:
+		// Any site whose policy the signers satisfy: the policy check
+		// below decides.
+	case spec.Site == "":
+		return nil, envelope.Refuse(envelope.ReasonWrongSite, fmt.Sprintf("job names no site (it pins node %s); name the node's site too", spec.Node))
+	case spec.Site != t.Site:
+		return nil, envelope.Refuse(envelope.ReasonWrongSite, fmt.Sprintf("job is for site %q, not %q", spec.Site, t.Site))
+	}
+	if t.Node != "" && spec.Node != "" && spec.Node != t.Node {
+		return nil, envelope.Refuse(envelope.ReasonWrongNode, fmt.Sprintf("job is pinned to node %q, not %q", spec.Node, t.Node))
+	}
+	if err := spec.CheckTime(now); err != nil {
+		return nil, err
+	}
+	keyIDs := make([]string, len(env.Signatures))
+	for i, s := range env.Signatures {
+		keyIDs[i] = s.KeyID
+	}
+	snap, err := trust.Get(ctx, t.Site, keyIDs...)
+	if ledger.NotFound(err) {
+		return nil, envelope.Refuse(envelope.ReasonWrongSite, "site "+t.Site+" is not registered in the ledger")
+	}
+	if err != nil {
+		// Anything else (unreachable, a 5xx, a cancelled request) says
+		// nothing about the job.
+		return nil, fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	signers, err := snap.Authorize(env)
+	if err != nil {
+		return nil, err
+	}
+	return &Checked{ID: id, Envelope: env, Job: spec, Signers: signers}, nil
+}
+
+// Reason is the reason string of a Job error: the refusal's reason, or
+// ReasonUnavailable.
+func Reason(err error) string {
+	if errors.Is(err, ErrUnavailable) {
+		return ReasonUnavailable
+	}
+	return string(envelope.ReasonOf(err))
+}
+
+// Retry reports whether a Job error means "not judged, try again later".
+func Retry(err error) bool { return errors.Is(err, ErrUnavailable) }
