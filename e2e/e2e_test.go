@@ -568,3 +568,49 @@ job.result({volumes: len(storage.volumes()), image: storage.image("http://127.0.
 		t.Error("the pool is still mounted after the runner stopped")
 	}
 }
+
+// TestFleet_DSSEInterop: envelopes made by another DSSE implementation
+// (go-securesystemslib) run: with an empty keyid, with its own keyid, and
+// with a top-level member DSSE does not define. A payload that names a key
+// twice in different case is refused as malformed, by coord already.
+func TestFleet_DSSEInterop(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t)
+	f.startAll()
+	ctx := context.Background()
+	payload := func(name string) []byte {
+		j := envelope.NewJob(name, `job := import("job"); job.result(job.args.n * 2)`, "local", time.Now())
+		j.Args = json.RawMessage(`{"n":21}`)
+		p, err := json.Marshal(j)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	extra := func(raw []byte) []byte {
+		var m map[string]any
+		json.Unmarshal(raw, &m)
+		m["extension"] = map[string]any{"note": "ignored by consumers"}
+		out, _ := json.Marshal(m)
+		return out
+	}
+	for name, raw := range map[string][]byte{
+		"empty keyid":     testenv.SSLibSign(t, f.admin, envelope.PayloadType, payload("empty keyid"), ""),
+		"sslib keyid":     testenv.SSLibSign(t, f.admin, envelope.PayloadType, payload("sslib keyid"), testenv.SSLibKeyIDDefault),
+		"extra top-level": extra(testenv.SSLibSign(t, f.admin, envelope.PayloadType, payload("extra"), "")),
+	} {
+		rep, err := f.client().Submit(ctx, raw)
+		if err != nil {
+			t.Fatalf("%s: submit = %v", name, err)
+		}
+		if j := f.waitJob(rep.ID, 30*time.Second); j.State != job.StateSucceeded || string(j.Result) != "42" {
+			t.Errorf("%s: job = %s result %s (%s %s), want succeeded with 42", name, j.State, j.Result, j.Reason, j.Error)
+		}
+	}
+	variant := []byte(strings.Replace(string(payload("variant")), `"script":`, `"Script":"x := 1","script":`, 1))
+	_, err := f.client().Submit(ctx, testenv.SSLibSign(t, f.admin, envelope.PayloadType, variant, ""))
+	var re *coord.RejectedError
+	if !errors.As(err, &re) || re.Reply.Reason != string(envelope.ReasonMalformed) || !strings.Contains(re.Reply.Error, "case-sensitive") {
+		t.Errorf("case-variant payload = %v, want refused malformed", err)
+	}
+}

@@ -213,7 +213,7 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 			if _, known := t.byID[hint]; known {
 				note(envelope.Refuse(envelope.ReasonBadSignature, fmt.Sprintf("signature by key %s (user %s) does not verify: the job was altered or signed with another key", hint, t.byID[hint].User)))
 			} else {
-				note(envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("signature %d (key id %q) was made by no key registered for site %s", i, hint, t.Site.Name)))
+				note(envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("signature %d (key id %q) is by a key not registered for site %s", i, hint, t.Site.Name)))
 			}
 			continue
 		}

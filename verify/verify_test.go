@@ -8,9 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/secure-systems-lab/go-securesystemslib/dsse"
-	"github.com/secure-systems-lab/go-securesystemslib/signerverifier"
-
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
@@ -18,41 +15,11 @@ import (
 	"github.com/writ-fleet/writ/verify"
 )
 
-// sslibSign signs payload with k through go-securesystemslib's DSSE
-// implementation, an independent one. keyID "default" keeps the keyid
-// securesystemslib computes for the key; anything else replaces it.
 func sslibSign(t *testing.T, k *keys.Key, payload []byte, keyID string) []byte {
-	t.Helper()
-	pemBytes, err := k.Marshal()
-	if err != nil {
-		t.Fatal(err)
+	if keyID == "default" {
+		keyID = testenv.SSLibKeyIDDefault
 	}
-	sk, err := signerverifier.LoadKey(pemBytes)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if keyID != "default" {
-		sk.KeyID = keyID
-	} else if sk.KeyID == "" || sk.KeyID == k.ID {
-		t.Fatalf("securesystemslib's default keyid %q is not its own", sk.KeyID)
-	}
-	sv, err := signerverifier.NewED25519SignerVerifierFromSSLibKey(sk)
-	if err != nil {
-		t.Fatal(err)
-	}
-	es, err := dsse.NewEnvelopeSigner(sv)
-	if err != nil {
-		t.Fatal(err)
-	}
-	env, err := es.SignPayload(context.Background(), envelope.PayloadType, payload)
-	if err != nil {
-		t.Fatal(err)
-	}
-	raw, err := json.Marshal(env)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return raw
+	return testenv.SSLibSign(t, k, envelope.PayloadType, payload, keyID)
 }
 
 func TestJob(t *testing.T) {
