@@ -33,7 +33,7 @@ func newFixture(tb testing.TB, concurrency int) *fixture {
 	}
 	tb.Cleanup(func() { rdb.Close() })
 	r, err := New(Params{Site: "s", Node: "n1", Redis: rdb, Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}},
-		Scripts: scripts.New(scripts.Config{}, nil), Log: log, Concurrency: concurrency})
+		Scripts: scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})), Log: log, Concurrency: concurrency})
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -104,8 +104,14 @@ func TestRunner_Handle(t *testing.T) {
 	})
 	timeout := f.enqueue(t, `for {}`, "", func(j *envelope.Job) { j.Timeout = envelope.Duration(300 * time.Millisecond) })
 	crashed := f.enqueue(t, `x := 1; y := x.nope()`, "", nil)
+	// A job pinned to another node that reached this one (through the site
+	// queue) is refused.
+	elsewhere := f.enqueue(t, `x := 1`, "", func(j *envelope.Job) { j.Node = "n2" })
+	// A runner without the storage layer cannot run a storage job: that is
+	// the host's unavailability, retried (here: no retries left, so failed).
+	noPool := f.enqueue(t, `storage := import("storage"); storage.volumes()`, "", func(j *envelope.Job) { j.MaxRetries = 0 })
 
-	got := f.terminal(t, []string{ok, pinned, other, expired, timeout, crashed}, 30*time.Second)
+	got := f.terminal(t, []string{ok, pinned, other, expired, timeout, crashed, elsewhere, noPool}, 30*time.Second)
 	for _, tc := range []struct {
 		id     string
 		typ    job.EventType
@@ -118,6 +124,8 @@ func TestRunner_Handle(t *testing.T) {
 		{expired, job.EventFailed, "expired", ""},
 		{timeout, job.EventFailed, "timeout", ""},
 		{crashed, job.EventFailed, "script_error", ""},
+		{elsewhere, job.EventFailed, "wrong_node", ""},
+		{noPool, job.EventFailed, "transient", ""},
 	} {
 		ev := got[tc.id]
 		if ev.Type != tc.typ || ev.Reason != tc.reason || (tc.result != "" && string(ev.Result) != tc.result) {

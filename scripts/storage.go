@@ -197,9 +197,12 @@ func toObject(v any) (tengo.Object, error) {
 }
 
 // hostFunc is a module function over a host layer: it checks the number
-// of arguments (a script bug, so a run error), reports unavailable (a
-// runner without that layer) or fn's failure as an error value the script
-// can check with is_error, and converts fn's result to Tengo.
+// of arguments (a script bug, so a run error), reports fn's failure as an
+// error value the script can check with is_error, and converts fn's result
+// to Tengo. A runner without the layer (unavailable) stops the run with an
+// error wrapping ErrTransient: the node cannot do this job, another run
+// (on another node of the site, or this one once it has the layer) may, so
+// the runner retries it up to the job's max_retries.
 func hostFunc(rc *Run, module, name string, minArgs, maxArgs int, unavailable error, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
 	return Func(name, func(args ...tengo.Object) (tengo.Object, error) {
 		if len(args) < minArgs || len(args) > maxArgs {
@@ -210,7 +213,7 @@ func hostFunc(rc *Run, module, name string, minArgs, maxArgs int, unavailable er
 			return nil, fmt.Errorf("%s.%s takes %s arguments, got %d", module, name, want, len(args))
 		}
 		if unavailable != nil {
-			return errValue(unavailable), nil
+			return nil, rc.Fail(fmt.Errorf("%w: %s.%s: %v", ErrTransient, module, name, unavailable))
 		}
 		v, err := fn(rc.Context(), args)
 		if err != nil {
