@@ -151,7 +151,11 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		}
 		sub.place, sub.rec.Job.Node = node, node
 	}
-	v, err := c.forwarderFor(site).submit(r.Context(), sub)
+	var v job.Verdict
+	f, err := c.forwarderFor(r.Context(), site)
+	if err == nil {
+		v, err = f.submit(r.Context(), sub)
+	}
 	if err != nil || v.State == job.VerdictRejected {
 		c.placer.release(id)
 	}

@@ -16,10 +16,12 @@
 //
 // # Background duties
 //
-// Each is its own type and file: forwarder (one per site, batches
-// submissions to the supervisor), follower (one per site, applies the
-// site's events to job records), deliverer (retries pending deliveries), and
-// hub (wakes waiters when their job changes).
+// Each is its own type and file, built from a params struct of exactly
+// what it uses, and run under Coord.Run (which writes down the shutdown
+// order): forwarder (one per site, batches submissions to the supervisor),
+// follower (one per site, applies the site's events to job records),
+// deliverer (retries pending deliveries), and hub (wakes waiters when their
+// job changes).
 package coord
 
 import (
@@ -35,6 +37,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/verify"
@@ -67,21 +70,24 @@ type Params struct {
 	Now       func() time.Time // optional, time.Now
 }
 
-// Coord is the front door.
+// Coord is the front door. Its background duties are the fields below the
+// API's own state; Run starts them all and they end with it.
 type Coord struct {
-	p         Params
-	hub       *hub
-	deliverer *deliverer
-	placer    *placer
-	metrics   *metrics
+	p       Params
+	metrics *metrics
+	placer  *placer // placement and reservations (no goroutine)
+
+	hub       *hub       // wakes waiters when the follower applied an event
+	deliverer *deliverer // redelivers pending jobs
 
 	mu          sync.Mutex
 	sites       map[string]ledger.Site // guarded by mu
-	forwarders  map[string]*forwarder  // guarded by mu
+	forwarders  map[string]*forwarder  // guarded by mu; one per site, started on first use
+	followers   map[string]bool        // guarded by mu; one per site, started by discover
 	siteLookups singleflight.Group
-	followers   map[string]context.CancelFunc
-	runCtx      context.Context // set by Run; followers start under it
-	group       *errgroup.Group
+	runCtx      context.Context // guarded by mu; set by Run: forwarders and followers run under it
+	group       *errgroup.Group // guarded by mu; set by Run
+	running     chan struct{}   // closed once Run has set runCtx and group
 }
 
 type metrics struct {
@@ -122,7 +128,8 @@ func New(p Params) (*Coord, error) {
 		p:          p,
 		hub:        newHub(),
 		forwarders: map[string]*forwarder{},
-		followers:  map[string]context.CancelFunc{},
+		followers:  map[string]bool{},
+		running:    make(chan struct{}),
 		metrics: &metrics{
 			submitted: prometheus.NewCounterVec(prometheus.CounterOpts{
 				Name: "writ_coord_jobs_total", Help: "Jobs submitted to coord, by first state and reason.",
@@ -140,18 +147,39 @@ func New(p Params) (*Coord, error) {
 		},
 	}
 	p.Metrics.MustRegister(c.metrics.submitted, c.metrics.deliveries, c.metrics.applied, c.metrics.batchSize)
-	c.deliverer = &deliverer{c: c}
+	c.deliverer = &deliverer{p: delivererParams{redis: p.Redis, post: c.post, now: p.Now, log: p.Log}}
 	c.placer = newPlacer(p.Ledger, p.Placement, p.Now)
 	return c, nil
 }
 
-// Run runs the background duties until ctx ends: site discovery (which
-// starts a follower per site), and the deliverer.
+// applied is what the followers call after applying a batch of events:
+// count them, wake their waiters, end the placements of jobs that ended.
+func (c *Coord) applied(evs []job.Event) {
+	c.metrics.applied.Add(float64(len(evs)))
+	for _, ev := range evs {
+		c.hub.publish(ev)
+		if ev.Type.Terminal() {
+			c.placer.release(ev.Job)
+		}
+	}
+}
+
+// Run runs the background duties until ctx ends or one fails: site
+// discovery (which starts a follower per site), a forwarder per site
+// (started by the first job for it), and the deliverer.
+//
+// Shutdown order, once ctx ends: the HTTP server (outside Coord) stops
+// taking requests; each forwarder finishes the batches in flight and
+// records what is still waiting as pending, so it is delivered later by
+// the deliverer of this or another coord (nothing handed over is lost); the
+// followers stop reading (their cursors are in Redis: a restart resumes
+// there); the deliverer stops between rounds. Run returns when all have.
 func (c *Coord) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	c.mu.Lock()
 	c.runCtx, c.group = ctx, g
 	c.mu.Unlock()
+	close(c.running)
 	g.Go(func() error { return c.deliverer.run(ctx) })
 	g.Go(func() error { return c.discover(ctx) })
 	return g.Wait()
@@ -187,13 +215,14 @@ func (c *Coord) refreshSites(ctx context.Context) (map[string]ledger.Site, error
 	defer c.mu.Unlock()
 	c.sites = sites
 	for name := range sites {
-		if _, ok := c.followers[name]; ok || c.runCtx == nil {
+		if c.followers[name] || c.group == nil {
 			continue
 		}
-		fctx, cancel := context.WithCancel(c.runCtx)
-		c.followers[name] = cancel
-		f := &follower{c: c, site: name}
-		c.group.Go(func() error { f.run(fctx); return nil })
+		c.followers[name] = true
+		f := &follower{p: followerParams{site: name, redis: c.p.Redis, url: c.supervisorURL, http: c.p.HTTP,
+			applied: c.applied, log: c.p.Log, retention: c.p.Retention}}
+		ctx := c.runCtx
+		c.group.Go(func() error { f.run(ctx); return nil })
 	}
 	return sites, nil
 }
@@ -227,16 +256,24 @@ func (c *Coord) supervisorURL(site string) (string, error) {
 	return s.SupervisorURL, nil
 }
 
-// forwarderFor returns the site's forwarder, starting it on first use.
-func (c *Coord) forwarderFor(site string) *forwarder {
+// forwarderFor returns the site's forwarder, starting it under Run on
+// first use. Before Run has started it waits for it (or ctx).
+func (c *Coord) forwarderFor(ctx context.Context, site string) (*forwarder, error) {
+	select {
+	case <-c.running:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	f, ok := c.forwarders[site]
 	if !ok {
-		f = newForwarder(c, site)
+		f = newForwarder(forwarderParams{site: site, post: c.post, redis: c.p.Redis, log: c.p.Log, retention: c.p.Retention})
 		c.forwarders[site] = f
+		ctx := c.runCtx
+		c.group.Go(func() error { return f.run(ctx) })
 	}
-	return f
+	return f, nil
 }
 
 // Ready checks coord's Redis and the ledger.

@@ -4,10 +4,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -179,5 +181,113 @@ func TestCoord_Submit(t *testing.T) {
 	list, err := cl.Jobs(ctx, queue.ListFilter{Site: "s"})
 	if err != nil || len(list.Jobs) != 4 {
 		t.Errorf("jobs of site s = %d, %v; want 4", len(list.Jobs), err)
+	}
+}
+
+// heldSupervisor queues every job it is sent, but answers a batch only once
+// release is closed.
+type heldSupervisor struct {
+	inFlight atomic.Int32
+	release  chan struct{}
+}
+
+func (h *heldSupervisor) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Path == "/v1/events" {
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.WriteHeader(http.StatusOK)
+		return
+	}
+	var raws []json.RawMessage
+	body, _ := io.ReadAll(r.Body)
+	json.Unmarshal(body, &raws)
+	h.inFlight.Add(1)
+	<-h.release
+	out := make([]job.Verdict, len(raws))
+	for i, raw := range raws {
+		env, _ := envelope.Decode(raw)
+		out[i] = job.Verdict{ID: env.ID(), State: job.VerdictQueued}
+	}
+	json.NewEncoder(w).Encode(out)
+}
+
+// TestCoord_Run_Shutdown: when coord stops, the batches in flight finish
+// and the jobs still waiting for a sender are recorded pending (so they are
+// delivered later), not lost; a job submitted afterwards is refused with
+// 503, not left hanging.
+func TestCoord_Run_Shutdown(t *testing.T) {
+	hs := &heldSupervisor{release: make(chan struct{})}
+	sup := httptest.NewServer(hs)
+	defer sup.Close()
+	l := testenv.NewLedger(t, ledger.Site{Name: "s", SupervisorURL: sup.URL})
+	rdb, err := queue.Connect(testenv.Redis(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	lc := &ledger.Client{BaseURL: l.URL}
+	c, err := New(Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	runDone := make(chan error, 1)
+	go func() { runDone <- c.Run(ctx) }()
+	api := httptest.NewServer(c.Handler())
+	defer api.Close()
+	cl := &Client{BaseURL: api.URL}
+
+	const n = senders + 2 // every sender holds a batch, two jobs wait
+	replies := make(chan SubmitReply, n)
+	for i := 0; i < n; i++ {
+		raw := func() []byte {
+			env, _ := envelope.NewJob(fmt.Sprint("j", i), "x := 1", "s", time.Now()).Sign(l.Admin)
+			b, _ := json.Marshal(env)
+			return b
+		}()
+		go func() {
+			rep, err := cl.Submit(context.Background(), raw)
+			if err != nil {
+				t.Errorf("submit: %v", err)
+			}
+			replies <- rep
+		}()
+		if i < senders {
+			testenv.WaitFor(t, 10*time.Second, "a batch in flight", func() bool { return int(hs.inFlight.Load()) == i+1 })
+		}
+	}
+	c.mu.Lock()
+	f := c.forwarders["s"]
+	c.mu.Unlock()
+	testenv.WaitFor(t, 10*time.Second, "two jobs waiting for a sender", func() bool { return len(f.in) == 2 })
+
+	cancel()
+	close(hs.release)
+	states := map[string]int{}
+	for i := 0; i < n; i++ {
+		select {
+		case rep := <-replies:
+			states[rep.State]++
+			j, err := cl.Job(context.Background(), rep.ID, 0)
+			if err != nil || string(j.State) != rep.State {
+				t.Errorf("record of %s = %+v, %v; want state %s", rep.ID, j, err, rep.State)
+			}
+		case <-time.After(time.Minute):
+			t.Fatal("a submission was left hanging by the shutdown")
+		}
+	}
+	if states["queued"] != senders || states["pending"] != 2 {
+		t.Errorf("states after shutdown = %v, want %d queued and 2 pending", states, senders)
+	}
+	if err := <-runDone; err != nil {
+		t.Errorf("Run = %v", err)
+	}
+	if due, err := rdb.DuePending(context.Background(), time.Now().Add(time.Hour), 10); err != nil || len(due) != 2 {
+		t.Errorf("pending deliveries = %d, %v; want the 2 waiting jobs", len(due), err)
+	}
+	env, _ := envelope.NewJob("late", "x := 1", "s", time.Now()).Sign(l.Admin)
+	raw, _ := json.Marshal(env)
+	if _, err := cl.Submit(context.Background(), raw); err == nil || !strings.Contains(err.Error(), "503") {
+		t.Errorf("submit after shutdown = %v, want 503", err)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
@@ -16,7 +17,15 @@ import (
 // them. The backoff grows with the job's age: a quarter of the time since
 // it was submitted, between one second and a minute.
 type deliverer struct {
-	c *Coord
+	p delivererParams
+}
+
+// delivererParams are a deliverer's dependencies.
+type delivererParams struct {
+	redis *queue.Redis     // required: pending deliveries and job records
+	post  postFunc         // required
+	now   func() time.Time // required
+	log   *slog.Logger     // required
 }
 
 const (
@@ -35,7 +44,7 @@ func (d *deliverer) run(ctx context.Context) error {
 		case <-t.C:
 		}
 		if err := d.once(ctx); err != nil && ctx.Err() == nil {
-			d.c.p.Log.Warn("redeliver pending jobs", "err", err)
+			d.p.log.Warn("redeliver pending jobs", "err", err)
 		}
 	}
 }
@@ -45,7 +54,7 @@ func (d *deliverer) run(ctx context.Context) error {
 // any site or with resources keeps the choice made at submission). It
 // returns every error it met; a delivery that met one is tried again later.
 func (d *deliverer) once(ctx context.Context) error {
-	due, err := d.c.p.Redis.DuePending(ctx, d.c.p.Now(), job.MaxBatch)
+	due, err := d.p.redis.DuePending(ctx, d.p.now(), job.MaxBatch)
 	if err != nil || len(due) == 0 {
 		return err
 	}
@@ -55,11 +64,11 @@ func (d *deliverer) once(ctx context.Context) error {
 	}
 	var errs []error
 	drop := func(id string, state job.State, reason, msg string) {
-		if err := d.c.p.Redis.ResolvePending(ctx, id, state, reason, msg); err != nil {
+		if err := d.p.redis.ResolvePending(ctx, id, state, reason, msg); err != nil {
 			errs = append(errs, fmt.Errorf("resolve pending job %s: %w", id, err))
 			return
 		}
-		if err := d.c.p.Redis.DonePending(ctx, id); err != nil {
+		if err := d.p.redis.DonePending(ctx, id); err != nil {
 			errs = append(errs, fmt.Errorf("drop pending job %s: %w", id, err))
 		}
 	}
@@ -76,10 +85,10 @@ func (d *deliverer) once(ctx context.Context) error {
 			drop(p.ID, job.StateRejected, string(envelope.ReasonOf(err)), err.Error())
 			continue
 		}
-		rec, err := d.c.p.Redis.GetJob(ctx, p.ID)
+		rec, err := d.p.redis.GetJob(ctx, p.ID)
 		if errors.Is(err, queue.ErrNoJob) {
 			// Its record expired: nobody can follow it any more.
-			if err := d.c.p.Redis.DonePending(ctx, p.ID); err != nil {
+			if err := d.p.redis.DonePending(ctx, p.ID); err != nil {
 				errs = append(errs, fmt.Errorf("drop pending job %s: %w", p.ID, err))
 			}
 			continue
@@ -99,14 +108,14 @@ func (d *deliverer) once(ctx context.Context) error {
 		for i, dl := range ds {
 			raws[i] = dl.raw
 		}
-		verdicts, err := d.c.post(ctx, site, raws)
+		verdicts, err := d.p.post(ctx, site, raws)
 		if err != nil {
 			for _, dl := range ds {
 				if err := d.reschedule(ctx, dl.id); err != nil {
 					errs = append(errs, err)
 				}
 			}
-			d.c.p.Log.Info("supervisor still unreachable; will retry", "site", site, "jobs", len(ds), "err", err)
+			d.p.log.Info("supervisor still unreachable; will retry", "site", site, "jobs", len(ds), "err", err)
 			continue
 		}
 		var done []string
@@ -120,11 +129,11 @@ func (d *deliverer) once(ctx context.Context) error {
 				}
 				continue
 			case v.State == job.VerdictRejected:
-				err = d.c.p.Redis.ResolvePending(ctx, id, job.StateRejected, v.Reason, v.Error)
+				err = d.p.redis.ResolvePending(ctx, id, job.StateRejected, v.Reason, v.Error)
 			default:
 				// queued: the supervisor's event will follow; duplicate: it
 				// had the job already. Either way it is queued now.
-				err = d.c.p.Redis.ResolvePending(ctx, id, job.StateQueued, "", "")
+				err = d.p.redis.ResolvePending(ctx, id, job.StateQueued, "", "")
 			}
 			if err != nil {
 				// Left pending: the next round delivers it again, which
@@ -134,11 +143,11 @@ func (d *deliverer) once(ctx context.Context) error {
 			}
 			done = append(done, id)
 		}
-		if err := d.c.p.Redis.DonePending(ctx, done...); err != nil {
+		if err := d.p.redis.DonePending(ctx, done...); err != nil {
 			errs = append(errs, fmt.Errorf("drop delivered jobs: %w", err))
 			continue
 		}
-		d.c.p.Log.Info("delivered pending jobs", "site", site, "jobs", len(done))
+		d.p.log.Info("delivered pending jobs", "site", site, "jobs", len(done))
 	}
 	return errors.Join(errs...)
 }
@@ -146,10 +155,10 @@ func (d *deliverer) once(ctx context.Context) error {
 // reschedule puts a pending delivery back, due after its backoff.
 func (d *deliverer) reschedule(ctx context.Context, id string) error {
 	wait := minDeliverWait
-	if j, err := d.c.p.Redis.GetJob(ctx, id); err == nil {
-		wait = max(minDeliverWait, min(maxDeliverWait, d.c.p.Now().Sub(j.SubmittedAt)/4))
+	if j, err := d.p.redis.GetJob(ctx, id); err == nil {
+		wait = max(minDeliverWait, min(maxDeliverWait, d.p.now().Sub(j.SubmittedAt)/4))
 	}
-	if err := d.c.p.Redis.RetryPendingAt(ctx, id, d.c.p.Now().Add(wait)); err != nil {
+	if err := d.p.redis.RetryPendingAt(ctx, id, d.p.now().Add(wait)); err != nil {
 		return fmt.Errorf("reschedule pending job %s: %w", id, err)
 	}
 	return nil

@@ -5,12 +5,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
 	"time"
 
 	"github.com/writ-fleet/writ/job"
+	"github.com/writ-fleet/writ/queue"
 )
 
 // follower keeps job records of one site current: it follows the
@@ -18,8 +20,22 @@ import (
 // Redis), applies events in batches, and wakes waiters. Events are applied
 // in stream order and re-applying is harmless, so a restart resumes exactly.
 type follower struct {
-	c    *Coord
-	site string
+	p followerParams
+}
+
+// followerParams are a follower's dependencies.
+type followerParams struct {
+	site  string                            // required
+	redis *queue.Redis                      // required: cursor and job records
+	url   func(site string) (string, error) // required: the site's supervisor address now
+	http  *http.Client                      // required
+	// applied is told about every batch once it is in Redis (coord wakes
+	// waiters and ends placements there). Required.
+	applied func(evs []job.Event)
+	log     *slog.Logger // required
+	// retention is how long job records are kept; zero means
+	// queue.DefaultJobRetention.
+	retention time.Duration
 }
 
 // maxApply bounds the events applied in one round trip.
@@ -32,7 +48,7 @@ func (f *follower) run(ctx context.Context) {
 		if ctx.Err() != nil {
 			return
 		}
-		f.c.p.Log.Warn("site event stream broke; reconnecting", "site", f.site, "err", err, "in", backoff)
+		f.p.log.Warn("site event stream broke; reconnecting", "site", f.p.site, "err", err, "in", backoff)
 		select {
 		case <-ctx.Done():
 			return
@@ -44,11 +60,11 @@ func (f *follower) run(ctx context.Context) {
 
 // follow reads the stream until it breaks.
 func (f *follower) follow(ctx context.Context) error {
-	cursor, err := f.c.p.Redis.Cursor(ctx, f.site)
+	cursor, err := f.p.redis.Cursor(ctx, f.p.site)
 	if err != nil {
 		return err
 	}
-	base, err := f.c.supervisorURL(f.site)
+	base, err := f.p.url(f.p.site)
 	if err != nil {
 		return err
 	}
@@ -56,7 +72,7 @@ func (f *follower) follow(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	resp, err := f.c.p.HTTP.Do(req)
+	resp, err := f.p.http.Do(req)
 	if err != nil {
 		return err
 	}
@@ -64,7 +80,7 @@ func (f *follower) follow(ctx context.Context) error {
 	if resp.StatusCode != http.StatusOK {
 		return fmt.Errorf("supervisor answered HTTP %d", resp.StatusCode)
 	}
-	f.c.p.Log.Info("following site events", "site", f.site, "after", cursor)
+	f.p.log.Info("following site events", "site", f.p.site, "after", cursor)
 	br := bufio.NewReaderSize(resp.Body, 64<<10)
 	var batch []job.Event
 	var data strings.Builder
@@ -104,16 +120,9 @@ func (f *follower) follow(ctx context.Context) error {
 }
 
 func (f *follower) apply(ctx context.Context, batch []job.Event) error {
-	if err := f.c.p.Redis.ApplyEvents(ctx, f.site, batch, f.c.p.Retention); err != nil {
+	if err := f.p.redis.ApplyEvents(ctx, f.p.site, batch, f.p.retention); err != nil {
 		return err
 	}
-	f.c.metrics.applied.Add(float64(len(batch)))
-	for _, ev := range batch {
-		f.c.hub.publish(ev)
-		switch ev.Type {
-		case job.EventSucceeded, job.EventFailed, job.EventRejected:
-			f.c.placer.release(ev.Job)
-		}
-	}
+	f.p.applied(batch)
 	return nil
 }

@@ -4,10 +4,14 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"time"
+
+	"golang.org/x/sync/errgroup"
 
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
@@ -18,10 +22,26 @@ import (
 // the previous batch was in flight, so a lone job goes at once and a burst
 // goes in a few large requests.
 type forwarder struct {
-	c    *Coord
-	site string
-	in   chan *submission
+	p       forwarderParams
+	in      chan *submission
+	stopped chan struct{} // closed when run has returned
 }
+
+// forwarderParams are a forwarder's dependencies.
+type forwarderParams struct {
+	site  string       // required
+	post  postFunc     // required: sends a batch to the site's supervisor
+	redis *queue.Redis // required: records every job's state
+	log   *slog.Logger // required
+	// retention is how long job records are kept; zero means
+	// queue.DefaultJobRetention.
+	retention time.Duration
+}
+
+// postFunc sends envelopes (or placed batch items) to a site's supervisor
+// and returns its verdicts, one per envelope; an error means it could not
+// be reached or did not answer sanely.
+type postFunc func(ctx context.Context, site string, raws [][]byte) ([]job.Verdict, error)
 
 // senders is how many batches may be in flight to one supervisor at once.
 const senders = 4
@@ -30,6 +50,9 @@ const senders = 4
 // request limit (one envelope is at most envelope.MaxEnvelopeBytes).
 const batchBytes = job.MaxBatchBytes / 2
 
+// errStopping answers submissions that reach a forwarder that has stopped.
+var errStopping = errors.New("coord is shutting down")
+
 // submission is one job waiting for its supervisor's verdict.
 type submission struct {
 	rec   queue.NewJobRecord
@@ -37,38 +60,90 @@ type submission struct {
 	done  chan job.Verdict
 }
 
-func newForwarder(c *Coord, site string) *forwarder {
-	f := &forwarder{c: c, site: site, in: make(chan *submission, 4*job.MaxBatch)}
-	for i := 0; i < senders; i++ {
-		go f.send()
+func newForwarder(p forwarderParams) *forwarder {
+	return &forwarder{p: p, in: make(chan *submission, 4*job.MaxBatch), stopped: make(chan struct{})}
+}
+
+// run sends batches until ctx ends. Then the batches in flight finish
+// (each on its own bounded context), and whatever is still waiting is
+// recorded as pending, so a deliverer sends it later: nothing a handler
+// handed over is lost.
+func (f *forwarder) run(ctx context.Context) error {
+	var g errgroup.Group
+	carried := make([]*submission, senders)
+	for i := range carried {
+		g.Go(func() error { carried[i] = f.send(ctx); return nil })
 	}
-	return f
+	g.Wait()
+	var left []*submission
+	for _, s := range carried {
+		if s != nil {
+			left = append(left, s)
+		}
+	}
+	for {
+		select {
+		case s := <-f.in:
+			left = append(left, s)
+			continue
+		default:
+		}
+		break
+	}
+	if len(left) > 0 {
+		f.record(left, nil, errStopping)
+	}
+	// Closed only now, so a submission drained above has its answer by
+	// the time its handler sees stopped; one that came in later is
+	// answered errStopping.
+	close(f.stopped)
+	return nil
 }
 
 // submit hands one job to the forwarder and waits for its verdict.
 func (f *forwarder) submit(ctx context.Context, s *submission) (job.Verdict, error) {
 	select {
 	case f.in <- s:
+	case <-f.stopped:
+		return job.Verdict{}, errStopping
 	case <-ctx.Done():
 		return job.Verdict{}, ctx.Err()
 	}
 	select {
 	case v := <-s.done:
 		return v, nil
+	case <-f.stopped:
+		// run recorded and answered what was left; a submission that came
+		// in after that is not recorded at all.
+		select {
+		case v := <-s.done:
+			return v, nil
+		default:
+			return job.Verdict{}, errStopping
+		}
 	case <-ctx.Done():
 		return job.Verdict{}, ctx.Err()
 	}
 }
 
-// send loops forever: take one submission, drain whatever else is waiting
-// (up to a batch), deliver, record, answer.
-func (f *forwarder) send() {
+// send loops until ctx ends: take one submission, drain whatever else is
+// waiting (up to a batch), deliver, record, answer. It returns a
+// submission it took but did not send (too big for the last batch), for
+// run to record.
+func (f *forwarder) send(ctx context.Context) *submission {
 	var carry *submission // taken from the channel but over the last batch's size
 	for {
+		if ctx.Err() != nil {
+			return carry // stopping: run records what is still waiting
+		}
 		first := carry
 		carry = nil
 		if first == nil {
-			first = <-f.in
+			select {
+			case first = <-f.in:
+			case <-ctx.Done():
+				return nil
+			}
 		}
 		batch := []*submission{first}
 		size := len(first.rec.Envelope)
@@ -93,8 +168,9 @@ func (f *forwarder) send() {
 // deliver sends a batch, records every job's state in one round trip, and
 // answers the waiting handlers.
 func (f *forwarder) deliver(batch []*submission) {
-	// The handlers' contexts may end (client gone); recording must finish
-	// regardless, so the batch runs on its own bounded context.
+	// The handlers' contexts may end (client gone), and so may coord's
+	// (shutdown): sending and recording must finish regardless, so the
+	// batch runs on its own bounded context.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	raws := make([][]byte, len(batch))
@@ -104,18 +180,26 @@ func (f *forwarder) deliver(batch []*submission) {
 			raws[i] = job.PlacedItem(s.place, s.rec.Envelope)
 		}
 	}
-	verdicts, err := f.c.post(ctx, f.site, raws)
+	verdicts, err := f.p.post(ctx, f.p.site, raws)
+	f.record(batch, verdicts, err)
+}
+
+// record stores the jobs' states from the supervisor's verdicts (or, when
+// postErr is set, as pending) and answers the waiting handlers.
+func (f *forwarder) record(batch []*submission, verdicts []job.Verdict, postErr error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	recs := make([]queue.NewJobRecord, len(batch))
 	for i, s := range batch {
 		v := job.Verdict{ID: s.rec.Job.ID, Retry: true}
-		if err == nil {
+		if postErr == nil {
 			v = verdicts[i]
 		}
-		s.rec.Job.State, s.rec.Job.Reason, s.rec.Job.Error = recordState(v, err)
+		s.rec.Job.State, s.rec.Job.Reason, s.rec.Job.Error = recordState(v, postErr)
 		recs[i] = s.rec
 	}
-	if _, rerr := f.c.p.Redis.CreateJobs(ctx, recs, f.c.p.Retention); rerr != nil {
-		f.c.p.Log.Error("record jobs", "site", f.site, "err", rerr)
+	if _, rerr := f.p.redis.CreateJobs(ctx, recs, f.p.retention); rerr != nil {
+		f.p.log.Error("record jobs", "site", f.p.site, "err", rerr)
 		for _, s := range batch {
 			s.done <- job.Verdict{ID: s.rec.Job.ID, State: job.VerdictRejected, Reason: "unavailable", Error: "coord could not record the job: " + rerr.Error(), Retry: true}
 		}
@@ -123,7 +207,7 @@ func (f *forwarder) deliver(batch []*submission) {
 	}
 	for i, s := range batch {
 		v := job.Verdict{ID: s.rec.Job.ID, State: string(recs[i].Job.State), Reason: recs[i].Job.Reason, Error: recs[i].Job.Error}
-		if err == nil && verdicts[i].State == job.VerdictDuplicate {
+		if postErr == nil && verdicts[i].State == job.VerdictDuplicate {
 			v.State = job.VerdictDuplicate
 		}
 		s.done <- v
