@@ -240,3 +240,26 @@ func TestLibrary_Hello(t *testing.T) {
 		}
 	}
 }
+
+// TestLibrary_Compiles: every script in scripts/lib (embedded in the
+// binary for the CLI's own jobs) compiles in the sandbox with the host
+// modules.
+func TestLibrary_Compiles(t *testing.T) {
+	e := New(Config{}, HostModules(Layers{}))
+	entries, err := library.ReadDir("lib")
+	if err != nil || len(entries) == 0 {
+		t.Fatalf("library = %d entries, %v", len(entries), err)
+	}
+	for _, de := range entries {
+		src, err := Library(de.Name())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Check(src); err != nil {
+			t.Errorf("%s: %v", de.Name(), err)
+		}
+	}
+	if _, err := Library("nope.tengo"); err == nil {
+		t.Error("Library(nope.tengo) = nil error")
+	}
+}

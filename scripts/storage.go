@@ -4,11 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strconv"
-	"strings"
 
 	"github.com/d5/tengo/v2"
 
+	"github.com/writ-fleet/writ/internal/size"
 	"github.com/writ-fleet/writ/sal/network"
 	"github.com/writ-fleet/writ/sal/storage"
 	"github.com/writ-fleet/writ/sal/vm"
@@ -37,34 +36,6 @@ var _ Storage = (*storage.Pool)(nil)
 
 // maxRead bounds storage.read.
 const maxRead = 1 << 20
-
-// ParseSize reads a size such as 1048576, "512M", "10G" or "1.5T" (binary
-// units; "" or "0" mean no limit).
-func ParseSize(s string) (int64, error) {
-	s = strings.TrimSpace(strings.ToUpper(strings.TrimSuffix(strings.TrimSuffix(s, "iB"), "B")))
-	if s == "" {
-		return 0, nil
-	}
-	mult := int64(1)
-	switch s[len(s)-1] {
-	case 'K':
-		mult = 1 << 10
-	case 'M':
-		mult = 1 << 20
-	case 'G':
-		mult = 1 << 30
-	case 'T':
-		mult = 1 << 40
-	}
-	if mult > 1 {
-		s = s[:len(s)-1]
-	}
-	f, err := strconv.ParseFloat(s, 64)
-	if err != nil || f < 0 {
-		return 0, fmt.Errorf("size %q: want a number with an optional K, M, G or T", s)
-	}
-	return int64(f * float64(mult)), nil
-}
 
 // StorageModule returns the "storage" module over pool. With a nil pool
 // (a runner started without one) every call returns an error saying so.
@@ -98,7 +69,7 @@ func StorageModule(pool Storage) Module {
 			if i, ok := o.(*tengo.Int); ok {
 				return i.Value, nil
 			}
-			return ParseSize(str(o))
+			return size.Parse(str(o))
 		}
 		return map[string]tengo.Object{
 			"volume": call("volume", 2, func(ctx context.Context, a []tengo.Object) (any, error) {

@@ -63,19 +63,3 @@ func TestStorageModule_NoPool(t *testing.T) {
 		t.Fatalf("Run = %v, want ErrTransient naming the missing layer", err)
 	}
 }
-
-func TestParseSize(t *testing.T) {
-	for _, tc := range []struct {
-		in   string
-		want int64
-		bad  bool
-	}{
-		{"", 0, false}, {"0", 0, false}, {"1024", 1024, false}, {"512M", 512 << 20, false},
-		{"10G", 10 << 30, false}, {"1.5T", 3 << 39, false}, {"2GiB", 2 << 30, false}, {"-1G", 0, true}, {"lots", 0, true},
-	} {
-		got, err := ParseSize(tc.in)
-		if (err != nil) != tc.bad || got != tc.want {
-			t.Errorf("ParseSize(%q) = %d, %v; want %d (error %v)", tc.in, got, err, tc.want, tc.bad)
-		}
-	}
-}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/d5/tengo/v2"
 
+	"github.com/writ-fleet/writ/internal/size"
 	"github.com/writ-fleet/writ/sal/vm"
 )
 
@@ -73,7 +74,7 @@ func toSpec(o tengo.Object) (vm.Spec, error) {
 	case float64:
 		spec.MemoryMiB = int(mem)
 	case string:
-		b, err := ParseSize(mem)
+		b, err := size.Parse(mem)
 		if err != nil {
 			return vm.Spec{}, fmt.Errorf("memory: %w", err)
 		}

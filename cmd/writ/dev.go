@@ -22,7 +22,6 @@ import (
 	"github.com/writ-fleet/writ/ledger/store/sqlite"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/sal/storage"
-	"github.com/writ-fleet/writ/scripts"
 )
 
 // devSite is the site `writ dev` runs.
@@ -180,11 +179,11 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	// loop-backed pool in the data directory, unmounted on the way out.
 	var pool *storage.Pool
 	if os.Geteuid() == 0 && !c.noPool {
-		size, err := scripts.ParseSize(c.poolSize)
+		n, err := parseSizeFlag(c.poolSize, "--pool-size")
 		if err != nil {
-			return fmt.Errorf("--pool-size: %w", err)
+			return err
 		}
-		pool, err = storage.Open(ctx, storage.Config{File: filepath.Join(dir, "pool.img"), Size: size, Mountpoint: filepath.Join(dir, "pool")})
+		pool, err = storage.Open(ctx, storage.Config{File: filepath.Join(dir, "pool.img"), Size: n, Mountpoint: filepath.Join(dir, "pool")})
 		if err != nil {
 			return fmt.Errorf("storage pool: %w (or run with --no-pool)", err)
 		}

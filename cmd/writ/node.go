@@ -15,11 +15,11 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/writ-fleet/writ/identity"
+	"github.com/writ-fleet/writ/internal/size"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/runner"
 	"github.com/writ-fleet/writ/sal/vm"
-	"github.com/writ-fleet/writ/scripts"
 )
 
 // nodeCmd runs a node: its identity agent and its runner.
@@ -130,30 +130,23 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	return g.Wait()
 }
 
-// vmUse is what the node's VMs that should run use.
+// vmUse is what the node's VMs take, as the node reports it used.
 func vmUse(ctx context.Context, vms *vm.Machines) ledger.Capacity {
-	var used ledger.Capacity
 	if vms == nil {
-		return used
+		return ledger.Capacity{}
 	}
-	list, err := vms.List(ctx)
+	cpus, mem, err := vms.Use(ctx)
 	if err != nil {
-		return used
+		return ledger.Capacity{}
 	}
-	for _, v := range list {
-		if v.Run {
-			used.CPUs += v.Spec.CPUs
-			used.MemoryMiB += int64(v.Spec.MemoryMiB)
-		}
-	}
-	return used
+	return ledger.Capacity{CPUs: cpus, MemoryMiB: mem}
 }
 
 func parseSizeFlag(s, flag string) (int64, error) {
 	if s == "" {
 		return 0, nil
 	}
-	n, err := scripts.ParseSize(s)
+	n, err := size.Parse(s)
 	if err != nil {
 		return 0, fmt.Errorf("%s: %w", flag, err)
 	}

@@ -183,11 +183,11 @@ func (f *poolFlags) open(ctx context.Context) (*storage.Pool, error) {
 	if f.device == "" && f.file == "" {
 		return nil, nil
 	}
-	size, err := scripts.ParseSize(f.size)
+	n, err := parseSizeFlag(f.size, "--pool-size")
 	if err != nil {
-		return nil, fmt.Errorf("--pool-size: %w", err)
+		return nil, err
 	}
-	return storage.Open(ctx, storage.Config{Device: f.device, File: f.file, Size: size, Mountpoint: f.mount, Force: f.force})
+	return storage.Open(ctx, storage.Config{Device: f.device, File: f.file, Size: n, Mountpoint: f.mount, Force: f.force})
 }
 
 // netFlags choose the node's network layer.

@@ -13,6 +13,7 @@ import (
 
 	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/job"
+	"github.com/writ-fleet/writ/scripts"
 )
 
 // vmCmd asks a node about its VMs. Each question is a small signed job
@@ -23,12 +24,6 @@ type vmCmd struct {
 	bytes int
 	json  bool
 }
-
-const (
-	vmListScript    = `vm := import("vm"); job := import("job"); l := vm.list(); if is_error(l) { job.fail(l.value) }; job.result(l)`
-	vmInfoScript    = `vm := import("vm"); job := import("job"); i := vm.info(job.args.name); if is_error(i) { job.fail(i.value) }; job.result(i)`
-	vmConsoleScript = `vm := import("vm"); job := import("job"); c := vm.console(job.args.name, job.args.bytes); if is_error(c) { job.fail(c.value) }; job.result(c)`
-)
 
 func vmCommand() *cobra.Command {
 	c := &vmCmd{}
@@ -77,17 +72,21 @@ key, like writ run) and prints what the node's VM layer reports.`,
 // and, but for ls, the VM.
 func (c *vmCmd) Run(ctx context.Context, args []string) error {
 	c.node = args[1]
-	var script string
+	var name string
 	jobArgs := map[string]any{}
 	switch args[0] {
 	case "ls":
-		script = vmListScript
+		name = "vm_list.tengo"
 	case "info":
-		script, jobArgs["name"] = vmInfoScript, args[2]
+		name, jobArgs["name"] = "vm_info.tengo", args[2]
 	case "console":
-		script, jobArgs["name"], jobArgs["bytes"] = vmConsoleScript, args[2], c.bytes
+		name, jobArgs["name"], jobArgs["bytes"] = "vm_console.tengo", args[2], c.bytes
 	default:
 		return fmt.Errorf("writ vm: unknown subcommand %q", args[0])
+	}
+	script, err := scripts.Library(name)
+	if err != nil {
+		return err
 	}
 	for k, v := range jobArgs {
 		b, _ := json.Marshal(v)

@@ -430,6 +430,23 @@ func (m *Machines) names() ([]string, error) {
 	return out, nil
 }
 
+// Use is what the VMs meant to run (started, running, restarting) take
+// from the node: the sum of their CPUs and memory, as a node reports it
+// as used capacity. Stopped and failed VMs take nothing.
+func (m *Machines) Use(ctx context.Context) (cpus int, memoryMiB int64, err error) {
+	list, err := m.List(ctx)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, v := range list {
+		if v.Run && v.State != StateFailed {
+			cpus += v.Spec.CPUs
+			memoryMiB += int64(v.Spec.MemoryMiB)
+		}
+	}
+	return cpus, memoryMiB, nil
+}
+
 // Console implements Driver.
 func (m *Machines) Console(ctx context.Context, name string, max int) (string, error) {
 	if _, err := m.load(name); err != nil {

@@ -298,3 +298,22 @@ func TestMachines_FailedLaunches(t *testing.T) {
 		return len(reaper.Zombies()) == 0
 	})
 }
+
+// TestMachines_Use: VMs meant to run count, stopped ones do not.
+func TestMachines_Use(t *testing.T) {
+	m := newMachines(t, &fakeBackend{})
+	ctx := context.Background()
+	a, b := spec(t, "a"), spec(t, "b")
+	a.CPUs, a.MemoryMiB, b.CPUs, b.MemoryMiB = 2, 512, 1, 256
+	for _, s := range []Spec{a, b} {
+		if _, err := m.Create(ctx, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := m.Start(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if cpus, mem, err := m.Use(ctx); err != nil || cpus != 2 || mem != 512 {
+		t.Errorf("Use = %d CPUs, %d MiB, %v; want 2, 512 (only the started VM)", cpus, mem, err)
+	}
+}
