@@ -184,3 +184,16 @@ func TestFetchKernel_Concurrent(t *testing.T) {
 		t.Errorf("temporary directories left in the cache: %v", left)
 	}
 }
+
+func TestTools(t *testing.T) {
+	files, missing, err := efi.Tools([]string{"ls", "writ-no-such-tool"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := files["sbin/ls"]; !ok || len(files) < 2 {
+		t.Errorf("Tools files = %v, want sbin/ls and its libraries", files)
+	}
+	if len(missing) != 1 || missing[0] != "writ-no-such-tool" {
+		t.Errorf("Tools missing = %v, want the unknown tool", missing)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"debug/elf"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 )
 
@@ -84,3 +85,30 @@ func IsStatic(path string) (bool, error) {
 }
 
 func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
+
+// NodeTools are the host programs the node image carries: the node formats
+// its empty disk with mkfs.btrfs and sets quota limits with btrfs (no Go
+// library makes btrfs or manages its quota groups).
+var NodeTools = []string{"mkfs.btrfs", "btrfs"}
+
+// Tools finds each named program on PATH and returns the initramfs files
+// for them (sbin/NAME and the libraries it needs), and the names it did
+// not find: an image without them still boots, but its nodes lack them.
+func Tools(names []string) (files map[string]string, missing []string, err error) {
+	files = map[string]string{}
+	for _, name := range names {
+		path, err := exec.LookPath(name)
+		if err != nil {
+			missing = append(missing, name)
+			continue
+		}
+		fs, err := WithLibraries("sbin/"+name, path)
+		if err != nil {
+			return nil, nil, err
+		}
+		for k, v := range fs {
+			files[k] = v
+		}
+	}
+	return files, missing, nil
+}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"os/exec"
 	"path/filepath"
 
 	"github.com/spf13/cobra"
@@ -83,24 +82,14 @@ func (c *imageBuildCmd) Run(ctx context.Context, _ []string) error {
 	} else if b.Modules == "" {
 		return errors.New("--kernel needs --modules (the kernel's lib/modules/VERSION)")
 	}
-	// The node formats its empty disk with mkfs.btrfs and sets quota
-	// limits with btrfs: no Go library makes btrfs or manages its quota
-	// groups. They go into the initramfs with the libraries they need.
-	b.Extra = map[string]string{}
-	for _, tool := range []string{"mkfs.btrfs", "btrfs"} {
-		path, err := exec.LookPath(tool)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "warning: %s not found (apt-get install btrfs-progs): nodes will lack it\n", tool)
-			continue
-		}
-		files, err := efi.WithLibraries("sbin/"+tool, path)
-		if err != nil {
-			return err
-		}
-		for k, v := range files {
-			b.Extra[k] = v
-		}
+	extra, missing, err := efi.Tools(efi.NodeTools)
+	if err != nil {
+		return err
 	}
+	for _, tool := range missing {
+		fmt.Fprintf(os.Stderr, "warning: %s not found (apt-get install btrfs-progs): nodes will lack it\n", tool)
+	}
+	b.Extra = extra
 	arts, err := b.Make(ctx, c.out)
 	if err != nil {
 		return err

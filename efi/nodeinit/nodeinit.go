@@ -16,10 +16,12 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/insomniacslk/dhcp/dhcpv4/nclient4"
@@ -251,9 +253,66 @@ func findDisk(say func(string, ...any)) string {
 	return ""
 }
 
-// Reaper reaps orphans until ctx ends (PID 1's duty: every process whose
-// parent dies becomes PID 1's child). See package reaper.
-func Reaper(ctx context.Context) { reaper.Run(ctx, reaper.DefaultInterval) }
+// Node runs the node (registration, uptime, runner) with the image's
+// configuration; console is the machine's console. Run starts it again
+// when it stops on an error.
+type Node func(ctx context.Context, cfg Config, console io.Writer) error
+
+// restartDelay is how long Run waits before starting a stopped node again:
+// long enough for a person at the console to read why.
+const restartDelay = 5 * time.Second
+
+// Run is PID 1 of the node image: it sets the machine up (Setup), runs
+// node, starting it again whenever it stops while the machine is up, reaps
+// orphans (PID 1's duty: every process whose parent dies becomes PID 1's
+// child), and on Ctrl-Alt-Del or SIGTERM reboots, on SIGUSR2 powers off.
+// It never returns, but to refuse to run anywhere but as PID 1: it mounts
+// over /run, /tmp and /var/lib/writ and reboots the machine.
+func Run(ctx context.Context, stdout io.Writer, node Node) error {
+	if os.Getpid() != 1 {
+		return errors.New("writ init is the node image's PID 1; it does not run on a live system")
+	}
+	os.Setenv("PATH", "/sbin:/bin:/usr/sbin:/usr/bin")
+	reboot := make(chan bool, 1)
+	sig := make(chan os.Signal, 4)
+	// SIGINT is Ctrl-Alt-Del once Setup turns the key combination over to
+	// PID 1.
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR2)
+	ctx, cancel := context.WithCancel(ctx)
+	go func() {
+		s := <-sig
+		reboot <- s != syscall.SIGUSR2
+		cancel()
+	}()
+	go reaper.Run(ctx, reaper.DefaultInterval)
+	console := Console(stdout)
+	cfg, err := Setup(ctx, console)
+	if err != nil {
+		fmt.Fprintf(console, "writ init: %v\n", err)
+	} else {
+		if cfg.Disk == "" {
+			fmt.Fprintln(console, "writ init: WARNING: no disk; the node key is in memory: this node gets a new identity at every boot")
+		}
+		for {
+			err := node(ctx, cfg, console)
+			if ctx.Err() != nil {
+				break
+			}
+			fmt.Fprintf(console, "writ init: the node stopped: %v; starting it again in %s\n", err, restartDelay)
+			select {
+			case <-ctx.Done():
+			case <-time.After(restartDelay):
+			}
+		}
+	}
+	if ctx.Err() == nil {
+		fmt.Fprintln(console, "writ init: waiting; Ctrl-Alt-Del reboots")
+	}
+	r := <-reboot // sent before ctx is cancelled
+	fmt.Fprintf(console, "writ init: %s\n", map[bool]string{true: "rebooting", false: "powering off"}[r])
+	Halt(r)
+	select {}
+}
 
 // Halt syncs, unmounts what it can and powers off (or reboots).
 func Halt(reboot bool) {
