@@ -177,7 +177,13 @@ func TestFleet_Rejections(t *testing.T) {
 	if err := f.lc.RevokeKey(ctx, revoked.ID); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(1500 * time.Millisecond) // the supervisor's --trust-ttl is 1s
+	// The supervisor's --trust-ttl is 1s: once its snapshot is renewed, a
+	// job signed by the revoked key is refused.
+	testenv.WaitFor(t, 10*time.Second, "the revocation to reach the supervisor", func() bool {
+		_, err := f.client().Submit(ctx, rawEnvelope(t, mkJob(nil), revoked))
+		var re *coord.RejectedError
+		return errors.As(err, &re) && re.Reply.Reason == string(envelope.ReasonRevokedKey)
+	})
 
 	replayed := mkJob(nil)
 	if _, err := f.client().Submit(ctx, rawEnvelope(t, replayed, f.admin)); err != nil {
@@ -409,7 +415,22 @@ func TestFleet_CoordRestart(t *testing.T) {
 	slow := submit(`job := import("job"); times := import("times"); times.sleep(2 * times.second); job.result("during")`)
 	waitState(t, f, slow, job.StateRunning)
 	f.stop(c, syscall.SIGKILL)
-	time.Sleep(3 * time.Second) // the slow job finishes while coord is down
+	// The slow job finishes while coord is down: its end is on the site's
+	// stream, which coord has not read.
+	site, err := queue.Connect(f.redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer site.Close()
+	testenv.WaitFor(t, 30*time.Second, "the slow job to finish while coord is down", func() bool {
+		evs, _ := site.ReadEvents(ctx, "local", "0", 10000, 0)
+		for _, ev := range evs {
+			if ev.Job == slow && ev.Type == job.EventSucceeded {
+				return true
+			}
+		}
+		return false
+	})
 	f.startCoord()
 	if j := f.waitJob(done, 10*time.Second); j.State != job.StateSucceeded || string(j.Result) != `"before"` {
 		t.Errorf("job finished before the restart: %+v", j)

@@ -32,7 +32,8 @@ func (c *clock) add(d time.Duration) {
 func TestNodes_Registration(t *testing.T) {
 	bothStores(t, func(t *testing.T, kind string) {
 		ctx := context.Background()
-		f := newFixtureOn(t, kind, nil)
+		clk := &clock{t: time.Now()}
+		f := newFixtureOn(t, kind, clk.now)
 		if err := f.client.PutSite(ctx, ledger.Site{Name: "other", SupervisorURL: "http://127.0.0.1:2", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
 			t.Fatal(err)
 		}
@@ -54,7 +55,7 @@ func TestNodes_Registration(t *testing.T) {
 		nc := ledger.NodeClient(f.url, nodeKey)
 		req := ledger.RegisterRequest{Site: "local", Token: tok.Secret, PublicKey: nodeKey.AuthorizedKey(),
 			Facts: ledger.Facts{Hostname: "node-1", CPUs: 4, MemoryMiB: 8192}, Capacity: ledger.Capacity{CPUs: 4, MemoryMiB: 8192}}
-		time.Sleep(1100 * time.Millisecond) // let shortTok expire
+		clk.add(1100 * time.Millisecond) // let shortTok expire
 		for _, tc := range []struct {
 			name string
 			edit func(*ledger.RegisterRequest)
