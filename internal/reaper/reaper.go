@@ -70,27 +70,50 @@ func Once(seen map[int]bool) map[int]bool {
 	return now
 }
 
+// Reap collects pid at once if it is a zombie child of this process (a
+// VM's hypervisor that was killed or died), and does nothing otherwise.
+// Use it for processes no exec.Cmd waits for.
+func Reap(pid int) {
+	if pid <= 0 {
+		return
+	}
+	if state, ppid, ok := stat(pid); ok && state == "Z" && ppid == os.Getpid() {
+		var ws unix.WaitStatus
+		unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+	}
+}
+
+// stat reads a process's state and parent pid from /proc/PID/stat.
+func stat(pid int) (state string, ppid int, ok bool) {
+	data, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return "", 0, false
+	}
+	// The command name is in parentheses and may hold spaces; the state
+	// and parent pid follow the last ')'.
+	i := bytes.LastIndexByte(data, ')')
+	if i < 0 || i+4 >= len(data) {
+		return "", 0, false
+	}
+	fields := strings.Fields(string(data[i+2:]))
+	if len(fields) < 2 {
+		return "", 0, false
+	}
+	ppid, err = strconv.Atoi(fields[1])
+	return fields[0], ppid, err == nil
+}
+
 // Zombies lists the zombie children of this process.
 func Zombies() []int {
-	self := strconv.Itoa(os.Getpid())
+	self := os.Getpid()
 	var out []int
-	procs, _ := filepath.Glob("/proc/[0-9]*/stat")
+	procs, _ := filepath.Glob("/proc/[0-9]*")
 	for _, p := range procs {
-		data, err := os.ReadFile(p)
+		pid, err := strconv.Atoi(filepath.Base(p))
 		if err != nil {
 			continue
 		}
-		// The command name is in parentheses and may hold spaces; the
-		// state and parent pid follow the last ')'.
-		i := bytes.LastIndexByte(data, ')')
-		if i < 0 || i+4 >= len(data) {
-			continue
-		}
-		fields := strings.Fields(string(data[i+2:]))
-		if len(fields) < 2 || fields[0] != "Z" || fields[1] != self {
-			continue
-		}
-		if pid, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
+		if state, ppid, ok := stat(pid); ok && state == "Z" && ppid == self {
 			out = append(out, pid)
 		}
 	}

@@ -350,8 +350,9 @@ func (m *Machines) stopLocked(ctx context.Context, r *record, grace time.Duratio
 			if !waitGone(context.WithoutCancel(ctx), r.Pid, start, 10*time.Second) {
 				return fmt.Errorf("vm %q: pid %d survives SIGKILL", r.Spec.Name, r.Pid)
 			}
-			m.log.Info("vm killed after the grace period", "vm", r.Spec.Name, "grace", grace)
+			m.log.Info("vm killed after the grace period", "vm", r.Spec.Name, "grace", grace.String())
 		}
+		reaper.Reap(r.Pid) // ours under Run's subreaper: collect it now
 	}
 	r.State, r.Pid, r.NextStart = StateStopped, 0, time.Time{}
 	return m.save(r)
@@ -573,6 +574,7 @@ func (m *Machines) check(ctx context.Context, name string, recovering bool) erro
 		m.died(r, now)
 		con := tail(m.consolePath(name), consoleTail)
 		m.log.Warn("vm died", "vm", name, "pid", r.Pid, "deaths", len(r.Deaths))
+		reaper.Reap(r.Pid)
 		r.Pid = 0
 		if len(r.Deaths) >= m.cfg.MaxDeaths {
 			r.State = StateFailed
