@@ -7,33 +7,20 @@ import (
 	"io"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/writ-fleet/writ/httpsig"
+	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 )
 
-// clock is a settable test clock.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *clock) add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 func TestNodes_Registration(t *testing.T) {
 	bothStores(t, func(t *testing.T, kind string) {
 		ctx := context.Background()
-		clk := &clock{t: time.Now()}
-		f := newFixtureOn(t, kind, clk.now)
+		clk := testenv.NewClock()
+		f := newFixtureOn(t, kind, clk.Now)
 		if err := f.client.PutSite(ctx, ledger.Site{Name: "other", SupervisorURL: "http://127.0.0.1:2", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
 			t.Fatal(err)
 		}
@@ -55,7 +42,7 @@ func TestNodes_Registration(t *testing.T) {
 		nc := ledger.NodeClient(f.url, nodeKey)
 		req := ledger.RegisterRequest{Site: "local", Token: tok.Secret, PublicKey: nodeKey.AuthorizedKey(),
 			Facts: ledger.Facts{Hostname: "node-1", CPUs: 4, MemoryMiB: 8192}, Capacity: ledger.Capacity{CPUs: 4, MemoryMiB: 8192}}
-		clk.add(1100 * time.Millisecond) // let shortTok expire
+		clk.Add(1100 * time.Millisecond) // let shortTok expire
 		for _, tc := range []struct {
 			name string
 			edit func(*ledger.RegisterRequest)
@@ -133,8 +120,8 @@ func TestNodes_Registration(t *testing.T) {
 func TestNodes_UptimeAndLiveness(t *testing.T) {
 	bothStores(t, func(t *testing.T, kind string) {
 		ctx := context.Background()
-		clk := &clock{t: time.Now()}
-		f := newFixtureOn(t, kind, clk.now)
+		clk := testenv.NewClock()
+		f := newFixtureOn(t, kind, clk.Now)
 		if err := f.client.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}, UptimeInterval: 10}); err != nil {
 			t.Fatal(err)
 		}
@@ -151,21 +138,21 @@ func TestNodes_UptimeAndLiveness(t *testing.T) {
 		report := func(boot string, at time.Time) (*ledger.UptimeReply, error) {
 			return nc.ReportUptime(ctx, n.ID, ledger.Uptime{BootID: boot, UptimeSeconds: 5, At: at})
 		}
-		rep, err := report("boot-1", clk.now())
+		rep, err := report("boot-1", clk.Now())
 		if err != nil || rep.Restarted || rep.Liveness != ledger.LivenessOnline || rep.Interval != 10 {
 			t.Fatalf("first report = %+v, %v", rep, err)
 		}
-		if rep, err := report("boot-2", clk.now()); err != nil || !rep.Restarted || rep.Boots != 2 {
+		if rep, err := report("boot-2", clk.Now()); err != nil || !rep.Restarted || rep.Boots != 2 {
 			t.Errorf("report after a reboot = %+v, %v; want restarted", rep, err)
 		}
-		for _, at := range []time.Time{clk.now().Add(-3 * time.Minute), clk.now().Add(3 * time.Minute)} {
+		for _, at := range []time.Time{clk.Now().Add(-3 * time.Minute), clk.Now().Add(3 * time.Minute)} {
 			if _, err := report("boot-2", at); err == nil || !strings.Contains(err.Error(), "HTTP 400") {
 				t.Errorf("report at %s = %v, want HTTP 400 (outside the window)", at, err)
 			}
 		}
 		// Another node may not report for this one.
 		otherKey, _ := keys.Generate("node-2")
-		if _, err := ledger.NodeClient(f.url, otherKey).ReportUptime(ctx, n.ID, ledger.Uptime{BootID: "x", At: clk.now()}); err == nil || !strings.Contains(err.Error(), "HTTP 40") {
+		if _, err := ledger.NodeClient(f.url, otherKey).ReportUptime(ctx, n.ID, ledger.Uptime{BootID: "x", At: clk.Now()}); err == nil || !strings.Contains(err.Error(), "HTTP 40") {
 			t.Errorf("report signed by another node = %v", err)
 		}
 		// Liveness follows the clock: online within 2 intervals, stale
@@ -174,7 +161,7 @@ func TestNodes_UptimeAndLiveness(t *testing.T) {
 			advance time.Duration
 			want    string
 		}{{15 * time.Second, ledger.LivenessOnline}, {20 * time.Second, ledger.LivenessStale}, {30 * time.Second, ledger.LivenessOffline}} {
-			clk.add(step.advance)
+			clk.Add(step.advance)
 			got, err := f.client.Node(ctx, n.ID)
 			if err != nil || got.Liveness != step.want {
 				t.Errorf("after +%s: liveness %s (%v), want %s", step.advance, got.Liveness, err, step.want)

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -21,21 +20,8 @@ import (
 	"github.com/writ-fleet/writ/scripts"
 )
 
-// clock is a settable clock for the supervisor's trust cache.
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *clock) add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // trustClock is the clock of every newSupervisor's trust cache.
-var trustClock = &clock{t: time.Now()}
+var trustClock = testenv.NewClock()
 
 func newSupervisor(t *testing.T) (*Supervisor, *queue.Redis, *keys.Key, *httptest.Server) {
 	t.Helper()
@@ -46,7 +32,7 @@ func newSupervisor(t *testing.T) (*Supervisor, *queue.Redis, *keys.Key, *httptes
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { rdb.Close() })
-	sup, err := New(Params{Site: "s", Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}, Now: trustClock.now}, Redis: rdb, Scripts: scripts.New(scripts.Config{}, nil), Log: log})
+	sup, err := New(Params{Site: "s", Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}, Now: trustClock.Now}, Redis: rdb, Scripts: scripts.New(scripts.Config{}, nil), Log: log})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -152,7 +138,7 @@ func TestSupervisor_HTTP(t *testing.T) {
 	ledgerServer.Close()
 	// A snapshot younger than a second is authoritative; past that, a key
 	// it does not know needs the ledger.
-	trustClock.add(1100 * time.Millisecond)
+	trustClock.Add(1100 * time.Millisecond)
 	stranger, _ := keys.Generate("x")
 	if code, body := post("/v1/jobs", string(signed(t, stranger, nil))); code != http.StatusServiceUnavailable || !strings.Contains(body, `"retry":true`) {
 		t.Errorf("POST with the ledger down = %d %s", code, body)
