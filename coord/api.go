@@ -109,7 +109,7 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		// be refused by the supervisor and the runner too. A ledger coord
 		// cannot reach judges nothing: the job goes on, and the supervisor
 		// judges it (or it waits, pending).
-		_, err := verify.Envelope(r.Context(), c.p.Trust, env, verify.Target{Site: site}, c.p.Now())
+		_, err := verify.Envelope(r.Context(), c.p.Trust, env, spec, verify.Target{Site: site}, c.p.Now())
 		if verify.Retry(err) {
 			c.p.Log.Warn("job not verified by coord; the supervisor will", "job", id, "err", err)
 		} else if err != nil {

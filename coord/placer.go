@@ -184,7 +184,7 @@ func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, spec *en
 	var why []string
 	capacity := false
 	for _, name := range names {
-		if _, err := verify.Envelope(ctx, c.p.Trust, env, verify.Target{Site: name}, c.p.Now()); err != nil {
+		if _, err := verify.Envelope(ctx, c.p.Trust, env, spec, verify.Target{Site: name}, c.p.Now()); err != nil {
 			why = append(why, name+": "+err.Error())
 			continue
 		}

@@ -132,7 +132,7 @@ func Decode(data []byte) (*Envelope, error) {
 	malformed := func(msg string, err error) error {
 		return &Error{Reason: ReasonMalformed, Msg: msg + ": " + err.Error()}
 	}
-	top, err := members(data)
+	top, err := members(data, false)
 	if err != nil {
 		return nil, malformed("envelope is not valid DSSE JSON", err)
 	}
@@ -147,7 +147,7 @@ func Decode(data []byte) (*Envelope, error) {
 		return nil, &Error{Reason: ReasonMalformed, Msg: "envelope has no payloadType"}
 	}
 	var sigs []json.RawMessage
-	if raw, ok := top["signatures"]; ok {
+	if raw, ok := lookup(top, "signatures"); ok {
 		if err := json.Unmarshal(raw, &sigs); err != nil {
 			return nil, malformed("envelope signatures are not a JSON array", err)
 		}
@@ -161,7 +161,7 @@ func Decode(data []byte) (*Envelope, error) {
 	}
 	e := &Envelope{PayloadType: w.PayloadType, Payload: payload, Signatures: make([]Signature, 0, len(sigs))}
 	for i, raw := range sigs {
-		m, err := members(raw)
+		m, err := members(raw, false)
 		if err != nil {
 			return nil, malformed(fmt.Sprintf("signature %d", i), err)
 		}
@@ -185,8 +185,8 @@ func Decode(data []byte) (*Envelope, error) {
 }
 
 // stringMember sets *dst to the string member name of obj, if present.
-func stringMember(obj map[string]json.RawMessage, name string, dst *string) error {
-	raw, ok := obj[name]
+func stringMember(obj []member, name string, dst *string) error {
+	raw, ok := lookup(obj, name)
 	if !ok {
 		return nil
 	}
@@ -230,19 +230,25 @@ func (e *Envelope) Signers(keys []TrustedKey) []int {
 			continue
 		}
 		out[i] = -1
-		order := make([]int, 0, len(keys))
+		ok := func(j int) bool {
+			k := keys[j]
+			return len(k.Key) == ed25519.PublicKeySize && ed25519.Verify(k.Key, pae, s.Sig)
+		}
+		hinted := -1
 		for j, k := range keys {
 			if s.KeyID != "" && k.ID == s.KeyID {
-				order = append([]int{j}, order...)
-			} else {
-				order = append(order, j)
+				hinted = j
+				break
 			}
 		}
-		for _, j := range order {
-			k := keys[j]
-			if len(k.Key) == ed25519.PublicKeySize && ed25519.Verify(k.Key, pae, s.Sig) {
-				out[i] = j
-				break
+		if hinted >= 0 && ok(hinted) {
+			out[i] = hinted
+		} else {
+			for j := range keys {
+				if j != hinted && ok(j) {
+					out[i] = j
+					break
+				}
 			}
 		}
 		done[string(s.Sig)] = out[i]

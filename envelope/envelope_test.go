@@ -325,3 +325,19 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+// BenchmarkParse: decoding and strictly checking a typical signed job, the
+// work every service does per job before verifying its signature.
+func BenchmarkParse(b *testing.B) {
+	k := keys.FromSeed(bytes.Repeat([]byte{7}, 32))
+	j := NewJob("bench", `job := import("job"); job.result(job.args.n * 2)`, "local", time.Unix(1700000000, 0))
+	j.Args = json.RawMessage(`{"n":21,"who":"world"}`)
+	env, _ := j.Sign(k)
+	raw, _ := json.Marshal(env)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, err := Parse(raw); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -233,18 +233,15 @@ func (e *Envelope) Job() (*Job, error) {
 	// any depth, and member names exactly as Job spells them (Go matches
 	// them case-insensitively, so "Script" beside "script" would run one
 	// and show reviewers the other).
-	if err := checkDuplicateKeys(e.Payload); err != nil {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "job payload: " + err.Error()}
-	}
-	obj, err := members(e.Payload)
+	obj, err := members(e.Payload, true)
 	if err != nil {
 		return nil, &Error{Reason: ReasonMalformed, Msg: "job payload: " + err.Error()}
 	}
 	if err := checkExactNames(obj, jobNames, "job payload"); err != nil {
 		return nil, &Error{Reason: ReasonMalformed, Msg: err.Error()}
 	}
-	if raw, ok := obj["resources"]; ok && string(raw) != "null" {
-		res, err := members(raw)
+	if raw, ok := lookup(obj, "resources"); ok && string(raw) != "null" {
+		res, err := members(raw, true)
 		if err != nil {
 			return nil, &Error{Reason: ReasonMalformed, Msg: "job payload resources: " + err.Error()}
 		}

@@ -151,12 +151,14 @@ type Trust struct {
 	AsOf    time.Time `json:"as_of"`
 
 	byID map[string]*Signer
+	keys []envelope.TrustedKey // Signers' keys, in order, for Authorize
 }
 
 // index parses public keys and builds the key index; call once after
 // decoding.
 func (t *Trust) index() error {
 	t.byID = make(map[string]*Signer, len(t.Signers))
+	t.keys = make([]envelope.TrustedKey, 0, len(t.Signers))
 	for i := range t.Signers {
 		s := &t.Signers[i]
 		pub, _, err := keys.ParsePublic(s.PublicKey)
@@ -165,6 +167,7 @@ func (t *Trust) index() error {
 		}
 		s.pub = pub
 		t.byID[s.KeyID] = s
+		t.keys = append(t.keys, envelope.TrustedKey{ID: s.KeyID, Key: pub})
 	}
 	return nil
 }
@@ -196,10 +199,6 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 	for _, r := range t.Site.Policy.Roles {
 		allowed[r] = true
 	}
-	all := make([]envelope.TrustedKey, len(t.Signers))
-	for i := range t.Signers {
-		all[i] = envelope.TrustedKey{ID: t.Signers[i].KeyID, Key: t.Signers[i].pub}
-	}
 	var problem error
 	note := func(err error) {
 		if problem == nil {
@@ -207,7 +206,7 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 		}
 	}
 	users := map[string]bool{}
-	for i, j := range env.Signers(all) {
+	for i, j := range env.Signers(t.keys) {
 		hint := env.Signatures[i].KeyID
 		if j < 0 {
 			if _, known := t.byID[hint]; known {

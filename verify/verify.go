@@ -80,17 +80,28 @@ func Job(ctx context.Context, trust TrustSource, raw []byte, t Target, now time.
 	return id, c, err
 }
 
-// Envelope is Job for an envelope already decoded.
-func Envelope(ctx context.Context, trust TrustSource, env *envelope.Envelope, t Target, now time.Time) (*Checked, error) {
-	return check(ctx, trust, env, t, now)
+// Envelope is Job for an envelope already decoded, and spec its job as
+// env.Job returned it (nil: Envelope decodes it).
+func Envelope(ctx context.Context, trust TrustSource, env *envelope.Envelope, spec *envelope.Job, t Target, now time.Time) (*Checked, error) {
+	if spec == nil {
+		var err error
+		if spec, err = env.Job(); err != nil {
+			return nil, err
+		}
+	}
+	return checkJob(ctx, trust, env, spec, t, now)
 }
 
 func check(ctx context.Context, trust TrustSource, env *envelope.Envelope, t Target, now time.Time) (*Checked, error) {
-	id := env.ID()
 	spec, err := env.Job()
 	if err != nil {
 		return nil, err
 	}
+	return checkJob(ctx, trust, env, spec, t, now)
+}
+
+func checkJob(ctx context.Context, trust TrustSource, env *envelope.Envelope, spec *envelope.Job, t Target, now time.Time) (*Checked, error) {
+	id := env.ID()
 	if len(env.Signatures) == 0 {
 		return nil, envelope.Refuse(envelope.ReasonNoSignature, "envelope carries no signatures")
 	}
