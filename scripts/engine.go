@@ -228,7 +228,7 @@ func (e *Engine) compile(script string) (*instance, error) {
 		switch name {
 		case "enum":
 			mods.AddSourceModule(name, []byte(stdlib.SourceModules[name]))
-		case "fmt", "times":
+		case "fmt", "times", "json":
 			attrs := make(map[string]tengo.Object)
 			for k, v := range stdlib.BuiltinModules[name] {
 				attrs[k] = v

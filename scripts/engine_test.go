@@ -82,7 +82,7 @@ func TestEngine_Run_Limits(t *testing.T) {
 		{"unbounded array", `a := []; for { a = append(a, [1]) }`, 30 * time.Second, ErrAllocLimit, "cap: 100000 objects"},
 		{"string doubling", `s := "xxxxxxxx"; for { s = s + s }`, 30 * time.Second, ErrAllocLimit, valueLimit},
 		{"huge bytes", `b := bytes(1 << 30)`, 30 * time.Second, ErrAllocLimit, valueLimit},
-		{"big result", `job := import("job"); text := import("text"); job.result(text.repeat("x", 5000))`, 30 * time.Second, nil, "result is 5002 bytes"},
+		{"big result", `job := import("job"); text := import("text"); job.result(text.repeat("x", 5000))`, 30 * time.Second, nil, "result is larger than the limit of 1024 bytes"},
 		{"runtime error", `x := 1; y := x.foo()`, 30 * time.Second, nil, "script error"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -261,5 +261,53 @@ func TestLibrary_Compiles(t *testing.T) {
 	}
 	if _, err := Library("nope.tengo"); err == nil {
 		t.Error("Library(nope.tengo) = nil error")
+	}
+}
+
+// TestEngine_Run_HostileValues: values that contain themselves, or that are
+// small to build and exponentially large to write out, stop the script (or
+// come back as an error value) instead of recursing until the process dies.
+// Each case here once crashed the runner with a Go stack overflow.
+func TestEngine_Run_HostileValues(t *testing.T) {
+	e := New(Config{MaxResultBytes: 1 << 10}, nil)
+	const cyc = `a := [1]; a[0] = a; m := {}; m.self = m; `
+	const dag = `d := [1]; for i := 0; i < 40; i++ { d = [d, d] }; `
+	for _, tc := range []struct {
+		name, script string
+		want         string // in the run's error, or in its result
+	}{
+		{"result of a cycle", cyc + `job := import("job"); r := job.result(a); job.result(string(r.value))`, "contains itself"},
+		{"result of a map cycle", cyc + `job := import("job"); r := job.result(m); job.result(string(r.value))`, "contains itself"},
+		{"result of a 2^40 DAG", dag + `job := import("job"); job.result(d)`, "larger than the limit"},
+		{"log of a cycle", cyc + `log := import("log"); job := import("job"); log.info(a, m); job.result("logged")`, "logged"},
+		{"log of a 2^40 DAG", dag + `log := import("log"); job := import("job"); log.info(d); job.result("logged")`, "logged"},
+		{"json.encode of a cycle", cyc + `json := import("json"); job := import("job"); job.result(string(json.encode(a).value))`, "contains itself"},
+		{"json.encode of a 2^40 DAG", dag + `json := import("json"); job := import("job"); job.result(string(json.encode(d).value))`, "larger than the limit"},
+		{"fmt.println of a cycle", cyc + `fmt := import("fmt"); job := import("job"); fmt.println(a); job.result("printed")`, "printed"},
+		{"fmt.printf of a cycle", cyc + `fmt := import("fmt"); fmt.printf("%v", a)`, "contains itself"},
+		{"fmt.sprintf of a 2^40 DAG", dag + `fmt := import("fmt"); fmt.sprintf("%v", d)`, "more than 10000 values"},
+		{"job.fail of a cycle", cyc + `job := import("job"); job.fail(a)`, "<cycle>"},
+		{"deep nesting", `d := 1; for i := 0; i < 100; i++ { d = [d] }; json := import("json"); job := import("job"); job.result(string(json.encode(d).value))`, "deeper than 64"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs []string
+			out, err := e.Run(context.Background(), tc.script, Input{JobID: "j", Attempt: 1, Log: func(_, line string) { logs = append(logs, line) }})
+			got := string(out.Result)
+			if err != nil {
+				got = err.Error()
+			}
+			if !strings.Contains(got, tc.want) {
+				t.Errorf("Run = %q (logs %q), want it to mention %q", got, logs, tc.want)
+			}
+			for _, l := range logs {
+				if len(l) > DefaultMaxLogLine+len("…(line truncated)") {
+					t.Errorf("a log line of %d bytes passed the line limit", len(l))
+				}
+			}
+		})
+	}
+	// The engine still runs jobs afterwards.
+	if out, err := e.Run(context.Background(), `job := import("job"); job.result(1)`, Input{JobID: "j", Attempt: 1}); err != nil || string(out.Result) != "1" {
+		t.Errorf("a job after the hostile ones = %s, %v", out.Result, err)
 	}
 }

@@ -147,60 +147,25 @@ func (rc *Run) fail(args ...tengo.Object) (tengo.Object, error) {
 
 // setResult is job.result(value): it records value (JSON-encodable, within
 // the size limit) as the job's result. A later call replaces an earlier one.
+// The encoder stops at the limit while encoding, and on a value that
+// contains itself.
 func (rc *Run) setResult(args ...tengo.Object) (tengo.Object, error) {
 	if len(args) != 1 {
 		return nil, tengo.ErrWrongNumArguments
 	}
-	b, err := json.Marshal(toJSON(args[0]))
+	max := rc.engine.cfg.MaxResultBytes
+	b, err := encodeJSON(args[0], max)
+	var big *TooLargeError
+	if errors.As(err, &big) {
+		rc.resultErr = &RuntimeError{Msg: fmt.Sprintf("result is larger than the limit of %d bytes", max)}
+		return nil, rc.resultErr
+	}
 	if err != nil {
 		return &tengo.Error{Value: &tengo.String{Value: "result is not JSON-encodable: " + err.Error()}}, nil
-	}
-	if max := rc.engine.cfg.MaxResultBytes; len(b) > max {
-		rc.resultErr = &RuntimeError{Msg: fmt.Sprintf("result is %d bytes, the limit is %d", len(b), max)}
-		return nil, rc.resultErr
 	}
 	rc.result = b
 	return tengo.UndefinedValue, nil
 }
-
-// toJSON converts a Tengo value to plain Go values for JSON encoding.
-func toJSON(o tengo.Object) any {
-	switch v := o.(type) {
-	case *tengo.Map:
-		m := make(map[string]any, len(v.Value))
-		for k, x := range v.Value {
-			m[k] = toJSON(x)
-		}
-		return m
-	case *tengo.ImmutableMap:
-		m := make(map[string]any, len(v.Value))
-		for k, x := range v.Value {
-			m[k] = toJSON(x)
-		}
-		return m
-	case *tengo.Array:
-		a := make([]any, len(v.Value))
-		for i, x := range v.Value {
-			a[i] = toJSON(x)
-		}
-		return a
-	case *tengo.ImmutableArray:
-		a := make([]any, len(v.Value))
-		for i, x := range v.Value {
-			a[i] = toJSON(x)
-		}
-		return a
-	case *tengo.Error:
-		return map[string]any{"error": toJSON(v.Value)}
-	case *tengo.Time:
-		return v.Value.UTC().Format(time.RFC3339Nano)
-	case *tengo.Undefined:
-		return nil
-	}
-	return tengo.ToInterface(o)
-}
-
-func jsonMarshal(v any) ([]byte, error) { return json.Marshal(v) }
 
 // argsValue converts any JSON value to Tengo; integers stay integers.
 func argsValue(raw []byte) (tengo.Object, error) {
@@ -265,17 +230,33 @@ func fromJSON(v any) tengo.Object {
 	return tengo.UndefinedValue
 }
 
-// joinArgs renders log arguments the way fmt.println does.
+// maxJoined bounds the text joinArgs makes; Log cuts lines shorter still.
+const maxJoined = 2 * DefaultMaxLogLine
+
+// joinArgs renders log arguments the way fmt.println does, bounded (see
+// render): a value that contains itself cannot make it recurse forever.
 func joinArgs(args []tengo.Object) string {
-	parts := make([]string, len(args))
+	var b strings.Builder
 	for i, a := range args {
+		if i > 0 {
+			b.WriteByte(' ')
+		}
+		room := maxJoined - b.Len()
+		if room <= 0 {
+			b.WriteString("…")
+			break
+		}
 		if s, ok := a.(*tengo.String); ok {
-			parts[i] = s.Value
+			if len(s.Value) > room {
+				b.WriteString(s.Value[:room] + "…")
+				break
+			}
+			b.WriteString(s.Value)
 		} else {
-			parts[i] = a.String()
+			b.WriteString(render(a, room))
 		}
 	}
-	return strings.Join(parts, " ")
+	return b.String()
 }
 
 // logModule is the "log" module: log.debug/info/warn/error(args...) write one
@@ -309,6 +290,9 @@ func sandboxOverrides(module string, rc *Run) map[string]tengo.Object {
 					if !ok {
 						return nil, tengo.ErrInvalidArgumentType{Name: "format", Expected: "string", Found: args[0].TypeName()}
 					}
+					if err := checkFormattable(args[1:]); err != nil {
+						return nil, fmt.Errorf("%s: %w", name, err)
+					}
 					s, err := tengo.Format(f.Value, args[1:]...)
 					if err != nil {
 						return nil, err
@@ -325,6 +309,39 @@ func sandboxOverrides(module string, rc *Run) map[string]tengo.Object {
 			"print":   printer("print", false, false),
 			"println": printer("println", false, true),
 			"printf":  printer("printf", true, false),
+			"sprintf": Func("sprintf", func(args ...tengo.Object) (tengo.Object, error) {
+				if len(args) == 0 {
+					return nil, tengo.ErrWrongNumArguments
+				}
+				f, ok := args[0].(*tengo.String)
+				if !ok {
+					return nil, tengo.ErrInvalidArgumentType{Name: "format", Expected: "string", Found: args[0].TypeName()}
+				}
+				if err := checkFormattable(args[1:]); err != nil {
+					return nil, fmt.Errorf("sprintf: %w", err)
+				}
+				s, err := tengo.Format(f.Value, args[1:]...)
+				if err != nil {
+					return nil, err
+				}
+				return &tengo.String{Value: s}, nil
+			}),
+		}
+	case "json":
+		// Tengo's json.encode follows nested values with no end and
+		// builds all of its output first: this one stops at a cycle and at
+		// the value size limit, while encoding.
+		return map[string]tengo.Object{
+			"encode": Func("encode", func(args ...tengo.Object) (tengo.Object, error) {
+				if len(args) != 1 {
+					return nil, tengo.ErrWrongNumArguments
+				}
+				b, err := encodeJSON(args[0], rc.engine.cfg.MaxValueBytes)
+				if err != nil {
+					return &tengo.Error{Value: &tengo.String{Value: "json.encode: " + err.Error()}}, nil
+				}
+				return &tengo.Bytes{Value: b}, nil
+			}),
 		}
 	case "times":
 		return map[string]tengo.Object{

@@ -2,6 +2,7 @@ package scripts
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -160,7 +161,7 @@ func toObject(v any) (tengo.Object, error) {
 	case int:
 		return &tengo.Int{Value: int64(x)}, nil
 	}
-	raw, err := jsonMarshal(v)
+	raw, err := json.Marshal(v)
 	if err != nil {
 		return nil, err
 	}

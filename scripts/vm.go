@@ -53,15 +53,18 @@ type vmSpec struct {
 	UserData string   `json:"user_data"`
 }
 
+// maxSpecBytes bounds a VM spec as JSON (user data included).
+const maxSpecBytes = 256 << 10
+
 // toSpec converts a script's spec map to a vm.Spec, naming what is wrong.
 func toSpec(o tengo.Object) (vm.Spec, error) {
 	m, ok := o.(*tengo.Map)
 	if !ok {
 		return vm.Spec{}, errors.New("vm.create takes a map: {name, cpus, memory, kernel, initrd, cmdline, disks, nics, ssh_keys}")
 	}
-	raw, err := json.Marshal(tengo.ToInterface(m))
+	raw, err := encodeJSON(m, maxSpecBytes) // bounded: a spec that contains itself must not recurse forever
 	if err != nil {
-		return vm.Spec{}, err
+		return vm.Spec{}, fmt.Errorf("vm spec: %w", err)
 	}
 	var s vmSpec
 	if err := json.Unmarshal(raw, &s); err != nil {

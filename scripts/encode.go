@@ -1,0 +1,345 @@
+package scripts
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"sort"
+	"strconv"
+	"time"
+
+	"github.com/d5/tengo/v2"
+)
+
+// maxEncodeDepth bounds how deeply encoders follow nested values: the JSON
+// a job reads (args) is bounded the same way by envelope.
+const maxEncodeDepth = 64
+
+// Errors of the bounded encoders. They stop while encoding, so a value that
+// contains itself, or one that is small to build and huge to write out (a
+// = [a, a] forty times is 2^40 elements), costs at most the limit.
+var (
+	// ErrCycle: the value contains itself.
+	ErrCycle = errors.New("value contains itself (a cycle)")
+	// ErrTooDeep: the value nests deeper than maxEncodeDepth.
+	ErrTooDeep = fmt.Errorf("value nests deeper than %d levels", maxEncodeDepth)
+)
+
+// TooLargeError: the encoding passed its limit.
+type TooLargeError struct{ Limit int }
+
+func (e *TooLargeError) Error() string {
+	return fmt.Sprintf("encoded value is larger than the limit of %d bytes", e.Limit)
+}
+
+// encodeJSON writes o as JSON, at most max bytes. Maps are written with
+// sorted keys; Undefined is null; an error value is {"error": value}; times
+// are RFC 3339 strings; bytes are base64.
+func encodeJSON(o tengo.Object, max int) ([]byte, error) {
+	e := &encoder{max: max, path: map[tengo.Object]bool{}}
+	if err := e.value(o, 0); err != nil {
+		return nil, err
+	}
+	return e.buf.Bytes(), nil
+}
+
+type encoder struct {
+	buf  bytes.Buffer
+	max  int
+	path map[tengo.Object]bool // containers being written: meeting one again is a cycle
+}
+
+func (e *encoder) write(b []byte) error {
+	if e.buf.Len()+len(b) > e.max {
+		return &TooLargeError{Limit: e.max}
+	}
+	e.buf.Write(b)
+	return nil
+}
+
+func (e *encoder) str(s string) error {
+	if len(s)+2 > e.max-e.buf.Len() {
+		return &TooLargeError{Limit: e.max}
+	}
+	b, _ := json.Marshal(s) // strings always encode
+	return e.write(b)
+}
+
+// enter marks container c as being written.
+func (e *encoder) enter(c tengo.Object, depth int) error {
+	if depth >= maxEncodeDepth {
+		return ErrTooDeep
+	}
+	if e.path[c] {
+		return ErrCycle
+	}
+	e.path[c] = true
+	return nil
+}
+
+func (e *encoder) object(m map[string]tengo.Object, depth int) error {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	if err := e.write([]byte{'{'}); err != nil {
+		return err
+	}
+	for i, k := range keys {
+		if i > 0 {
+			if err := e.write([]byte{','}); err != nil {
+				return err
+			}
+		}
+		if err := e.str(k); err != nil {
+			return err
+		}
+		if err := e.write([]byte{':'}); err != nil {
+			return err
+		}
+		if err := e.value(m[k], depth+1); err != nil {
+			return err
+		}
+	}
+	return e.write([]byte{'}'})
+}
+
+func (e *encoder) array(a []tengo.Object, depth int) error {
+	if err := e.write([]byte{'['}); err != nil {
+		return err
+	}
+	for i, x := range a {
+		if i > 0 {
+			if err := e.write([]byte{','}); err != nil {
+				return err
+			}
+		}
+		if err := e.value(x, depth+1); err != nil {
+			return err
+		}
+	}
+	return e.write([]byte{']'})
+}
+
+func (e *encoder) value(o tengo.Object, depth int) error {
+	switch v := o.(type) {
+	case *tengo.Map:
+		if err := e.enter(v, depth); err != nil {
+			return err
+		}
+		defer delete(e.path, v)
+		return e.object(v.Value, depth)
+	case *tengo.ImmutableMap:
+		if err := e.enter(v, depth); err != nil {
+			return err
+		}
+		defer delete(e.path, v)
+		return e.object(v.Value, depth)
+	case *tengo.Array:
+		if err := e.enter(v, depth); err != nil {
+			return err
+		}
+		defer delete(e.path, v)
+		return e.array(v.Value, depth)
+	case *tengo.ImmutableArray:
+		if err := e.enter(v, depth); err != nil {
+			return err
+		}
+		defer delete(e.path, v)
+		return e.array(v.Value, depth)
+	case *tengo.Error:
+		if err := e.enter(v, depth); err != nil {
+			return err
+		}
+		defer delete(e.path, v)
+		return e.object(map[string]tengo.Object{"error": v.Value}, depth)
+	case *tengo.String:
+		return e.str(v.Value)
+	case *tengo.Int:
+		return e.write(strconv.AppendInt(nil, v.Value, 10))
+	case *tengo.Float:
+		if math.IsNaN(v.Value) || math.IsInf(v.Value, 0) {
+			return fmt.Errorf("%v is not a JSON number", v.Value)
+		}
+		b, _ := json.Marshal(v.Value)
+		return e.write(b)
+	case *tengo.Bool:
+		if v.IsFalsy() {
+			return e.write([]byte("false"))
+		}
+		return e.write([]byte("true"))
+	case *tengo.Char:
+		return e.str(string(v.Value))
+	case *tengo.Bytes:
+		if base64.StdEncoding.EncodedLen(len(v.Value))+2 > e.max-e.buf.Len() {
+			return &TooLargeError{Limit: e.max}
+		}
+		return e.str(base64.StdEncoding.EncodeToString(v.Value))
+	case *tengo.Time:
+		return e.str(v.Value.UTC().Format(time.RFC3339Nano))
+	case *tengo.Undefined, nil:
+		return e.write([]byte("null"))
+	}
+	return fmt.Errorf("a %s value is not JSON-encodable", o.TypeName())
+}
+
+// render writes o as text for a log line, the way Tengo prints values, at
+// most max bytes: a value met again inside itself is written "<cycle>", and
+// a cut line ends in "…". Unlike Tengo's String, it never recurses forever.
+func render(o tengo.Object, max int) string {
+	r := &renderer{max: max, path: map[tengo.Object]bool{}}
+	r.value(o, 0)
+	if r.cut {
+		return r.buf.String() + "…"
+	}
+	return r.buf.String()
+}
+
+type renderer struct {
+	buf  bytes.Buffer
+	max  int
+	cut  bool
+	path map[tengo.Object]bool
+}
+
+func (r *renderer) write(s string) {
+	if r.cut {
+		return
+	}
+	if room := r.max - r.buf.Len(); len(s) > room {
+		r.buf.WriteString(s[:max(room, 0)])
+		r.cut = true
+		return
+	}
+	r.buf.WriteString(s)
+}
+
+func (r *renderer) value(o tengo.Object, depth int) {
+	if r.cut {
+		return
+	}
+	var m map[string]tengo.Object
+	var a []tengo.Object
+	isMap := false
+	switch v := o.(type) {
+	case *tengo.Map:
+		m, isMap = v.Value, true
+	case *tengo.ImmutableMap:
+		m, isMap = v.Value, true
+	case *tengo.Array:
+		a = v.Value
+	case *tengo.ImmutableArray:
+		a = v.Value
+	case *tengo.Error:
+		r.write("error: ")
+		r.value(v.Value, depth+1)
+		return
+	case *tengo.String:
+		r.write(strconv.Quote(v.Value))
+		return
+	case nil:
+		r.write("<undefined>")
+		return
+	default:
+		r.write(o.String())
+		return
+	}
+	if depth >= maxEncodeDepth {
+		r.write("<too deep>")
+		return
+	}
+	if r.path[o] {
+		r.write("<cycle>")
+		return
+	}
+	r.path[o] = true
+	defer delete(r.path, o)
+	if isMap {
+		keys := make([]string, 0, len(m))
+		for k := range m {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		r.write("{")
+		for i, k := range keys {
+			if i > 0 {
+				r.write(", ")
+			}
+			r.write(k + ": ")
+			r.value(m[k], depth+1)
+		}
+		r.write("}")
+		return
+	}
+	r.write("[")
+	for i, x := range a {
+		if i > 0 {
+			r.write(", ")
+		}
+		r.value(x, depth+1)
+	}
+	r.write("]")
+}
+
+// maxFormatNodes bounds the values fmt.printf and fmt.sprintf may format:
+// Tengo's formatter follows nested values with no end, so they are walked
+// here first.
+const maxFormatNodes = 10000
+
+// checkFormattable refuses arguments Tengo's formatter cannot print in
+// bounded time: one that contains itself, nests past maxEncodeDepth, or
+// holds more than maxFormatNodes values in all.
+func checkFormattable(args []tengo.Object) error {
+	nodes := 0
+	path := map[tengo.Object]bool{}
+	var walk func(o tengo.Object, depth int) error
+	walk = func(o tengo.Object, depth int) error {
+		nodes++
+		if nodes > maxFormatNodes {
+			return fmt.Errorf("arguments hold more than %d values", maxFormatNodes)
+		}
+		var kids []tengo.Object
+		switch v := o.(type) {
+		case *tengo.Map:
+			for _, x := range v.Value {
+				kids = append(kids, x)
+			}
+		case *tengo.ImmutableMap:
+			for _, x := range v.Value {
+				kids = append(kids, x)
+			}
+		case *tengo.Array:
+			kids = v.Value
+		case *tengo.ImmutableArray:
+			kids = v.Value
+		case *tengo.Error:
+			kids = []tengo.Object{v.Value}
+		default:
+			return nil
+		}
+		if depth >= maxEncodeDepth {
+			return ErrTooDeep
+		}
+		if path[o] {
+			return ErrCycle
+		}
+		path[o] = true
+		defer delete(path, o)
+		for _, k := range kids {
+			if err := walk(k, depth+1); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	for _, a := range args {
+		if err := walk(a, 0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
