@@ -26,6 +26,7 @@ const (
 	ReasonReplayed        Reason = "replayed"         // nonce already used by another job
 	ReasonScriptInvalid   Reason = "script_invalid"   // script does not compile
 	ReasonForbiddenImport Reason = "forbidden_import" // script imports a module outside the sandbox
+	ReasonTooComplex      Reason = "too_complex"      // script passes a compile limit (nesting, globals)
 	ReasonNoCapacity      Reason = "no_capacity"      // no node of the site has the resources the job needs
 )
 

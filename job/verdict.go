@@ -49,7 +49,7 @@ func Status(v Verdict) int {
 		return http.StatusBadRequest
 	case envelope.ReasonReplayed:
 		return http.StatusConflict
-	case envelope.ReasonScriptInvalid, envelope.ReasonForbiddenImport, envelope.ReasonExpired, envelope.ReasonNotYetValid, envelope.ReasonWrongSite, envelope.ReasonWrongNode:
+	case envelope.ReasonScriptInvalid, envelope.ReasonForbiddenImport, envelope.ReasonTooComplex, envelope.ReasonExpired, envelope.ReasonNotYetValid, envelope.ReasonWrongSite, envelope.ReasonWrongNode:
 		return http.StatusUnprocessableEntity
 	}
 	return http.StatusForbidden

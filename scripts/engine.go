@@ -220,7 +220,20 @@ func (g *importGuard) Get(name string) tengo.Importable {
 
 // compile builds one instance of script with modules bound to a fresh run
 // context.
-func (e *Engine) compile(script string) (*instance, error) {
+//
+// Tengo's compiler can panic on input it should refuse (more than 1024
+// globals: Script.Compile slices its globals past their capacity, d5/tengo
+// v2.17.0 script.go), so a panic here is recovered and becomes a refusal
+// rather than the end of the supervisor or runner that compiles.
+func (e *Engine) compile(script string) (inst *instance, err error) {
+	if err := checkComplexity([]byte(script)); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if p := recover(); p != nil {
+			inst, err = nil, envelope.Refuse(envelope.ReasonTooComplex, fmt.Sprintf("script is too complex for the compiler (at most %d top-level names, brackets %d deep): %v", MaxGlobals, MaxNesting, p))
+		}
+	}()
 	rc := &Run{engine: e}
 	rc.jobMap = newJobMap(rc)
 	mods := tengo.NewModuleMap()
@@ -256,6 +269,9 @@ func (e *Engine) compile(script string) (*instance, error) {
 	s.SetMaxAllocs(e.cfg.MaxAllocs)
 	s.EnableFileImport(false)
 	compiled, err := s.Compile()
+	if err == nil && len(compiled.GetAll()) > MaxGlobals {
+		return nil, envelope.Refuse(envelope.ReasonTooComplex, fmt.Sprintf("script defines %d top-level names, the limit is %d", len(compiled.GetAll()), MaxGlobals))
+	}
 	if err != nil {
 		if len(guard.forbidden) > 0 {
 			return nil, envelope.Refuse(envelope.ReasonForbiddenImport,

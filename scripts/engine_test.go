@@ -311,3 +311,34 @@ func TestEngine_Run_HostileValues(t *testing.T) {
 		t.Errorf("a job after the hostile ones = %s, %v", out.Result, err)
 	}
 }
+
+// TestEngine_Check_CompileLimits: each compile limit, just inside and just
+// outside, and a script that made Tengo's compiler panic (more than 1024
+// globals) is refused as too_complex instead of killing the process.
+func TestEngine_Check_CompileLimits(t *testing.T) {
+	e := New(Config{}, nil)
+	globals := func(n int) string {
+		var b strings.Builder
+		for i := 0; i < n; i++ {
+			fmt.Fprintf(&b, "a%d := %d\n", i, i)
+		}
+		return b.String()
+	}
+	nest := func(n int) string {
+		return "x := " + strings.Repeat("(", n) + "1" + strings.Repeat(")", n) + `; s := "((((( in a string"`
+	}
+	for _, tc := range []struct {
+		name, script string
+		want         envelope.Reason
+	}{
+		{"globals at the limit", globals(MaxGlobals), ""},
+		{"globals past the limit", globals(MaxGlobals + 1), envelope.ReasonTooComplex},
+		{"globals past Tengo's room", globals(1100), envelope.ReasonTooComplex},
+		{"nesting at the limit", nest(MaxNesting), ""},
+		{"nesting past the limit", nest(MaxNesting + 1), envelope.ReasonTooComplex},
+	} {
+		if got := envelope.ReasonOf(e.Check(tc.script)); got != tc.want {
+			t.Errorf("%s: Check reason = %q, want %q", tc.name, got, tc.want)
+		}
+	}
+}

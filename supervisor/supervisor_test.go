@@ -3,6 +3,7 @@ package supervisor
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -129,6 +130,15 @@ func TestSupervisor_HTTP(t *testing.T) {
 	}
 	if code, body := post("/v1/jobs", string(signed(t, admin, func(j *envelope.Job) { j.Script = `os := import("os")` }))); code != http.StatusUnprocessableEntity || !strings.Contains(body, "forbidden_import") {
 		t.Errorf("POST forbidden import = %d %s", code, body)
+	}
+	// A script with more globals than Tengo's VM holds made its compiler
+	// panic inside the supervisor's checks, and the supervisor died.
+	var many strings.Builder
+	for i := 0; i < 1100; i++ {
+		fmt.Fprintf(&many, "g%d := %d\n", i, i)
+	}
+	if code, body := post("/v1/jobs", string(signed(t, admin, func(j *envelope.Job) { j.Script = many.String() }))); code != http.StatusUnprocessableEntity || !strings.Contains(body, "too_complex") {
+		t.Errorf("POST 1100 globals = %d %s", code, body)
 	}
 	if code, body := post("/v1/jobs/batch", "not json"); code != http.StatusBadRequest || !strings.Contains(body, "JSON array") {
 		t.Errorf("POST batch garbage = %d %s", code, body)
