@@ -83,6 +83,13 @@ func TestMachines_CreateValidates(t *testing.T) {
 		{"too little memory", func(s *Spec) { s.MemoryMiB = 8 }, "memory"},
 		{"missing disk", func(s *Spec) { s.Disks = []Disk{{Path: "/nonexistent.img"}} }, "disk"},
 		{"NIC without a tap", func(s *Spec) { s.NICs = []NIC{{MAC: "02:00:00:00:00:01"}} }, "tap"},
+		{"a host interface as tap", func(s *Spec) { s.NICs = []NIC{{Tap: "lo", MAC: "02:00:00:00:00:01"}} }, "not a tap writ attached"},
+		{"options in the tap", func(s *Spec) { s.NICs = []NIC{{Tap: "wt0123456789ab,script=/x", MAC: "02:00:00:00:00:01"}} }, "not a tap writ attached"},
+		{"options in the MAC", func(s *Spec) {
+			s.NICs = []NIC{{Tap: "wt0123456789ab", MAC: "02:00:00:00:00:01,romfile=/etc/shadow"}}
+		}, "not a unicast address"},
+		{"multicast MAC", func(s *Spec) { s.NICs = []NIC{{Tap: "wt0123456789ab", MAC: "01:00:5e:00:00:01"}} }, "not a unicast address"},
+		{"long MAC", func(s *Spec) { s.NICs = []NIC{{Tap: "wt0123456789ab", MAC: "02:00:00:00:00:00:00:01"}} }, "not a unicast address"},
 	} {
 		s := good
 		tc.edit(&s)

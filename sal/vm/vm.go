@@ -27,8 +27,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"regexp"
+	"strings"
 	"time"
 )
 
@@ -117,6 +119,21 @@ const (
 
 var nameRe = regexp.MustCompile(`^[a-z0-9][a-z0-9_.-]{0,62}$`)
 
+// tapRe is the name of a tap writ's network layer attaches
+// (network.TapName: "wt" and 12 hex digits). A NIC may name nothing else:
+// not another host interface (lo, eth0), and nothing that would reach a
+// hypervisor's option string as more options.
+var tapRe = regexp.MustCompile(`^wt[0-9a-f]{12}$`)
+
+// ValidMAC reports whether mac is a unicast Ethernet address written as
+// six colon-separated hex octets, the only form that reaches a hypervisor
+// (a MAC is pasted into QEMU's -device option, where "…,romfile=/etc/shadow"
+// would be one more option).
+func ValidMAC(mac string) bool {
+	hw, err := net.ParseMAC(mac)
+	return err == nil && len(hw) == 6 && hw[0]&1 == 0 && strings.EqualFold(hw.String(), mac)
+}
+
 // ValidName reports whether s is a valid VM name.
 func ValidName(s string) bool { return nameRe.MatchString(s) }
 
@@ -159,8 +176,13 @@ func (s Spec) validate() error {
 		}
 	}
 	for i, n := range s.NICs {
-		if n.Tap == "" || n.MAC == "" {
+		switch {
+		case n.Tap == "" || n.MAC == "":
 			return fmt.Errorf("%w: NIC %d needs a tap and a MAC", ErrInvalid, i)
+		case !tapRe.MatchString(n.Tap):
+			return fmt.Errorf("%w: NIC %d: %q is not a tap writ attached (net.attach gives one)", ErrInvalid, i, n.Tap)
+		case !ValidMAC(n.MAC):
+			return fmt.Errorf("%w: NIC %d: MAC %q is not a unicast address of six hex octets (aa:bb:cc:dd:ee:ff)", ErrInvalid, i, n.MAC)
 		}
 	}
 	return nil
