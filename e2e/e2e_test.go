@@ -497,7 +497,7 @@ func TestFleet_StorageScript(t *testing.T) {
 	f.startSupervisor("local")
 	f.startCoord()
 	f.start("runner:pool", "runner", "--no-network", "--no-vm", "--site", "local", "--node", "p1", "--redis", f.redis, "--ledger", f.ledger,
-		"--listen", "", "--pool-file", filepath.Join(f.dir, "pool.img"), "--pool-size", "1G", "--pool-mount", filepath.Join(f.dir, "pool"))
+		"--listen", "", "--pool-file", filepath.Join(f.dir, "pool.img"), "--pool-size", "1G", "--pool-mount", filepath.Join(f.dir, "pool"), "--image-allow", "127.0.0.1/32")
 	run := func(args ...string) []byte {
 		cmd := exec.Command(writBin, append([]string{"run", "../scripts/lib/volume.tengo", "--coord", f.coord,
 			"--key", filepath.Join(f.dir, "admin.key"), "--site", "local"}, args...)...)
@@ -569,7 +569,7 @@ job.result(img.size)`, imgSrv.URL+"/disk.img", sha)
 
 	// Restart the runner: the pool, its volume and its image are found again.
 	poolArgs := []string{"runner", "--no-network", "--no-vm", "--site", "local", "--node", "p1", "--redis", f.redis, "--ledger", f.ledger,
-		"--listen", "", "--pool-file", filepath.Join(f.dir, "pool.img"), "--pool-size", "1G", "--pool-mount", filepath.Join(f.dir, "pool")}
+		"--listen", "", "--pool-file", filepath.Join(f.dir, "pool.img"), "--pool-size", "1G", "--pool-mount", filepath.Join(f.dir, "pool"), "--image-allow", "127.0.0.1/32"}
 	f.stop(f.procs["runner:pool"], syscall.SIGTERM)
 	f.start("runner:pool2", poolArgs...)
 	check := rawEnvelope(t, envelope.NewJob("after-restart", fmt.Sprintf(`job := import("job"); storage := import("storage")

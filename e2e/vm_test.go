@@ -76,7 +76,7 @@ func TestFleet_DeployVM(t *testing.T) {
 	f.startSupervisor("local")
 	f.startCoord()
 	runnerArgs := []string{"runner", "--site", "local", "--node", "vm1", "--redis", f.redis, "--ledger", f.ledger, "--listen", "",
-		"--pool-file", filepath.Join(poolDir, "pool.img"), "--pool-size", "2G", "--pool-mount", mnt,
+		"--pool-file", filepath.Join(poolDir, "pool.img"), "--pool-size", "2G", "--pool-mount", mnt, "--image-allow", "127.0.0.1/32",
 		"--net-ns", testenv.NetNSPath(node), "--net-state", filepath.Join(f.dir, "net"),
 		"--vm-dir", vmDir, "--vm-accel", "tcg"}
 	f.start("runner:vm1", runnerArgs...)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/netip"
 	"os"
 	"strings"
 	"testing"
@@ -19,6 +20,7 @@ func TestStorageModule_VolumeScript(t *testing.T) {
 		t.Fatal(err)
 	}
 	fake := storage.NewFake(1 << 30)
+	fake.ImageAllow = storage.ImagePolicy{Ranges: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}
 	e := New(Config{}, HostModules(Layers{Storage: fake}))
 	run := func(args string) (Output, error) {
 		return e.Run(context.Background(), string(src), Input{JobID: "j", Args: []byte(args)})

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -183,7 +184,15 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		if err != nil {
 			return err
 		}
-		pool, err = storage.Open(ctx, storage.Config{File: filepath.Join(dir, "pool.img"), Size: n, Mountpoint: filepath.Join(dir, "pool")})
+		// Image downloads may reach the public internet and, of this
+		// machine, only writ dev's own file server (not its ledger or
+		// Redis on the same loopback).
+		files, err := netip.ParseAddrPort(filesAddr)
+		if err != nil {
+			return fmt.Errorf("file server address %s: %w", filesAddr, err)
+		}
+		policy := storage.ImagePolicy{Servers: []netip.AddrPort{files}}
+		pool, err = storage.Open(ctx, storage.Config{File: filepath.Join(dir, "pool.img"), Size: n, Mountpoint: filepath.Join(dir, "pool"), ImageAllow: policy})
 		if err != nil {
 			return fmt.Errorf("storage pool: %w (or run with --no-pool)", err)
 		}

@@ -168,6 +168,7 @@ func openLayers(ctx context.Context, log *slog.Logger, pf *poolFlags, nf *netFla
 type poolFlags struct {
 	device, file, mount, size string
 	force                     bool
+	imageAllow                []string
 }
 
 func (f *poolFlags) add(cmd *cobra.Command) {
@@ -176,6 +177,18 @@ func (f *poolFlags) add(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&f.size, "pool-size", "20G", "size of a new --pool-file")
 	cmd.Flags().StringVar(&f.mount, "pool-mount", "/var/lib/writ/pool", "where the storage pool is mounted")
 	cmd.Flags().BoolVar(&f.force, "pool-force", false, "format --pool even if it holds data (destroys it)")
+	cmd.Flags().StringSliceVar(&f.imageAllow, "image-allow", nil, "what image downloads (storage.image) may reach besides public addresses: address ranges (10.0.0.0/8) or servers (127.0.0.1:7706); loopback, private, link-local and reserved addresses are refused otherwise")
+}
+
+// imagePolicy reads --image-allow.
+func (f *poolFlags) imagePolicy() (storage.ImagePolicy, error) {
+	var p storage.ImagePolicy
+	for _, v := range f.imageAllow {
+		if err := p.ParseImageAllow(v); err != nil {
+			return p, fmt.Errorf("--image-allow: %w", err)
+		}
+	}
+	return p, nil
 }
 
 // open mounts the pool, or returns nil when none was asked for.
@@ -187,7 +200,11 @@ func (f *poolFlags) open(ctx context.Context) (*storage.Pool, error) {
 	if err != nil {
 		return nil, err
 	}
-	return storage.Open(ctx, storage.Config{Device: f.device, File: f.file, Size: n, Mountpoint: f.mount, Force: f.force})
+	policy, err := f.imagePolicy()
+	if err != nil {
+		return nil, err
+	}
+	return storage.Open(ctx, storage.Config{Device: f.device, File: f.file, Size: n, Mountpoint: f.mount, Force: f.force, ImageAllow: policy})
 }
 
 // netFlags choose the node's network layer.

@@ -19,7 +19,7 @@ func benchPool(b *testing.B) *Pool {
 	testenv.RequireRoot(b)
 	testenv.RequireBinary(b, "mkfs.btrfs")
 	dir := b.TempDir()
-	p, err := Open(context.Background(), Config{File: filepath.Join(dir, "pool.img"), Size: 24 << 30, Mountpoint: filepath.Join(dir, "mnt")})
+	p, err := Open(context.Background(), Config{File: filepath.Join(dir, "pool.img"), Size: 24 << 30, Mountpoint: filepath.Join(dir, "mnt"), ImageAllow: testAllow})
 	if err != nil {
 		b.Fatal(err)
 	}

@@ -127,7 +127,9 @@ func runContract(t *testing.T, s store) {
 	})
 }
 
-func TestContract_Fake(t *testing.T) { runContract(t, NewFake(1<<30)) }
+func TestContract_Fake(t *testing.T) {
+	runContract(t, func() *Fake { f := NewFake(1 << 30); f.ImageAllow = testAllow; return f }())
+}
 
 func TestContract_Pool(t *testing.T) {
 	p, _ := newPool(t)

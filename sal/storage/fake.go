@@ -18,6 +18,9 @@ import (
 // restore, images verified by sha256, clones. It is for fast tests of
 // code above the storage layer, never a proof that storage works.
 type Fake struct {
+	// ImageAllow is Config.ImageAllow of the fake.
+	ImageAllow ImagePolicy
+
 	mu     sync.Mutex
 	size   int64
 	vols   map[string]*fakeVol            // guarded by mu
@@ -306,22 +309,25 @@ func (f *Fake) EnsureImage(ctx context.Context, url, sha string) (Image, error) 
 		return Image{SHA256: sha, Path: "/fake/images/" + sha + "/" + ImageFile, Size: int64(len(b))}, nil
 	}
 	f.mu.Unlock()
+	if _, err := checkImageURL(url); err != nil {
+		return Image{}, fmt.Errorf("storage: download %s: %w", url, err)
+	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return Image{}, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := imageClient(f.ImageAllow).Do(req)
 	if err != nil {
 		return Image{}, fmt.Errorf("storage: download %s: %w", url, err)
 	}
 	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
+	b, err := io.ReadAll(io.LimitReader(resp.Body, DefaultMaxImageBytes))
 	if err != nil {
 		return Image{}, fmt.Errorf("storage: download %s: %w", url, err)
 	}
 	sum := sha256.Sum256(b)
 	if got := hex.EncodeToString(sum[:]); got != sha {
-		return Image{}, fmt.Errorf("storage: image %s: %w: downloaded %s (removed)", url, ErrChecksum, got)
+		return Image{}, fmt.Errorf("storage: image %s: %w: the download does not have sha256 %s (removed)", url, ErrChecksum, sha)
 	}
 	f.mu.Lock()
 	f.images[sha] = b

@@ -113,14 +113,20 @@ func (p *Pool) download(ctx context.Context, url, sha string) (Image, error) {
 			case <-time.After(time.Duration(1<<try) * time.Second):
 			}
 		}
-		if lastErr = fetch(ctx, url, file); lastErr == nil {
+		if lastErr = p.fetch(ctx, url, file); lastErr == nil {
 			break
 		}
 		if ctx.Err() != nil {
 			return Image{}, ctx.Err()
 		}
+		if errors.Is(lastErr, ErrImageRefused) {
+			break // the policy says no; asking again will not change that
+		}
 	}
 	if lastErr != nil {
+		if errors.Is(lastErr, ErrImageRefused) {
+			btrfs.SubvolDelete(partial) // nothing of a refused download is kept
+		}
 		return Image{}, fmt.Errorf("storage: download %s: %w", url, lastErr)
 	}
 	got, err := fileSHA256(file)
@@ -128,8 +134,10 @@ func (p *Pool) download(ctx context.Context, url, sha string) (Image, error) {
 		return Image{}, err
 	}
 	if got != sha {
+		// The error does not say what was fetched (its hash would tell a
+		// script about a server it may not read).
 		btrfs.SubvolDelete(partial)
-		return Image{}, fmt.Errorf("storage: image %s: %w: downloaded %s (removed)", url, ErrChecksum, got)
+		return Image{}, fmt.Errorf("storage: image %s: %w: the download does not have sha256 %s (removed)", url, ErrChecksum, sha)
 	}
 	if err := btrfs.SubvolSnapshot(p.imageDir(sha), partial, true); err != nil {
 		return Image{}, fmt.Errorf("storage: keep image %s: %w", sha, err)
@@ -142,8 +150,14 @@ func (p *Pool) download(ctx context.Context, url, sha string) (Image, error) {
 }
 
 // fetch downloads url into file, continuing from file's size when the
-// server answers a range request with 206.
-func fetch(ctx context.Context, url, file string) error {
+// server answers a range request with 206. The URL, every redirect and
+// every address connected to are held to the pool's policy (see
+// imageClient), and the download to MaxImageBytes.
+func (p *Pool) fetch(ctx context.Context, url, file string) error {
+	if _, err := checkImageURL(url); err != nil {
+		return err
+	}
+	max := p.cfg.MaxImageBytes
 	f, err := os.OpenFile(file, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
 		return err
@@ -162,7 +176,7 @@ func fetch(ctx context.Context, url, file string) error {
 	if have > 0 {
 		req.Header.Set("Range", "bytes="+strconv.FormatInt(have, 10)+"-")
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := p.client.Do(req)
 	if err != nil {
 		return err
 	}
@@ -179,7 +193,14 @@ func fetch(ctx context.Context, url, file string) error {
 			return err
 		}
 	default:
-		return fmt.Errorf("HTTP %s", resp.Status)
+		return fmt.Errorf("HTTP %d", resp.StatusCode)
+	}
+	if resp.ContentLength > max || have > max {
+		return fmt.Errorf("%w: the image is larger than the limit of %d bytes", ErrImageRefused, max)
+	}
+	written := have
+	if resp.StatusCode == http.StatusOK {
+		written = 0
 	}
 	// A stalled connection fails after stallTimeout without data.
 	stall := time.AfterFunc(stallTimeout, cancel)
@@ -189,6 +210,9 @@ func fetch(ctx context.Context, url, file string) error {
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {
 			stall.Reset(stallTimeout)
+			if written += int64(n); written > max {
+				return fmt.Errorf("%w: the image is larger than the limit of %d bytes", ErrImageRefused, max)
+			}
 			if _, err := f.Write(buf[:n]); err != nil {
 				return err
 			}

@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,13 +54,20 @@ type Config struct {
 	Mountpoint string
 	// Force allows formatting a device or file that holds data.
 	Force bool
+	// ImageAllow is what image downloads may reach besides public
+	// addresses (see ImagePolicy). Optional.
+	ImageAllow ImagePolicy
+	// MaxImageBytes bounds one image download. Default
+	// DefaultMaxImageBytes.
+	MaxImageBytes int64
 }
 
 // Pool is a mounted btrfs pool.
 type Pool struct {
-	cfg   Config
-	mnt   string
-	owned bool // mounted by Open (so Close unmounts)
+	cfg    Config
+	mnt    string
+	owned  bool         // mounted by Open (so Close unmounts)
+	client *http.Client // image downloads, under the address policy
 }
 
 // btrfsMagic sits at 64 KiB + 0x40 in a btrfs superblock.
@@ -84,7 +92,10 @@ func Open(ctx context.Context, cfg Config) (*Pool, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Pool{cfg: cfg, mnt: mnt}
+	if cfg.MaxImageBytes == 0 {
+		cfg.MaxImageBytes = DefaultMaxImageBytes
+	}
+	p := &Pool{cfg: cfg, mnt: mnt, client: imageClient(cfg.ImageAllow)}
 	if mounted, err := isBtrfsMount(mnt); err != nil {
 		return nil, err
 	} else if mounted {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"net/http/httptest"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +13,10 @@ import (
 
 	"github.com/writ-fleet/writ/internal/testenv"
 )
+
+// testAllow lets the tests' image servers (httptest, on loopback) be
+// reached; the tests of the policy itself name their own.
+var testAllow = ImagePolicy{Ranges: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}
 
 // newPool makes a pool on a sparse loop-backed file under the test's temp
 // folder, unmounted (and its loop device detached) when the test ends,
@@ -26,7 +31,7 @@ func newPoolSized(t *testing.T, size int64) (*Pool, Config) {
 	testenv.RequireRoot(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	dir := t.TempDir()
-	cfg := Config{File: filepath.Join(dir, "pool.img"), Size: size, Mountpoint: filepath.Join(dir, "mnt")}
+	cfg := Config{File: filepath.Join(dir, "pool.img"), Size: size, Mountpoint: filepath.Join(dir, "mnt"), ImageAllow: testAllow}
 	p, err := Open(context.Background(), cfg)
 	if err != nil {
 		t.Fatal(err)
