@@ -77,11 +77,27 @@ func Reap(pid int) {
 	if pid <= 0 {
 		return
 	}
-	if state, ppid, ok := stat(pid); ok && state == "Z" && ppid == os.Getpid() {
+	state, ppid, ok := stat(pid)
+	if !ok || state != "Z" || ppid != os.Getpid() {
+		return
+	}
+	// A killed multi-threaded process (QEMU) shows as a zombie while its
+	// other threads are still exiting, and cannot be reaped until they have:
+	// try for a moment (Run takes it later if that is not enough).
+	for deadline := time.Now().Add(reapWait); ; {
 		var ws unix.WaitStatus
-		unix.Wait4(pid, &ws, unix.WNOHANG, nil)
+		if got, err := unix.Wait4(pid, &ws, unix.WNOHANG, nil); got == pid || err != nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// reapWait bounds how long Reap waits for a zombie's threads to exit.
+const reapWait = 2 * time.Second
 
 // stat reads a process's state and parent pid from /proc/PID/stat.
 func stat(pid int) (state string, ppid int, ok bool) {

@@ -7,13 +7,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	diskfs "github.com/diskfs/go-diskfs"
+	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/internal/reaper"
 	"github.com/writ-fleet/writ/internal/testenv"
@@ -322,5 +325,54 @@ func TestMachines_Use(t *testing.T) {
 	}
 	if cpus, mem, err := m.Use(ctx); err != nil || cpus != 2 || mem != 512 {
 		t.Errorf("Use = %d CPUs, %d MiB, %v; want 2, 512 (only the started VM)", cpus, mem, err)
+	}
+}
+
+// daemonBackend launches the way QEMU's -daemonize does: the launcher forks
+// the VM's process and exits, so the process is nobody's child but the
+// subreaper's.
+type daemonBackend struct{}
+
+func (daemonBackend) Name() string { return "fake" }
+
+func (daemonBackend) Launch(ctx context.Context, l Launch) (int, error) {
+	out, err := exec.Command("sh", "-c", `(exec sh -c 'while :; do sleep 1; done' "$0" </dev/null >/dev/null 2>&1) & echo $!`, filepath.Join(l.Dir, "fake")).Output()
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(strings.TrimSpace(string(out)))
+}
+
+func (daemonBackend) Shutdown(ctx context.Context, dir string) error { return nil }
+
+// TestMachines_StopReaps: a daemonized VM process that is stopped is
+// reaped at once, not left a zombie.
+func TestMachines_StopReaps(t *testing.T) {
+	m, err := New(Config{Dir: t.TempDir(), Backend: daemonBackend{}, StopGrace: 100 * time.Millisecond, CheckInterval: time.Hour, ReapInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	testenv.WaitFor(t, 5*time.Second, "Run to become a subreaper", func() bool {
+		var v int32
+		unix.Prctl(unix.PR_GET_CHILD_SUBREAPER, uintptr(unsafe.Pointer(&v)), 0, 0, 0)
+		return v == 1
+	})
+	if _, err := m.Create(ctx, spec(t, "d")); err != nil {
+		t.Fatal(err)
+	}
+	info, err := m.Start(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := m.Stop(ctx, "d", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(fmt.Sprintf("/proc/%d", info.Pid)); err == nil {
+		data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", info.Pid))
+		t.Errorf("pid %d is still there after Stop: %s", info.Pid, data)
 	}
 }
