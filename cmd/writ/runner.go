@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"time"
 
@@ -209,14 +210,18 @@ func (f *poolFlags) open(ctx context.Context) (*storage.Pool, error) {
 
 // netFlags choose the node's network layer.
 type netFlags struct {
-	state, ns string
-	off       bool
+	state, ns    string
+	off          bool
+	pool         []string
+	forwardPorts string
 }
 
 func (f *netFlags) add(cmd *cobra.Command, defaultState string) {
 	cmd.Flags().StringVar(&f.state, "net-state", defaultState, "where networks, forwards and address allocations are kept")
 	cmd.Flags().StringVar(&f.ns, "net-ns", "", "manage the networks of this network namespace (a path such as /var/run/netns/NAME) instead of the host's")
 	cmd.Flags().BoolVar(&f.off, "no-network", false, "run without the network layer (scripts' net calls fail)")
+	cmd.Flags().StringSliceVar(&f.pool, "net-pool", []string{network.DefaultAddressPool[0].String()}, "address ranges networks may use (never overlapping an address or route the node has)")
+	cmd.Flags().StringVar(&f.forwardPorts, "forward-ports", network.DefaultForwardPorts.String(), "host ports forwards may take (never one a process of the node listens on)")
 }
 
 // open returns the network layer with the networks in its state restored
@@ -230,7 +235,19 @@ func (f *netFlags) open(ctx context.Context, log *slog.Logger) (*network.Host, e
 		log.Warn("no network layer: networking needs root (scripts' net calls will fail)")
 		return nil, nil
 	}
-	host, err := network.New(network.Config{StateDir: f.state, NetNS: f.ns, Log: log.With("svc", "network")})
+	var pool []netip.Prefix
+	for _, v := range f.pool {
+		p, err := netip.ParsePrefix(v)
+		if err != nil || !p.Addr().Is4() {
+			return nil, fmt.Errorf("--net-pool %q: want an IPv4 range such as 10.0.0.0/8", v)
+		}
+		pool = append(pool, p.Masked())
+	}
+	ports, err := network.ParsePortRange(f.forwardPorts)
+	if err != nil {
+		return nil, fmt.Errorf("--forward-ports: %w", err)
+	}
+	host, err := network.New(network.Config{StateDir: f.state, NetNS: f.ns, AddressPool: pool, ForwardPorts: ports, Log: log.With("svc", "network")})
 	if err != nil {
 		return nil, err
 	}

@@ -34,6 +34,13 @@ type Config struct {
 	// Overlay hands out IPv6 prefixes for networks that ask for none.
 	// Optional: nil gives such networks IPv4 only.
 	Overlay Overlay
+	// AddressPool is where networks may be made; a network's subnet must
+	// lie inside it and overlap no address or route the namespace already
+	// has. Default DefaultAddressPool.
+	AddressPool []netip.Prefix
+	// ForwardPorts are the host ports forwards may take (never one a
+	// process listens on). Default DefaultForwardPorts.
+	ForwardPorts PortRange
 	// Log receives one line per change to the host. Optional.
 	Log *slog.Logger
 }
@@ -95,6 +102,12 @@ func New(cfg Config) (*Host, error) {
 	log := cfg.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
+	}
+	if len(cfg.AddressPool) == 0 {
+		cfg.AddressPool = DefaultAddressPool
+	}
+	if cfg.ForwardPorts == (PortRange{}) {
+		cfg.ForwardPorts = DefaultForwardPorts
 	}
 	return &Host{cfg: cfg, log: log}, nil
 }
@@ -243,6 +256,18 @@ func (h *Host) EnsureNetwork(ctx context.Context, spec Spec) (Network, error) {
 		}
 		if !isNew && existing.Subnet != subnet {
 			return fmt.Errorf("network %q exists with subnet %s, not %s (delete it first): %w", spec.Name, existing.Subnet, subnet, ErrConflict)
+		}
+		if !inPool(subnet, h.cfg.AddressPool) {
+			return fmt.Errorf("network %q: subnet %s is outside the node's address pool %v: %w", spec.Name, subnet, h.cfg.AddressPool, ErrInvalid)
+		}
+		if isNew {
+			var clash string
+			if err := h.Do(func() error { var err error; clash, err = hostOverlap(subnet, BridgeName(spec.Name)); return err }); err != nil {
+				return err
+			}
+			if clash != "" {
+				return fmt.Errorf("network %q: subnet %s overlaps the node's own %s: %w", spec.Name, subnet, clash, ErrConflict)
+			}
 		}
 		all, err := h.listLocked()
 		if err != nil {
@@ -446,6 +471,9 @@ func (h *Host) AddForward(ctx context.Context, network string, f Forward) (Netwo
 		if f.HostPort == 0 || f.Port == 0 {
 			return fmt.Errorf("forward: ports must be 1-65535: %w", ErrInvalid)
 		}
+		if !h.cfg.ForwardPorts.contains(f.HostPort) {
+			return fmt.Errorf("forward: host port %d is outside the node's forward range %s: %w", f.HostPort, h.cfg.ForwardPorts, ErrInvalid)
+		}
 		if !n.Subnet.Contains(f.Addr) || f.Addr == n.Gateway || f.Addr == n.Subnet.Addr() || f.Addr == lastAddr(n.Subnet) {
 			return fmt.Errorf("forward: %s is not a guest address of network %q (%s): %w", f.Addr, network, n.Subnet, ErrInvalid)
 		}
@@ -464,6 +492,15 @@ func (h *Host) AddForward(ctx context.Context, network string, f Forward) (Netwo
 				}
 				return fmt.Errorf("forward %s: host port %s/%d already forwards to %s on network %q: %w", f, f.Proto, f.HostPort, netip.AddrPortFrom(g.Addr, g.Port), o.Name, ErrConflict)
 			}
+		}
+		// A new forward never takes a port a process of the node listens
+		// on (sshd, the runner itself): its DNAT would hide the service.
+		var busy bool
+		if err := h.Do(func() error { busy = portInUse(f.Proto, f.HostPort); return nil }); err != nil {
+			return err
+		}
+		if busy {
+			return fmt.Errorf("forward %s: a process of the node listens on %s/%d: %w", f, f.Proto, f.HostPort, ErrConflict)
 		}
 		n.Forwards = append(n.Forwards, f)
 		sort.Slice(n.Forwards, func(i, j int) bool {
@@ -590,6 +627,19 @@ func enableForwarding(v6 bool) error {
 // Host's namespace (a guest's service came up), polling until timeout or
 // ctx ends.
 func (h *Host) WaitTCP(ctx context.Context, addr netip.Addr, port uint16, timeout time.Duration) error {
+	// Only guests of writ's networks: anything else would make this a
+	// port scanner for the node's private side.
+	var nets []Network
+	if err := h.locked(func() error { var err error; nets, err = h.listLocked(); return err }); err != nil {
+		return err
+	}
+	inside := false
+	for _, n := range nets {
+		inside = inside || n.Subnet.Contains(addr) || (n.Prefix6.IsValid() && n.Prefix6.Contains(addr))
+	}
+	if !inside {
+		return fmt.Errorf("network: %s is in none of the node's writ networks: %w", addr, ErrInvalid)
+	}
 	deadline := time.Now().Add(timeout)
 	target := netip.AddrPortFrom(addr, port).String()
 	for {
