@@ -31,6 +31,9 @@ type Storage interface {
 	Usage() (storage.Usage, error)
 	EnsureImage(ctx context.Context, url, sha string) (storage.Image, error)
 	EnsureClone(ctx context.Context, sha, name string, limit int64) (storage.Volume, error)
+	// Holds resolves a path to a file of the pool's volumes or images, or
+	// fails with storage.ErrNotInPool (see storage.Pool.Holds).
+	Holds(path string) (string, error)
 }
 
 var _ Storage = (*storage.Pool)(nil)
@@ -218,5 +221,5 @@ func HostModules(l Layers) map[string]Module {
 	if m, ok := l.VMs.(*vm.Machines); ok && m == nil {
 		l.VMs = nil
 	}
-	return map[string]Module{"storage": StorageModule(l.Storage), "net": NetworkModule(l.Network), "vm": VMModule(l.VMs)}
+	return map[string]Module{"storage": StorageModule(l.Storage), "net": NetworkModule(l.Network), "vm": VMModule(l.VMs, l.Storage)}
 }

@@ -136,7 +136,12 @@ func toSpec(o tengo.Object) (vm.Spec, error) {
 //
 // Failures come back as error values, for the script to check with
 // is_error().
-func VMModule(vms VMs) Module {
+//
+// Every file a VM is given (disks, kernel, initrd, firmware) must be a file
+// of files, the node's storage pool: a volume or clone, or a cached image
+// (storage.clone(...).disk, storage.image(...).path). The hypervisor runs
+// as root, so a host path (/dev/sda, the node key) is refused.
+func VMModule(vms VMs, files Storage) Module {
 	return func(rc *Run) map[string]tengo.Object {
 		var unavailable error
 		if vms == nil {
@@ -149,6 +154,9 @@ func VMModule(vms VMs) Module {
 			"create": call("create", 1, 1, func(ctx context.Context, a []tengo.Object) (any, error) {
 				spec, err := toSpec(a[0])
 				if err != nil {
+					return nil, err
+				}
+				if err := confine(&spec, files); err != nil {
 					return nil, err
 				}
 				return vms.Create(ctx, spec)
@@ -189,4 +197,34 @@ func VMModule(vms VMs) Module {
 			}),
 		}
 	}
+}
+
+// confine resolves every file of spec to a file of the node's storage pool,
+// or refuses it.
+func confine(spec *vm.Spec, files Storage) error {
+	check := func(what string, p *string) error {
+		if *p == "" {
+			return nil
+		}
+		if files == nil {
+			return fmt.Errorf("vm %s %q: this runner has no storage pool, and a VM's files must come from it", what, *p)
+		}
+		real, err := files.Holds(*p)
+		if err != nil {
+			return fmt.Errorf("vm %s: %w (use storage.clone(...).disk or storage.image(...).path)", what, err)
+		}
+		*p = real
+		return nil
+	}
+	for what, p := range map[string]*string{"kernel": &spec.Kernel, "initrd": &spec.Initrd, "firmware": &spec.Firmware} {
+		if err := check(what, p); err != nil {
+			return err
+		}
+	}
+	for i := range spec.Disks {
+		if err := check(fmt.Sprintf("disk %d", i), &spec.Disks[i].Path); err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"path"
+	"path/filepath"
 	"sort"
 	"strings"
 	"sync"
@@ -353,4 +354,21 @@ func (f *Fake) EnsureClone(_ context.Context, sha, name string, limit int64) (Vo
 	}
 	v.limit = limit
 	return Volume{Name: name, Path: "/fake/volumes/" + name, Limit: limit, Disk: "/fake/volumes/" + name + "/" + ImageFile}, nil
+}
+
+// Holds is Pool.Holds for the fake's paths: a file of one of its volumes
+// (/fake/volumes/NAME/…) or images (/fake/images/SHA256/disk.img).
+func (f *Fake) Holds(path string) (string, error) {
+	clean := filepath.Clean(path)
+	parts := strings.Split(strings.TrimPrefix(clean, "/fake/"), "/")
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch {
+	case !strings.HasPrefix(clean, "/fake/"):
+	case len(parts) >= 3 && parts[0] == "volumes" && f.vols[parts[1]] != nil:
+		return clean, nil
+	case len(parts) == 3 && parts[0] == "images" && f.images[parts[1]] != nil && parts[2] == ImageFile:
+		return clean, nil
+	}
+	return "", fmt.Errorf("%q is not in a volume or a cached image: %w", path, ErrNotInPool)
 }

@@ -151,3 +151,30 @@ func TestPool_EnsureImage_Refused(t *testing.T) {
 		t.Error("a refused download became an image")
 	}
 }
+
+// TestPool_Holds: only files of the pool's volumes and cached images pass;
+// a host path, a device, a path that climbs out, and a symlink in a volume
+// that points out are refused.
+func TestPool_Holds(t *testing.T) {
+	p, _ := newPool(t)
+	ctx := context.Background()
+	v, err := p.EnsureVolume(ctx, "data", 64<<20)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.WriteFile("data", "disk.img", []byte("disk")); err != nil {
+		t.Fatal(err)
+	}
+	link := filepath.Join(v.Path, "evil")
+	if err := os.Symlink("/etc/shadow", link); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := p.Holds(filepath.Join(v.Path, "disk.img")); err != nil || got != filepath.Join(v.Path, "disk.img") {
+		t.Errorf("Holds(a volume's file) = %q, %v", got, err)
+	}
+	for _, bad := range []string{"/etc/passwd", "/dev/sda", "/dev/null", link, filepath.Join(v.Path, "..", "..", "..", "etc", "passwd"), p.mnt, filepath.Join(p.mnt, "volumes")} {
+		if _, err := p.Holds(bad); !errors.Is(err, ErrNotInPool) {
+			t.Errorf("Holds(%s) = %v, want ErrNotInPool", bad, err)
+		}
+	}
+}
