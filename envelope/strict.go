@@ -134,21 +134,30 @@ func (s *scanner) object(out *[]member) error {
 		if out != nil {
 			*out = append(*out, member{name: name, value: s.data[start:s.i]})
 		}
-		s.ws()
-		if s.i >= len(s.data) {
-			return errSyntax
+		if done, err := s.after('}'); err != nil || done {
+			s.depth--
+			return err
 		}
-		if s.data[s.i] == '}' {
-			s.i++
-			break
-		}
-		if s.data[s.i] != ',' {
-			return errSyntax
-		}
-		s.i++
 	}
 	s.depth--
 	return nil
+}
+
+// after steps over what follows a member or element: the container's
+// closing byte (done) or a comma (more to come).
+func (s *scanner) after(closing byte) (done bool, err error) {
+	s.ws()
+	switch {
+	case s.i >= len(s.data):
+		return false, errSyntax
+	case s.data[s.i] == closing:
+		s.i++
+		return true, nil
+	case s.data[s.i] == ',':
+		s.i++
+		return false, nil
+	}
+	return false, errSyntax
 }
 
 // value reads the value at s.i; nested objects are checked when s.deep.
@@ -183,18 +192,11 @@ func (s *scanner) value() error {
 			if err := s.value(); err != nil {
 				return err
 			}
-			s.ws()
-			if s.i >= len(s.data) {
-				return errSyntax
-			}
-			if s.data[s.i] == ']' {
-				s.i++
+			if done, err := s.after(']'); err != nil {
+				return err
+			} else if done {
 				break
 			}
-			if s.data[s.i] != ',' {
-				return errSyntax
-			}
-			s.i++
 		}
 		s.depth--
 		return nil

@@ -273,6 +273,23 @@ func logModule(rc *Run) map[string]tengo.Object {
 	return m
 }
 
+// formatArgs is fmt.printf's and fmt.sprintf's formatting: a format string,
+// then arguments Tengo's formatter can print in bounded time
+// (checkFormattable).
+func formatArgs(name string, args []tengo.Object) (string, error) {
+	if len(args) == 0 {
+		return "", tengo.ErrWrongNumArguments
+	}
+	f, ok := args[0].(*tengo.String)
+	if !ok {
+		return "", tengo.ErrInvalidArgumentType{Name: "format", Expected: "string", Found: args[0].TypeName()}
+	}
+	if err := checkFormattable(args[1:]); err != nil {
+		return "", fmt.Errorf("%s: %w", name, err)
+	}
+	return tengo.Format(f.Value, args[1:]...)
+}
+
 // sandboxOverrides replaces the standard functions that would escape the
 // sandbox: fmt's printers write to the job log instead of the runner's
 // stdout, and times.sleep stops at the run's deadline.
@@ -283,17 +300,7 @@ func sandboxOverrides(module string, rc *Run) map[string]tengo.Object {
 			return Func(name, func(args ...tengo.Object) (tengo.Object, error) {
 				var line string
 				if format {
-					if len(args) == 0 {
-						return nil, tengo.ErrWrongNumArguments
-					}
-					f, ok := args[0].(*tengo.String)
-					if !ok {
-						return nil, tengo.ErrInvalidArgumentType{Name: "format", Expected: "string", Found: args[0].TypeName()}
-					}
-					if err := checkFormattable(args[1:]); err != nil {
-						return nil, fmt.Errorf("%s: %w", name, err)
-					}
-					s, err := tengo.Format(f.Value, args[1:]...)
+					s, err := formatArgs(name, args)
 					if err != nil {
 						return nil, err
 					}
@@ -310,17 +317,7 @@ func sandboxOverrides(module string, rc *Run) map[string]tengo.Object {
 			"println": printer("println", false, true),
 			"printf":  printer("printf", true, false),
 			"sprintf": Func("sprintf", func(args ...tengo.Object) (tengo.Object, error) {
-				if len(args) == 0 {
-					return nil, tengo.ErrWrongNumArguments
-				}
-				f, ok := args[0].(*tengo.String)
-				if !ok {
-					return nil, tengo.ErrInvalidArgumentType{Name: "format", Expected: "string", Found: args[0].TypeName()}
-				}
-				if err := checkFormattable(args[1:]); err != nil {
-					return nil, fmt.Errorf("sprintf: %w", err)
-				}
-				s, err := tengo.Format(f.Value, args[1:]...)
+				s, err := formatArgs("sprintf", args)
 				if err != nil {
 					return nil, err
 				}
