@@ -243,9 +243,14 @@ func (f *netFlags) open(ctx context.Context, log *slog.Logger) (*network.Host, e
 		}
 		pool = append(pool, p.Masked())
 	}
-	ports, err := network.ParsePortRange(f.forwardPorts)
-	if err != nil {
-		return nil, fmt.Errorf("--forward-ports: %w", err)
+	// Unset (writ init builds these flags without cobra) means the
+	// defaults, as network.Config's zero values do.
+	ports := network.PortRange{}
+	if f.forwardPorts != "" {
+		var err error
+		if ports, err = network.ParsePortRange(f.forwardPorts); err != nil {
+			return nil, fmt.Errorf("--forward-ports: %w", err)
+		}
 	}
 	host, err := network.New(network.Config{StateDir: f.state, NetNS: f.ns, AddressPool: pool, ForwardPorts: ports, Log: log.With("svc", "network")})
 	if err != nil {
