@@ -237,6 +237,17 @@ func TestSeedFiles_Quoted(t *testing.T) {
 	}
 }
 
+// runMachines runs m's watcher until the test ends and returns a context
+// for the test's calls.
+func runMachines(t *testing.T, m *Machines) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { m.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return ctx
+}
+
 // daemonFailBackend fails every launch the way a hypervisor that
 // daemonizes does: the launcher forks a process that outlives it and then
 // dies, and reports an error. It records when each launch happened.
@@ -269,10 +280,7 @@ func TestMachines_FailedLaunches(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { m.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	ctx := runMachines(t, m)
 	if _, err := m.Create(ctx, spec(t, "doomed")); err != nil {
 		t.Fatal(err)
 	}
@@ -352,10 +360,7 @@ func TestMachines_StopReaps(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { m.Run(ctx); close(done) }()
-	defer func() { cancel(); <-done }()
+	ctx := runMachines(t, m)
 	testenv.WaitFor(t, 5*time.Second, "Run to become a subreaper", func() bool {
 		var v int32
 		unix.Prctl(unix.PR_GET_CHILD_SUBREAPER, uintptr(unsafe.Pointer(&v)), 0, 0, 0)
