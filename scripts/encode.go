@@ -125,38 +125,37 @@ func (e *encoder) array(a []tengo.Object, depth int) error {
 	return e.write([]byte{']'})
 }
 
-func (e *encoder) value(o tengo.Object, depth int) error {
+// container returns a Tengo container's members: a map's (isMap) or an
+// array's, or ok false for a value that holds no others. An error value is
+// the map {"error": value}.
+func container(o tengo.Object) (m map[string]tengo.Object, a []tengo.Object, isMap, ok bool) {
 	switch v := o.(type) {
 	case *tengo.Map:
-		if err := e.enter(v, depth); err != nil {
-			return err
-		}
-		defer delete(e.path, v)
-		return e.object(v.Value, depth)
+		return v.Value, nil, true, true
 	case *tengo.ImmutableMap:
-		if err := e.enter(v, depth); err != nil {
-			return err
-		}
-		defer delete(e.path, v)
-		return e.object(v.Value, depth)
+		return v.Value, nil, true, true
 	case *tengo.Array:
-		if err := e.enter(v, depth); err != nil {
-			return err
-		}
-		defer delete(e.path, v)
-		return e.array(v.Value, depth)
+		return nil, v.Value, false, true
 	case *tengo.ImmutableArray:
-		if err := e.enter(v, depth); err != nil {
-			return err
-		}
-		defer delete(e.path, v)
-		return e.array(v.Value, depth)
+		return nil, v.Value, false, true
 	case *tengo.Error:
-		if err := e.enter(v, depth); err != nil {
+		return map[string]tengo.Object{"error": v.Value}, nil, true, true
+	}
+	return nil, nil, false, false
+}
+
+func (e *encoder) value(o tengo.Object, depth int) error {
+	if m, a, isMap, ok := container(o); ok {
+		if err := e.enter(o, depth); err != nil {
 			return err
 		}
-		defer delete(e.path, v)
-		return e.object(map[string]tengo.Object{"error": v.Value}, depth)
+		defer delete(e.path, o)
+		if isMap {
+			return e.object(m, depth)
+		}
+		return e.array(a, depth)
+	}
+	switch v := o.(type) {
 	case *tengo.String:
 		return e.str(v.Value)
 	case *tengo.Int:
@@ -302,24 +301,12 @@ func checkFormattable(args []tengo.Object) error {
 		if nodes > maxFormatNodes {
 			return fmt.Errorf("arguments hold more than %d values", maxFormatNodes)
 		}
-		var kids []tengo.Object
-		switch v := o.(type) {
-		case *tengo.Map:
-			for _, x := range v.Value {
-				kids = append(kids, x)
-			}
-		case *tengo.ImmutableMap:
-			for _, x := range v.Value {
-				kids = append(kids, x)
-			}
-		case *tengo.Array:
-			kids = v.Value
-		case *tengo.ImmutableArray:
-			kids = v.Value
-		case *tengo.Error:
-			kids = []tengo.Object{v.Value}
-		default:
+		m, kids, _, ok := container(o)
+		if !ok {
 			return nil
+		}
+		for _, x := range m {
+			kids = append(kids, x)
 		}
 		if depth >= maxEncodeDepth {
 			return ErrTooDeep
