@@ -43,7 +43,7 @@ type Params struct {
 	Node    string             // required: this node's ID
 	Redis   *queue.Redis       // required: the site's Redis
 	Trust   verify.TrustSource // required: *ledger.TrustCache
-	Scripts *scripts.Engine    // required
+	Scripts Scripts            // required: a *scripts.Sandbox (or an Engine, in tests)
 	Log     *slog.Logger       // required
 	Metrics *prometheus.Registry
 	// Concurrency is how many jobs run at once; zero means DefaultConcurrency.
@@ -55,6 +55,12 @@ type Params struct {
 	// Dequeuers: see queue.WorkerConfig; zero means its default.
 	Dequeuers int
 	Now       func() time.Time // optional, time.Now
+}
+
+// Scripts runs job scripts: *scripts.Sandbox, or *scripts.Engine in
+// process (tests).
+type Scripts interface {
+	Run(ctx context.Context, script string, in scripts.Input) (scripts.Output, error)
 }
 
 // Runner takes and runs jobs.
@@ -193,6 +199,16 @@ func classify(ctx context.Context, err error) *failure {
 		return fail("timeout", err)
 	case errors.Is(err, scripts.ErrAllocLimit):
 		return fail("alloc_limit", err)
+	case errors.Is(err, scripts.ErrMemoryLimit):
+		return fail("memory_limit", err)
+	case errors.Is(err, scripts.ErrStackOverflow):
+		return fail("stack_overflow", err)
+	case errors.Is(err, scripts.ErrCycle):
+		return fail("cycle", err)
+	case errors.Is(err, scripts.ErrResultTooLarge):
+		return fail("result_too_large", err)
+	case errors.Is(err, scripts.ErrSandbox):
+		return fail("sandbox_failed", err)
 	case errors.Is(err, scripts.ErrTransient):
 		return retry("transient", err)
 	}

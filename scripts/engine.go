@@ -294,6 +294,23 @@ type Input struct {
 	// Log receives each log line as it is written (level is debug, info,
 	// warn or error). It may be nil.
 	Log func(level, line string)
+	// Owner is the tenant the job acts for: the resources its host-layer
+	// calls make, see and change are Owner's (see Tenant).
+	Owner string
+	// Admin: the job's signer is an admin of the site, so it may see every
+	// tenant's resources and act for another owner explicitly.
+	Admin bool
+	// MaxMemory caps what the run may hold, in bytes, in a Sandbox (which
+	// also caps it); zero means the sandbox's cap.
+	MaxMemory int64
+
+	host hostCaller // in a sandbox process: where host-layer calls go
+}
+
+// hostCaller runs a host-layer function elsewhere (the runner, for a
+// sandbox process).
+type hostCaller interface {
+	call(rc *Run, module, name string, args []tengo.Object) (tengo.Object, error)
 }
 
 // Output is what a successful run produced.
@@ -309,6 +326,8 @@ var (
 	ErrTimeout = errors.New("script ran past its timeout and was stopped")
 	// ErrAllocLimit: the run allocated more objects than the cap allows.
 	ErrAllocLimit = errors.New("script exceeded the allocation cap and was stopped")
+	// ErrResultTooLarge: job.result was given more than MaxResultBytes.
+	ErrResultTooLarge = errors.New("result is larger than the limit")
 	// ErrTransient marks module errors worth retrying (a busy host, a
 	// network blip); modules wrap it, and the runner retries the job.
 	ErrTransient = errors.New("transient")
@@ -345,7 +364,7 @@ func (e *Engine) Run(ctx context.Context, script string, in Input) (Output, erro
 	rc := inst.rc
 	rc.begin(ctx, in, args)
 	runErr := inst.compiled.Clone().RunContext(ctx)
-	result, resErr, modErr := rc.end()
+	result, modErr := rc.end()
 	select {
 	case p.idle <- inst:
 	default: // enough idle instances; let this one go
@@ -365,9 +384,6 @@ func (e *Engine) Run(ctx context.Context, script string, in Input) (Output, erro
 		return Output{}, modErr
 	default:
 		return Output{}, &RuntimeError{Msg: strings.TrimPrefix(runErr.Error(), "Runtime Error: ")}
-	}
-	if resErr != nil {
-		return Output{}, resErr
 	}
 	return Output{Result: result}, nil
 }

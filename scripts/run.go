@@ -26,7 +26,6 @@ type Run struct {
 	args   tengo.Object
 
 	result    []byte
-	resultErr error
 	moduleErr error // first error a module aborted the script with
 	logBytes  int
 	logCut    bool
@@ -36,19 +35,19 @@ type Run struct {
 
 func (rc *Run) begin(ctx context.Context, in Input, args tengo.Object) {
 	rc.ctx, rc.in, rc.args = ctx, in, args
-	rc.result, rc.resultErr, rc.moduleErr = nil, nil, nil
+	rc.result, rc.moduleErr = nil, nil
 	rc.logBytes, rc.logCut = 0, false
 	rc.rng = newRunRand()
 	rc.fillJob()
 }
 
-func (rc *Run) end() (result []byte, resultErr, moduleErr error) {
-	result, resultErr, moduleErr = rc.result, rc.resultErr, rc.moduleErr
+func (rc *Run) end() (result []byte, moduleErr error) {
+	result, moduleErr = rc.result, rc.moduleErr
 	if result == nil {
 		result = []byte("null")
 	}
 	rc.ctx, rc.in, rc.args, rc.result = nil, Input{}, nil, nil
-	return result, resultErr, moduleErr
+	return result, moduleErr
 }
 
 // Context returns the run's context: modules pass it to anything that blocks.
@@ -156,11 +155,12 @@ func (rc *Run) setResult(args ...tengo.Object) (tengo.Object, error) {
 	max := rc.engine.cfg.MaxResultBytes
 	b, err := encodeJSON(args[0], max)
 	var big *TooLargeError
-	if errors.As(err, &big) {
-		rc.resultErr = &RuntimeError{Msg: fmt.Sprintf("result is larger than the limit of %d bytes", max)}
-		return nil, rc.resultErr
-	}
-	if err != nil {
+	switch {
+	case errors.As(err, &big):
+		return nil, rc.Fail(fmt.Errorf("job.result: %w of %d bytes", ErrResultTooLarge, max))
+	case errors.Is(err, ErrCycle):
+		return nil, rc.Fail(fmt.Errorf("job.result: %w", err))
+	case err != nil:
 		return &tengo.Error{Value: &tengo.String{Value: "result is not JSON-encodable: " + err.Error()}}, nil
 	}
 	rc.result = b

@@ -187,6 +187,9 @@ func hostFunc(rc *Run, module, name string, minArgs, maxArgs int, unavailable er
 			}
 			return nil, fmt.Errorf("%s.%s takes %s arguments, got %d", module, name, want, len(args))
 		}
+		if rc.in.host != nil {
+			return rc.in.host.call(rc, module, name, args)
+		}
 		if unavailable != nil {
 			return nil, rc.Fail(fmt.Errorf("%w: %s.%s: %v", ErrTransient, module, name, unavailable))
 		}

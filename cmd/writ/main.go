@@ -9,15 +9,23 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strconv"
 	"syscall"
 
 	"github.com/spf13/cobra"
+
+	"github.com/writ-fleet/writ/scripts"
 )
 
 // version is stamped by the Makefile with -ldflags "-X main.version=...".
 var version = "dev"
 
 func main() {
+	if scripts.IsSandbox() {
+		// A runner started this process to run scripts (scripts.Sandbox):
+		// no flags, no commands, only the protocol on stdin and stdout.
+		os.Exit(sandboxMain())
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if os.Getpid() == 1 {
@@ -35,6 +43,20 @@ func main() {
 		fmt.Fprintln(os.Stderr, "writ:", err)
 		os.Exit(1)
 	}
+}
+
+// sandboxMain is a sandbox process's body; its memory cap comes in its
+// environment.
+func sandboxMain() int {
+	n, err := strconv.ParseInt(os.Getenv(scripts.SandboxEnv), 10, 64)
+	if err == nil {
+		err = scripts.SandboxMain(os.Stdin, os.Stdout, n)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "writ sandbox:", err)
+		return 2
+	}
+	return 0
 }
 
 // exitError ends the program with a code after the command printed its own

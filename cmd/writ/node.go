@@ -27,7 +27,7 @@ type nodeCmd struct {
 	ledger, site, token, stateDir, redis, listen string
 	allowTmpfs                                   bool
 	concurrency, cpus                            int
-	memory                                       string
+	memory, scriptMemory                         string
 	interval, trustTTL                           time.Duration
 	status                                       io.Writer // the status line; stderr by default
 	pool                                         poolFlags
@@ -71,6 +71,7 @@ like writ runner. writ node ls and writ node info show the registered nodes.`,
 	fl.StringVar(&c.memory, "memory", "", "memory this node offers to jobs, e.g. 16G (default: all)")
 	fl.DurationVar(&c.interval, "uptime-interval", 0, "report uptime this often (default: the site's interval)")
 	trustTTLFlag(cmd, &c.trustTTL)
+	scriptMemoryFlag(cmd, &c.scriptMemory)
 	c.pool.add(cmd)
 	c.net.add(cmd, "")
 	c.vm.add(cmd, "")
@@ -125,7 +126,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	g.Go(func() error { return agent.Run(gctx) })
 	g.Go(func() error {
 		return runRunner(gctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: agent.ID(),
-			concurrency: c.concurrency, trustTTL: c.trustTTL, pool: pool, net: host, vms: vms})
+			concurrency: c.concurrency, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 	})
 	return g.Wait()
 }

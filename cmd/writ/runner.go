@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -34,6 +35,7 @@ type runnerCmd struct {
 	net                               netFlags
 	vm                                vmFlags
 	poll, trustTTL                    time.Duration
+	scriptMemory                      string
 	log                               *slog.Logger
 }
 
@@ -61,6 +63,7 @@ runners, more capacity. It serves /healthz, /readyz and /metrics on --listen.`,
 	cmd.Flags().DurationVar(&c.poll, "poll", queue.DefaultPollInterval, "how often an idle dequeuer asks Redis for work (lower: less idle latency, more idle Redis load)")
 	cmd.Flags().IntVar(&c.dequeuers, "dequeuers", queue.DefaultDequeuers, "parallel loops taking jobs from Redis (each polls when idle)")
 	trustTTLFlag(cmd, &c.trustTTL)
+	scriptMemoryFlag(cmd, &c.scriptMemory)
 	c.pool.add(cmd)
 	c.net.add(cmd, "/var/lib/writ/net")
 	c.vm.add(cmd, "/var/lib/writ/vms")
@@ -95,7 +98,7 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer closeLayers()
-	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, pool: pool, net: host, vms: vms})
+	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 }
 
 // runnerParams are the runner's settings from flags.
@@ -103,16 +106,54 @@ type runnerParams struct {
 	ledgerURL, site, node  string
 	concurrency, dequeuers int
 	poll, trustTTL         time.Duration
+	scriptMemory           string        // --script-memory; "" for the default
 	pool                   *storage.Pool // nil: no storage on this node
 	net                    *network.Host // nil: no networking on this node
 	vms                    *vm.Machines  // nil: no VMs on this node
 }
 
+// scriptMemoryFlag adds --script-memory.
+func scriptMemoryFlag(cmd *cobra.Command, v *string) {
+	cmd.Flags().StringVar(v, "script-memory", "256M", "the most memory one job's script may hold (each script runs in a sandbox process of its own)")
+}
+
+// newSandbox starts the runner's sandbox processes: this executable,
+// started as a sandbox (scripts.IsSandbox), one per concurrent job.
+func newSandbox(log *slog.Logger, p runnerParams) (*scripts.Sandbox, error) {
+	memory := int64(scripts.DefaultMaxMemory)
+	if p.scriptMemory != "" {
+		n, err := parseSizeFlag(p.scriptMemory, "--script-memory")
+		if err != nil {
+			return nil, err
+		}
+		if n < 16<<20 {
+			return nil, fmt.Errorf("--script-memory %s is too small (at least 16M)", p.scriptMemory)
+		}
+		memory = n
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("find this executable to start script sandboxes: %w", err)
+	}
+	return scripts.NewSandbox(scripts.SandboxConfig{
+		Command:   func() *exec.Cmd { return exec.Command(exe) },
+		Size:      p.concurrency,
+		MaxMemory: memory,
+		Modules:   scripts.HostModules(scripts.Layers{Storage: p.pool, Network: p.net, VMs: p.vms}),
+		Log:       log.With("svc", "sandbox"),
+	})
+}
+
 func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, p runnerParams) error {
+	sandbox, err := newSandbox(log, p)
+	if err != nil {
+		return err
+	}
+	defer sandbox.Close()
 	run, err := runner.New(runner.Params{
 		Site: p.site, Node: p.node, Redis: rdb,
 		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: p.ledgerURL}, TTL: p.trustTTL},
-		Scripts:      scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{Storage: p.pool, Network: p.net, VMs: p.vms})),
+		Scripts:      sandbox,
 		Log:          log.With("svc", "runner", "site", p.site, "node", p.node),
 		Metrics:      newRegistry(),
 		Concurrency:  p.concurrency,

@@ -1,0 +1,267 @@
+package scripts
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
+	"time"
+
+	"github.com/d5/tengo/v2"
+	"golang.org/x/sys/unix"
+
+	"github.com/writ-fleet/writ/envelope"
+)
+
+// Sizes of a sandbox process.
+const (
+	// DefaultMaxMemory is what one run may hold unless the runner says less.
+	DefaultMaxMemory = 256 << 20
+	// childOverhead is what a sandbox process holds besides a run's values:
+	// the Go runtime, compiled scripts, buffers. Its hard data limit is
+	// twice the runner's memory cap (the garbage collector's room: a heap
+	// may reach twice what it keeps before a collection) plus this.
+	childOverhead = 96 << 20
+	// childStack bounds a goroutine's stack in the child. Tengo's own
+	// comparisons, copies and printing of a value that contains itself
+	// recurse without end (d5/tengo v2.17.0 objects.go: Array.Equals,
+	// Array.Copy, Array.String...); with this bound the child dies of it in
+	// milliseconds, and the runner names it (stack_overflow).
+	childStack = 16 << 20
+	// memoryCheck is how often the child compares a run's heap to its limit.
+	memoryCheck = 5 * time.Millisecond
+	// childCache bounds the compiled scripts a child keeps.
+	childCache = 64
+)
+
+// errMemory is the cause a run is cancelled with when its heap passes the
+// limit.
+var errMemory = errors.New("memory limit")
+
+// SandboxMain is the body of a sandbox process (writ sandbox): it limits
+// its own resources, then runs the jobs the runner sends on r, one at a
+// time, until r ends. maxMemory is the runner's memory cap for one run
+// (the process's data limit is twice that plus its own overhead). It returns
+// only on a protocol error or the end of r.
+func SandboxMain(r io.Reader, w io.Writer, maxMemory int64) error {
+	if maxMemory <= 0 {
+		maxMemory = DefaultMaxMemory
+	}
+	if err := limitSelf(2*maxMemory + childOverhead + raceOverhead); err != nil {
+		return err
+	}
+	debug.SetMaxStack(childStack)
+	// Same module names as the runner's, so scripts compile alike; every
+	// host-layer call goes to the runner (Input.host).
+	e := New(Config{CacheSize: childCache}, HostModules(Layers{}))
+	c := &childConn{r: bufio.NewReaderSize(r, 64<<10), w: bufio.NewWriterSize(w, 64<<10)}
+	for {
+		f, err := readFrame(c.r)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if f.Op != "run" || f.Input == nil {
+			return fmt.Errorf("sandbox: expected a run frame, got %q", f.Op)
+		}
+		done := c.run(e, f, maxMemory)
+		if err := writeFrame(c.w, done); err != nil {
+			return err
+		}
+	}
+}
+
+// limitSelf sets the process's resource limits: data (heap) in bytes, no
+// core dumps, few files, and a lower priority than the runner.
+func limitSelf(data int64) error {
+	for _, l := range []struct {
+		res int
+		n   uint64
+	}{{unix.RLIMIT_DATA, uint64(data)}, {unix.RLIMIT_CORE, 0}, {unix.RLIMIT_NOFILE, 64}} {
+		if err := unix.Setrlimit(l.res, &unix.Rlimit{Cur: l.n, Max: l.n}); err != nil {
+			return fmt.Errorf("sandbox: set resource limit %d: %w", l.res, err)
+		}
+	}
+	_ = unix.Setpriority(unix.PRIO_PROCESS, 0, 10)
+	return nil
+}
+
+// childConn is a child's end of the protocol.
+type childConn struct {
+	r *bufio.Reader
+	w *bufio.Writer
+	// broken is set when a frame could not be sent or read: the child
+	// stops after the run.
+	broken error
+}
+
+// run runs one job and returns its done frame.
+func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
+	limit := f.Memory
+	if limit <= 0 || limit > maxMemory {
+		limit = maxMemory
+	}
+	base := context.WithValue(context.Background(), timeoutKey{}, f.Limit)
+	ctx, cancelTimeout := context.WithTimeout(base, f.Timeout)
+	defer cancelTimeout()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+
+	debug.SetMemoryLimit(limit + childOverhead)
+	stopWatch := watchMemory(limit, cancel)
+	in := f.Input
+	out, err := e.Run(ctx, f.Script, Input{
+		JobID: in.JobID, Name: in.Name, Site: in.Site, Node: in.Node, Args: in.Args, Attempt: in.Attempt,
+		Log:  c.log,
+		host: c,
+	})
+	stopWatch()
+	done := &frame{Op: "done", Result: out.Result}
+	var re *RuntimeError
+	var hs *hostStop
+	var ee *envelope.Error
+	switch {
+	case err == nil:
+	case errors.Is(context.Cause(ctx), errMemory):
+		done.Kind, done.Err = stopMemory, fmt.Sprintf("%v: the run held more than %s", ErrMemoryLimit, sizeText(limit))
+	case errors.Is(err, ErrTimeout):
+		done.Kind, done.Err = stopTimeout, err.Error()
+	case errors.Is(err, ErrAllocLimit):
+		done.Kind, done.Err = stopAllocs, err.Error()
+	case errors.Is(err, ErrCycle):
+		done.Kind, done.Err = stopCycle, err.Error()
+	case errors.Is(err, ErrResultTooLarge):
+		done.Kind, done.Err = stopResult, err.Error()
+	case errors.As(err, &hs):
+		done.Kind = stopHost
+	case errors.As(err, &ee):
+		done.Kind, done.Reason, done.Err = stopRefused, string(ee.Reason), ee.Msg
+	case errors.As(err, &re):
+		done.Kind, done.Err = stopRuntime, re.Msg
+	default:
+		done.Kind, done.Err = stopRuntime, err.Error()
+	}
+	// What the run left behind is garbage now; give it back, and tell the
+	// runner what stays (it retires a child that holds too much).
+	runtime.GC()
+	debug.FreeOSMemory()
+	done.Held = heldBytes()
+	return done
+}
+
+func sizeText(n int64) string { return fmt.Sprintf("%d MiB", n>>20) }
+
+// log sends a job log line to the runner.
+func (c *childConn) log(level, line string) {
+	if c.broken != nil {
+		return
+	}
+	if err := writeFrame(c.w, &frame{Op: "log", Level: level, Line: line}); err != nil {
+		c.broken = err
+	}
+}
+
+// hostStop is a host-layer call that stopped the run; the runner holds the
+// error itself.
+type hostStop struct{ msg string }
+
+func (h *hostStop) Error() string { return h.msg }
+
+// call runs a host-layer function in the runner.
+func (c *childConn) call(rc *Run, module, name string, args []tengo.Object) (tengo.Object, error) {
+	if c.broken != nil {
+		return nil, rc.Fail(&hostStop{msg: "sandbox: lost the runner: " + c.broken.Error()})
+	}
+	f := &frame{Op: "call", Module: module, Name: name, Args: make([]*value, len(args))}
+	for i, a := range args {
+		v, err := toWire(a)
+		if err != nil {
+			return nil, fmt.Errorf("%s.%s: argument %d: %w", module, name, i+1, err)
+		}
+		f.Args[i] = v
+	}
+	if err := writeFrame(c.w, f); err != nil {
+		c.broken = err
+		return nil, rc.Fail(&hostStop{msg: "sandbox: lost the runner: " + err.Error()})
+	}
+	ret, err := readFrame(c.r)
+	if err == nil && ret.Op != "ret" {
+		err = fmt.Errorf("expected a ret frame, got %q", ret.Op)
+	}
+	if err != nil {
+		c.broken = err
+		return nil, rc.Fail(&hostStop{msg: "sandbox: lost the runner: " + err.Error()})
+	}
+	if ret.Failed {
+		return nil, rc.Fail(&hostStop{msg: ret.Err})
+	}
+	if ret.Err != "" {
+		return nil, errors.New(ret.Err)
+	}
+	return fromWire(ret.Value)
+}
+
+var memSamples = []metrics.Sample{
+	{Name: "/memory/classes/heap/objects:bytes"},
+	{Name: "/memory/classes/total:bytes"},
+	{Name: "/memory/classes/heap/released:bytes"},
+}
+
+// heapObjects is what the heap's objects hold, live or not yet swept.
+func heapObjects() int64 {
+	s := memSamples[:1:1]
+	metrics.Read(s)
+	return int64(s[0].Value.Uint64())
+}
+
+// heldBytes is the memory the process holds from the OS.
+func heldBytes() int64 {
+	s := append([]metrics.Sample(nil), memSamples...)
+	metrics.Read(s)
+	return int64(s[1].Value.Uint64() - s[2].Value.Uint64())
+}
+
+// watchMemory cancels the run (cause errMemory) once its heap, collected,
+// holds more than limit. It checks every memoryCheck; a single builtin
+// that allocates faster than that meets the process's data limit instead,
+// and the runner reports the same reason. The returned func stops it.
+func watchMemory(limit int64, cancel context.CancelCauseFunc) func() {
+	base := heapObjects()
+	stop := make(chan struct{})
+	stopped := make(chan struct{})
+	go func() {
+		defer close(stopped)
+		t := time.NewTicker(memoryCheck)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			if heapObjects()-base <= limit {
+				continue
+			}
+			runtime.GC()
+			if heapObjects()-base > limit {
+				cancel(errMemory)
+				return
+			}
+		}
+	}()
+	return func() { close(stop); <-stopped }
+}
+
+// IsSandbox reports whether this process was started as a sandbox process
+// (SandboxEnv set), for a main or a TestMain to call SandboxMain.
+func IsSandbox() bool { return os.Getenv(SandboxEnv) != "" }
+
+// SandboxEnv is set in a sandbox process's environment to its memory cap.
+const SandboxEnv = "WRIT_SANDBOX_MEMORY"

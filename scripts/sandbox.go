@@ -1,0 +1,434 @@
+package scripts
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/d5/tengo/v2"
+
+	"github.com/writ-fleet/writ/envelope"
+)
+
+// Sandbox runs scripts in a pool of sandbox processes, one job at a time
+// each, so that nothing a script does — however much it allocates, however
+// it makes Tengo itself fail — reaches the runner. A child has a data
+// (heap) limit in bytes, a smaller stack, a lower priority, no host layers
+// and no files; the runner answers its host-layer calls (storage, net, vm)
+// under the job's identity, and kills a child that outlives its job's
+// deadline. A child that dies, is killed or holds too much memory after a
+// run is replaced by a fresh one.
+//
+// It is safe for concurrent use; at most Size jobs run at once.
+type Sandbox struct {
+	cfg  SandboxConfig
+	host *Engine // the runner's side: host modules and log limits
+
+	idle   chan *child
+	mu     sync.Mutex
+	all    map[*child]bool // guarded by mu
+	closed bool            // guarded by mu
+	spawns sync.WaitGroup
+}
+
+// SandboxConfig sets a Sandbox up.
+type SandboxConfig struct {
+	// Command returns the command that starts one sandbox process (writ
+	// sandbox, or a test binary); Start sets its stdio and environment.
+	Command func() *exec.Cmd
+	// Size is how many processes are kept started. Default 4.
+	Size int
+	// MaxMemory caps what one run may hold, in bytes (Input.MaxMemory may
+	// ask for less). Default DefaultMaxMemory.
+	MaxMemory int64
+	// Modules are the host layers' modules; their calls run here, in the
+	// runner.
+	Modules map[string]Module
+	// Engine sets the log and result limits the runner holds a child to.
+	Engine Config
+	Log    *slog.Logger
+}
+
+// Errors of a run in a sandbox, besides the Engine's.
+var (
+	// ErrMemoryLimit: the run held more memory than its limit.
+	ErrMemoryLimit = errors.New("script exceeded its memory limit and was stopped")
+	// ErrStackOverflow: the engine ran out of stack; the child died of it.
+	ErrStackOverflow = errors.New("script overflowed the engine's stack and was stopped (a value that contains itself was compared, copied or printed, or values nest too deep)")
+	// ErrSandbox: the sandbox process died or broke the protocol.
+	ErrSandbox = errors.New("the sandbox process running the script failed")
+)
+
+// Bounds of the runner's side.
+const (
+	// killGrace is how long a child may take to stop after its job's
+	// deadline (or the runner's shutdown) before it is killed.
+	killGrace = time.Second
+	// retireHeld: a child holding more than this after a run is replaced.
+	retireHeld = 64 << 20
+	// stderrHead is how much of a child's stderr is kept for the error.
+	stderrHead = 8 << 10
+)
+
+// NewSandbox starts a Sandbox's processes. Close stops them.
+func NewSandbox(cfg SandboxConfig) (*Sandbox, error) {
+	if cfg.Command == nil {
+		return nil, errors.New("scripts: SandboxConfig.Command is required")
+	}
+	if cfg.Size <= 0 {
+		cfg.Size = 4
+	}
+	if cfg.MaxMemory <= 0 {
+		cfg.MaxMemory = DefaultMaxMemory
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	s := &Sandbox{
+		cfg:  cfg,
+		host: New(cfg.Engine, cfg.Modules),
+		idle: make(chan *child, cfg.Size),
+		all:  make(map[*child]bool),
+	}
+	for i := 0; i < cfg.Size; i++ {
+		c, err := s.start()
+		if err != nil {
+			s.Close()
+			return nil, err
+		}
+		s.idle <- c
+	}
+	return s, nil
+}
+
+// Close kills the sandbox processes and waits for them.
+func (s *Sandbox) Close() {
+	s.mu.Lock()
+	s.closed = true
+	all := make([]*child, 0, len(s.all))
+	for c := range s.all {
+		all = append(all, c)
+	}
+	s.mu.Unlock()
+	s.spawns.Wait()
+	for _, c := range all {
+		c.kill()
+		<-c.exited
+	}
+}
+
+// Check compiles script in the runner, as Engine.Check.
+func (s *Sandbox) Check(script string) error { return s.host.Check(script) }
+
+// Run runs script for one job in a sandbox process; see Engine.Run for
+// what it returns. Besides the Engine's errors it returns ErrMemoryLimit,
+// ErrStackOverflow and ErrSandbox.
+func (s *Sandbox) Run(ctx context.Context, script string, in Input) (Output, error) {
+	var c *child
+	select {
+	case c = <-s.idle:
+	case <-ctx.Done():
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			return Output{}, fmt.Errorf("%w (timeout %s): no sandbox process was free", ErrTimeout, deadlineOf(ctx))
+		}
+		return Output{}, ctx.Err()
+	}
+	out, err, healthy := s.runIn(ctx, c, script, in)
+	if healthy {
+		s.idle <- c
+	} else {
+		s.replace(c)
+	}
+	return out, err
+}
+
+// replace kills c and starts another in its place, retrying while
+// starting fails.
+func (s *Sandbox) replace(c *child) {
+	c.kill()
+	s.mu.Lock()
+	delete(s.all, c)
+	if s.closed {
+		s.mu.Unlock()
+		return
+	}
+	s.spawns.Add(1)
+	s.mu.Unlock()
+	go func() {
+		defer s.spawns.Done()
+		<-c.exited
+		for wait := 100 * time.Millisecond; ; wait = min(2*wait, 10*time.Second) {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return
+			}
+			n, err := s.start()
+			if err == nil {
+				s.idle <- n
+				return
+			}
+			s.cfg.Log.Error("start a sandbox process", "err", err, "retry_in", wait)
+			time.Sleep(wait)
+		}
+	}()
+}
+
+// child is one sandbox process.
+type child struct {
+	cmd    *exec.Cmd
+	r      *bufio.Reader
+	w      *bufio.Writer
+	stdin  io.Closer
+	stderr *headBuffer
+	exited chan struct{} // closed once the process is reaped
+	once   sync.Once
+}
+
+func (s *Sandbox) start() (*child, error) {
+	cmd := s.cfg.Command()
+	cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d", SandboxEnv, s.cfg.MaxMemory))
+	// A child dies with the runner, and keeps out of the runner's
+	// process group (a terminal's ^C is the runner's to handle).
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	c := &child{cmd: cmd, stderr: &headBuffer{max: stderrHead}, exited: make(chan struct{})}
+	cmd.Stderr = c.stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, err
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start sandbox process %s: %w", cmd.Path, err)
+	}
+	c.stdin, c.r, c.w = stdin, bufio.NewReaderSize(stdout, 64<<10), bufio.NewWriterSize(stdin, 64<<10)
+	go func() {
+		_ = cmd.Wait()
+		close(c.exited)
+	}()
+	s.mu.Lock()
+	s.all[c] = true
+	s.mu.Unlock()
+	return c, nil
+}
+
+func (c *child) kill() {
+	c.once.Do(func() {
+		_ = c.cmd.Process.Kill()
+		_ = c.stdin.Close()
+	})
+}
+
+// runIn runs one job in c. healthy says c may run another.
+func (s *Sandbox) runIn(ctx context.Context, c *child, script string, in Input) (out Output, err error, healthy bool) {
+	f := &frame{Op: "run", Script: script, Limit: deadlineOf(ctx), Memory: in.MaxMemory,
+		Input: &wireInput{JobID: in.JobID, Name: in.Name, Site: in.Site, Node: in.Node, Args: in.Args, Attempt: in.Attempt}}
+	if f.Memory <= 0 || f.Memory > s.cfg.MaxMemory {
+		f.Memory = s.cfg.MaxMemory
+	}
+	f.Timeout = time.Hour
+	if d, ok := ctx.Deadline(); ok {
+		f.Timeout = time.Until(d)
+	}
+	// The child stops at its deadline by itself; one stuck inside a
+	// builtin (or ignoring the runner's shutdown) is killed.
+	stop := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(killGrace, c.kill)
+		go func() { <-c.exited; t.Stop() }()
+	})
+	defer stop()
+
+	if err := writeFrame(c.w, f); err != nil {
+		return Output{}, s.died(ctx, c, err), false
+	}
+	host := &Run{engine: s.host, ctx: ctx, in: in}
+	mods := map[string]map[string]tengo.Object{}
+	logBytes := 0
+	for {
+		fr, err := readFrame(c.r)
+		if err != nil {
+			return Output{}, s.died(ctx, c, err), false
+		}
+		switch fr.Op {
+		case "log":
+			// The child holds its runs to the log budget; a child that
+			// does not is cut off here.
+			logBytes += len(fr.Line)
+			if logBytes <= s.host.cfg.MaxLogBytes+DefaultMaxLogLine && in.Log != nil {
+				in.Log(fr.Level, fr.Line)
+			}
+		case "call":
+			ret := s.hostCall(host, mods, fr)
+			if err := writeFrame(c.w, ret); err != nil {
+				return Output{}, s.died(ctx, c, err), false
+			}
+		case "done":
+			if len(fr.Result) > s.host.cfg.MaxResultBytes+64 {
+				return Output{}, fmt.Errorf("%w: its result is over the limit", ErrSandbox), false
+			}
+			if err := s.stopError(ctx, host, fr); err != nil {
+				return Output{}, err, fr.Held <= retireHeld
+			}
+			return Output{Result: fr.Result}, nil, fr.Held <= retireHeld
+		default:
+			return Output{}, s.died(ctx, c, fmt.Errorf("unexpected frame %q", fr.Op)), false
+		}
+	}
+}
+
+// stopError is the error a done frame reports, nil for success.
+func (s *Sandbox) stopError(ctx context.Context, host *Run, f *frame) error {
+	switch f.Kind {
+	case stopOK:
+		return nil
+	case stopTimeout:
+		return &stopped{msg: f.Err, is: ErrTimeout}
+	case stopAllocs:
+		return &stopped{msg: f.Err, is: ErrAllocLimit}
+	case stopMemory:
+		return &stopped{msg: f.Err, is: ErrMemoryLimit}
+	case stopCycle:
+		return &stopped{msg: f.Err, is: ErrCycle}
+	case stopResult:
+		return &stopped{msg: f.Err, is: ErrResultTooLarge}
+	case stopRefused:
+		return envelope.Refuse(envelope.Reason(f.Reason), f.Err)
+	case stopHost:
+		if host.moduleErr != nil {
+			return host.moduleErr
+		}
+		return &RuntimeError{Msg: "a host call failed"}
+	}
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return &RuntimeError{Msg: f.Err}
+}
+
+// hostCall runs the host-layer function a child asked for, as the job.
+func (s *Sandbox) hostCall(host *Run, mods map[string]map[string]tengo.Object, f *frame) *frame {
+	m, ok := mods[f.Module]
+	if !ok {
+		mod := s.host.modules[f.Module]
+		if mod == nil || f.Module == "job" {
+			return &frame{Op: "ret", Err: fmt.Sprintf("no host module %q", f.Module)}
+		}
+		m = mod(host)
+		mods[f.Module] = m
+	}
+	fn, ok := m[f.Name].(*tengo.UserFunction)
+	if !ok {
+		return &frame{Op: "ret", Err: fmt.Sprintf("%s has no function %q", f.Module, f.Name)}
+	}
+	args := make([]tengo.Object, len(f.Args))
+	for i, a := range f.Args {
+		o, err := fromWire(a)
+		if err != nil {
+			return &frame{Op: "ret", Err: err.Error()}
+		}
+		args[i] = o
+	}
+	before := host.moduleErr
+	ret, err := fn.Value(args...)
+	if err != nil {
+		return &frame{Op: "ret", Err: err.Error(), Failed: host.moduleErr != nil && host.moduleErr != before}
+	}
+	if ret == nil {
+		ret = tengo.UndefinedValue
+	}
+	v, err := toWire(ret)
+	if err != nil {
+		return &frame{Op: "ret", Err: fmt.Sprintf("%s.%s: %v", f.Module, f.Name, err)}
+	}
+	return &frame{Op: "ret", Value: v}
+}
+
+// died explains a child that stopped answering: killed at the deadline,
+// out of memory, out of stack, or otherwise broken.
+func (s *Sandbox) died(ctx context.Context, c *child, cause error) error {
+	c.kill()
+	select {
+	case <-c.exited:
+	case <-time.After(5 * time.Second):
+	}
+	tail := c.stderr.String()
+	s.cfg.Log.Warn("sandbox process died", "err", cause, "stderr", lastLines(tail, 3))
+	switch {
+	case errors.Is(ctx.Err(), context.DeadlineExceeded):
+		return fmt.Errorf("%w (timeout %s; the script did not stop at its deadline and its sandbox was killed)", ErrTimeout, deadlineOf(ctx))
+	case ctx.Err() != nil:
+		return ctx.Err()
+	case strings.Contains(tail, "out of memory") || strings.Contains(tail, "cannot allocate memory") || strings.Contains(tail, "failed to allocate"):
+		return fmt.Errorf("%w: one operation allocated past the sandbox's limit of %d MiB", ErrMemoryLimit, s.cfg.MaxMemory>>20)
+	case strings.Contains(tail, "stack overflow") || strings.Contains(tail, "stack exceeds"):
+		return ErrStackOverflow
+	}
+	msg := cause.Error()
+	if l := lastLines(tail, 1); l != "" {
+		msg = l
+	}
+	return fmt.Errorf("%w: %s", ErrSandbox, msg)
+}
+
+// stopped is a stop the child reported: its message, matching its sentinel.
+type stopped struct {
+	msg string
+	is  error
+}
+
+func (e *stopped) Error() string { return e.msg }
+func (e *stopped) Unwrap() error { return e.is }
+
+// headBuffer keeps the first max bytes written to it: a Go runtime's
+// fatal error comes first, before its goroutines' stacks.
+type headBuffer struct {
+	mu  sync.Mutex
+	max int
+	b   []byte
+}
+
+func (t *headBuffer) Write(p []byte) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if room := t.max - len(t.b); room > 0 {
+		t.b = append(t.b, p[:min(room, len(p))]...)
+	}
+	return len(p), nil
+}
+
+func (t *headBuffer) String() string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return string(t.b)
+}
+
+// lastLines returns the last n non-empty lines of s, or its first fatal
+// error or panic line when it has one.
+func lastLines(s string, n int) string {
+	var keep []string
+	for _, l := range strings.Split(s, "\n") {
+		l = strings.TrimSpace(l)
+		if strings.HasPrefix(l, "fatal error:") || strings.HasPrefix(l, "panic:") {
+			return l
+		}
+		if l != "" {
+			keep = append(keep, l)
+		}
+	}
+	if len(keep) > n {
+		keep = keep[len(keep)-n:]
+	}
+	return strings.Join(keep, "; ")
+}

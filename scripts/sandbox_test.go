@@ -1,0 +1,142 @@
+package scripts
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/sal/storage"
+)
+
+// TestMain doubles as the sandbox process: the Sandbox under test starts
+// this test binary with SandboxEnv set.
+func TestMain(m *testing.M) {
+	if IsSandbox() {
+		n, _ := strconv.ParseInt(os.Getenv(SandboxEnv), 10, 64)
+		if err := SandboxMain(os.Stdin, os.Stdout, n); err != nil {
+			os.Stderr.WriteString("sandbox: " + err.Error() + "\n")
+			os.Exit(2)
+		}
+		os.Exit(0)
+	}
+	os.Exit(m.Run())
+}
+
+func testSandbox(t testing.TB, cfg SandboxConfig) *Sandbox {
+	t.Helper()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Command = func() *exec.Cmd { return exec.Command(exe, "-test.run=^$") }
+	s, err := NewSandbox(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	return s
+}
+
+func TestSandbox_Run(t *testing.T) {
+	fake := storage.NewFake(1 << 30)
+	s := testSandbox(t, SandboxConfig{Size: 2, Modules: HostModules(Layers{Storage: fake})})
+	var mu sync.Mutex
+	var lines []string
+	in := Input{JobID: "j1", Site: "local", Node: "n1", Attempt: 1, Args: []byte(`{"who":"world"}`), Log: func(level, line string) {
+		mu.Lock()
+		lines = append(lines, level+" "+line)
+		mu.Unlock()
+	}}
+	ctx, cancel := WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	out, err := s.Run(ctx, `job := import("job"); log := import("log"); storage := import("storage")
+log.info("hello", job.args.who)
+v := storage.volume("data", "1G")
+w := storage.write("data", "f", bytes("bin\x00ary"))
+job.result({id: job.id, vol: v.name, limit: v.limit, wrote: w, back: storage.read("data", "f"), bad: is_error(storage.volume("../x", 0))})`, in)
+	if err != nil {
+		t.Fatalf("Run = %v", err)
+	}
+	want := `{"back":"bin\u0000ary","bad":true,"id":"j1","limit":1073741824,"vol":"data","wrote":7}`
+	if string(out.Result) != want {
+		t.Errorf("Result = %s\nwant     %s", out.Result, want)
+	}
+	if len(lines) != 1 || lines[0] != "info hello world" {
+		t.Errorf("log = %q", lines)
+	}
+	if _, err := fake.Volume(ctx, "data"); err != nil {
+		t.Errorf("the volume was not made in the runner's layer: %v", err)
+	}
+}
+
+// TestSandbox_Stops: every way a script can try to take its process down
+// ends in a reason, and the sandbox goes on running jobs.
+func TestSandbox_Stops(t *testing.T) {
+	s := testSandbox(t, SandboxConfig{Size: 1, MaxMemory: 64 << 20, Modules: HostModules(Layers{})})
+	for _, tc := range []struct {
+		name, script string
+		timeout      time.Duration
+		want         error
+		reason       envelope.Reason
+		msg          string
+	}{
+		{name: "cyclic compare", script: `a := [1]; a[0] = a; b := [1]; b[0] = b; x := a == b`, want: ErrStackOverflow},
+		{name: "cyclic copy", script: `a := {}; a.x = a; b := copy(a)`, want: ErrStackOverflow},
+		{name: "range", script: `x := range(0, 100000000)`, want: ErrMemoryLimit},
+		{name: "grow", script: `text := import("text"); a := []; for { a = append(a, text.repeat("x", 100000) + string(len(a))) }`, want: ErrMemoryLimit},
+		{name: "loop", script: `for {}`, timeout: 300 * time.Millisecond, want: ErrTimeout},
+		{name: "exponential compare", script: `a := [1]; b := [1]; for i := 0; i < 40; i++ { a = [a, a]; b = [b, b] }; x := a == b`, timeout: 500 * time.Millisecond, want: ErrTimeout},
+		{name: "exponential copy", script: `a := [1]; for i := 0; i < 40; i++ { a = [a, a] }; x := copy(a)`, want: ErrMemoryLimit},
+		{name: "host stop", script: `storage := import("storage"); storage.volumes()`, want: ErrTransient, msg: "no storage pool"},
+		{name: "compile", script: `x := (`, reason: envelope.ReasonScriptInvalid},
+		{name: "runtime", script: `x := 1 / 0`, msg: "divide by zero"},
+		{name: "fail", script: `job := import("job"); job.fail("no")`, msg: "job.fail: no"},
+		{name: "cyclic host arg", script: `storage := import("storage"); a := [1]; a[0] = a; storage.volume(a, 0)`, msg: "contains itself"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := tc.timeout
+			if d == 0 {
+				d = 30 * time.Second
+			}
+			ctx, cancel := WithTimeout(context.Background(), d)
+			defer cancel()
+			_, err := s.Run(ctx, tc.script, Input{JobID: "j"})
+			switch {
+			case err == nil:
+				t.Fatal("Run succeeded")
+			case tc.want != nil && !errors.Is(err, tc.want):
+				t.Fatalf("Run = %v, want %v", err, tc.want)
+			case tc.reason != "" && envelope.ReasonOf(err) != tc.reason:
+				t.Fatalf("Run = %v, want reason %s", err, tc.reason)
+			case !strings.Contains(err.Error(), tc.msg):
+				t.Fatalf("Run = %v, want it to mention %q", err, tc.msg)
+			}
+			// The next job runs.
+			ctx2, cancel2 := WithTimeout(context.Background(), 30*time.Second)
+			defer cancel2()
+			out, err := s.Run(ctx2, `job := import("job"); job.result(1 + 1)`, Input{JobID: "next"})
+			if err != nil || string(out.Result) != "2" {
+				t.Fatalf("next job = %s, %v", out.Result, err)
+			}
+		})
+	}
+}
+
+func BenchmarkSandbox_Hello(b *testing.B) {
+	s := testSandbox(b, SandboxConfig{Size: 2, Modules: HostModules(Layers{})})
+	script := `job := import("job"); job.result({hello: job.args.who})`
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := s.Run(context.Background(), script, Input{JobID: "j", Args: []byte(`{"who":"world"}`)}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
