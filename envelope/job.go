@@ -43,7 +43,12 @@ var (
 	siteRe  = regexp.MustCompile(`^[a-z0-9][a-z0-9-]{0,62}$`)
 	nodeRe  = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 	nonceRe = regexp.MustCompile(`^[A-Za-z0-9_-]{8,128}$`)
+	userRe  = regexp.MustCompile(`^[a-z][a-z0-9._-]{0,63}$`)
 )
+
+// ValidUser reports whether s is a well-formed user name (the ledger's
+// users; the owners of what jobs make on nodes).
+func ValidUser(s string) bool { return userRe.MatchString(s) }
 
 // ValidSite reports whether s is a well-formed site name: lower-case letters,
 // digits and dashes, 1–63 characters, starting with a letter or digit.

@@ -19,8 +19,6 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
-	"regexp"
-	"sort"
 	"strings"
 	"time"
 
@@ -47,10 +45,8 @@ var (
 	ErrExists   = errors.New("already exists")
 )
 
-var nameRe = regexp.MustCompile(`^[a-z][a-z0-9._-]{0,63}$`)
-
 // ValidUserName reports whether s is a valid user name.
-func ValidUserName(s string) bool { return nameRe.MatchString(s) }
+func ValidUserName(s string) bool { return envelope.ValidUser(s) }
 
 // ValidRole reports whether r is a role writ knows.
 func ValidRole(r string) bool { return r == RoleAdmin || r == RoleDeployer || r == RoleViewer }
@@ -172,6 +168,16 @@ func (t *Trust) index() error {
 	return nil
 }
 
+// RoleOf is user's role on the snapshot's site ("" for none).
+func (t *Trust) RoleOf(user string) string {
+	for i := range t.Signers {
+		if t.Signers[i].User == user && !t.Signers[i].Revoked && !t.Signers[i].Disabled {
+			return t.Signers[i].Role
+		}
+	}
+	return ""
+}
+
 // Has reports whether keyID appears in the snapshot.
 func (t *Trust) Has(keyID string) bool {
 	_, ok := t.byID[keyID]
@@ -180,7 +186,8 @@ func (t *Trust) Has(keyID string) bool {
 
 // Authorize checks env's signatures against the site's keys and policy: the
 // valid signatures of active keys whose users hold an allowed role must come
-// from at least Threshold distinct users. It returns those users, or an
+// from at least Threshold distinct users. It returns those users, in the
+// order of their first counting signature (the first is the job's owner), or an
 // *envelope.Error naming the most specific problem: unknown_key,
 // revoked_key, bad_signature, role_not_allowed or below_threshold. It does
 // not check the job's time window or site (see envelope.Job).
@@ -205,7 +212,10 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 			problem = err
 		}
 	}
-	users := map[string]bool{}
+	// Users in the order of their first counting signature: the first is
+	// the job's owner (verify.Checked).
+	var names []string
+	counted := map[string]bool{}
 	for i, j := range env.Signers(t.keys) {
 		hint := env.Signatures[i].KeyID
 		if j < 0 {
@@ -224,15 +234,11 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 			note(envelope.Refuse(envelope.ReasonRevokedKey, fmt.Sprintf("user %s (key %s) is disabled", s.User, s.KeyID)))
 		case !allowed[s.Role]:
 			note(envelope.Refuse(envelope.ReasonRoleNotAllowed, fmt.Sprintf("user %s has role %q on site %s, which may not sign jobs (allowed: %s)", s.User, s.Role, t.Site.Name, strings.Join(t.Site.Policy.Roles, ", "))))
-		default:
-			users[s.User] = true
+		case !counted[s.User]:
+			counted[s.User] = true
+			names = append(names, s.User)
 		}
 	}
-	names := make([]string, 0, len(users))
-	for u := range users {
-		names = append(names, u)
-	}
-	sort.Strings(names)
 	if len(names) >= t.Site.Policy.Threshold {
 		return names, nil
 	}

@@ -153,10 +153,11 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 			err = rep.finish(nil, fail("panic", fmt.Errorf("panic: %v at %s", p, stack.PanicSite())))
 		}
 	}()
-	spec, f := r.verify(ctx, d)
+	c, f := r.verify(ctx, d)
 	if f != nil {
 		return rep.finish(nil, f)
 	}
+	spec := c.Job
 	rep.emit(job.Event{Type: job.EventStarted, Node: r.p.Node, Attempt: d.Attempt, Name: spec.Name})
 
 	runCtx, cancel := scripts.WithTimeout(ctx, spec.RunTimeout())
@@ -166,6 +167,7 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	out, runErr := r.p.Scripts.Run(runCtx, spec.Script, scripts.Input{
 		JobID: d.ID, Name: spec.Name, Site: r.p.Site, Node: r.p.Node,
 		Args: spec.Args, Attempt: d.Attempt, Log: rep.log,
+		Owner: c.Owner, Admin: c.Admin,
 	})
 	r.runTime.Observe(time.Since(start).Seconds())
 	stopFlush()
@@ -178,7 +180,7 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 // verify checks the delivery as the supervisor did (verify.Job), and that
 // it is this node's to run and the queue entry carries the envelope it
 // names. A ledger it cannot reach is retried; every refusal is final.
-func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*envelope.Job, *failure) {
+func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*verify.Checked, *failure) {
 	_, c, err := verify.Job(ctx, r.p.Trust, d.Envelope, verify.Target{Site: r.p.Site, Node: r.p.Node, ID: d.ID}, r.p.Now())
 	if verify.Retry(err) {
 		return nil, retry(verify.ReasonUnavailable, err)
@@ -186,7 +188,7 @@ func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*envelope.Job, *
 	if err != nil {
 		return nil, fail(verify.Reason(err), err)
 	}
-	return c.Job, nil
+	return c, nil
 }
 
 // classify sorts a script failure into retry or fail.

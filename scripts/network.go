@@ -46,12 +46,13 @@ var _ Network = (*network.Host)(nil)
 //
 // Failures come back as error values, for the script to check with
 // is_error(); a script that wants its job to fail calls job.fail.
-func NetworkModule(host Network) Module {
+func NetworkModule(layer Network) Module {
 	return func(rc *Run) map[string]tengo.Object {
 		var unavailable error
-		if host == nil {
+		if layer == nil {
 			unavailable = errors.New("this runner has no network layer (run it as root, without --no-network)")
 		}
+		host := tenantNetwork{rc: rc, n: layer}
 		call := func(name string, minArgs, maxArgs int, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
 			return hostFunc(rc, "net", name, minArgs, maxArgs, unavailable, fn)
 		}

@@ -28,7 +28,7 @@ func TestNetworkModule_NetworkScript(t *testing.T) {
 	// Scripts run on goroutines of their own: the Host enters the test's
 	// namespace itself for every change.
 	run := func(args string) (Output, error) {
-		return e.Run(context.Background(), string(src), Input{JobID: "j", Args: []byte(args)})
+		return e.Run(context.Background(), string(src), Input{JobID: "j", Owner: "alice", Args: []byte(args)})
 	}
 	var res struct {
 		Network  string `json:"network"`
@@ -54,7 +54,7 @@ func TestNetworkModule_NetworkScript(t *testing.T) {
 		}
 	}
 	rules, _ := h.Ruleset(context.Background())
-	if !strings.Contains(rules, "net/shop: forward tcp 8080 -> 10.90.0.2:80") {
+	if !strings.Contains(rules, "net/5alice.shop: forward tcp 8080 -> 10.90.0.2:80") {
 		t.Errorf("ruleset lacks the forward:\n%s", rules)
 	}
 	for _, tc := range []struct{ args, want string }{

@@ -49,7 +49,7 @@ func TestSandbox_Run(t *testing.T) {
 	s := testSandbox(t, SandboxConfig{Size: 2, Modules: HostModules(Layers{Storage: fake})})
 	var mu sync.Mutex
 	var lines []string
-	in := Input{JobID: "j1", Site: "local", Node: "n1", Attempt: 1, Args: []byte(`{"who":"world"}`), Log: func(level, line string) {
+	in := Input{JobID: "j1", Site: "local", Node: "n1", Attempt: 1, Owner: "alice", Args: []byte(`{"who":"world"}`), Log: func(level, line string) {
 		mu.Lock()
 		lines = append(lines, level+" "+line)
 		mu.Unlock()
@@ -71,7 +71,7 @@ job.result({id: job.id, vol: v.name, limit: v.limit, wrote: w, back: storage.rea
 	if len(lines) != 1 || lines[0] != "info hello world" {
 		t.Errorf("log = %q", lines)
 	}
-	if _, err := fake.Volume(ctx, "data"); err != nil {
+	if _, err := fake.Volume(ctx, "5alice.data"); err != nil {
 		t.Errorf("the volume was not made in the runner's layer: %v", err)
 	}
 }

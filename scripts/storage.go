@@ -31,9 +31,10 @@ type Storage interface {
 	Usage() (storage.Usage, error)
 	EnsureImage(ctx context.Context, url, sha string) (storage.Image, error)
 	EnsureClone(ctx context.Context, sha, name string, limit int64) (storage.Volume, error)
-	// Holds resolves a path to a file of the pool's volumes or images, or
-	// fails with storage.ErrNotInPool (see storage.Pool.Holds).
-	Holds(path string) (string, error)
+	// Holds resolves a path to a file of the pool's volumes (and names
+	// the volume) or images, or fails with storage.ErrNotInPool (see
+	// storage.Pool.Holds).
+	Holds(path string) (real, volume string, err error)
 }
 
 var _ Storage = (*storage.Pool)(nil)
@@ -60,12 +61,13 @@ const maxRead = 1 << 20
 //
 // Failures come back as error values, for the script to check with
 // is_error(); a script that wants its job to fail calls job.fail.
-func StorageModule(pool Storage) Module {
+func StorageModule(layer Storage) Module {
 	return func(rc *Run) map[string]tengo.Object {
 		var unavailable error
-		if pool == nil {
+		if layer == nil {
 			unavailable = errors.New("this runner has no storage pool (start it with --pool or --pool-file)")
 		}
+		pool := tenantStorage{rc: rc, s: layer}
 		call := func(name string, n int, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
 			return hostFunc(rc, "storage", name, n, n, unavailable, fn)
 		}
@@ -94,11 +96,7 @@ func StorageModule(pool Storage) Module {
 				return true, pool.DeleteVolume(ctx, str(a[0]))
 			}),
 			"volumes": call("volumes", 0, func(ctx context.Context, _ []tengo.Object) (any, error) {
-				vols, err := pool.Volumes(ctx)
-				if vols == nil {
-					vols = []storage.Volume{}
-				}
-				return vols, err
+				return pool.Volumes(ctx)
 			}),
 			"write": call("write", 3, func(ctx context.Context, a []tengo.Object) (any, error) {
 				var data []byte

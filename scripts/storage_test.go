@@ -23,7 +23,7 @@ func TestStorageModule_VolumeScript(t *testing.T) {
 	fake.ImageAllow = storage.ImagePolicy{Ranges: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}
 	e := New(Config{}, HostModules(Layers{Storage: fake}))
 	run := func(args string) (Output, error) {
-		return e.Run(context.Background(), string(src), Input{JobID: "j", Args: []byte(args)})
+		return e.Run(context.Background(), string(src), Input{JobID: "j", Owner: "alice", Args: []byte(args)})
 	}
 	out, err := run(`{"name":"data","size":"64M","content":"hi there"}`)
 	if err != nil {

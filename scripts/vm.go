@@ -141,11 +141,16 @@ func toSpec(o tengo.Object) (vm.Spec, error) {
 // of files, the node's storage pool: a volume or clone, or a cached image
 // (storage.clone(...).disk, storage.image(...).path). The hypervisor runs
 // as root, so a host path (/dev/sda, the node key) is refused.
-func VMModule(vms VMs, files Storage) Module {
+func VMModule(layer VMs, storageLayer Storage) Module {
 	return func(rc *Run) map[string]tengo.Object {
 		var unavailable error
-		if vms == nil {
+		if layer == nil {
 			unavailable = errors.New("this runner has no VM layer (run it as root with a hypervisor, without --no-vm)")
+		}
+		vms := tenantVMs{rc: rc, v: layer}
+		var files *tenantStorage
+		if storageLayer != nil {
+			files = &tenantStorage{rc: rc, s: storageLayer}
 		}
 		call := func(name string, minArgs, maxArgs int, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
 			return hostFunc(rc, "vm", name, minArgs, maxArgs, unavailable, fn)
@@ -201,7 +206,7 @@ func VMModule(vms VMs, files Storage) Module {
 
 // confine resolves every file of spec to a file of the node's storage pool,
 // or refuses it.
-func confine(spec *vm.Spec, files Storage) error {
+func confine(spec *vm.Spec, files *tenantStorage) error {
 	check := func(what string, p *string) error {
 		if *p == "" {
 			return nil

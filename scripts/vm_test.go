@@ -56,7 +56,7 @@ kernel := %s
 disk := %s
 r := vm.create({name: "v", kernel: kernel, disks: [disk]})
 job.result(is_error(r) ? string(r.value) : "created")`, hs.URL, sha, kernel, disk)
-		out, err := e.Run(context.Background(), script, Input{JobID: "j", Attempt: 1})
+		out, err := e.Run(context.Background(), script, Input{JobID: "j", Owner: "alice", Attempt: 1})
 		if err != nil {
 			t.Fatalf("Run = %v", err)
 		}

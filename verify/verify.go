@@ -62,8 +62,16 @@ type Checked struct {
 	ID       string
 	Envelope *envelope.Envelope
 	Job      *envelope.Job
-	// Signers are the distinct users whose signatures counted.
+	// Signers are the distinct users whose signatures counted, in the
+	// order of their first such signature.
 	Signers []string
+	// Owner is the job's tenant: the user of the first signature that
+	// counted (the author; later signatures approve). What the job makes
+	// on a node is Owner's.
+	Owner string
+	// Admin: Owner is an admin of the site, so the job may see every
+	// tenant's resources and act for another owner by naming it.
+	Admin bool
 }
 
 // Job checks raw against t at time now (see the package doc for the
@@ -140,7 +148,7 @@ func checkJob(ctx context.Context, trust TrustSource, env *envelope.Envelope, sp
 	if err != nil {
 		return nil, err
 	}
-	return &Checked{ID: id, Envelope: env, Job: spec, Signers: signers}, nil
+	return &Checked{ID: id, Envelope: env, Job: spec, Signers: signers, Owner: signers[0], Admin: snap.RoleOf(signers[0]) == ledger.RoleAdmin}, nil
 }
 
 // Reason is the reason string of a Job error: the refusal's reason, or

@@ -81,6 +81,9 @@ func userKeyCommands() []*cobra.Command {
 			u, err := cl.SetDisabled(ctx, a[0], disabled)
 			if err == nil {
 				fmt.Printf("user %s %sd\n", u.Name, verb)
+				if disabled {
+					fmt.Printf("its new jobs are refused; what it already runs keeps running: stop it with\n  writ vm stop-owner %s NODE... (writ node ls --site SITE lists the nodes)\n", u.Name)
+				}
 			}
 			return err
 		})

@@ -58,9 +58,24 @@ key, like writ run) and prints what the node's VM layer reports.`,
 			return c.Run(cmd.Context(), append([]string{"console"}, args...))
 		},
 	}
+	stopOwner := &cobra.Command{
+		Use:   "stop-owner USER NODE...",
+		Short: "Stop every VM of USER on the nodes and remove its port forwards",
+		Long: `Sends owner_stop.tengo to each NODE: it stops every VM USER owns there and
+removes the port forwards of USER's networks, so nothing of USER stays
+running or reachable. Volumes, networks and VM records stay for inspection.
+Run it as a site admin after disabling a user (writ user disable USER):
+disabling refuses the user's new jobs, this stops what already runs.
+writ node ls lists the site's nodes.`,
+		Example: "  writ user disable mallory\n  writ node ls --site lab\n  writ vm stop-owner mallory n3f1c0ffee0123456789a n77aa55bb0123456789ab",
+		Args:    cobra.MinimumNArgs(2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return c.stopOwner(cmd.Context(), args[0], args[1:])
+		},
+	}
 	console.Flags().IntVar(&c.bytes, "bytes", 16<<10, "how much of the console's end to print (at most 32 KiB)")
 	ls.Flags().BoolVar(&c.json, "json", false, "print JSON")
-	for _, sub := range []*cobra.Command{ls, info, console} {
+	for _, sub := range []*cobra.Command{ls, info, console, stopOwner} {
 		c.signFlags.addSigning(sub)
 		coordFlag(sub, &c.coord)
 		cmd.AddCommand(sub)
@@ -118,6 +133,7 @@ func (c *vmCmd) Run(ctx context.Context, args []string) error {
 	case args[0] == "ls" && !c.json:
 		var vms []struct {
 			Name      string    `json:"name"`
+			Owner     string    `json:"owner"`
 			State     string    `json:"state"`
 			Pid       int       `json:"pid"`
 			Restarts  int       `json:"restarts"`
@@ -131,17 +147,63 @@ func (c *vmCmd) Run(ctx context.Context, args []string) error {
 			return err
 		}
 		w := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(w, "NAME\tSTATE\tPID\tCPUS\tMEMORY\tRESTARTS\tUP SINCE")
+		fmt.Fprintln(w, "NAME\tOWNER\tSTATE\tPID\tCPUS\tMEMORY\tRESTARTS\tUP SINCE")
 		for _, v := range vms {
 			since := ""
 			if v.State == "running" && !v.StartedAt.IsZero() {
 				since = v.StartedAt.Local().Format(time.DateTime)
 			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%d\t%d MiB\t%d\t%s\n", v.Name, v.State, pidText(v.Pid), v.Spec.CPUs, v.Spec.MemoryMiB, v.Restarts, since)
+			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%d\t%d MiB\t%d\t%s\n", v.Name, v.Owner, v.State, pidText(v.Pid), v.Spec.CPUs, v.Spec.MemoryMiB, v.Restarts, since)
 		}
 		return w.Flush()
 	default:
 		os.Stdout.Write(append(prettyJSON(last.Result), '\n'))
+	}
+	return nil
+}
+
+// stopOwner runs owner_stop.tengo on each node, one after another, and
+// fails if any node could not stop everything.
+func (c *vmCmd) stopOwner(ctx context.Context, owner string, nodes []string) error {
+	script, err := scripts.Library("owner_stop.tengo")
+	if err != nil {
+		return err
+	}
+	b, _ := json.Marshal(owner)
+	c.args = append(c.args, "owner="+string(b))
+	cl := &coord.Client{BaseURL: c.coord}
+	failed := 0
+	for _, node := range nodes {
+		c.node = node
+		env, err := c.signSource("vm-stop-owner", script)
+		if err != nil {
+			return err
+		}
+		id, err := submit(ctx, cl, env)
+		if err != nil {
+			return err
+		}
+		last, err := follow(ctx, cl, id, false)
+		if err != nil {
+			return err
+		}
+		var res struct {
+			Stopped     []string          `json:"stopped"`
+			Unforwarded []string          `json:"unforwarded"`
+			Failed      []json.RawMessage `json:"failed"`
+		}
+		if last.Type != job.EventSucceeded || json.Unmarshal(last.Result, &res) != nil {
+			failed++
+			continue
+		}
+		fmt.Printf("%s: stopped %d VMs of %s %v, removed %d forwards %v\n", node, len(res.Stopped), owner, res.Stopped, len(res.Unforwarded), res.Unforwarded)
+		if len(res.Failed) > 0 {
+			failed++
+			fmt.Printf("%s: could not stop: %s\n", node, prettyJSON(last.Result))
+		}
+	}
+	if failed > 0 {
+		return fmt.Errorf("%d of %d nodes did not stop everything of %s", failed, len(nodes), owner)
 	}
 	return nil
 }

@@ -169,11 +169,11 @@ func TestPool_Holds(t *testing.T) {
 	if err := os.Symlink("/etc/shadow", link); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := p.Holds(filepath.Join(v.Path, "disk.img")); err != nil || got != filepath.Join(v.Path, "disk.img") {
-		t.Errorf("Holds(a volume's file) = %q, %v", got, err)
+	if got, vol, err := p.Holds(filepath.Join(v.Path, "disk.img")); err != nil || got != filepath.Join(v.Path, "disk.img") || vol != v.Name {
+		t.Errorf("Holds(a volume's file) = %q, %q, %v", got, vol, err)
 	}
 	for _, bad := range []string{"/etc/passwd", "/dev/sda", "/dev/null", link, filepath.Join(v.Path, "..", "..", "..", "etc", "passwd"), p.mnt, filepath.Join(p.mnt, "volumes")} {
-		if _, err := p.Holds(bad); !errors.Is(err, ErrNotInPool) {
+		if _, _, err := p.Holds(bad); !errors.Is(err, ErrNotInPool) {
 			t.Errorf("Holds(%s) = %v, want ErrNotInPool", bad, err)
 		}
 	}
