@@ -101,7 +101,7 @@ func TestDev_Network(t *testing.T) {
 		}
 		return err
 	})
-	if !strings.Contains(rules, "net/devnet: forward tcp 8081 -> 10.88.0.2:80") {
+	if !strings.Contains(rules, "net/3dev.devnet: forward tcp 8081 -> 10.88.0.2:80") {
 		t.Errorf("the node's ruleset lacks the forward:\n%s", rules)
 	}
 }

@@ -244,11 +244,27 @@ func (s *Sandbox) runIn(ctx context.Context, c *child, script string, in Input) 
 	}
 	// The child stops at its deadline by itself; one stuck inside a
 	// builtin (or ignoring the runner's shutdown) is killed.
+	var (
+		mu       sync.Mutex
+		timer    *time.Timer
+		finished bool
+	)
 	stop := context.AfterFunc(ctx, func() {
-		t := time.AfterFunc(killGrace, c.kill)
-		go func() { <-c.exited; t.Stop() }()
+		mu.Lock()
+		defer mu.Unlock()
+		if !finished {
+			timer = time.AfterFunc(killGrace, c.kill)
+		}
 	})
-	defer stop()
+	defer func() {
+		stop()
+		mu.Lock()
+		defer mu.Unlock()
+		finished = true
+		if timer != nil && !timer.Stop() {
+			healthy = false // killed after all: it goes
+		}
+	}()
 
 	if err := writeFrame(c.w, f); err != nil {
 		return Output{}, s.died(ctx, c, err), false

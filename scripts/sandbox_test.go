@@ -140,3 +140,20 @@ func BenchmarkSandbox_Hello(b *testing.B) {
 		}
 	})
 }
+
+// TestSandbox_DeadlineThenNext: a child that stopped its job at the
+// deadline by itself is not killed later, in the middle of the next job.
+func TestSandbox_DeadlineThenNext(t *testing.T) {
+	s := testSandbox(t, SandboxConfig{Size: 1, Modules: HostModules(Layers{})})
+	ctx, cancel := WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := s.Run(ctx, `for {}`, Input{JobID: "loop"}); !errors.Is(err, ErrTimeout) {
+		t.Fatalf("loop = %v, want ErrTimeout", err)
+	}
+	ctx2, cancel2 := WithTimeout(context.Background(), 30*time.Second)
+	defer cancel2()
+	out, err := s.Run(ctx2, `times := import("times"); job := import("job"); times.sleep(1500 * times.millisecond); job.result("slept")`, Input{JobID: "next"})
+	if err != nil || string(out.Result) != `"slept"` {
+		t.Fatalf("the job after = %s, %v", out.Result, err)
+	}
+}
