@@ -15,6 +15,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -44,7 +46,9 @@ const (
 )
 
 // hostileCase is one script of testdata/hostile: what it tries, and the
-// reason (and a piece of the error) it must end with.
+// reason (and a piece of the error) it must end with. "// want: a|b"
+// accepts either reason: which cap a script meets first may depend on the
+// build (the race detector makes every object larger).
 type hostileCase struct {
 	name, what, reason, msg, script string
 }
@@ -240,7 +244,7 @@ func TestFleet_Hostile(t *testing.T) {
 				timeout = 2 * time.Second
 			}
 			j := submit(mallory, c.name, c.script, args, timeout)
-			if j.State == job.StateSucceeded || j.Reason != c.reason || !strings.Contains(j.Error, c.msg) {
+			if j.State == job.StateSucceeded || !slices.Contains(strings.Split(c.reason, "|"), j.Reason) || !strings.Contains(j.Error, c.msg) {
 				t.Errorf("%s (%s): %s %s %q; want reason %s mentioning %q", c.name, c.what, j.State, j.Reason, j.Error, c.reason, c.msg)
 			}
 			if strings.Contains(j.Error, sums["vmlinuz"]) {
@@ -275,6 +279,14 @@ func TestFleet_Hostile(t *testing.T) {
 	}
 	if got := fileSum(t, canary); got != canarySum {
 		t.Errorf("the host file handed to vm.create changed")
+	}
+	// mallory sees no VM of victim's; the admin sees it, with its owner.
+	if l := submit(mallory, "vms", `vm := import("vm"); job := import("job"); job.result(vm.list())`, nil, time.Minute); string(l.Result) != "[]" {
+		t.Errorf("mallory's vm.list = %s %s, want []", l.State, l.Result)
+	}
+	out, err := exec.Command(writBin, "vm", "ls", "vm1", "--coord", f.coord, "--key", filepath.Join(f.dir, "admin.key"), "--site", "local").Output()
+	if err != nil || !regexp.MustCompile(`(?m)^victim/web\s+victim\s+running`).Match(out) {
+		t.Errorf("the admin's writ vm ls = %v\n%s", err, out)
 	}
 	// The only hypervisor is victim's, and it opens nothing of the host
 	// but writ's pool and VM state.
