@@ -12,7 +12,10 @@ DEV_DIR ?= .dev
 # ovmf, systemd-boot-efi, binutils (objcopy) and ipxe-qemu build and boot the node image (efi).
 APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql ovmf systemd-boot-efi binutils ipxe-qemu gcc libc6-dev
 
-.PHONY: help build static image test test-short dev bench bench-image bench-vm bench-ledger guest lint generate tidy deps check-clean clean
+.PHONY: help build static image test test-short dev bench bench-image bench-vm bench-ledger guest fuzz lint generate tidy deps check-clean clean
+
+# FUZZ_EXECS is how many executions make fuzz gives each target.
+FUZZ_EXECS ?= 1000000
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  \033[1m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +61,11 @@ bench-vm: deps ## VM deploy: writ against the same QEMU guest launched by hand (
 
 bench-ledger: ## 100,000 simulated nodes register and report uptime once a minute to a SQLite ledger (see BENCHMARKS.md)
 	$(GO) run ./cmd/writ-ledger-bench -nodes 100000 -interval 1m -for 1m
+
+fuzz: ## fuzz the script engine (compile, and run in the sandbox) and the envelope scanner, FUZZ_EXECS each; crashers land in testdata/fuzz
+	$(GO) test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZ_EXECS)x ./scripts
+	$(GO) test -run '^$$' -fuzz '^FuzzRun$$' -fuzztime $(FUZZ_EXECS)x ./scripts
+	$(GO) test -run '^$$' -fuzz '^FuzzMembers$$' -fuzztime $(FUZZ_EXECS)x ./envelope
 
 guest: deps build ## build the demo VM guest into .dev/files (served by make dev) and print the deploy command
 	$(GO) run ./cmd/writ-guest --dir $(DEV_DIR)/files

@@ -37,6 +37,9 @@ const (
 	memoryCheck = 5 * time.Millisecond
 	// childCache bounds the compiled scripts a child keeps.
 	childCache = 64
+	// childCollect: a child whose heap holds more than this after a run
+	// collects it and returns the memory to the OS.
+	childCollect = 32 << 20
 )
 
 // errMemory is the cause a run is cancelled with when its heap passes the
@@ -148,10 +151,13 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 	default:
 		done.Kind, done.Err = stopRuntime, err.Error()
 	}
-	// What the run left behind is garbage now; give it back, and tell the
-	// runner what stays (it retires a child that holds too much).
-	runtime.GC()
-	debug.FreeOSMemory()
+	// What the run left behind is garbage now. A run that grew the heap
+	// gives it back (a collection costs milliseconds, so small runs skip
+	// it), and the runner learns what stays: it retires a child that
+	// holds too much.
+	if heapObjects() > childCollect {
+		debug.FreeOSMemory()
+	}
 	done.Held = heldBytes()
 	return done
 }
