@@ -10,7 +10,7 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
-	"time"
+	"sync"
 
 	"github.com/d5/tengo/v2"
 	"golang.org/x/sys/unix"
@@ -33,10 +33,12 @@ const (
 	// Array.Copy, Array.String...); with this bound the child dies of it in
 	// milliseconds, and the runner names it (stack_overflow).
 	childStack = 16 << 20
-	// memoryCheck is how often the child compares a run's heap to its limit.
-	memoryCheck = 5 * time.Millisecond
 	// childCache bounds the compiled scripts a child keeps.
 	childCache = 64
+	// childNice is a child's scheduling priority (nice).
+	childNice = 10
+	// childGCPercent is the child's GOGC.
+	childGCPercent = 1000
 	// childCollect: a child whose heap holds more than this after a run
 	// collects it and returns the memory to the OS.
 	childCollect = 32 << 20
@@ -59,6 +61,13 @@ func SandboxMain(r io.Reader, w io.Writer, maxMemory int64) error {
 		return err
 	}
 	debug.SetMaxStack(childStack)
+	// One script runs at a time: one P. More would only spin, looking for
+	// work, on cores the runner and the other children need.
+	runtime.GOMAXPROCS(1)
+	// A child's own heap is small, so at the default pace it would collect
+	// every few dozen runs; the memory limit (set per run) bounds it
+	// instead.
+	debug.SetGCPercent(childGCPercent)
 	// Same module names as the runner's, so scripts compile alike; every
 	// host-layer call goes to the runner (Input.host).
 	e := New(Config{CacheSize: childCache}, HostModules(Layers{}))
@@ -92,7 +101,10 @@ func limitSelf(data int64) error {
 			return fmt.Errorf("sandbox: set resource limit %d: %w", l.res, err)
 		}
 	}
-	_ = unix.Setpriority(unix.PRIO_PROCESS, 0, 10)
+	// A script that computes without end shares the CPU with the runner
+	// on unequal terms: the runner's threads, and the children waiting on
+	// host calls, come first.
+	_ = unix.Setpriority(unix.PRIO_PROCESS, 0, childNice)
 	return nil
 }
 
@@ -117,7 +129,9 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 
-	debug.SetMemoryLimit(limit + childOverhead)
+	// The collector works harder as the heap nears the run's limit, so
+	// the watch sees it in time.
+	debug.SetMemoryLimit(heapLive() + limit + limit/8)
 	stopWatch := watchMemory(limit, cancel)
 	in := f.Input
 	out, err := e.Run(ctx, f.Script, Input{
@@ -157,8 +171,8 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 	// holds too much.
 	if heapObjects() > childCollect {
 		debug.FreeOSMemory()
+		done.Held = heldBytes()
 	}
-	done.Held = heldBytes()
 	return done
 }
 
@@ -234,35 +248,57 @@ func heldBytes() int64 {
 	return int64(s[1].Value.Uint64() - s[2].Value.Uint64())
 }
 
-// watchMemory cancels the run (cause errMemory) once its heap, collected,
-// holds more than limit. It checks every memoryCheck; a single builtin
-// that allocates faster than that meets the process's data limit instead,
-// and the runner reports the same reason. The returned func stops it.
+// watchMemory cancels the run (cause errMemory) once its heap, after a
+// collection, holds more than limit. It looks after every garbage
+// collection, so it costs nothing while a script allocates nothing, and a
+// script that allocates is collected at the latest near its limit (the
+// runtime's soft limit is set just above it). A single builtin that
+// allocates past the limit between two collections meets the process's
+// data limit instead, and the runner reports the same reason. The returned
+// func stops it.
 func watchMemory(limit int64, cancel context.CancelCauseFunc) func() {
-	base := heapObjects()
-	stop := make(chan struct{})
-	stopped := make(chan struct{})
-	go func() {
-		defer close(stopped)
-		t := time.NewTicker(memoryCheck)
-		defer t.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-t.C:
-			}
-			if heapObjects()-base <= limit {
-				continue
-			}
-			runtime.GC()
-			if heapObjects()-base > limit {
-				cancel(errMemory)
-				return
-			}
-		}
-	}()
-	return func() { close(stop); <-stopped }
+	w := &memWatch{base: heapLive(), limit: limit, cancel: cancel}
+	w.arm()
+	return func() {
+		w.mu.Lock()
+		w.stopped = true
+		w.mu.Unlock()
+	}
+}
+
+type memWatch struct {
+	base, limit int64
+	cancel      context.CancelCauseFunc
+	mu          sync.Mutex
+	stopped     bool
+}
+
+// arm sets a finalizer on a fresh object: it runs after the next
+// collection, checks, and arms again.
+func (w *memWatch) arm() {
+	runtime.SetFinalizer(&gcTick{}, func(*gcTick) { w.check() })
+}
+
+type gcTick struct{ _ [16]byte } // not zero-sized: the finalizer must run
+
+func (w *memWatch) check() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.stopped {
+		return
+	}
+	if heapLive()-w.base > w.limit {
+		w.cancel(errMemory)
+		return
+	}
+	w.arm()
+}
+
+// heapLive is the heap the last collection found live.
+func heapLive() int64 {
+	s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
+	metrics.Read(s)
+	return int64(s[0].Value.Uint64())
 }
 
 // IsSandbox reports whether this process was started as a sandbox process

@@ -38,6 +38,7 @@ import (
 	"time"
 
 	"github.com/d5/tengo/v2"
+	"github.com/d5/tengo/v2/parser"
 	"github.com/d5/tengo/v2/stdlib"
 
 	"github.com/writ-fleet/writ/envelope"
@@ -114,10 +115,12 @@ type program struct {
 	idle chan *instance
 }
 
-// instance is one compiled copy of a script bound to its own run context.
+// instance is one compiled copy of a script bound to its own run context,
+// with the VM that runs it and that VM's globals (cleared before each run).
 type instance struct {
-	compiled *tengo.Compiled
-	rc       *Run
+	vm      *tengo.VM
+	globals []tengo.Object
+	rc      *Run
 }
 
 var valueLimitOnce sync.Once
@@ -221,10 +224,10 @@ func (g *importGuard) Get(name string) tengo.Importable {
 // compile builds one instance of script with modules bound to a fresh run
 // context.
 //
-// Tengo's compiler can panic on input it should refuse (more than 1024
-// globals: Script.Compile slices its globals past their capacity, d5/tengo
-// v2.17.0 script.go), so a panic here is recovered and becomes a refusal
-// rather than the end of the supervisor or runner that compiles.
+// Tengo can panic on input it should refuse (tengo.Script.Compile, which
+// writ no longer uses, sliced more than 1024 globals past their capacity,
+// d5/tengo v2.17.0 script.go), so a panic here is recovered and becomes a
+// refusal rather than the end of the supervisor or runner that compiles.
 func (e *Engine) compile(script string) (inst *instance, err error) {
 	if err := checkComplexity([]byte(script)); err != nil {
 		return nil, err
@@ -264,14 +267,7 @@ func (e *Engine) compile(script string) (inst *instance, err error) {
 		mods.AddBuiltinModule(name, m(rc))
 	}
 	guard := &importGuard{modules: mods}
-	s := tengo.NewScript([]byte(script))
-	s.SetImports(guard)
-	s.SetMaxAllocs(e.cfg.MaxAllocs)
-	s.EnableFileImport(false)
-	compiled, err := s.Compile()
-	if err == nil && len(compiled.GetAll()) > MaxGlobals {
-		return nil, envelope.Refuse(envelope.ReasonTooComplex, fmt.Sprintf("script defines %d top-level names, the limit is %d", len(compiled.GetAll()), MaxGlobals))
-	}
+	bytecode, globals, err := compileProgram([]byte(script), guard)
 	if err != nil {
 		if len(guard.forbidden) > 0 {
 			return nil, envelope.Refuse(envelope.ReasonForbiddenImport,
@@ -280,7 +276,37 @@ func (e *Engine) compile(script string) (inst *instance, err error) {
 		}
 		return nil, envelope.Refuse(envelope.ReasonScriptInvalid, "script does not compile: "+err.Error())
 	}
-	return &instance{compiled: compiled, rc: rc}, nil
+	if globals > MaxGlobals {
+		return nil, envelope.Refuse(envelope.ReasonTooComplex, fmt.Sprintf("script defines %d top-level names, the limit is %d", globals, MaxGlobals))
+	}
+	g := make([]tengo.Object, globals+1) // as Script.Compile sizes them
+	return &instance{vm: tengo.NewVM(bytecode, g, e.cfg.MaxAllocs), globals: g, rc: rc}, nil
+}
+
+// compileProgram compiles src as tengo.Script.Compile does, without its
+// variables, and returns the bytecode and the number of globals it
+// defines.
+// The Engine runs a compiled instance on one VM of its own, run after run
+// (tengo.Compiled.RunContext makes a VM, some 100 kB, for every run).
+func compileProgram(src []byte, modules tengo.ModuleGetter) (*tengo.Bytecode, int, error) {
+	symbols := tengo.NewSymbolTable()
+	for i, fn := range tengo.GetAllBuiltinFunctions() {
+		symbols.DefineBuiltin(i, fn.Name)
+	}
+	fileSet := parser.NewFileSet()
+	srcFile := fileSet.AddFile("(main)", -1, len(src))
+	file, err := parser.NewParser(srcFile, src, nil).ParseFile()
+	if err != nil {
+		return nil, 0, err
+	}
+	c := tengo.NewCompiler(srcFile, symbols, nil, modules, nil)
+	c.EnableFileImport(false)
+	if err := c.Compile(file); err != nil {
+		return nil, 0, err
+	}
+	bytecode := c.Bytecode()
+	bytecode.RemoveDuplicates()
+	return bytecode, symbols.MaxSymbols(), nil
 }
 
 // Input is what a run needs to know about its job.
@@ -363,11 +389,13 @@ func (e *Engine) Run(ctx context.Context, script string, in Input) (Output, erro
 	}
 	rc := inst.rc
 	rc.begin(ctx, in, args)
-	runErr := inst.compiled.Clone().RunContext(ctx)
+	runErr, reusable := inst.run(ctx)
 	result, modErr := rc.end()
-	select {
-	case p.idle <- inst:
-	default: // enough idle instances; let this one go
+	if reusable {
+		select {
+		case p.idle <- inst:
+		default: // enough idle instances; let this one go
+		}
 	}
 
 	switch {
@@ -386,6 +414,27 @@ func (e *Engine) Run(ctx context.Context, script string, in Input) (Output, erro
 		return Output{}, &RuntimeError{Msg: strings.TrimPrefix(runErr.Error(), "Runtime Error: ")}
 	}
 	return Output{Result: result}, nil
+}
+
+// run runs the instance's VM once, from fresh globals, aborting it when
+// ctx ends (as tengo.Compiled.RunContext does). reusable says the VM may
+// run the next job: not after an error (tengo's VM.Run keeps the error of
+// its last run), a panic, or an abort (one may still be on its way).
+func (inst *instance) run(ctx context.Context) (err error, reusable bool) {
+	clear(inst.globals)
+	stop := context.AfterFunc(ctx, inst.vm.Abort)
+	defer func() {
+		r := recover()
+		notAborted := stop()
+		switch {
+		case r != nil:
+			err = fmt.Errorf("panic: %v", r)
+		case !notAborted:
+			err = ctx.Err() // stopped by ctx: say why
+		}
+		reusable = err == nil && notAborted
+	}()
+	return inst.vm.Run(), false
 }
 
 func deadlineOf(ctx context.Context) string {

@@ -21,7 +21,7 @@ const maxPerm = 1 << 16
 // seed, and rand.seed(n) reseeds only that run's generator, so a seeded
 // script repeats its sequence and one job's seed never affects another.
 func randModule(rc *Run) map[string]tengo.Object {
-	m := randFuncs(func() *rand.Rand { return rc.rng })
+	m := randFuncs(rc.runRand)
 	m["seed"] = Func("seed", func(args ...tengo.Object) (tengo.Object, error) {
 		seed, err := int64Arg(args)
 		if err != nil {
@@ -48,6 +48,15 @@ func randModule(rc *Run) map[string]tengo.Object {
 		return &tengo.ImmutableMap{Value: fs}, nil
 	})
 	return m
+}
+
+// runRand is the run's generator, made (from a random seed) on first use:
+// seeding costs more than most scripts' whole run.
+func (rc *Run) runRand() *rand.Rand {
+	if rc.rng == nil {
+		rc.rng = newRunRand()
+	}
+	return rc.rng
 }
 
 // newRunRand returns a generator seeded from crypto/rand.

@@ -37,7 +37,7 @@ func (rc *Run) begin(ctx context.Context, in Input, args tengo.Object) {
 	rc.ctx, rc.in, rc.args = ctx, in, args
 	rc.result, rc.moduleErr = nil, nil
 	rc.logBytes, rc.logCut = 0, false
-	rc.rng = newRunRand()
+	rc.rng = nil // a fresh one on first use (runRand)
 	rc.fillJob()
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/d5/tengo/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/envelope"
 )
@@ -119,7 +121,17 @@ func (s *Sandbox) Close() {
 	}
 	s.mu.Unlock()
 	s.spawns.Wait()
+	// An idle child ends at the end of its input; one that does not
+	// within a moment is killed.
 	for _, c := range all {
+		c.stdin.Close()
+	}
+	deadline := time.After(time.Second)
+	for _, c := range all {
+		select {
+		case <-c.exited:
+		case <-deadline:
+		}
 		c.kill()
 		<-c.exited
 	}
@@ -148,6 +160,15 @@ func (s *Sandbox) Run(ctx context.Context, script string, in Input) (Output, err
 		s.replace(c)
 	}
 	return out, err
+}
+
+// blockingPipe is a pipe whose ends are in blocking mode (see start).
+func blockingPipe() (r, w *os.File, err error) {
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_CLOEXEC); err != nil {
+		return nil, nil, fmt.Errorf("sandbox pipe: %w", err)
+	}
+	return os.NewFile(uintptr(fds[0]), "sandbox-r"), os.NewFile(uintptr(fds[1]), "sandbox-w"), nil
 }
 
 // replace kills c and starts another in its place, retrying while
@@ -189,6 +210,7 @@ type child struct {
 	r      *bufio.Reader
 	w      *bufio.Writer
 	stdin  io.Closer
+	stdout io.Closer
 	stderr *headBuffer
 	exited chan struct{} // closed once the process is reaped
 	once   sync.Once
@@ -202,21 +224,37 @@ func (s *Sandbox) start() (*child, error) {
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	c := &child{cmd: cmd, stderr: &headBuffer{max: stderrHead}, exited: make(chan struct{})}
 	cmd.Stderr = c.stderr
-	stdin, err := cmd.StdinPipe()
+	// Blocking pipes, not os.Pipe's: a read blocks its thread in the
+	// kernel, which wakes it the moment the child writes, where the
+	// runtime's poller would take a scheduling round more. Under load
+	// that round is most of what a sandbox adds to a job.
+	inR, inW, err := blockingPipe()
 	if err != nil {
 		return nil, err
 	}
-	stdout, err := cmd.StdoutPipe()
+	outR, outW, err := blockingPipe()
 	if err != nil {
+		inR.Close()
+		inW.Close()
 		return nil, err
 	}
-	if err := cmd.Start(); err != nil {
+	cmd.Stdin, cmd.Stdout = inR, outW
+	err = cmd.Start()
+	inR.Close()
+	outW.Close()
+	if err != nil {
+		inW.Close()
+		outR.Close()
 		return nil, fmt.Errorf("start sandbox process %s: %w", cmd.Path, err)
 	}
-	c.stdin, c.r, c.w = stdin, bufio.NewReaderSize(stdout, 64<<10), bufio.NewWriterSize(stdin, 64<<10)
+	c.stdin, c.r, c.w = inW, bufio.NewReaderSize(outR, 64<<10), bufio.NewWriterSize(inW, 64<<10)
+	c.stdout = outR
 	go func() {
 		_ = cmd.Wait()
 		close(c.exited)
+		// A read blocked in the kernel ends with the child; closing the
+		// runner's end after that releases the file.
+		c.stdout.Close()
 	}()
 	s.mu.Lock()
 	s.all[c] = true

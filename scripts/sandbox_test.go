@@ -157,3 +157,17 @@ func TestSandbox_DeadlineThenNext(t *testing.T) {
 		t.Fatalf("the job after = %s, %v", out.Result, err)
 	}
 }
+
+// BenchmarkEngine_Hello is BenchmarkSandbox_Hello in process, for the cost
+// of the sandbox.
+func BenchmarkEngine_Hello(b *testing.B) {
+	e := New(Config{}, HostModules(Layers{}))
+	script := `job := import("job"); job.result({hello: job.args.who})`
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := e.Run(context.Background(), script, Input{JobID: "j", Args: []byte(`{"who":"world"}`)}); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
