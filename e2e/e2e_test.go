@@ -304,8 +304,10 @@ func TestFleet_Limits(t *testing.T) {
 	if j := submit(`for {}`, 2*time.Second); j.State != job.StateFailed || j.Reason != "timeout" || j.Attempts != 1 {
 		t.Errorf("infinite loop: %s %s %q attempts %d, want failed timeout after 1 attempt", j.State, j.Reason, j.Error, j.Attempts)
 	}
-	if j := submit(`a := []; for { a = append(a, [1, 2, 3]) }`, time.Minute); j.State != job.StateFailed || j.Reason != "alloc_limit" {
-		t.Errorf("unbounded allocation: %s %s %q, want failed alloc_limit", j.State, j.Reason, j.Error)
+	// Which cap a growing array meets first depends on the build: the
+	// race detector makes every object larger.
+	if j := submit(`a := []; for { a = append(a, [1, 2, 3]) }`, time.Minute); j.State != job.StateFailed || (j.Reason != "alloc_limit" && j.Reason != "memory_limit") {
+		t.Errorf("unbounded allocation: %s %s %q, want failed alloc_limit or memory_limit", j.State, j.Reason, j.Error)
 	}
 	if j := submit(`job := import("job"); job.result("still alive")`, time.Minute); j.State != job.StateSucceeded || string(j.Result) != `"still alive"` {
 		t.Errorf("job after the limits: %+v", j)

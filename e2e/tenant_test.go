@@ -21,17 +21,27 @@ import (
 // TestFleet_Tenants: two deployers on one node, alice and bob, each make a
 // volume "data" and a network "net"; the names do not collide, each sees
 // and changes only its own, and the site admin sees both and acts for one
-// by naming it.
+// by naming it. The site's script memory cap (32 MiB) holds on its node.
 func TestFleet_Tenants(t *testing.T) {
 	testenv.RequireRoot(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	t.Parallel()
 	f := newFleet(t)
+	// The site caps a script's memory below the runner's own cap.
+	site, err := f.lc.Site(context.Background(), "local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	site.ScriptMemory = 32 << 20
+	if err := f.lc.PutSite(context.Background(), *site); err != nil {
+		t.Fatal(err)
+	}
 	alice := f.addUser("alice", map[string]string{"local": "deployer"})
 	bob := f.addUser("bob", map[string]string{"local": "deployer"})
 	f.startSupervisor("local")
 	f.startCoord()
-	poolDir, err := os.MkdirTemp("", "writ-e2e-pool")
+	var poolDir string
+	poolDir, err = os.MkdirTemp("", "writ-e2e-pool")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,5 +131,9 @@ must := func(what, v) { if is_error(v) { job.fail(what + ": " + string(v.value))
 	}
 	if vols, nets := list(f.admin); strings.Join(vols, " ") != "alice/data@alice" || strings.Join(nets, " ") != "alice/net@alice" {
 		t.Errorf("after bob's deletes the admin sees %v and %v", vols, nets)
+	}
+	grow := run(alice, `text := import("text"); a := []; for { a = append(a, text.repeat("x", 100000) + string(len(a))) }`)
+	if grow.Reason != "memory_limit" || !strings.Contains(grow.Error, "32 MiB") {
+		t.Errorf("a script over the site's cap: %s %s %q, want memory_limit at 32 MiB", grow.State, grow.Reason, grow.Error)
 	}
 }

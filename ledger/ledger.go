@@ -110,6 +110,10 @@ type Site struct {
 	// UptimeInterval is how often the site's nodes report; zero means
 	// DefaultUptimeInterval. Liveness is judged against it.
 	UptimeInterval Seconds `json:"uptime_interval,omitzero"`
+	// ScriptMemory caps what one job's script may hold on the site's
+	// nodes, in bytes; zero leaves each runner's own cap (--script-memory),
+	// which also bounds this.
+	ScriptMemory int64 `json:"script_memory,omitzero"`
 }
 
 // Seconds is a duration kept and sent as whole seconds.

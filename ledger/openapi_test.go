@@ -131,7 +131,7 @@ func TestOpenAPI_Validated(t *testing.T) {
 				t.Fatalf("%s: %v", what, err)
 			}
 		}
-		must("PutSite", admin.PutSite(ctx, ledger.Site{Name: "lab", SupervisorURL: "http://127.0.0.1:9", Policy: ledger.Policy{Roles: []string{"admin"}, Threshold: 1}, UptimeInterval: 30}))
+		must("PutSite", admin.PutSite(ctx, ledger.Site{Name: "lab", SupervisorURL: "http://127.0.0.1:9", Policy: ledger.Policy{Roles: []string{"admin"}, Threshold: 1}, UptimeInterval: 30, ScriptMemory: 128 << 20}))
 		_, err = admin.Sites(ctx)
 		must("Sites", err)
 		_, err = admin.Site(ctx, "lab")

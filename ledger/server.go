@@ -41,7 +41,7 @@ const maxAdminBody = 64 << 10
 //	POST /v1/users/{name}/disable  and /enable
 //	POST /v1/users/{name}/keys/rotate  {old_key_id, public_key}: add, then revoke
 //	POST /v1/keys/revoke           revoke {key_id}
-//	PUT  /v1/sites/{site}          create or replace {supervisor_url, policy, uptime_interval}
+//	PUT  /v1/sites/{site}          create or replace {supervisor_url, policy, uptime_interval, script_memory}
 //	POST /v1/sites/{site}/tokens   enrollment token {ttl} (the secret is shown once)
 //	POST /v1/sites/{site}/tokens/{id}/revoke
 //	GET  /v1/audit                 the newest admin writes
@@ -370,6 +370,9 @@ func (s *Server) putSite(r *http.Request, body []byte) (any, error) {
 	return site, nil
 }
 
+// MinScriptMemory is the least a site may set as its script memory cap.
+const MinScriptMemory = 16 << 20
+
 // ValidateSite checks a site's name, supervisor URL and policy.
 func ValidateSite(site Site) error {
 	if !envelope.ValidSite(site.Name) {
@@ -381,6 +384,9 @@ func ValidateSite(site Site) error {
 	}
 	if site.UptimeInterval < 0 || site.UptimeInterval > 3600 {
 		return fmt.Errorf("uptime_interval %d s must be 0 (default %s) to 3600", site.UptimeInterval, DefaultUptimeInterval)
+	}
+	if site.ScriptMemory != 0 && site.ScriptMemory < MinScriptMemory {
+		return fmt.Errorf("script_memory %d bytes must be 0 (the runners' own cap) or at least %d MiB", site.ScriptMemory, MinScriptMemory>>20)
 	}
 	return site.Policy.Validate()
 }

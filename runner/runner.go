@@ -167,7 +167,7 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	out, runErr := r.p.Scripts.Run(runCtx, spec.Script, scripts.Input{
 		JobID: d.ID, Name: spec.Name, Site: r.p.Site, Node: r.p.Node,
 		Args: spec.Args, Attempt: d.Attempt, Log: rep.log,
-		Owner: c.Owner, Admin: c.Admin,
+		Owner: c.Owner, Admin: c.Admin, MaxMemory: c.ScriptMemory,
 	})
 	r.runTime.Observe(time.Since(start).Seconds())
 	stopFlush()

@@ -429,8 +429,11 @@ func (inst *instance) run(ctx context.Context) (err error, reusable bool) {
 		switch {
 		case r != nil:
 			err = fmt.Errorf("panic: %v", r)
-		case !notAborted:
-			err = ctx.Err() // stopped by ctx: say why
+		case !notAborted || ctx.Err() != nil:
+			// Stopped by ctx, or ended as it did (a sleep cut short
+			// returns normally): say why. stop can win against a
+			// context that is done but has not yet started the abort.
+			err = ctx.Err()
 		}
 		reusable = err == nil && notAborted
 	}()

@@ -72,6 +72,9 @@ type Checked struct {
 	// Admin: Owner is an admin of the site, so the job may see every
 	// tenant's resources and act for another owner by naming it.
 	Admin bool
+	// ScriptMemory is the site's cap on what the job's script may hold
+	// (ledger.Site.ScriptMemory; 0: the runner's own).
+	ScriptMemory int64
 }
 
 // Job checks raw against t at time now (see the package doc for the
@@ -148,7 +151,7 @@ func checkJob(ctx context.Context, trust TrustSource, env *envelope.Envelope, sp
 	if err != nil {
 		return nil, err
 	}
-	return &Checked{ID: id, Envelope: env, Job: spec, Signers: signers, Owner: signers[0], Admin: snap.RoleOf(signers[0]) == ledger.RoleAdmin}, nil
+	return &Checked{ID: id, Envelope: env, Job: spec, Signers: signers, Owner: signers[0], Admin: snap.RoleOf(signers[0]) == ledger.RoleAdmin, ScriptMemory: snap.Site.ScriptMemory}, nil
 }
 
 // Reason is the reason string of a Job error: the refusal's reason, or

@@ -170,6 +170,7 @@ type siteSetCmd struct {
 	roles      []string
 	threshold  int
 	interval   time.Duration
+	memory     string
 }
 
 func siteSetCommand() *cobra.Command {
@@ -186,6 +187,7 @@ func siteSetCommand() *cobra.Command {
 	cmd.Flags().StringSliceVar(&c.roles, "roles", ledger.DefaultPolicyRoles, "roles that may sign jobs for the site")
 	cmd.Flags().IntVar(&c.threshold, "threshold", 1, "signatures from distinct users a job needs")
 	cmd.Flags().DurationVar(&c.interval, "uptime-interval", ledger.DefaultUptimeInterval, "how often the site's nodes report uptime (liveness: online within 2, stale within 5)")
+	cmd.Flags().StringVar(&c.memory, "script-memory", "", `the most memory one job's script may hold on the site's nodes, e.g. 128M ("": each runner's own --script-memory, which also caps this)`)
 	return cmd
 }
 
@@ -195,7 +197,11 @@ func (c *siteSetCmd) Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	s := ledger.Site{Name: args[0], SupervisorURL: c.supervisor, Policy: ledger.Policy{Roles: c.roles, Threshold: c.threshold}, UptimeInterval: ledger.Seconds(c.interval / time.Second)}
+	memory, err := parseSizeFlag(c.memory, "--script-memory")
+	if err != nil {
+		return err
+	}
+	s := ledger.Site{Name: args[0], SupervisorURL: c.supervisor, Policy: ledger.Policy{Roles: c.roles, Threshold: c.threshold}, UptimeInterval: ledger.Seconds(c.interval / time.Second), ScriptMemory: memory}
 	if err := ledger.ValidateSite(s); err != nil {
 		return err
 	}

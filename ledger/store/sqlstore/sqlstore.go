@@ -339,22 +339,22 @@ func (s *Store) RevokeKey(ctx context.Context, id string, at time.Time) error {
 // PutSite creates or replaces a site.
 func (s *Store) PutSite(ctx context.Context, site ledger.Site) error {
 	roles, _ := json.Marshal(site.Policy.Roles)
-	_, err := s.db.ExecContext(ctx, `INSERT INTO sites (name, supervisor_url, policy_roles, threshold, uptime_interval) VALUES ($1, $2, $3, $4, $5)
-		ON CONFLICT (name) DO UPDATE SET supervisor_url = excluded.supervisor_url, policy_roles = excluded.policy_roles, threshold = excluded.threshold, uptime_interval = excluded.uptime_interval`,
-		site.Name, site.SupervisorURL, string(roles), site.Policy.Threshold, int64(site.UptimeInterval))
+	_, err := s.db.ExecContext(ctx, `INSERT INTO sites (name, supervisor_url, policy_roles, threshold, uptime_interval, script_memory) VALUES ($1, $2, $3, $4, $5, $6)
+		ON CONFLICT (name) DO UPDATE SET supervisor_url = excluded.supervisor_url, policy_roles = excluded.policy_roles, threshold = excluded.threshold, uptime_interval = excluded.uptime_interval, script_memory = excluded.script_memory`,
+		site.Name, site.SupervisorURL, string(roles), site.Policy.Threshold, int64(site.UptimeInterval), site.ScriptMemory)
 	if err != nil {
 		return fmt.Errorf("put site: %w", err)
 	}
 	return nil
 }
 
-const siteCols = `name, supervisor_url, policy_roles, threshold, uptime_interval`
+const siteCols = `name, supervisor_url, policy_roles, threshold, uptime_interval, script_memory`
 
 func scanSite(r scanner) (*ledger.Site, error) {
 	var site ledger.Site
 	var roles string
 	var interval int64
-	if err := r.Scan(&site.Name, &site.SupervisorURL, &roles, &site.Policy.Threshold, &interval); err != nil {
+	if err := r.Scan(&site.Name, &site.SupervisorURL, &roles, &site.Policy.Threshold, &interval, &site.ScriptMemory); err != nil {
 		return nil, err
 	}
 	site.UptimeInterval = ledger.Seconds(interval)

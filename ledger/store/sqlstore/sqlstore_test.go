@@ -117,11 +117,11 @@ func TestStore_TokensAndAudit(t *testing.T) {
 		if err := s.AddKey(ctx, ledger.Key{ID: "SHA256:k2", User: "bob", PublicKey: "x"}); !errors.Is(err, ledger.ErrNotFound) {
 			t.Errorf("AddKey for a missing user = %v, want ErrNotFound", err)
 		}
-		if err := s.PutSite(ctx, ledger.Site{Name: "a", SupervisorURL: "http://x", Policy: ledger.Policy{Roles: []string{"deployer"}, Threshold: 1}, UptimeInterval: 30}); err != nil {
+		if err := s.PutSite(ctx, ledger.Site{Name: "a", SupervisorURL: "http://x", Policy: ledger.Policy{Roles: []string{"deployer"}, Threshold: 1}, UptimeInterval: 30, ScriptMemory: 64 << 20}); err != nil {
 			t.Fatal(err)
 		}
 		tr, err := s.Trust(ctx, "a")
-		if err != nil || len(tr.Signers) != 1 || tr.Signers[0].Role != ledger.RoleDeployer || tr.Site.Interval() != 30*time.Second {
+		if err != nil || len(tr.Signers) != 1 || tr.Signers[0].Role != ledger.RoleDeployer || tr.Site.Interval() != 30*time.Second || tr.Site.ScriptMemory != 64<<20 {
 			t.Errorf("Trust = %+v, %v", tr, err)
 		}
 	})
