@@ -11,6 +11,14 @@
 // with strings and byte slices capped at Config.MaxValueBytes each), and
 // bounded log and result sizes.
 //
+// The runner runs scripts in a Sandbox: a pool of processes (SandboxMain),
+// one job at a time each, with a memory limit in bytes, so that what Tengo
+// cannot bound in process (a builtin that recurses on a value containing
+// itself, one that allocates gigabytes at once) ends that process only. The
+// host-layer modules' calls go back to the runner (wire.go), which makes
+// them as the job's owner (tenant.go). The Engine itself, in process, is
+// what the supervisor compiles with and what a sandbox process runs.
+//
 // # Caching
 //
 // Compiling costs far more than running a small script, so compiled programs

@@ -45,9 +45,16 @@ func runnerCommand() *cobra.Command {
 		Use:   "runner",
 		Short: "Run a runner: take jobs of a site and of this node from Redis and run them",
 		Long: `A runner takes jobs from its site's queue and its own node's queue, verifies
-each signed envelope again, runs the script in a sandbox (deadline, allocation
-cap, bounded logs and result) and reports events. Run one on every node; more
-runners, more capacity. It serves /healthz, /readyz and /metrics on --listen.`,
+each signed envelope again, runs the script and reports events. Run one on
+every node; more runners, more capacity. It serves /healthz, /readyz and
+/metrics on --listen.
+
+Each script runs in a sandbox process of its own (this executable, one per
+--concurrency slot, started ahead): a deadline (the job's timeout), a memory
+limit (--script-memory, or less if the site says), an allocation cap, and
+bounded logs and result. The runner makes the script's storage, net and vm
+calls itself, as the job's owner: a deployer's job sees and changes only
+its owner's volumes, networks and VMs; a site admin's sees all.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c.log = newLogger(cmd)
