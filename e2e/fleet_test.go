@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/job"
@@ -282,4 +284,22 @@ func (f *fleet) enrollSite(interval int) string {
 		f.t.Fatal(err)
 	}
 	return tok.Secret
+}
+
+// tempPool returns a directory for a storage pool's file and the pool's
+// mountpoint inside it. It lives outside the test's temporary directory and
+// is unmounted and removed last, after every process using it is gone
+// (cleanups run in reverse: register it before starting the fleet).
+func tempPool(t *testing.T) (dir, mnt string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "writ-e2e-pool")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mnt = filepath.Join(dir, "mnt")
+	t.Cleanup(func() {
+		unix.Unmount(mnt, 0)
+		os.RemoveAll(dir)
+	})
+	return dir, mnt
 }

@@ -26,7 +26,6 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
-	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/envelope"
@@ -102,15 +101,7 @@ func TestFleet_Hostile(t *testing.T) {
 	}
 	t.Parallel()
 
-	poolDir, err := os.MkdirTemp("", "writ-e2e-pool")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mnt := filepath.Join(poolDir, "mnt")
-	t.Cleanup(func() {
-		unix.Unmount(mnt, 0)
-		os.RemoveAll(poolDir)
-	})
+	poolDir, mnt := tempPool(t)
 	node := testenv.NewNetNS(t)
 	f := newFleet(t)
 	vmDir := filepath.Join(f.dir, "vms")

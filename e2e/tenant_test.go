@@ -3,14 +3,11 @@ package e2e
 import (
 	"context"
 	"encoding/json"
-	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 	"testing"
 	"time"
-
-	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
@@ -40,16 +37,7 @@ func TestFleet_Tenants(t *testing.T) {
 	bob := f.addUser("bob", map[string]string{"local": "deployer"})
 	f.startSupervisor("local")
 	f.startCoord()
-	var poolDir string
-	poolDir, err = os.MkdirTemp("", "writ-e2e-pool")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mnt := filepath.Join(poolDir, "mnt")
-	t.Cleanup(func() {
-		unix.Unmount(mnt, 0)
-		os.RemoveAll(poolDir)
-	})
+	poolDir, mnt := tempPool(t)
 	node := testenv.NewNetNS(t)
 	f.start("runner:t1", "runner", "--no-vm", "--site", "local", "--node", "t1", "--redis", f.redis, "--ledger", f.ledger, "--listen", "",
 		"--pool-file", filepath.Join(poolDir, "pool.img"), "--pool-size", "1G", "--pool-mount", mnt,

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/internal/guest"
 	"github.com/writ-fleet/writ/internal/testenv"
@@ -58,17 +57,7 @@ func TestFleet_DeployVM(t *testing.T) {
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	t.Parallel()
 
-	// The pool lives outside the test's temporary directory: it is
-	// unmounted last, after every process using it is gone.
-	poolDir, err := os.MkdirTemp("", "writ-e2e-pool")
-	if err != nil {
-		t.Fatal(err)
-	}
-	mnt := filepath.Join(poolDir, "mnt")
-	t.Cleanup(func() {
-		unix.Unmount(mnt, 0)
-		os.RemoveAll(poolDir)
-	})
+	poolDir, mnt := tempPool(t)
 	node := testenv.NewNetNS(t)
 	f := newFleet(t)
 	vmDir := filepath.Join(f.dir, "vms")

@@ -107,16 +107,7 @@ func (c *vmCmd) Run(ctx context.Context, args []string) error {
 		b, _ := json.Marshal(v)
 		c.args = append(c.args, k+"="+string(b))
 	}
-	env, err := c.signSource("vm-"+args[0], script)
-	if err != nil {
-		return err
-	}
-	cl := &coord.Client{BaseURL: c.coord}
-	id, err := submit(ctx, cl, env)
-	if err != nil {
-		return err
-	}
-	last, err := follow(ctx, cl, id, false)
+	last, err := c.runOn(ctx, "vm-"+args[0], script)
 	if err != nil {
 		return err
 	}
@@ -162,6 +153,21 @@ func (c *vmCmd) Run(ctx context.Context, args []string) error {
 	return nil
 }
 
+// runOn signs script as job name, pinned to c.node, submits it, follows it
+// to its end and returns its last event.
+func (c *vmCmd) runOn(ctx context.Context, name, script string) (job.Event, error) {
+	env, err := c.signSource(name, script)
+	if err != nil {
+		return job.Event{}, err
+	}
+	cl := &coord.Client{BaseURL: c.coord}
+	id, err := submit(ctx, cl, env)
+	if err != nil {
+		return job.Event{}, err
+	}
+	return follow(ctx, cl, id, false)
+}
+
 // stopOwner runs owner_stop.tengo on each node, one after another, and
 // fails if any node could not stop everything.
 func (c *vmCmd) stopOwner(ctx context.Context, owner string, nodes []string) error {
@@ -171,19 +177,10 @@ func (c *vmCmd) stopOwner(ctx context.Context, owner string, nodes []string) err
 	}
 	b, _ := json.Marshal(owner)
 	c.args = append(c.args, "owner="+string(b))
-	cl := &coord.Client{BaseURL: c.coord}
 	failed := 0
 	for _, node := range nodes {
 		c.node = node
-		env, err := c.signSource("vm-stop-owner", script)
-		if err != nil {
-			return err
-		}
-		id, err := submit(ctx, cl, env)
-		if err != nil {
-			return err
-		}
-		last, err := follow(ctx, cl, id, false)
+		last, err := c.runOn(ctx, "vm-stop-owner", script)
 		if err != nil {
 			return err
 		}
