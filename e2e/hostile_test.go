@@ -318,6 +318,27 @@ func TestFleet_Hostile(t *testing.T) {
 	if after.foreignRules != before.foreignRules {
 		t.Errorf("nftables outside writ's table changed:\nbefore %s\nafter  %s", before.foreignRules, after.foreignRules)
 	}
+
+	// victim is disabled; the admin stops what it still runs. mallory's
+	// own try stops nothing of victim's.
+	stopOwner := func(key string) (string, error) {
+		out, err := exec.Command(writBin, "vm", "stop-owner", "victim", "vm1", "--coord", f.coord, "--key", key, "--site", "local").CombinedOutput()
+		return string(out), err
+	}
+	malloryKey := filepath.Join(f.dir, "mallory.key")
+	if err := mallory.Save(malloryKey); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := stopOwner(malloryKey); err != nil || !strings.Contains(out, "stopped 0 VMs of victim") || !testenv.ProcessRuns(victimVM.Pid) {
+		t.Errorf("mallory's writ vm stop-owner victim: %v\n%s", err, out)
+	}
+	if _, err := f.lc.SetDisabled(ctx, "victim", true); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := stopOwner(filepath.Join(f.dir, "admin.key")); err != nil || !strings.Contains(out, "stopped 1 VMs of victim") || !strings.Contains(out, "removed 1 forwards") {
+		t.Errorf("the admin's writ vm stop-owner victim: %v\n%s", err, out)
+	}
+	testenv.WaitFor(t, 30*time.Second, "victim's QEMU to stop", func() bool { return !testenv.ProcessRuns(victimVM.Pid) })
 }
 
 func fileSum(t *testing.T, path string) string {
