@@ -33,6 +33,12 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// Others may search it, so a root runner's sandboxes can run writ as
+	// nobody (scripts.SandboxUser).
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	writBin = filepath.Join(dir, "writ")
 	args := []string{"build", "-o", writBin}
 	if raceEnabled {

@@ -33,6 +33,7 @@ import (
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/scripts"
 )
 
 // Limits the hostile corpus runs under, and what the test holds the
@@ -225,7 +226,7 @@ func TestFleet_Hostile(t *testing.T) {
 	}
 
 	// Sample the runner's memory, and its sandboxes', while the corpus runs.
-	mem := &memSampler{pid: runnerPid, exe: writBin}
+	mem := &memSampler{pid: runnerPid, exe: writBin, sandboxUIDs: map[string]bool{}}
 	stopSampling := mem.start()
 
 	for _, c := range cases {
@@ -258,6 +259,9 @@ func TestFleet_Hostile(t *testing.T) {
 
 	t.Logf("%d hostile scripts; runner RSS peak %d MiB (bound %d MiB); sandbox RSS peak %d MiB (script limit %d MiB)",
 		len(cases), mem.runnerPeak>>20, runnerRSSMargin>>20, mem.sandboxPeak>>20, hostileScriptMemory>>20)
+	if len(mem.sandboxUIDs) != 1 || !mem.sandboxUIDs[strconv.Itoa(scripts.NobodyID)] {
+		t.Errorf("the sandboxes ran as UIDs %v, want only nobody (%d)", mem.sandboxUIDs, scripts.NobodyID)
+	}
 	if mem.runnerPeak > runnerRSSMargin {
 		t.Errorf("the runner's RSS reached %d MiB, over its bound of %d MiB", mem.runnerPeak>>20, runnerRSSMargin>>20)
 	}
@@ -358,6 +362,7 @@ type memSampler struct {
 	exe                     string
 	mu                      sync.Mutex
 	runnerPeak, sandboxPeak int64
+	sandboxUIDs             map[string]bool // the real UIDs the sandboxes ran as
 }
 
 func (m *memSampler) start() (stop func()) {
@@ -378,6 +383,11 @@ func (m *memSampler) start() (stop func()) {
 			for _, c := range childrenOf(m.pid) {
 				if cmd, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", c)); strings.TrimRight(string(cmd), "\x00") == m.exe {
 					sb = max(sb, procStatus(c, "VmHWM"))
+					if uid := procField(c, "Uid"); uid != "" {
+						m.mu.Lock()
+						m.sandboxUIDs[strings.Fields(uid)[0]] = true
+						m.mu.Unlock()
+					}
 				}
 			}
 			m.mu.Lock()
@@ -390,17 +400,22 @@ func (m *memSampler) start() (stop func()) {
 
 // procStatus reads a kB field of /proc/PID/status, in bytes.
 func procStatus(pid int, field string) int64 {
+	n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(procField(pid, field), "kB")), 10, 64)
+	return n << 10
+}
+
+// procField reads a field of /proc/PID/status ("" when it cannot).
+func procField(pid int, field string) string {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0
+		return ""
 	}
 	for _, l := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(l, field+":"); ok {
-			n, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
-			return n << 10
+			return strings.TrimSpace(v)
 		}
 	}
-	return 0
+	return ""
 }
 
 func childrenOf(pid int) []int {

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -28,6 +29,9 @@ import (
 // under the job's identity, and kills a child that outlives its job's
 // deadline. A child that dies, is killed or holds too much memory after a
 // run is replaced by a fresh one.
+//
+// A root runner's children run as nobody when they can (SandboxUser), so
+// even code that escaped Tengo could not read the node's key or the pool.
 //
 // It is safe for concurrent use; at most Size jobs run at once.
 type Sandbox struct {
@@ -56,7 +60,10 @@ type SandboxConfig struct {
 	Modules map[string]Module
 	// Engine sets the log and result limits the runner holds a child to.
 	Engine Config
-	Log    *slog.Logger
+	// User, when set, is the user and group the processes run as (the
+	// runner must be root). See SandboxUser.
+	User *syscall.Credential
+	Log  *slog.Logger
 }
 
 // Errors of a run in a sandbox, besides the Engine's.
@@ -162,6 +169,45 @@ func (s *Sandbox) Run(ctx context.Context, script string, in Input) (Output, err
 	return out, err
 }
 
+// NobodyID is the user and group ID sandbox processes of a root runner run
+// as when they can (SandboxUser).
+const NobodyID = 65534
+
+// SandboxUser returns the credential a root runner's sandbox processes
+// should run as: nobody, with no groups, when exe can be executed by
+// nobody (every directory above it searchable, the file readable and
+// executable by others). Otherwise it returns nil and why: the processes
+// then run as the runner's user. A non-root runner gets nil and no reason.
+func SandboxUser(exe string) (*syscall.Credential, string) {
+	if os.Geteuid() != 0 {
+		return nil, ""
+	}
+	real, err := filepath.EvalSymlinks(exe)
+	if err != nil {
+		return nil, err.Error()
+	}
+	st, err := os.Stat(real)
+	if err != nil {
+		return nil, err.Error()
+	}
+	if st.Mode().Perm()&0o005 != 0o005 {
+		return nil, fmt.Sprintf("%s is not readable and executable by others (mode %s)", real, st.Mode().Perm())
+	}
+	for dir := filepath.Dir(real); ; dir = filepath.Dir(dir) {
+		st, err := os.Stat(dir)
+		if err != nil {
+			return nil, err.Error()
+		}
+		if st.Mode().Perm()&0o001 == 0 {
+			return nil, fmt.Sprintf("directory %s is not searchable by others (mode %s)", dir, st.Mode().Perm())
+		}
+		if dir == filepath.Dir(dir) {
+			break
+		}
+	}
+	return &syscall.Credential{Uid: NobodyID, Gid: NobodyID, Groups: []uint32{}}, ""
+}
+
 // blockingPipe is a pipe whose ends are in blocking mode (see start).
 func blockingPipe() (r, w *os.File, err error) {
 	var fds [2]int
@@ -221,7 +267,7 @@ func (s *Sandbox) start() (*child, error) {
 	cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d", SandboxEnv, s.cfg.MaxMemory))
 	// A child dies with the runner, and keeps out of the runner's
 	// process group (a terminal's ^C is the runner's to handle).
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: s.cfg.User}
 	c := &child{cmd: cmd, stderr: &headBuffer{max: stderrHead}, exited: make(chan struct{})}
 	cmd.Stderr = c.stderr
 	// Blocking pipes, not os.Pipe's: a read blocks its thread in the

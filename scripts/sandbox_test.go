@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -170,4 +171,32 @@ func BenchmarkEngine_Hello(b *testing.B) {
 			}
 		}
 	})
+}
+
+func TestSandboxUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		if c, why := SandboxUser("/bin/sh"); c != nil || why != "" {
+			t.Fatalf("SandboxUser as a user = %v, %q; want nil and no reason", c, why)
+		}
+		return
+	}
+	base := t.TempDir() // and its parent: 0700, made by the testing package
+	os.Chmod(base, 0o755)
+	os.Chmod(filepath.Dir(base), 0o755)
+	dir := filepath.Join(base, "bin")
+	os.Mkdir(dir, 0o755)
+	open := filepath.Join(dir, "writ")
+	closed := filepath.Join(dir, "private")
+	os.WriteFile(open, []byte("#!/bin/sh\n"), 0o755)
+	os.WriteFile(closed, []byte("#!/bin/sh\n"), 0o700)
+	if c, why := SandboxUser(open); c == nil || c.Uid != NobodyID || c.Gid != NobodyID {
+		t.Errorf("SandboxUser(open) = %v, %q; want nobody", c, why)
+	}
+	if c, why := SandboxUser(closed); c != nil || !strings.Contains(why, "not readable and executable by others") {
+		t.Errorf("SandboxUser(0700) = %v, %q; want nil and why", c, why)
+	}
+	os.Chmod(dir, 0o700)
+	if c, why := SandboxUser(open); c != nil || !strings.Contains(why, "not searchable") {
+		t.Errorf("SandboxUser(in a 0700 dir) = %v, %q; want nil and why", c, why)
+	}
 }

@@ -142,7 +142,12 @@ func newSandbox(log *slog.Logger, p runnerParams) (*scripts.Sandbox, error) {
 	if err != nil {
 		return nil, fmt.Errorf("find this executable to start script sandboxes: %w", err)
 	}
+	user, why := scripts.SandboxUser(exe)
+	if why != "" {
+		log.Warn("script sandboxes run as root: they would run as nobody, but "+why, "svc", "sandbox")
+	}
 	return scripts.NewSandbox(scripts.SandboxConfig{
+		User:      user,
 		Command:   func() *exec.Cmd { return exec.Command(exe) },
 		Size:      p.concurrency,
 		MaxMemory: memory,
