@@ -122,12 +122,15 @@ func NewSandbox(cfg SandboxConfig) (*Sandbox, error) {
 func (s *Sandbox) Close() {
 	s.mu.Lock()
 	s.closed = true
+	s.mu.Unlock()
+	// A replacement being started as Close began joins s.all first.
+	s.spawns.Wait()
+	s.mu.Lock()
 	all := make([]*child, 0, len(s.all))
 	for c := range s.all {
 		all = append(all, c)
 	}
 	s.mu.Unlock()
-	s.spawns.Wait()
 	// An idle child ends at the end of its input; one that does not
 	// within a moment is killed.
 	for _, c := range all {
