@@ -147,9 +147,6 @@ func (s *Sandbox) Close() {
 	}
 }
 
-// Check compiles script in the runner, as Engine.Check.
-func (s *Sandbox) Check(script string) error { return s.host.Check(script) }
-
 // Run runs script for one job in a sandbox process; see Engine.Run for
 // what it returns. Besides the Engine's errors it returns ErrMemoryLimit,
 // ErrStackOverflow and ErrSandbox.
