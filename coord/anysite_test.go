@@ -47,7 +47,8 @@ func TestCoord_ChooseSite(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		return c.chooseSite(ctx, env, j, env.ID())
+		site, node, _, err := c.chooseSite(ctx, env, j, env.ID())
+		return site, node, err
 	}
 	if site, _, err := choose("", envelope.Resources{}); err != nil || site != "lab" {
 		t.Errorf("any site = %s, %v; want lab (the first by name whose policy passes)", site, err)
@@ -80,7 +81,7 @@ func registerNodesOn(t *testing.T, l *testenv.Ledger, site string, cpus int) {
 		t.Fatal(err)
 	}
 	k, _ := keys.Generate("node")
-	nc := ledger.NodeClient(l.URL, k)
+	nc := ledger.NodeClient(l.URL, k, nil)
 	n, err := nc.Register(ctx, ledger.RegisterRequest{Site: site, Token: tok.Secret, PublicKey: k.AuthorizedKey(), Capacity: ledger.Capacity{CPUs: cpus, MemoryMiB: 4096}})
 	if err != nil {
 		t.Fatal(err)

@@ -22,6 +22,7 @@ import (
 // MaxWait bounds GET /v1/jobs/{id}?wait=.
 const MaxWait = 5 * time.Minute
 
+
 // SubmitReply is the body of POST /v1/jobs.
 type SubmitReply struct {
 	ID     string `json:"id,omitempty"`
@@ -41,10 +42,15 @@ type ListReply struct {
 func (c *Coord) Handler() http.Handler {
 	r := httpapi.NewRouter(c.p.Log)
 	httpapi.Ops(r, c.p.Metrics, c.Ready)
-	r.Post("/v1/jobs", c.postJob)
-	r.Get("/v1/jobs", c.listJobs)
-	r.Get("/v1/jobs/{id}", c.getJob)
-	r.Get("/v1/jobs/{id}/events", c.jobEvents)
+	r.Group(func(r chi.Router) {
+		// Every call is signed by a user the ledger knows; each reads
+		// only the jobs it may (principal.mayRead).
+		r.Use(c.auth.middleware)
+		r.Post("/v1/jobs", c.postJob)
+		r.Get("/v1/jobs", c.listJobs)
+		r.Get("/v1/jobs/{id}", c.getJob)
+		r.Get("/v1/jobs/{id}/events", c.jobEvents)
+	})
 	return r
 }
 
@@ -53,14 +59,15 @@ func (c *Coord) reply(w http.ResponseWriter, status int, rep SubmitReply) {
 	httpapi.JSON(w, status, rep)
 }
 
-// refuse records a job coord itself refused (when it has an ID) and answers.
-func (c *Coord) refuse(w http.ResponseWriter, r *http.Request, id string, spec *envelope.Job, err error) {
+// refuse answers with a job coord itself refused. Only a job whose
+// signatures verified (users, the signers that counted) is recorded: a
+// stranger's envelopes leave nothing behind, and a copy with a bad
+// signature cannot make the real job look refused.
+func (c *Coord) refuse(w http.ResponseWriter, r *http.Request, id string, spec *envelope.Job, users []string, err error) {
 	v := job.Verdict{ID: id, State: job.VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
-	if id != "" {
-		rec := job.Record{ID: id, State: job.StateRejected, Reason: v.Reason, Error: v.Error, SubmittedAt: c.p.Now()}
-		if spec != nil {
-			rec.Name, rec.Site, rec.Node = spec.Name, spec.Site, spec.Node
-		}
+	if id != "" && len(users) > 0 && spec != nil {
+		rec := job.Record{ID: id, State: job.StateRejected, Reason: v.Reason, Error: v.Error, SubmittedAt: c.p.Now(), Users: users}
+		rec.Name, rec.Site, rec.Node = spec.Name, spec.Site, spec.Node
 		if _, err := c.p.Redis.CreateJobs(r.Context(), []queue.NewJobRecord{{Job: rec}}, c.p.Retention); err != nil {
 			c.p.Log.Warn("record rejected job", "job", id, "err", err)
 		}
@@ -79,7 +86,7 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		var he *httpapi.Error
 		if errors.As(err, &he) && he.Status == http.StatusRequestEntityTooLarge {
-			c.refuse(w, r, "", nil, envelope.Refuse(envelope.ReasonTooLarge, he.Msg))
+			c.refuse(w, r, "", nil, nil, envelope.Refuse(envelope.ReasonTooLarge, he.Msg))
 			return
 		}
 		httpapi.Fail(w, err)
@@ -87,21 +94,22 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 	}
 	env, err := envelope.Decode(body)
 	if err != nil {
-		c.refuse(w, r, "", nil, err)
+		c.refuse(w, r, "", nil, nil, err)
 		return
 	}
 	id := env.ID()
 	spec, err := env.Job()
 	if err != nil {
-		c.refuse(w, r, id, nil, err)
+		c.refuse(w, r, id, nil, nil, err)
 		return
 	}
 	site, place := spec.Site, ""
+	var users []string
 	if spec.AnySite {
 		// Choose the site here; the rest of the path treats the job as that
 		// site's (its supervisor checks the site's policy again).
-		if site, place, err = c.chooseSite(r.Context(), env, spec, id); err != nil {
-			c.refuse(w, r, id, spec, err)
+		if site, place, users, err = c.chooseSite(r.Context(), env, spec, id); err != nil {
+			c.refuse(w, r, id, spec, nil, err)
 			return
 		}
 	} else {
@@ -109,31 +117,39 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		// be refused by the supervisor and the runner too. A ledger coord
 		// cannot reach judges nothing: the job goes on, and the supervisor
 		// judges it (or it waits, pending).
-		_, err := verify.Envelope(r.Context(), c.p.Trust, env, spec, verify.Target{Site: site}, c.p.Now())
+		checked, err := verify.Envelope(r.Context(), c.p.Trust, env, spec, verify.Target{Site: site}, c.p.Now())
 		if verify.Retry(err) {
 			c.p.Log.Warn("job not verified by coord; the supervisor will", "job", id, "err", err)
 		} else if err != nil {
-			c.refuse(w, r, id, spec, err)
+			c.refuse(w, r, id, spec, nil, err)
 			return
+		} else {
+			users = checked.Signers
 		}
 	}
 	if _, ok, err := c.site(r.Context(), site); err != nil {
 		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "ledger unreachable: %v", err))
 		return
 	} else if !ok {
-		c.refuse(w, r, id, spec, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger"))
+		c.refuse(w, r, id, spec, users, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger"))
 		return
 	}
 	// Submit and wait: subscribe before the job can produce events, so
 	// none is missed and a new job needs no read before it ends.
 	var events <-chan job.Event
 	if wait > 0 {
+		release, err := c.auth.stream(principalOf(r.Context()))
+		if err != nil {
+			httpapi.Fail(w, err)
+			return
+		}
+		defer release()
 		ch, cancel := c.hub.subscribe(id)
 		defer cancel()
 		events = ch
 	}
 	sub := &submission{
-		rec:   queue.NewJobRecord{Job: job.Record{ID: id, Name: spec.Name, Site: site, Node: spec.Node, SubmittedAt: c.p.Now()}, Envelope: body},
+		rec:   queue.NewJobRecord{Job: job.Record{ID: id, Name: spec.Name, Site: site, Node: spec.Node, SubmittedAt: c.p.Now(), Users: users}, Envelope: body},
 		place: place,
 		done:  make(chan job.Verdict, 1),
 	}
@@ -146,7 +162,7 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 	if spec.Node == "" && !spec.AnySite && (spec.Resources != envelope.Resources{}) {
 		node, err := c.placer.place(r.Context(), site, id, spec.Resources)
 		if err != nil {
-			c.refuse(w, r, id, spec, envelope.Refuse(envelope.ReasonNoCapacity, err.Error()))
+			c.refuse(w, r, id, spec, users, envelope.Refuse(envelope.ReasonNoCapacity, err.Error()))
 			return
 		}
 		sub.place, sub.rec.Job.Node = node, node
@@ -200,7 +216,20 @@ func (c *Coord) getJob(w http.ResponseWriter, r *http.Request) {
 		httpapi.Fail(w, err)
 		return
 	}
-	j, err := c.waitJob(r.Context(), id, wait)
+	p := principalOf(r.Context())
+	j, err := c.p.Redis.GetJob(r.Context(), id)
+	if err == nil && !p.mayRead(j) {
+		err = queue.ErrNoJob // another's job is as unknown as a missing one
+	}
+	if err == nil && wait > 0 && !j.State.Terminal() {
+		release, serr := c.auth.stream(p)
+		if serr != nil {
+			httpapi.Fail(w, serr)
+			return
+		}
+		defer release()
+		j, err = c.waitJob(r.Context(), id, wait)
+	}
 	if err != nil {
 		failJob(w, id, err)
 		return
@@ -272,9 +301,19 @@ func seqAfter(a, b string) bool {
 func (c *Coord) jobEvents(w http.ResponseWriter, r *http.Request) {
 	id := chi.URLParam(r, "id")
 	ctx := r.Context()
+	p := principalOf(ctx)
+	release, err := c.auth.stream(p)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	defer release()
 	ch, cancel := c.hub.subscribe(id)
 	defer cancel()
 	j, err := c.p.Redis.GetJob(ctx, id)
+	if err == nil && !p.mayRead(j) {
+		err = queue.ErrNoJob
+	}
 	if err != nil {
 		failJob(w, id, err)
 		return
@@ -378,6 +417,8 @@ func (c *Coord) listJobs(w http.ResponseWriter, r *http.Request) {
 		}
 		f.Before = n
 	}
+	// Only what the caller may read.
+	f.Keep = principalOf(r.Context()).mayRead
 	jobs, next, err := c.p.Redis.ListJobs(r.Context(), f)
 	if err != nil {
 		httpapi.Fail(w, err)

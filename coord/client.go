@@ -13,8 +13,10 @@ import (
 	"strings"
 	"time"
 
+	"github.com/writ-fleet/writ/httpsig"
 	"github.com/writ-fleet/writ/internal/httpapi"
 	"github.com/writ-fleet/writ/job"
+	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/queue"
 )
 
@@ -24,6 +26,9 @@ type Client struct {
 	BaseURL string
 	// HTTP is the client to use; nil means http.DefaultClient.
 	HTTP *http.Client
+	// Key signs every request (RFC 9421): coord answers only users it
+	// knows, and shows each the jobs it may read.
+	Key *keys.Key
 }
 
 // RejectedError is a job coord or its supervisor refused.
@@ -47,6 +52,16 @@ func (c *Client) http() *http.Client {
 }
 
 func (c *Client) url(path string) string { return strings.TrimRight(c.BaseURL, "/") + path }
+
+// do signs req (whose body is body) with the client's key and sends it.
+func (c *Client) do(req *http.Request, body []byte) (*http.Response, error) {
+	if c.Key != nil {
+		if err := httpsig.Sign(req, body, c.Key.ID, c.Key.Private, time.Now()); err != nil {
+			return nil, err
+		}
+	}
+	return c.http().Do(req)
+}
 
 // Submit posts a signed envelope. A refusal is a *RejectedError carrying
 // the job ID (when the envelope had one) and the reason.
@@ -73,7 +88,7 @@ func (c *Client) submit(ctx context.Context, envelopeJSON []byte, wait time.Dura
 		return SubmitReply{}, nil, err
 	}
 	req.Header.Set("Content-Type", "application/json")
-	resp, err := c.http().Do(req)
+	resp, err := c.do(req, envelopeJSON)
 	if err != nil {
 		return SubmitReply{}, nil, fmt.Errorf("coord %s: %w", c.BaseURL, err)
 	}
@@ -140,7 +155,7 @@ func (c *Client) get(ctx context.Context, u string, out any) error {
 	if err != nil {
 		return err
 	}
-	resp, err := c.http().Do(req)
+	resp, err := c.do(req, nil)
 	if err != nil {
 		return fmt.Errorf("coord %s: %w", c.BaseURL, err)
 	}
@@ -163,8 +178,11 @@ func (c *Client) Watch(ctx context.Context, id string, fn func(job.Event) bool) 
 	lastID := ""
 	for attempt := 0; ; attempt++ {
 		ended, err := c.watchOnce(ctx, id, &lastID, fn)
-		if ended || ctx.Err() != nil {
+		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if ended {
+			return err // nil, or coord's refusal (an unknown job, a 401)
 		}
 		if attempt >= 5 {
 			return fmt.Errorf("watch job %s: %w", id, err)
@@ -182,7 +200,7 @@ func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn fu
 	if err != nil {
 		return false, err
 	}
-	resp, err := c.http().Do(req)
+	resp, err := c.do(req, nil)
 	if err != nil {
 		return false, err
 	}

@@ -67,7 +67,10 @@ type Params struct {
 	// Placement is the policy for jobs that state resources and pin no
 	// node: PlaceSpread (default) or PlaceBinpack.
 	Placement string
-	Now       func() time.Time // optional, time.Now
+	// StreamsPerUser bounds one user's open event streams and waits; zero
+	// means DefaultStreamsPerUser.
+	StreamsPerUser int
+	Now            func() time.Time // optional, time.Now
 }
 
 // Coord is the front door. Its background duties are the fields below the
@@ -76,6 +79,7 @@ type Coord struct {
 	p       Params
 	metrics *metrics
 	placer  *placer // placement and reservations (no goroutine)
+	auth    *auth   // who signs each request, and their open streams
 
 	hub       *hub       // wakes waiters when the follower applied an event
 	deliverer *deliverer // redelivers pending jobs
@@ -149,6 +153,7 @@ func New(p Params) (*Coord, error) {
 	p.Metrics.MustRegister(c.metrics.submitted, c.metrics.deliveries, c.metrics.applied, c.metrics.batchSize)
 	c.deliverer = &deliverer{p: delivererParams{redis: p.Redis, post: c.post, now: p.Now, log: p.Log}}
 	c.placer = newPlacer(p.Ledger, p.Placement, p.Now)
+	c.auth = newAuth(p.Ledger, p.Now, p.StreamsPerUser)
 	return c, nil
 }
 

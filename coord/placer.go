@@ -165,11 +165,11 @@ func (p *placer) release(id string) {
 // (its own Site first, as a preference), whose signing policy the job's
 // signatures satisfy and, when it states resources, where a node has room
 // (that node is returned too, and reserved). The error says why each site
-// was passed over.
-func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, spec *envelope.Job, id string) (site, node string, err error) {
+// was passed over. users are the signers that counted there.
+func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, spec *envelope.Job, id string) (site, node string, users []string, err error) {
 	sites, err := c.refreshSites(ctx)
 	if err != nil {
-		return "", "", fmt.Errorf("read sites from the ledger: %w", err)
+		return "", "", nil, fmt.Errorf("read sites from the ledger: %w", err)
 	}
 	names := make([]string, 0, len(sites))
 	for n := range sites {
@@ -184,16 +184,17 @@ func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, spec *en
 	var why []string
 	capacity := false
 	for _, name := range names {
-		if _, err := verify.Envelope(ctx, c.p.Trust, env, spec, verify.Target{Site: name}, c.p.Now()); err != nil {
+		checked, err := verify.Envelope(ctx, c.p.Trust, env, spec, verify.Target{Site: name}, c.p.Now())
+		if err != nil {
 			why = append(why, name+": "+err.Error())
 			continue
 		}
 		if (spec.Resources == envelope.Resources{}) {
-			return name, "", nil
+			return name, "", checked.Signers, nil
 		}
 		node, err := c.placer.place(ctx, name, id, spec.Resources)
 		if err == nil {
-			return name, node, nil
+			return name, node, checked.Signers, nil
 		}
 		capacity = true
 		why = append(why, name+": "+err.Error())
@@ -205,5 +206,5 @@ func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, spec *en
 	if len(names) == 0 {
 		why = append(why, "the ledger has no sites")
 	}
-	return "", "", envelope.Refuse(reason, "no site takes this job: "+strings.Join(why, "; "))
+	return "", "", nil, envelope.Refuse(reason, "no site takes this job: "+strings.Join(why, "; "))
 }

@@ -25,7 +25,7 @@ func registerNodes(t *testing.T, l *testenv.Ledger, cpus []int, report []bool) [
 	var ids []string
 	for i, c := range cpus {
 		k, _ := keys.Generate("node")
-		nc := ledger.NodeClient(l.URL, k)
+		nc := ledger.NodeClient(l.URL, k, nil)
 		n, err := nc.Register(ctx, ledger.RegisterRequest{Site: "lab", Token: tok.Secret, PublicKey: k.AuthorizedKey(), Capacity: ledger.Capacity{CPUs: c, MemoryMiB: 4096}})
 		if err != nil {
 			t.Fatal(err)

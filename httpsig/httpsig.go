@@ -220,6 +220,17 @@ func Sign(r *http.Request, body []byte, keyID string, priv ed25519.PrivateKey, n
 	return nil
 }
 
+// Bounds of what a signature may carry: a stranger's request is parsed
+// before anyone knows who sent it, and a nonce is kept until it expires.
+const (
+	MaxFieldBytes  = 4096 // Signature-Input and Signature, each, all values joined
+	MaxComponents  = 16
+	MaxKeyIDBytes  = 128
+	MaxNonceBytes  = 64
+	MaxAlgBytes    = 32
+	MaxSignatureSz = 512
+)
+
 // Parse reads the signature with the given label (or the only one, when
 // label is "") from r's Signature-Input and Signature fields.
 func Parse(r *http.Request, label string) (*Signed, error) {
@@ -227,6 +238,9 @@ func Parse(r *http.Request, label string) (*Signed, error) {
 	sigs := r.Header.Values("Signature")
 	if len(inputs) == 0 || len(sigs) == 0 {
 		return nil, errors.New("request is not signed (no Signature-Input / Signature fields)")
+	}
+	if fieldLen(inputs) > MaxFieldBytes || fieldLen(sigs) > MaxFieldBytes {
+		return nil, fmt.Errorf("signature fields are longer than %d bytes", MaxFieldBytes)
 	}
 	inMembers, err := parseDict(strings.Join(inputs, ", "))
 	if err != nil {
@@ -259,7 +273,27 @@ func Parse(r *http.Request, label string) (*Signed, error) {
 	if s.Sig, err = parseByteSeq(sv); err != nil {
 		return nil, fmt.Errorf("signature %q: %w", label, err)
 	}
+	switch {
+	case len(s.Components) > MaxComponents:
+		return nil, fmt.Errorf("signature covers %d components, more than %d", len(s.Components), MaxComponents)
+	case len(s.Params.KeyID) > MaxKeyIDBytes:
+		return nil, fmt.Errorf("keyid is longer than %d bytes", MaxKeyIDBytes)
+	case len(s.Params.Nonce) > MaxNonceBytes:
+		return nil, fmt.Errorf("nonce is longer than %d bytes", MaxNonceBytes)
+	case len(s.Params.Alg) > MaxAlgBytes:
+		return nil, fmt.Errorf("alg is longer than %d bytes", MaxAlgBytes)
+	case len(s.Sig) > MaxSignatureSz:
+		return nil, fmt.Errorf("signature is longer than %d bytes", MaxSignatureSz)
+	}
 	return s, nil
+}
+
+func fieldLen(vals []string) int {
+	n := 0
+	for _, v := range vals {
+		n += len(v) + 2
+	}
+	return n
 }
 
 // Verify checks s over r with pub. It does not check freshness or coverage;

@@ -5,7 +5,9 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 )
@@ -21,11 +23,26 @@ const DefaultMaxBody = 1 << 20
 // when the key is unknown or not allowed.
 type KeyFunc func(ctx context.Context, keyID string) (pub ed25519.PublicKey, principal string, err error)
 
+// NonceStore keeps used nonces, so a replay is refused by every process
+// sharing it (several ledgers on one database) and after a restart.
+type NonceStore interface {
+	// UseNonce records nonce until expires and reports whether it was
+	// new (or its earlier use had expired).
+	UseNonce(ctx context.Context, nonce string, now, expires time.Time) (bool, error)
+}
+
 // Verifier checks signed requests: signature, coverage of method, authority,
 // path, query and body digest, freshness, and nonce replay.
 type Verifier struct {
 	// Keys looks up signing keys. Required.
 	Keys KeyFunc
+	// Nonces keeps used nonces; nil keeps them in this process's memory
+	// (a restart forgets them).
+	Nonces NonceStore
+	// Authorities, when set, are the names (host, or host:port) requests
+	// must be addressed to: a request signed for another server is
+	// refused here.
+	Authorities []string
 	// MaxAge bounds clock difference; zero means DefaultMaxAge.
 	MaxAge time.Duration
 	// MaxBody bounds the request body; zero means DefaultMaxBody.
@@ -53,11 +70,72 @@ func (v *Verifier) now() time.Time {
 	return time.Now()
 }
 
-// Verify checks r and returns the signer's principal and key ID. The body is
-// read (bounded) and put back for the handler.
+// Verify checks r, records its nonce, and returns the signer's principal
+// and key ID. The body is read (bounded) and put back for the handler.
 func (v *Verifier) Verify(r *http.Request) (principal, keyID string, err error) {
-	fail := func(status int, format string, a ...any) (string, string, error) {
-		return "", "", &Error{Status: status, Msg: fmt.Sprintf(format, a...)}
+	c, err := v.Check(r)
+	if err != nil {
+		return "", "", err
+	}
+	if err := v.Commit(r.Context(), c); err != nil {
+		return "", "", err
+	}
+	return c.Principal, c.KeyID, nil
+}
+
+// Checked is a request whose signature verified; its nonce is not yet
+// recorded (Commit).
+type Checked struct {
+	Principal, KeyID string
+	nonce            string
+	now, expires     time.Time
+}
+
+// Commit records c's nonce; a nonce used before is a replay. Call it once
+// the request has passed every other check, so refused requests (a bad
+// token) leave nothing behind.
+func (v *Verifier) Commit(ctx context.Context, c *Checked) error {
+	if v.Nonces != nil {
+		ok, err := v.Nonces.UseNonce(ctx, c.nonce, c.now, c.expires)
+		if err != nil {
+			return &Error{Status: http.StatusServiceUnavailable, Msg: "record nonce: " + err.Error()}
+		}
+		if !ok {
+			return &Error{Status: http.StatusUnauthorized, Msg: "request replayed (nonce already used)"}
+		}
+		return nil
+	}
+	if !v.useNonce(c.nonce, c.now, c.expires) {
+		return &Error{Status: http.StatusUnauthorized, Msg: "request replayed (nonce already used)"}
+	}
+	return nil
+}
+
+// authority reports whether r is addressed to one of v's names.
+func (v *Verifier) authority(r *http.Request) bool {
+	if len(v.Authorities) == 0 {
+		return true
+	}
+	host := strings.ToLower(r.Host)
+	bare := host
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		bare = h
+	}
+	bare = strings.Trim(bare, "[]")
+	for _, a := range v.Authorities {
+		a = strings.ToLower(a)
+		if a == host || a == bare {
+			return true
+		}
+	}
+	return false
+}
+
+// Check verifies r's signature, coverage, body digest, freshness and
+// authority, without recording its nonce.
+func (v *Verifier) Check(r *http.Request) (*Checked, error) {
+	fail := func(status int, format string, a ...any) (*Checked, error) {
+		return nil, &Error{Status: status, Msg: fmt.Sprintf(format, a...)}
 	}
 	maxBody := v.MaxBody
 	if maxBody == 0 {
@@ -101,6 +179,9 @@ func (v *Verifier) Verify(r *http.Request) (principal, keyID string, err error) 
 	if s.Params.Nonce == "" {
 		return fail(http.StatusUnauthorized, "signature has no nonce")
 	}
+	if !v.authority(r) {
+		return fail(http.StatusUnauthorized, "request is addressed to %q, which is not this server (%s)", r.Host, strings.Join(v.Authorities, ", "))
+	}
 	pub, principal, err := v.Keys(r.Context(), s.Params.KeyID)
 	if err != nil {
 		return fail(http.StatusUnauthorized, "key %s: %v", s.Params.KeyID, err)
@@ -108,12 +189,9 @@ func (v *Verifier) Verify(r *http.Request) (principal, keyID string, err error) 
 	if err := s.Verify(r, pub); err != nil {
 		return fail(http.StatusUnauthorized, "%v", err)
 	}
-	// The nonce is recorded only after the signature verifies, so forged
-	// requests cannot fill the table.
-	if !v.useNonce(s.Params.KeyID+"/"+s.Params.Nonce, now, now.Add(2*maxAge)) {
-		return fail(http.StatusUnauthorized, "request replayed (nonce already used)")
-	}
-	return principal, s.Params.KeyID, nil
+	// The nonce is recorded (Commit) only after the signature verifies,
+	// so forged requests cannot fill the table.
+	return &Checked{Principal: principal, KeyID: s.Params.KeyID, nonce: s.Params.KeyID + "/" + s.Params.Nonce, now: now, expires: now.Add(2 * maxAge)}, nil
 }
 
 // useNonce records nonce until expiry and reports whether it was new.

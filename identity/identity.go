@@ -14,6 +14,7 @@ import (
 	"log/slog"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -50,6 +51,8 @@ type Config struct {
 	AllowTmpfs bool
 	// LedgerURL, Site and Token say where and how to register. Required.
 	LedgerURL, Site, Token string
+	// HTTP calls the ledger (TLS with the site CA); nil: a default client.
+	HTTP *http.Client
 	// Capacity is what the node offers; zero fields come from its facts.
 	Capacity ledger.Capacity
 	// Used reports what the node's workloads use now; optional.
@@ -109,7 +112,7 @@ func New(cfg Config) (*Agent, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	id := ledger.NodeID(k.Public)
-	a := &Agent{cfg: cfg, key: k, id: id, client: ledger.NodeClient(cfg.LedgerURL, k), log: log.With("node", id), bootID: bootID()}
+	a := &Agent{cfg: cfg, key: k, id: id, client: ledger.NodeClient(cfg.LedgerURL, k, cfg.HTTP), log: log.With("node", id), bootID: bootID()}
 	return a, nil
 }
 

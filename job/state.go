@@ -53,10 +53,14 @@ func StateOf(t EventType) State {
 
 // Record is coord's record of a job: its state and what its events told.
 type Record struct {
-	ID          string          `json:"id"`
-	Name        string          `json:"name"`
-	Site        string          `json:"site"`
-	Node        string          `json:"node,omitempty"`
+	ID   string `json:"id"`
+	Name string `json:"name"`
+	Site string `json:"site"`
+	Node string `json:"node,omitempty"`
+	// Users are the users whose signatures counted when coord verified
+	// the job: they may read it (and so may the site's viewers,
+	// deployers and admins).
+	Users       []string        `json:"users,omitempty"`
 	State       State           `json:"state"`
 	Reason      string          `json:"reason,omitempty"`
 	Error       string          `json:"error,omitempty"`

@@ -31,6 +31,9 @@ type Client struct {
 	KeyID string
 	// HTTP is the HTTP client; nil means one with a 10 s timeout.
 	HTTP *http.Client
+	// Verify checks trust snapshots' signatures; nil takes unsigned ones
+	// (a ledger on plain HTTP).
+	Verify *TrustVerifier
 }
 
 // APIError is a non-2xx answer from the ledger.
@@ -124,14 +127,21 @@ func (c *Client) Sites(ctx context.Context) ([]Site, error) {
 
 // Trust returns a site's trust snapshot, ready for Authorize.
 func (c *Client) Trust(ctx context.Context, site string) (*Trust, error) {
-	var t Trust
-	if err := c.do(ctx, http.MethodGet, "/v1/sites/"+url.PathEscape(site)+"/trust", nil, &t, false); err != nil {
+	var st SignedTrust
+	if err := c.do(ctx, http.MethodGet, "/v1/sites/"+url.PathEscape(site)+"/trust", nil, &st, false); err != nil {
 		return nil, err
 	}
-	if err := t.index(); err != nil {
-		return nil, err
+	t, err := c.Verify.Open(&st, site, time.Now())
+	if err != nil {
+		return nil, fmt.Errorf("ledger %s: %w", c.BaseURL, err)
 	}
-	return &t, nil
+	return t, nil
+}
+
+// KeyByID returns one key by its ID.
+func (c *Client) KeyByID(ctx context.Context, id string) (*Key, error) {
+	var k Key
+	return &k, c.do(ctx, http.MethodGet, "/v1/keys?id="+url.QueryEscape(id), nil, &k, false)
 }
 
 // User returns one user.

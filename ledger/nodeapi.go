@@ -128,9 +128,17 @@ func hashSecret(secret string) string {
 // token of the site. Registering again with the same key updates facts and
 // capacity; a key registered to one site never moves to another.
 func (s *Server) register(w http.ResponseWriter, r *http.Request) {
-	body, err := httpapi.ReadBody(r, maxNodeBody)
+	// Anyone can reach this: every attempt from a source counts against
+	// its rate, and nothing is kept before the token is good.
+	if !s.limits.allow(limitRegister, r) {
+		httpapi.Fail(w, tooMany("registration"))
+		return
+	}
+	// httpsig.ReadBody puts the body back, so the signature check below
+	// reads the same bytes and checks their digest before any is used.
+	body, err := httpsig.ReadBody(r, maxNodeBody)
 	if err != nil {
-		httpapi.Fail(w, err)
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusRequestEntityTooLarge, Reason: "too_large", Msg: err.Error()})
 		return
 	}
 	var req RegisterRequest
@@ -144,7 +152,8 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r = r.WithContext(context.WithValue(r.Context(), regKey{}, pub))
-	if _, _, err := s.nodeVerifier.Verify(r); err != nil {
+	checked, err := s.nodeVerifier.Check(r)
+	if err != nil {
 		httpapi.Fail(w, sigErr(err))
 		return
 	}
@@ -168,6 +177,12 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	}
 	if _, err := s.store.GetSite(ctx, req.Site); err != nil {
 		httpapi.Fail(w, storeErr(err))
+		return
+	}
+	// The token is good: now the nonce is kept (a replay of this very
+	// request is refused, by every ledger on the store).
+	if err := s.nodeVerifier.Commit(ctx, checked); err != nil {
+		httpapi.Fail(w, sigErr(err))
 		return
 	}
 	n := Node{ID: NodeID(pub), Site: req.Site, PublicKey: keys.FormatPublic(pub, comment), Facts: req.Facts, Capacity: req.Capacity, RegisteredAt: now}
@@ -195,8 +210,13 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 
 // uptime handles POST /v1/nodes/{id}/uptime, signed by the node.
 func (s *Server) uptime(w http.ResponseWriter, r *http.Request) {
+	if !s.limits.ok(limitNode, r) {
+		httpapi.Fail(w, tooMany("node request"))
+		return
+	}
 	_, keyID, err := s.nodeVerifier.Verify(r)
 	if err != nil {
+		s.limits.allow(limitNode, r) // failures count against the source
 		httpapi.Fail(w, sigErr(err))
 		return
 	}

@@ -2,6 +2,7 @@ package ledger
 
 import (
 	"context"
+	"net/http"
 	"net/url"
 
 	"github.com/writ-fleet/writ/keys"
@@ -9,8 +10,8 @@ import (
 
 // NodeClient returns a client that signs as the node of key k (keyid =
 // its node ID), for Register and ReportUptime.
-func NodeClient(baseURL string, k *keys.Key) *Client {
-	return &Client{BaseURL: baseURL, Key: k, KeyID: NodeID(k.Public)}
+func NodeClient(baseURL string, k *keys.Key, hc *http.Client) *Client {
+	return &Client{BaseURL: baseURL, Key: k, KeyID: NodeID(k.Public), HTTP: hc}
 }
 
 // Register registers the signing node (see the server's register).

@@ -39,7 +39,7 @@ func TestNodes_Registration(t *testing.T) {
 		}
 
 		nodeKey, _ := keys.Generate("node-1")
-		nc := ledger.NodeClient(f.url, nodeKey)
+		nc := ledger.NodeClient(f.url, nodeKey, nil)
 		req := ledger.RegisterRequest{Site: "local", Token: tok.Secret, PublicKey: nodeKey.AuthorizedKey(),
 			Facts: ledger.Facts{Hostname: "node-1", CPUs: 4, MemoryMiB: 8192}, Capacity: ledger.Capacity{CPUs: 4, MemoryMiB: 8192}}
 		clk.Add(1100 * time.Millisecond) // let shortTok expire
@@ -127,7 +127,7 @@ func TestNodes_UptimeAndLiveness(t *testing.T) {
 		}
 		tok, _ := f.client.CreateToken(ctx, "local", 0)
 		nodeKey, _ := keys.Generate("node-1")
-		nc := ledger.NodeClient(f.url, nodeKey)
+		nc := ledger.NodeClient(f.url, nodeKey, nil)
 		n, err := nc.Register(ctx, ledger.RegisterRequest{Site: "local", Token: tok.Secret, PublicKey: nodeKey.AuthorizedKey()})
 		if err != nil {
 			t.Fatal(err)
@@ -152,7 +152,7 @@ func TestNodes_UptimeAndLiveness(t *testing.T) {
 		}
 		// Another node may not report for this one.
 		otherKey, _ := keys.Generate("node-2")
-		if _, err := ledger.NodeClient(f.url, otherKey).ReportUptime(ctx, n.ID, ledger.Uptime{BootID: "x", At: clk.Now()}); err == nil || !strings.Contains(err.Error(), "HTTP 40") {
+		if _, err := ledger.NodeClient(f.url, otherKey, nil).ReportUptime(ctx, n.ID, ledger.Uptime{BootID: "x", At: clk.Now()}); err == nil || !strings.Contains(err.Error(), "HTTP 40") {
 			t.Errorf("report signed by another node = %v", err)
 		}
 		// Liveness follows the clock: online within 2 intervals, stale

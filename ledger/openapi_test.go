@@ -164,7 +164,7 @@ func TestOpenAPI_Validated(t *testing.T) {
 		_, err = admin.Tokens(ctx, "lab")
 		must("Tokens", err)
 		nk, _ := keys.Generate("n")
-		nc := ledger.NodeClient(f.url, nk)
+		nc := ledger.NodeClient(f.url, nk, nil)
 		nc.HTTP = hc
 		n, err := nc.Register(ctx, ledger.RegisterRequest{Site: "lab", Token: tok.Secret, PublicKey: nk.AuthorizedKey(), Capacity: ledger.Capacity{CPUs: 2, MemoryMiB: 2048}})
 		must("Register", err)

@@ -63,14 +63,54 @@ type Server struct {
 	nkeys        nodeKeys
 	now          func() time.Time
 	writes       *prometheus.CounterVec
+	trustSigner  *TrustSigner // nil: snapshots go out unsigned
+	limits       *limiters
 }
+
+// ServerOptions are a Server's hardening settings.
+type ServerOptions struct {
+	// Authorities are the names (host, or host:port) signed requests must
+	// be addressed to; none means any.
+	Authorities []string
+	// Nonces keeps the nonces of signed requests; nil keeps them in
+	// memory. A store (Store's UseNonce) shares them between ledger
+	// processes and keeps them across restarts.
+	Nonces httpsig.NonceStore
+	// RateLimits per source; nil means DefaultRateLimits, a Rate of 0
+	// turns one off.
+	RateLimits *[nLimits]RateLimit
+}
+
+// Harden applies opts. Call before Handler.
+func (s *Server) Harden(opts ServerOptions) {
+	for _, v := range []*httpsig.Verifier{s.verifier, s.nodeVerifier} {
+		v.Authorities = opts.Authorities
+		if opts.Nonces != nil {
+			v.Nonces = opts.Nonces
+		}
+	}
+	if opts.RateLimits != nil {
+		s.limits = newLimiters(*opts.RateLimits)
+	}
+}
+
+// SignTrust makes the server sign trust snapshots with signer (the
+// ledger's certificate key). Call before Handler.
+func (s *Server) SignTrust(signer *TrustSigner) { s.trustSigner = signer }
 
 // NewServer returns the API over store. now may be nil (time.Now).
 func NewServer(store Store, log *slog.Logger, reg *prometheus.Registry, now func() time.Time) *Server {
 	if now == nil {
 		now = time.Now
 	}
-	s := &Server{store: store, log: log, reg: reg, now: now}
+	s := &Server{store: store, log: log, reg: reg, now: now, limits: newLimiters(DefaultRateLimits)}
+	defer func() {
+		// A store that keeps nonces shares the replay guard between ledger
+		// processes and across restarts.
+		if ns, ok := store.(httpsig.NonceStore); ok {
+			s.verifier.Nonces, s.nodeVerifier.Nonces = ns, ns
+		}
+	}()
 	s.verifier = &httpsig.Verifier{Keys: s.adminKey, Now: now, MaxBody: maxAdminBody}
 	// Node signatures must be as fresh as uptime reports, which also keeps
 	// the nonce table (2×MaxAge of requests) small under a large fleet.
@@ -127,7 +167,7 @@ func (s *Server) Handler() http.Handler {
 		r.Post("/nodes/register", s.register)
 		r.Post("/nodes/{id}/uptime", s.uptime)
 		r.Group(func(r chi.Router) {
-			r.Use(s.verifier.Middleware)
+			r.Use(s.adminGate)
 			r.Post("/users", s.admin("create_user", s.createUser))
 			r.Post("/users/{name}/keys", s.admin("add_key", s.addKey))
 			r.Post("/users/{name}/roles", s.admin("set_role", s.setRole))
@@ -204,7 +244,12 @@ func (s *Server) getTrust(w http.ResponseWriter, r *http.Request) {
 	if t.Signers == nil {
 		t.Signers = []Signer{}
 	}
-	httpapi.JSON(w, http.StatusOK, t)
+	st, err := s.trustSigner.Sign(t)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	httpapi.JSON(w, http.StatusOK, st)
 }
 
 func (s *Server) getKey(w http.ResponseWriter, r *http.Request) {
@@ -418,4 +463,36 @@ func Init(ctx context.Context, store Store, adminName, adminKey string, site *Si
 		return store.PutSite(ctx, *site)
 	}
 	return nil
+}
+
+// adminGate verifies admin signatures; a source whose requests fail is
+// throttled (limitAdmin).
+func (s *Server) adminGate(next http.Handler) http.Handler {
+	verified := s.verifier.Middleware(next)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !s.limits.ok(limitAdmin, r) {
+			httpapi.Fail(w, tooMany("failed admin request"))
+			return
+		}
+		if _, err := httpsig.Parse(r, ""); err != nil {
+			s.limits.allow(limitAdmin, r)
+		}
+		rec := &statusRecorder{ResponseWriter: w}
+		verified.ServeHTTP(rec, r)
+		if rec.status == http.StatusUnauthorized {
+			s.limits.allow(limitAdmin, r)
+		}
+	})
+}
+
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	if r.status == 0 {
+		r.status = code
+	}
+	r.ResponseWriter.WriteHeader(code)
 }

@@ -36,6 +36,14 @@ func cursorKey(site string) string  { return "writ:coord:cursor:" + site }
 // the record already had, or "".
 var createJob = redis.NewScript(`
 local cur = redis.call('HGET', KEYS[1], 'state')
+local state
+for i = 4, #ARGV, 2 do if ARGV[i] == 'state' then state = ARGV[i+1] end end
+if cur == 'rejected' and state ~= 'rejected' then
+  -- A copy of the job was refused (a bad signature added, one removed);
+  -- this one passed: it replaces the refusal.
+  redis.call('DEL', KEYS[1])
+  cur = nil
+end
 for i = 4, #ARGV, 2 do redis.call('HSETNX', KEYS[1], ARGV[i], ARGV[i+1]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], 'NX', ARGV[1], ARGV[2])
@@ -108,6 +116,9 @@ func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention t
 				"submitted_at", j.SubmittedAt.UTC().Format(timeFieldLayer)}
 			if j.Reason != "" || j.Error != "" {
 				args = append(args, "reason", j.Reason, "error", j.Error)
+			}
+			if len(j.Users) > 0 {
+				args = append(args, "users", strings.Join(j.Users, ","))
 			}
 			cmds[i] = createJob.Run(ctx, pipe, []string{jobKey(j.ID), jobsIndex, siteIndex(j.Site)}, args...)
 			if j.State == job.StatePending {
@@ -240,6 +251,9 @@ func jobFromHash(m map[string]string) *job.Record {
 		j.SubmittedAt = *s
 	}
 	j.Attempts, _ = strconv.Atoi(m["attempts"])
+	if u := m["users"]; u != "" {
+		j.Users = strings.Split(u, ",")
+	}
 	if r := m["result"]; r != "" {
 		j.Result = json.RawMessage(r)
 	}
@@ -269,6 +283,9 @@ type ListFilter struct {
 	// Before pages backwards: only jobs submitted before this cursor (as
 	// returned in NextBefore); 0 means from the newest.
 	Before int64
+	// Keep, when set, selects the jobs to return (coord: those the caller
+	// may read); applied while scanning like State.
+	Keep func(*job.Record) bool `json:"-"`
 	Limit  int
 }
 
@@ -310,7 +327,7 @@ func (r *Redis) ListJobs(ctx context.Context, f ListFilter) ([]job.Record, int64
 				continue // expired record; the index entry goes with trimming
 			}
 			j := jobFromHash(m)
-			if f.State == "" || j.State == f.State {
+			if (f.State == "" || j.State == f.State) && (f.Keep == nil || f.Keep(j)) {
 				out = append(out, *j)
 			}
 			f.Before = int64(zs[i].Score)

@@ -86,6 +86,9 @@ func (r *Redis) Close() error { return r.rdb.Close() }
 // URL returns the URL this connection was made from, password redacted.
 func (r *Redis) URL() string { return redact(r.url) }
 
+// Redact returns a Redis URL with its password replaced by ***.
+func Redact(url string) string { return redact(url) }
+
 func redact(url string) string {
 	if i := strings.Index(url, "@"); i > 0 {
 		if j := strings.Index(url, "://"); j > 0 && j < i {

@@ -17,13 +17,27 @@ type eventServer struct {
 	redis *queue.Redis
 	site  string
 	log   *slog.Logger
+	// open bounds the streams served at once: each holds a blocking
+	// Redis read, and the pool is shared with submissions.
+	open chan struct{}
 }
+
+// maxStreams bounds the event streams a supervisor serves at once (coords
+// follow a site with one stream each).
+const maxStreams = 16
 
 // heartbeat is how often an idle stream sends a comment, so proxies and the
 // follower can tell a quiet stream from a dead one.
 const heartbeat = 5 * time.Second
 
 func (e *eventServer) serve(w http.ResponseWriter, r *http.Request) {
+	select {
+	case e.open <- struct{}{}:
+		defer func() { <-e.open }()
+	default:
+		http.Error(w, fmt.Sprintf("the supervisor serves %d event streams at once; close one", maxStreams), http.StatusTooManyRequests)
+		return
+	}
 	after := r.URL.Query().Get("after")
 	if after == "" {
 		after = "$"

@@ -25,6 +25,7 @@ import (
 	"runtime"
 	"time"
 
+	"github.com/go-chi/chi/v5"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
@@ -36,6 +37,9 @@ import (
 	"github.com/writ-fleet/writ/verify"
 )
 
+// DefaultCoordName is the certificate name of coord.
+const DefaultCoordName = "coord"
+
 // Params are a Supervisor's dependencies.
 type Params struct {
 	Site    string             // required: the site this supervisor serves
@@ -44,7 +48,11 @@ type Params struct {
 	Scripts *scripts.Engine    // required: validates scripts
 	Log     *slog.Logger       // required
 	Metrics *prometheus.Registry
-	Now     func() time.Time // optional, time.Now
+	// Coord names the services whose certificates may submit and read
+	// events (over TLS); nil means "coord". Over plain HTTP (loopback)
+	// nothing is checked.
+	Coord []string
+	Now   func() time.Time // optional, time.Now
 }
 
 // Supervisor serves one site.
@@ -71,7 +79,7 @@ func New(p Params) (*Supervisor, error) {
 		p.Metrics = prometheus.NewRegistry()
 	}
 	s := &Supervisor{p: p}
-	s.events = &eventServer{redis: p.Redis, site: p.Site, log: p.Log}
+	s.events = &eventServer{redis: p.Redis, site: p.Site, log: p.Log, open: make(chan struct{}, maxStreams)}
 	s.jobs = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "writ_supervisor_jobs_total", Help: "Jobs judged by the supervisor, by verdict and reason.",
 	}, []string{"site", "verdict", "reason"})
@@ -100,9 +108,19 @@ func New(p Params) (*Supervisor, error) {
 func (s *Supervisor) Handler() http.Handler {
 	r := httpapi.NewRouter(s.p.Log)
 	httpapi.Ops(r, s.p.Metrics, s.p.Redis.Ping)
-	r.Post("/v1/jobs", s.postJob)
-	r.Post("/v1/jobs/batch", s.postBatch)
-	r.Get("/v1/events", s.events.serve)
+	coord := s.p.Coord
+	if len(coord) == 0 {
+		coord = []string{DefaultCoordName}
+	}
+	r.Group(func(r chi.Router) {
+		// Only coord submits and reads the site's events: a stranger
+		// could place a job on a queue nobody reads, or read every job's
+		// results.
+		r.Use(httpapi.RequirePeer(coord...))
+		r.Post("/v1/jobs", s.postJob)
+		r.Post("/v1/jobs/batch", s.postBatch)
+		r.Get("/v1/events", s.events.serve)
+	})
 	return r
 }
 

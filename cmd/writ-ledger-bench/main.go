@@ -93,8 +93,7 @@ func run() error {
 	for i := range clients {
 		pub, priv, _ := ed25519.GenerateKey(nil)
 		k := &keys.Key{ID: ledger.NodeID(pub), Public: pub, Private: priv, Comment: fmt.Sprintf("node-%d", i)}
-		clients[i] = ledger.NodeClient(url, k)
-		clients[i].HTTP = hc
+		clients[i] = ledger.NodeClient(url, k, hc)
 		ids[i] = k.ID
 	}
 	fmt.Printf("keys: %d in %s\n", *nodes, time.Since(start).Round(time.Millisecond))

@@ -22,7 +22,14 @@ func (f *adminFlags) add(cmd *cobra.Command) {
 }
 
 func (f *adminFlags) client(signed bool) (*ledger.Client, error) {
-	c := &ledger.Client{BaseURL: f.ledger}
+	s, err := clientSec()
+	if err != nil {
+		return nil, err
+	}
+	if err := s.checkURL(f.ledger, "--ledger"); err != nil {
+		return nil, err
+	}
+	c := s.ledgerClient(f.ledger)
 	if signed {
 		k, err := loadKey(f.key)
 		if err != nil {
@@ -105,7 +112,10 @@ func userListCommand() *cobra.Command {
 
 // Run lists users.
 func (c *userListCmd) Run(ctx context.Context, _ []string) error {
-	cl, _ := c.client(false)
+	cl, err := c.client(false)
+	if err != nil {
+		return err
+	}
 	users, err := cl.Users(ctx)
 	if err != nil {
 		return err
@@ -228,7 +238,10 @@ func siteListCommand() *cobra.Command {
 
 // Run lists sites.
 func (c *siteListCmd) Run(ctx context.Context, _ []string) error {
-	cl, _ := c.client(false)
+	cl, err := c.client(false)
+	if err != nil {
+		return err
+	}
 	sites, err := cl.Sites(ctx)
 	if err != nil {
 		return err

@@ -15,6 +15,7 @@ import (
 
 type coordCmd struct {
 	listen, redis, ledger, placement string
+	tls                              serviceTLS
 	log                              *slog.Logger
 }
 
@@ -36,13 +37,21 @@ stateless apart from Redis: restart it, or run several behind a load balancer.`,
 	cmd.Flags().StringVar(&c.listen, "listen", defaultCoordAddr, "address to serve the coord API on")
 	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "coord's Redis, as redis://[:password@]host:port/db")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
+	c.tls.add(cmd)
 	cmd.Flags().StringVar(&c.placement, "placement", coord.PlaceSpread, "where jobs that state resources (--cpu/--memory) and pin no node go: spread (most free node) or binpack (fullest node that fits)")
 	return cmd
 }
 
 // Run serves coord until ctx ends.
 func (c *coordCmd) Run(ctx context.Context, _ []string) error {
-	ln, err := listen(c.listen, "--listen")
+	s, err := c.tls.load()
+	if err != nil {
+		return err
+	}
+	if err := s.checkURL(c.ledger, "--ledger"); err != nil {
+		return err
+	}
+	ln, err := s.listen(c.listen, "--listen")
 	if err != nil {
 		return err
 	}
@@ -51,12 +60,13 @@ func (c *coordCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runCoord(ctx, c.log, ln, rdb, c.ledger, c.placement)
+	return runCoord(ctx, c.log, ln, rdb, c.ledger, c.placement, s)
 }
 
-func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, placement string) error {
-	lc := &ledger.Client{BaseURL: ledgerURL}
-	co, err := coord.New(coord.Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log.With("svc", "coord"), Metrics: newRegistry(), Placement: placement})
+func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, placement string, s *sec) error {
+	lc := s.ledgerClient(ledgerURL)
+	co, err := coord.New(coord.Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log.With("svc", "coord"), Metrics: newRegistry(), Placement: placement,
+		HTTP: s.client(0)})
 	if err != nil {
 		return err
 	}

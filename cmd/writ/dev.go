@@ -21,8 +21,10 @@ import (
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/ledger/store/sqlite"
+	"github.com/writ-fleet/writ/pki"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/sal/storage"
+	"github.com/writ-fleet/writ/supervisor"
 )
 
 // devSite is the site `writ dev` runs.
@@ -37,6 +39,7 @@ type devCmd struct {
 	basePort                     int
 	concurrency                  int
 	exitAfterSample              bool
+	insecure                     bool
 	log                          *slog.Logger
 }
 
@@ -52,6 +55,11 @@ names one. A dev admin key is created in DIR/admin.key on first start. As
 root it also mounts a loop-backed btrfs storage pool (DIR/pool.img, sparse)
 at DIR/pool for the scripts' storage module, and manages networks (bridges,
 taps, nftables table "inet writ") for the net module, with state in DIR/net.
+
+Services talk HTTPS with certificates of a dev CA made in DIR/tls on first
+start (ca.crt there is $WRIT_CA), each under its own name, so the
+supervisor takes jobs from coord only; --insecure-http serves plain HTTP
+instead.
 
 When the fleet is ready, DIR/env holds the environment for client commands:
 
@@ -76,6 +84,7 @@ make guest puts the demo VM guest there). BASE defaults to 7700.`,
 	c.vm.add(cmd, "")
 	cmd.Flags().StringArrayVar(&c.args, "arg", nil, "argument for --sample, KEY=VALUE (repeatable; default who=writ dev)")
 	cmd.Flags().StringVar(&c.sample, "sample", "", "when ready, run this script as a signed job and print its result")
+	cmd.Flags().BoolVar(&c.insecure, "insecure-http", false, "serve plain HTTP without TLS or service identities (loopback only)")
 	cmd.Flags().BoolVar(&c.exitAfterSample, "exit-after-sample", false, "stop the fleet after --sample ran (exit status is the job's)")
 	return cmd
 }
@@ -115,6 +124,14 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		for _, l := range lns {
 			l.Close()
 		}
+	}
+	secs, caPath, err := c.devTLS(filepath.Join(dir, "tls"))
+	if err != nil {
+		closeListeners()
+		return err
+	}
+	for _, name := range []string{"ledger", "coord", "supervisor", "runner"} {
+		lns[name] = secs[name].wrap(lns[name])
 	}
 
 	keyPath := filepath.Join(dir, "admin.key")
@@ -165,7 +182,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer store.Close()
-	site := ledger.Site{Name: devSite, SupervisorURL: httpURL(supAddr), Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}
+	site := ledger.Site{Name: devSite, SupervisorURL: secs["supervisor"].url(supAddr), Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}
 	if users, err := store.ListUsers(ctx); err != nil {
 		return err
 	} else if len(users) == 0 {
@@ -218,10 +235,13 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	}
 
 	g, gctx := errgroup.WithContext(ctx)
-	ledgerURL := httpURL(ledgerAddr)
-	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store) })
-	g.Go(func() error { return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0) })
-	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL, "") })
+	ledgerURL := secs["ledger"].url(ledgerAddr)
+	coordURL := secs["coord"].url(coordAddr)
+	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store, secs["ledger"], nil) })
+	g.Go(func() error {
+		return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0, secs["supervisor"], nil)
+	})
+	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL, "", secs["coord"]) })
 	// DIR/files over HTTP: images for the storage and vm modules (make guest
 	// puts the demo guest there).
 	filesDir := filepath.Join(dir, "files")
@@ -230,17 +250,20 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	}
 	g.Go(func() error { return serve(gctx, lns["files"], http.FileServer(http.Dir(filesDir))) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host, vms: vms})
+		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{sec: secs["runner"], ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host, vms: vms})
 	})
 
 	envFile := filepath.Join(dir, "env")
 	env := fmt.Sprintf("export %s=%s\nexport %s=%s\nexport %s=%s\nexport %s=%s\n",
-		envCoord, httpURL(coordAddr), envKey, keyPath, envSite, devSite, envLedger, ledgerURL)
+		envCoord, coordURL, envKey, keyPath, envSite, devSite, envLedger, ledgerURL)
+	if caPath != "" {
+		env += fmt.Sprintf("export %s=%s\n", envCA, caPath)
+	}
 	if err := os.WriteFile(envFile, []byte(env), 0o644); err != nil {
 		return err
 	}
 	g.Go(func() error {
-		if err := waitHTTP(gctx, httpURL(coordAddr)+"/readyz"); err != nil {
+		if err := waitHTTP(gctx, secs["coord"].client(2*time.Second), coordURL+"/readyz"); err != nil {
 			return nil
 		}
 		fmt.Fprintf(os.Stderr, `
@@ -250,15 +273,15 @@ writ dev fleet is up (site %q, node %q)
   supervisor  %s
   redis       %s
   files       %s (serves %s)
-Submit a job from another shell:
+%sSubmit a job from another shell:
   . %s && %s run scripts/lib/hello.tengo --arg who=you
 Stop with Ctrl-C.
 
-`, devSite, defaultNodeID(), httpURL(coordAddr), ledgerURL, httpURL(supAddr), redisURL, httpURL(filesAddr), filesDir, envFile, selfPath())
+`, devSite, defaultNodeID(), coordURL, ledgerURL, secs["supervisor"].url(supAddr), queue.Redact(redisURL), httpURL(filesAddr), filesDir, envBanner(env), envFile, selfPath())
 		if c.sample == "" {
 			return nil
 		}
-		r := &runCmd{coord: httpURL(coordAddr)}
+		r := &runCmd{coord: coordURL, sec: &sec{cfg: secs["runner"].cfg}}
 		r.key, r.site, r.timeout, r.valid, r.maxRetries = keyPath, devSite, time.Minute, time.Hour, 3
 		r.args = c.args
 		if len(r.args) == 0 {
@@ -311,10 +334,10 @@ func ctxTimeout(ctx context.Context, d time.Duration) context.Context {
 }
 
 // waitHTTP polls url until it answers 200 or ctx ends.
-func waitHTTP(ctx context.Context, url string) error {
+func waitHTTP(ctx context.Context, hc *http.Client, url string) error {
 	for {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		if resp, err := http.DefaultClient.Do(req); err == nil {
+		if resp, err := hc.Do(req); err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
 				return nil
@@ -336,4 +359,49 @@ func freePort() (int, error) {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// devTLS returns each dev service's sec: certificates of the dev CA in dir
+// (made on first start; service certificates issued afresh every start),
+// or plain HTTP with --insecure-http. It returns the CA file too.
+func (c *devCmd) devTLS(dir string) (map[string]*sec, string, error) {
+	names := []string{"ledger", "coord", "supervisor", "runner"}
+	secs := map[string]*sec{}
+	if c.insecure {
+		for _, n := range names {
+			secs[n] = &sec{}
+		}
+		return secs, "", nil
+	}
+	ca, err := pki.LoadCA(dir)
+	if err != nil {
+		if ca, err = pki.InitCA(dir, "writ-dev-ca"); err != nil {
+			return nil, "", fmt.Errorf("dev CA: %w", err)
+		}
+	}
+	caPath := filepath.Join(dir, pki.CACertFile)
+	certName := map[string]string{"ledger": ledger.DefaultLedgerName, "coord": supervisor.DefaultCoordName, "supervisor": "supervisor-" + devSite, "runner": "runner-" + devSite}
+	for _, n := range names {
+		cert, key := filepath.Join(dir, n+".crt"), filepath.Join(dir, n+".key")
+		req := pki.Request{Name: certName[n], DNS: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}}
+		if err := ca.IssueFiles(req, cert, key); err != nil {
+			return nil, "", err
+		}
+		cfg := &pki.Config{CA: caPath, Cert: cert, Key: key}
+		if err := cfg.Load(); err != nil {
+			return nil, "", err
+		}
+		secs[n] = &sec{cfg: cfg}
+	}
+	return secs, caPath, nil
+}
+
+// envBanner is the environment, indented for the banner.
+func envBanner(env string) string {
+	var b strings.Builder
+	b.WriteString("Environment for client commands (also in the env file):\n")
+	for _, l := range strings.Split(strings.TrimSpace(env), "\n") {
+		b.WriteString("  " + l + "\n")
+	}
+	return b.String()
 }

@@ -102,6 +102,7 @@ func (c *imageBuildCmd) Run(ctx context.Context, _ []string) error {
 
 type imageServeCmd struct {
 	dir, listen string
+	tls         serviceTLS
 	log         *slog.Logger
 }
 
@@ -122,6 +123,8 @@ overrides the script for that machine. Every request is logged.`,
 	}
 	cmd.Flags().StringVar(&c.dir, "dir", "image", "the image directory")
 	cmd.Flags().StringVar(&c.listen, "listen", ":7780", "address to serve on")
+	cmd.Flags().StringVar(&c.tls.cert, "tls-cert", os.Getenv(envTLSCert), "serve HTTPS with this certificate (writ ca issue), for firmware that trusts the site CA")
+	cmd.Flags().StringVar(&c.tls.key, "tls-key", os.Getenv(envTLSKey), "the certificate's key")
 	return cmd
 }
 
@@ -130,10 +133,21 @@ func (c *imageServeCmd) Run(ctx context.Context, _ []string) error {
 	if _, err := os.Stat(filepath.Join(c.dir, efi.IPXEFile)); err != nil {
 		return fmt.Errorf("%s: %w (build it with writ image build --out %s)", c.dir, err, c.dir)
 	}
+	// Netboot firmware (iPXE as shipped) speaks plain HTTP to a server it
+	// cannot authenticate, so plain HTTP stays the default here, on any
+	// address; with --tls-cert it serves HTTPS.
+	s := &sec{}
+	if c.tls.cert != "" {
+		var err error
+		if s, err = c.tls.load(); err != nil {
+			return err
+		}
+	}
 	ln, err := listen(c.listen, "--listen")
 	if err != nil {
 		return err
 	}
-	c.log.Info("serving the node image", "dir", c.dir, "addr", ln.Addr().String())
+	ln = s.wrap(ln)
+	c.log.Info("serving the node image", "dir", c.dir, "addr", ln.Addr().String(), "tls", s.tls())
 	return serve(ctx, ln, &efi.Server{Dir: c.dir, Log: c.log.With("svc", "image")})
 }

@@ -135,6 +135,36 @@ func coordFlag(cmd *cobra.Command, dst *string) {
 	cmd.Flags().StringVar(dst, "coord", envOr(envCoord, httpURL(defaultCoordAddr)), "coord URL (default $WRIT_COORD)")
 }
 
+// coordFlags are what a command reading from coord needs: its address and
+// the key that signs the requests (coord shows a user the jobs it may
+// read).
+type coordFlags struct{ coord, key string }
+
+func (f *coordFlags) add(cmd *cobra.Command) {
+	coordFlag(cmd, &f.coord)
+	cmd.Flags().StringVar(&f.key, "key", "", "signing key that authenticates the requests (default $WRIT_KEY)")
+}
+
+func (f *coordFlags) client() (*coord.Client, error) { return newCoordClient(f.coord, f.key, nil) }
+
+// newCoordClient is a coord client over TLS with the CA of --ca (or s),
+// signing its requests with the key at keyPath.
+func newCoordClient(url, keyPath string, s *sec) (*coord.Client, error) {
+	k, err := loadKey(keyPath)
+	if err != nil {
+		return nil, err
+	}
+	if s == nil {
+		if s, err = clientSec(); err != nil {
+			return nil, err
+		}
+	}
+	if err := s.checkURL(url, "--coord"); err != nil {
+		return nil, err
+	}
+	return &coord.Client{BaseURL: url, Key: k, HTTP: s.client(0)}, nil
+}
+
 func jobCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "job",
@@ -228,7 +258,7 @@ func (c *jobCosignCmd) Run(_ context.Context, args []string) error {
 	return writeEnvelope(out, env)
 }
 
-type jobSubmitCmd struct{ coord string }
+type jobSubmitCmd struct{ coordFlags }
 
 func jobSubmitCommand() *cobra.Command {
 	c := &jobSubmitCmd{}
@@ -238,7 +268,7 @@ func jobSubmitCommand() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
-	coordFlag(cmd, &c.coord)
+	c.coordFlags.add(cmd)
 	return cmd
 }
 
@@ -254,14 +284,18 @@ func (c *jobSubmitCmd) Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	rep, err := (&coord.Client{BaseURL: c.coord}).Submit(ctx, data)
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	rep, err := cl.Submit(ctx, data)
 	printJSON(rep)
 	return err
 }
 
 type jobGetCmd struct {
-	coord string
-	wait  time.Duration
+	coordFlags
+	wait time.Duration
 }
 
 func jobGetCommand() *cobra.Command {
@@ -272,14 +306,18 @@ func jobGetCommand() *cobra.Command {
 		Args:  cobra.ExactArgs(1),
 		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
-	coordFlag(cmd, &c.coord)
+	c.coordFlags.add(cmd)
 	cmd.Flags().DurationVar(&c.wait, "wait", 0, "wait up to this long for the job to end")
 	return cmd
 }
 
 // Run prints the job.
 func (c *jobGetCmd) Run(ctx context.Context, args []string) error {
-	j, err := (&coord.Client{BaseURL: c.coord}).Job(ctx, args[0], c.wait)
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	j, err := cl.Job(ctx, args[0], c.wait)
 	if err != nil {
 		return err
 	}
@@ -288,9 +326,10 @@ func (c *jobGetCmd) Run(ctx context.Context, args []string) error {
 }
 
 type jobListCmd struct {
-	coord, site, state string
-	limit              int
-	json               bool
+	coordFlags
+	site, state string
+	limit       int
+	json        bool
 }
 
 func jobListCommand() *cobra.Command {
@@ -301,7 +340,7 @@ func jobListCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
-	coordFlag(cmd, &c.coord)
+	c.coordFlags.add(cmd)
 	cmd.Flags().StringVar(&c.site, "site", "", "only jobs of this site")
 	cmd.Flags().StringVar(&c.state, "state", "", "only jobs in this state (pending, queued, running, retrying, succeeded, failed, rejected)")
 	cmd.Flags().IntVar(&c.limit, "limit", 20, "how many jobs")
@@ -311,7 +350,11 @@ func jobListCommand() *cobra.Command {
 
 // Run lists jobs.
 func (c *jobListCmd) Run(ctx context.Context, _ []string) error {
-	rep, err := (&coord.Client{BaseURL: c.coord}).Jobs(ctx, queue.ListFilter{Site: c.site, State: job.State(c.state), Limit: c.limit})
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	rep, err := cl.Jobs(ctx, queue.ListFilter{Site: c.site, State: job.State(c.state), Limit: c.limit})
 	if err != nil {
 		return err
 	}
@@ -327,7 +370,7 @@ func (c *jobListCmd) Run(ctx context.Context, _ []string) error {
 	return tw.Flush()
 }
 
-type jobWatchCmd struct{ coord string }
+type jobWatchCmd struct{ coordFlags }
 
 func jobWatchCommand() *cobra.Command {
 	c := &jobWatchCmd{}
@@ -340,13 +383,17 @@ exit status is 0 if the job succeeded and 1 otherwise.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
-	coordFlag(cmd, &c.coord)
+	c.coordFlags.add(cmd)
 	return cmd
 }
 
 // Run watches the job.
 func (c *jobWatchCmd) Run(ctx context.Context, args []string) error {
-	return watch(ctx, &coord.Client{BaseURL: c.coord}, args[0])
+	cl, err := c.client()
+	if err != nil {
+		return err
+	}
+	return watch(ctx, cl, args[0])
 }
 
 // watch prints a job's events to stderr and its result to stdout, and

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -77,7 +78,9 @@ func (c *ledgerInitCmd) Run(ctx context.Context, _ []string) error {
 }
 
 type ledgerServeCmd struct {
-	db, listen string
+	db, listen  string
+	authorities []string
+	tls         serviceTLS
 	log        *slog.Logger
 }
 
@@ -97,6 +100,8 @@ RFC 9421 HTTP Message Signatures by an admin's key.`,
 	}
 	cmd.Flags().StringVar(&c.db, "db", "ledger.db", "the ledger's store: a SQLite file, or postgres://… (create it with `writ ledger init`)")
 	cmd.Flags().StringVar(&c.listen, "listen", defaultLedgerAddr, "address to serve the ledger API on")
+	c.tls.add(cmd)
+	cmd.Flags().StringSliceVar(&c.authorities, "authority", nil, "names (host or host:port) signed requests must be addressed to (default: the certificate's DNS names and IP addresses)")
 	return cmd
 }
 
@@ -107,21 +112,41 @@ func (c *ledgerServeCmd) Run(ctx context.Context, _ []string) error {
 			return fmt.Errorf("ledger store %s: %w (create it with `writ ledger init`)", c.db, err)
 		}
 	}
+	s, err := c.tls.load()
+	if err != nil {
+		return err
+	}
 	store, err := openStore(ctx, c.db)
 	if err != nil {
 		return err
 	}
 	defer store.Close()
-	ln, err := listen(c.listen, "--listen")
+	ln, err := s.listen(c.listen, "--listen")
 	if err != nil {
 		return err
 	}
-	return runLedger(ctx, c.log, ln, store)
+	return runLedger(ctx, c.log, ln, store, s, c.authorities)
 }
 
-func runLedger(ctx context.Context, log *slog.Logger, ln net.Listener, store ledger.Store) error {
+func runLedger(ctx context.Context, log *slog.Logger, ln net.Listener, store ledger.Store, s *sec, authorities []string) error {
 	srv := ledger.NewServer(store, log.With("svc", "ledger"), newRegistry(), nil)
-	log.Info("ledger listening", "addr", ln.Addr().String())
+	if s.tls() {
+		cert := s.cfg.Certificate()
+		if len(authorities) == 0 {
+			// Signed requests must name this server: a request signed for
+			// another ledger is refused here.
+			authorities = append(authorities, cert.Leaf.DNSNames...)
+			for _, ip := range cert.Leaf.IPAddresses {
+				authorities = append(authorities, ip.String())
+			}
+		}
+		if s.name() != ledger.DefaultLedgerName {
+			log.Warn("the ledger's certificate is not named "+ledger.DefaultLedgerName+": verifiers will refuse its trust snapshots", "name", s.name())
+		}
+		srv.SignTrust(&ledger.TrustSigner{Key: cert.PrivateKey.(crypto.Signer), Cert: cert.Certificate[0]})
+	}
+	srv.Harden(ledger.ServerOptions{Authorities: authorities})
+	log.Info("ledger listening", "addr", ln.Addr().String(), "tls", s.tls(), "authorities", authorities)
 	return serve(ctx, ln, srv.Handler())
 }
 

@@ -87,6 +87,7 @@ URL), WRIT_KEY (signing key file), WRIT_SITE (default site) and WRIT_LEDGER
 		Version:       version,
 	}
 	root.PersistentFlags().String("log-level", "info", "log level of services: debug, info, warn or error")
+	root.PersistentFlags().StringVar(&caFile, "ca", os.Getenv(envCA), "the site CA's certificate (PEM): servers are verified against it, and services verify clients' certificates (default $WRIT_CA)")
 	root.AddCommand(
 		ledgerCommand(),
 		coordCommand(),
@@ -102,6 +103,7 @@ URL), WRIT_KEY (signing key file), WRIT_SITE (default site) and WRIT_LEDGER
 		initCommand(),
 		userCommand(),
 		siteCommand(),
+		caCommand(),
 	)
 	return root
 }

@@ -30,6 +30,7 @@ type nodeCmd struct {
 	memory, scriptMemory                         string
 	interval, trustTTL                           time.Duration
 	status                                       io.Writer // the status line; stderr by default
+	tls                                          serviceTLS
 	pool                                         poolFlags
 	net                                          netFlags
 	vm                                           vmFlags
@@ -72,6 +73,7 @@ like writ runner. writ node ls and writ node info show the registered nodes.`,
 	fl.DurationVar(&c.interval, "uptime-interval", 0, "report uptime this often (default: the site's interval)")
 	trustTTLFlag(cmd, &c.trustTTL)
 	scriptMemoryFlag(cmd, &c.scriptMemory)
+	c.tls.add(cmd)
 	c.pool.add(cmd)
 	c.net.add(cmd, "")
 	c.vm.add(cmd, "")
@@ -88,6 +90,13 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return err
 	}
+	s, err := c.tls.load()
+	if err != nil {
+		return err
+	}
+	if err := s.checkURL(c.ledger, "--ledger"); err != nil {
+		return err
+	}
 	if c.net.state == "" {
 		c.net.state = filepath.Join(c.stateDir, "net")
 	}
@@ -102,7 +111,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	}
 	defer closeLayers()
 	agent, err := identity.New(identity.Config{
-		StateDir: c.stateDir, AllowTmpfs: c.allowTmpfs, LedgerURL: c.ledger, Site: c.site, Token: c.token,
+		StateDir: c.stateDir, AllowTmpfs: c.allowTmpfs, LedgerURL: c.ledger, HTTP: s.client(10 * time.Second), Site: c.site, Token: c.token,
 		Capacity: ledger.Capacity{CPUs: c.cpus, MemoryMiB: memBytes >> 20}, Version: version, Interval: c.interval,
 		Used:   func() ledger.Capacity { return vmUse(ctx, vms) },
 		Log:    c.log.With("svc", "identity"),
@@ -113,7 +122,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	}
 	var ln net.Listener
 	if c.listen != "" {
-		if ln, err = listen(c.listen, "--listen"); err != nil {
+		if ln, err = s.listen(c.listen, "--listen"); err != nil {
 			return err
 		}
 	}
@@ -125,7 +134,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return agent.Run(gctx) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: agent.ID(),
+		return runRunner(gctx, c.log, ln, rdb, runnerParams{sec: s, ledgerURL: c.ledger, site: c.site, node: agent.ID(),
 			concurrency: c.concurrency, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 	})
 	return g.Wait()

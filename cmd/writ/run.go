@@ -16,6 +16,7 @@ import (
 type runCmd struct {
 	signFlags
 	coord string
+	sec   *sec // nil: the CA of --ca
 }
 
 func runCommand() *cobra.Command {
@@ -43,7 +44,10 @@ func (c *runCmd) Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	cl := &coord.Client{BaseURL: c.coord}
+	cl, err := newCoordClient(c.coord, c.key, c.sec)
+	if err != nil {
+		return err
+	}
 	id, err := submit(ctx, cl, env)
 	if err != nil {
 		return err

@@ -36,6 +36,7 @@ type runnerCmd struct {
 	vm                                vmFlags
 	poll, trustTTL                    time.Duration
 	scriptMemory                      string
+	tls                               serviceTLS
 	log                               *slog.Logger
 }
 
@@ -71,6 +72,7 @@ its owner's volumes, networks and VMs; a site admin's sees all.`,
 	cmd.Flags().IntVar(&c.dequeuers, "dequeuers", queue.DefaultDequeuers, "parallel loops taking jobs from Redis (each polls when idle)")
 	trustTTLFlag(cmd, &c.trustTTL)
 	scriptMemoryFlag(cmd, &c.scriptMemory)
+	c.tls.add(cmd)
 	c.pool.add(cmd)
 	c.net.add(cmd, "/var/lib/writ/net")
 	c.vm.add(cmd, "/var/lib/writ/vms")
@@ -88,10 +90,16 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 	if c.concurrency < 1 {
 		return errors.New("--concurrency must be at least 1")
 	}
+	s, err := c.tls.load()
+	if err != nil {
+		return err
+	}
+	if err := s.checkURL(c.ledger, "--ledger"); err != nil {
+		return err
+	}
 	var ln net.Listener
 	if c.listen != "" {
-		var err error
-		if ln, err = listen(c.listen, "--listen"); err != nil {
+		if ln, err = s.listen(c.listen, "--listen"); err != nil {
 			return err
 		}
 	}
@@ -105,11 +113,12 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer closeLayers()
-	return runRunner(ctx, c.log, ln, rdb, runnerParams{ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
+	return runRunner(ctx, c.log, ln, rdb, runnerParams{sec: s, ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 }
 
 // runnerParams are the runner's settings from flags.
 type runnerParams struct {
+	sec                    *sec
 	ledgerURL, site, node  string
 	concurrency, dequeuers int
 	poll, trustTTL         time.Duration
@@ -164,7 +173,7 @@ func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queu
 	defer sandbox.Close()
 	run, err := runner.New(runner.Params{
 		Site: p.site, Node: p.node, Redis: rdb,
-		Trust:        &ledger.TrustCache{Client: &ledger.Client{BaseURL: p.ledgerURL}, TTL: p.trustTTL},
+		Trust:        &ledger.TrustCache{Client: p.sec.ledgerClient(p.ledgerURL), TTL: p.trustTTL},
 		Scripts:      sandbox,
 		Log:          log.With("svc", "runner", "site", p.site, "node", p.node),
 		Metrics:      newRegistry(),

@@ -18,7 +18,9 @@ import (
 
 type supervisorCmd struct {
 	site, listen, redis, ledger string
+	coordNames                  []string
 	trustTTL                    time.Duration
+	tls                         serviceTLS
 	log                         *slog.Logger
 }
 
@@ -42,6 +44,8 @@ also serves the site's job events to coord (GET /v1/events).`,
 	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "the site's Redis")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
 	trustTTLFlag(cmd, &c.trustTTL)
+	c.tls.add(cmd)
+	cmd.Flags().StringSliceVar(&c.coordNames, "coord-name", []string{supervisor.DefaultCoordName}, "certificate names of the coords that may submit jobs and read events (over TLS)")
 	return cmd
 }
 
@@ -50,7 +54,14 @@ func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
 	if !envelope.ValidSite(c.site) {
 		return fmt.Errorf("--site %q is missing or not a valid site name", c.site)
 	}
-	ln, err := listen(c.listen, "--listen")
+	s, err := c.tls.load()
+	if err != nil {
+		return err
+	}
+	if err := s.checkURL(c.ledger, "--ledger"); err != nil {
+		return err
+	}
+	ln, err := s.listen(c.listen, "--listen")
 	if err != nil {
 		return err
 	}
@@ -59,13 +70,14 @@ func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runSupervisor(ctx, c.log, ln, rdb, c.ledger, c.site, c.trustTTL)
+	return runSupervisor(ctx, c.log, ln, rdb, c.ledger, c.site, c.trustTTL, s, c.coordNames)
 }
 
-func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site string, trustTTL time.Duration) error {
+func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site string, trustTTL time.Duration, s *sec, coordNames []string) error {
 	sup, err := supervisor.New(supervisor.Params{
 		Site:    site,
-		Trust:   &ledger.TrustCache{Client: &ledger.Client{BaseURL: ledgerURL}, TTL: trustTTL},
+		Coord:   coordNames,
+		Trust:   &ledger.TrustCache{Client: s.ledgerClient(ledgerURL), TTL: trustTTL},
 		Redis:   rdb,
 		Scripts: scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})),
 		Log:     log.With("svc", "supervisor", "site", site),

@@ -11,7 +11,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/scripts"
 )
@@ -160,7 +159,10 @@ func (c *vmCmd) runOn(ctx context.Context, name, script string) (job.Event, erro
 	if err != nil {
 		return job.Event{}, err
 	}
-	cl := &coord.Client{BaseURL: c.coord}
+	cl, err := newCoordClient(c.coord, c.key, nil)
+	if err != nil {
+		return job.Event{}, err
+	}
 	id, err := submit(ctx, cl, env)
 	if err != nil {
 		return job.Event{}, err

@@ -14,12 +14,16 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/go-chi/chi/v5"
 	"github.com/go-chi/chi/v5/middleware"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/writ-fleet/writ/pki"
 )
 
 // ErrorBody is the JSON body of every error reply.
@@ -82,9 +86,41 @@ func DecodeJSON(body []byte, v any) error {
 	return nil
 }
 
+// RequirePeer lets a request through only from a client that showed a
+// certificate of the site CA, with one of names as its holder when names
+// are given; others get 403. A plain-HTTP request (no TLS) passes: writ
+// serves plain HTTP only on loopback, when told to (--insecure-http).
+func RequirePeer(names ...string) func(http.Handler) http.Handler {
+	return func(next http.Handler) http.Handler {
+		return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.TLS != nil {
+				peer := pki.PeerName(r)
+				if peer == "" {
+					JSON(w, http.StatusUnauthorized, ErrorBody{Error: "this endpoint needs a client certificate of the site CA", Reason: "unauthenticated"})
+					return
+				}
+				if len(names) > 0 && !slices.Contains(names, peer) {
+					JSON(w, http.StatusForbidden, ErrorBody{Error: fmt.Sprintf("service %q may not call this endpoint (only %s)", peer, strings.Join(names, ", ")), Reason: "forbidden"})
+					return
+				}
+			}
+			next.ServeHTTP(w, r)
+		})
+	}
+}
+
 // Ops mounts /healthz (the process answers), /readyz (ready reports nil)
-// and /metrics (reg) on r, and /debug/pprof when $WRIT_PPROF is 1.
+// and /metrics (reg) on r, and /debug/pprof when $WRIT_PPROF is 1. Over
+// TLS they answer only clients with a certificate of the site CA
+// (RequirePeer): they tell a stranger what runs and how busy it is.
 func Ops(r chi.Router, reg *prometheus.Registry, ready func(context.Context) error) {
+	r.Group(func(r chi.Router) {
+		r.Use(RequirePeer())
+		ops(r, reg, ready)
+	})
+}
+
+func ops(r chi.Router, reg *prometheus.Registry, ready func(context.Context) error) {
 	r.Get("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		JSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})

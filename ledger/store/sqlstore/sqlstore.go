@@ -19,6 +19,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/writ-fleet/writ/ledger"
@@ -42,6 +43,7 @@ type Store struct {
 	// Prepared once: the uptime path runs for every report of every node,
 	// and parsing its SQL each time cost more than running it.
 	selBoot, updUptime, insBoot *sql.Stmt
+	nonceSweep                  atomic.Int64 // the second expired nonces were last swept
 }
 
 var _ ledger.Store = (*Store)(nil)
@@ -634,4 +636,27 @@ func (s *Store) ListAudit(ctx context.Context, limit int) ([]ledger.AuditEntry, 
 		out = append(out, e)
 	}
 	return out, rows.Err()
+}
+
+// UseNonce records a signed request's nonce until expires and reports
+// whether it was new (or its earlier use had expired): the replay guard
+// every ledger process on this store shares (httpsig.NonceStore). Expired
+// nonces are swept at most once a second.
+func (s *Store) UseNonce(ctx context.Context, nonce string, now, expires time.Time) (bool, error) {
+	res, err := s.db.ExecContext(ctx, `INSERT INTO request_nonces (nonce, expires_ms) VALUES ($1, $2)
+ON CONFLICT (nonce) DO UPDATE SET expires_ms = excluded.expires_ms WHERE request_nonces.expires_ms < $3`,
+		nonce, expires.UnixMilli(), now.UnixMilli())
+	if err != nil {
+		return false, fmt.Errorf("nonce: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("nonce: %w", err)
+	}
+	if sweep := now.Unix(); s.nonceSweep.Swap(sweep) != sweep {
+		if _, err := s.db.ExecContext(ctx, `DELETE FROM request_nonces WHERE expires_ms < $1`, now.UnixMilli()); err != nil {
+			return false, fmt.Errorf("nonce sweep: %w", err)
+		}
+	}
+	return n == 1, nil
 }

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/pki"
+)
+
+// Environment variables of the TLS material.
+const (
+	envCA      = "WRIT_CA"
+	envTLSCert = "WRIT_TLS_CERT"
+	envTLSKey  = "WRIT_TLS_KEY"
+)
+
+// caFile is the root's --ca flag: the CA bundle every command verifies
+// servers (and a service its clients) against.
+var caFile string
+
+// sec is how one process talks HTTP: TLS with the site CA (cfg), or plain
+// HTTP on loopback only (cfg nil), which a service must ask for with
+// --insecure-http.
+type sec struct {
+	cfg *pki.Config
+}
+
+// clientSec is what a client command uses: TLS when --ca / $WRIT_CA names
+// a CA, else plain HTTP (which then only reaches http:// URLs).
+func clientSec() (*sec, error) {
+	if caFile == "" {
+		return &sec{}, nil
+	}
+	c := &pki.Config{CA: caFile}
+	if err := c.Load(); err != nil {
+		return nil, err
+	}
+	return &sec{cfg: c}, nil
+}
+
+// serviceTLS are a service's TLS flags.
+type serviceTLS struct {
+	cert, key string
+	insecure  bool
+}
+
+func (f *serviceTLS) add(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.cert, "tls-cert", os.Getenv(envTLSCert), "this service's certificate, PEM (writ ca issue; default $WRIT_TLS_CERT): it serves HTTPS with it and shows it to the services it calls")
+	cmd.Flags().StringVar(&f.key, "tls-key", os.Getenv(envTLSKey), "the certificate's key, PEM (default $WRIT_TLS_KEY)")
+	cmd.Flags().BoolVar(&f.insecure, "insecure-http", false, "serve and call plain HTTP, without TLS or service identities: loopback addresses only, for a fleet on one machine")
+}
+
+// load returns the service's sec: TLS needs --ca, --tls-cert and
+// --tls-key; plain HTTP needs --insecure-http.
+func (f *serviceTLS) load() (*sec, error) {
+	if f.insecure {
+		if f.cert != "" {
+			return nil, errors.New("--insecure-http and --tls-cert contradict each other: choose one")
+		}
+		return &sec{}, nil
+	}
+	if f.cert == "" || f.key == "" || caFile == "" {
+		return nil, errors.New("TLS needs --ca, --tls-cert and --tls-key (make them with `writ ca init` and `writ ca issue`), or --insecure-http for plain HTTP on loopback")
+	}
+	c := &pki.Config{CA: caFile, Cert: f.cert, Key: f.key}
+	if err := c.Load(); err != nil {
+		return nil, err
+	}
+	return &sec{cfg: c}, nil
+}
+
+// tls reports whether s talks TLS.
+func (s *sec) tls() bool { return s.cfg != nil }
+
+// name is the service's certificate name ("" without TLS).
+func (s *sec) name() string {
+	if s.cfg == nil {
+		return ""
+	}
+	return s.cfg.Name()
+}
+
+// listen opens a listener on addr: TLS, or plain on a loopback address.
+func (s *sec) listen(addr, flag string) (net.Listener, error) {
+	if s.cfg == nil {
+		if err := loopbackOnly(addr); err != nil {
+			return nil, fmt.Errorf("%s %s: %w", flag, addr, err)
+		}
+	}
+	ln, err := listen(addr, flag)
+	if err != nil {
+		return nil, err
+	}
+	return s.wrap(ln), nil
+}
+
+// wrap puts TLS on ln (or nothing, for plain HTTP).
+func (s *sec) wrap(ln net.Listener) net.Listener {
+	if s.cfg == nil {
+		return ln
+	}
+	return tls.NewListener(ln, s.cfg.Server())
+}
+
+// loopbackOnly refuses an address plain HTTP may not serve on.
+func loopbackOnly(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return err
+	}
+	if host == "localhost" {
+		return nil
+	}
+	ip := net.ParseIP(host)
+	if ip == nil || !ip.IsLoopback() {
+		return errors.New("plain HTTP (--insecure-http) serves on loopback addresses only; give the service a certificate to serve others")
+	}
+	return nil
+}
+
+// client returns an HTTP client for calls to other services (timeout 0:
+// none, for streams).
+func (s *sec) client(timeout time.Duration) *http.Client {
+	if s.cfg == nil {
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.MaxIdleConnsPerHost = 64
+		return &http.Client{Transport: tr, Timeout: timeout}
+	}
+	return s.cfg.HTTPClient(timeout)
+}
+
+// url is addr as a URL of this process's scheme.
+func (s *sec) url(addr string) string {
+	if strings.HasPrefix(addr, "http://") || strings.HasPrefix(addr, "https://") {
+		return addr
+	}
+	if s.cfg != nil {
+		return "https://" + addr
+	}
+	return "http://" + addr
+}
+
+// checkURL refuses a plain URL when this process talks TLS, so a
+// mistyped http:// never sends credentials or trusts answers in the clear.
+func (s *sec) checkURL(u, flag string) error {
+	if s.cfg != nil && strings.HasPrefix(u, "http://") {
+		return fmt.Errorf("%s %s is plain HTTP but this process talks TLS (--ca): use https://", flag, u)
+	}
+	return nil
+}
+
+// ledgerClient is a ledger client over s: over TLS it checks the trust
+// snapshots' signatures too.
+func (s *sec) ledgerClient(url string) *ledger.Client {
+	c := &ledger.Client{BaseURL: url, HTTP: s.client(10 * time.Second)}
+	if s.cfg != nil {
+		c.Verify = &ledger.TrustVerifier{CA: s.cfg.Pool(), Name: ledger.DefaultLedgerName}
+	}
+	return c
+}
