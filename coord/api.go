@@ -22,7 +22,6 @@ import (
 // MaxWait bounds GET /v1/jobs/{id}?wait=.
 const MaxWait = 5 * time.Minute
 
-
 // SubmitReply is the body of POST /v1/jobs.
 type SubmitReply struct {
 	ID     string `json:"id,omitempty"`

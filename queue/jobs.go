@@ -285,8 +285,8 @@ type ListFilter struct {
 	Before int64
 	// Keep, when set, selects the jobs to return (coord: those the caller
 	// may read); applied while scanning like State.
-	Keep func(*job.Record) bool `json:"-"`
-	Limit  int
+	Keep  func(*job.Record) bool `json:"-"`
+	Limit int
 }
 
 // ListJobs returns jobs newest first and the cursor of the next page (0

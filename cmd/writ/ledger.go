@@ -81,7 +81,7 @@ type ledgerServeCmd struct {
 	db, listen  string
 	authorities []string
 	tls         serviceTLS
-	log        *slog.Logger
+	log         *slog.Logger
 }
 
 func ledgerServeCommand() *cobra.Command {
