@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -22,10 +23,62 @@ import (
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/pki"
 )
 
 // writBin is the writ binary built once for all tests.
 var writBin string
+
+// tlsDir holds the tests' site CA (ca.crt, $WRIT_CA of every writ process)
+// and a certificate per service name (NAME.crt, NAME.key), all valid for
+// 127.0.0.1 (and 10.0.2.2, the host as a QEMU guest sees it).
+var tlsDir string
+
+// e2eHTTP is the tests' own client: it trusts the CA and shows the "e2e"
+// certificate (the ops endpoints need one).
+var e2eHTTP *http.Client
+
+// makeCA makes the tests' CA and certificates in dir.
+func makeCA(dir string) error {
+	ca, err := pki.InitCA(dir, "writ-e2e-ca")
+	if err != nil {
+		return err
+	}
+	for _, name := range []string{"ledger", "coord", "supervisor", "runner", "e2e"} {
+		req := pki.Request{Name: name, DNS: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv4(10, 0, 2, 2)}}
+		if err := ca.IssueFiles(req, filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")); err != nil {
+			return err
+		}
+	}
+	cfg := &pki.Config{CA: filepath.Join(dir, pki.CACertFile), Cert: filepath.Join(dir, "e2e.crt"), Key: filepath.Join(dir, "e2e.key")}
+	if err := cfg.Load(); err != nil {
+		return err
+	}
+	e2eHTTP = cfg.HTTPClient(0)
+	return nil
+}
+
+// tlsArgs are the TLS flags of a writ service started with args.
+func tlsArgs(args []string) []string {
+	if len(args) == 0 {
+		return nil
+	}
+	name := ""
+	switch args[0] {
+	case "ledger":
+		if len(args) > 1 && args[1] == "serve" {
+			name = "ledger"
+		}
+	case "coord", "supervisor":
+		name = args[0]
+	case "runner", "node":
+		name = "runner"
+	}
+	if name == "" {
+		return nil
+	}
+	return []string{"--tls-cert", filepath.Join(tlsDir, name+".crt"), "--tls-key", filepath.Join(tlsDir, name+".key")}
+}
 
 func TestMain(m *testing.M) {
 	dir, err := os.MkdirTemp("", "writ-e2e-")
@@ -40,6 +93,14 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	writBin = filepath.Join(dir, "writ")
+	tlsDir = filepath.Join(dir, "tls")
+	if err := makeCA(tlsDir); err != nil {
+		fmt.Fprintln(os.Stderr, "test CA:", err)
+		os.RemoveAll(dir)
+		os.Exit(1)
+	}
+	// Every writ process the tests start trusts the test CA.
+	os.Setenv("WRIT_CA", filepath.Join(tlsDir, pki.CACertFile))
 	args := []string{"build", "-o", writBin}
 	if raceEnabled {
 		args = append(args, "-race")
@@ -95,14 +156,14 @@ func newFleet(t *testing.T) *fleet {
 	f.ports["ledger"] = testenv.FreePort(t)
 	f.ports["supervisor:local"] = testenv.FreePort(t)
 	f.ports["coord"] = testenv.FreePort(t)
-	f.ledger = "http://" + testenv.Addr(f.ports["ledger"])
-	f.coord = "http://" + testenv.Addr(f.ports["coord"])
+	f.ledger = "https://" + testenv.Addr(f.ports["ledger"])
+	f.coord = "https://" + testenv.Addr(f.ports["coord"])
 	db := filepath.Join(f.dir, "ledger.db")
 	f.run("ledger", "init", "--db", db, "--admin-name", "root", "--admin-key", keyPath+".pub",
-		"--site", "local", "--supervisor", "http://"+testenv.Addr(f.ports["supervisor:local"]))
+		"--site", "local", "--supervisor", "https://"+testenv.Addr(f.ports["supervisor:local"]))
 	f.start("ledger", "ledger", "serve", "--db", db, "--listen", testenv.Addr(f.ports["ledger"]))
 	f.waitReady(f.ledger)
-	f.lc = &ledger.Client{BaseURL: f.ledger, Key: f.admin}
+	f.lc = e2eLedger(f.ledger, f.admin)
 	return f
 }
 
@@ -123,6 +184,7 @@ func (f *fleet) run(args ...string) string {
 // start launches a writ service process named name.
 func (f *fleet) start(name string, args ...string) *proc {
 	f.t.Helper()
+	args = append(args, tlsArgs(args)...)
 	cmd := exec.Command(writBin, append(args, "--log-level", "debug")...)
 	var buf bytes.Buffer
 	mu := &sync.Mutex{}
@@ -186,7 +248,7 @@ func (f *fleet) stop(p *proc, sig syscall.Signal) {
 func (f *fleet) waitReady(base string) {
 	f.t.Helper()
 	testenv.WaitFor(f.t, 30*time.Second, base+"/readyz", func() bool {
-		resp, err := http.Get(base + "/readyz")
+		resp, err := e2eHTTP.Get(base + "/readyz")
 		if err != nil {
 			return false
 		}
@@ -201,7 +263,7 @@ func (f *fleet) startSupervisor(site string) *proc {
 	port := f.ports["supervisor:"+site]
 	p := f.start("supervisor:"+site, "supervisor", "--site", site, "--listen", testenv.Addr(port),
 		"--redis", f.redis, "--ledger", f.ledger, "--trust-ttl", "1s")
-	f.waitReady("http://" + testenv.Addr(port))
+	f.waitReady("https://" + testenv.Addr(port))
 	return p
 }
 
@@ -223,7 +285,22 @@ func (f *fleet) startAll() {
 	f.startRunner("n1", 4)
 }
 
-func (f *fleet) client() *coord.Client { return &coord.Client{BaseURL: f.coord} }
+// client is a coord client signing as the fleet's admin.
+func (f *fleet) client() *coord.Client { return f.clientAs(f.admin) }
+
+// clientAs is a coord client signing as k.
+func (f *fleet) clientAs(k *keys.Key) *coord.Client {
+	return &coord.Client{BaseURL: f.coord, Key: k, HTTP: e2eHTTP}
+}
+
+// e2eLedger is a ledger client over TLS that checks trust snapshots.
+func e2eLedger(url string, k *keys.Key) *ledger.Client {
+	pool, err := pki.LoadPool(filepath.Join(tlsDir, pki.CACertFile))
+	if err != nil {
+		panic(err)
+	}
+	return &ledger.Client{BaseURL: url, Key: k, HTTP: e2eHTTP, Verify: &ledger.TrustVerifier{CA: pool}}
+}
 
 // addUser creates a user with a fresh key and roles.
 func (f *fleet) addUser(name string, roles map[string]string) *keys.Key {
@@ -279,7 +356,7 @@ func count(evs []job.Event, t job.EventType) int {
 func (f *fleet) enrollSite(interval int) string {
 	f.t.Helper()
 	ctx := context.Background()
-	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "http://" + testenv.Addr(f.ports["supervisor:local"]),
+	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "https://" + testenv.Addr(f.ports["supervisor:local"]),
 		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}, UptimeInterval: ledger.Seconds(interval)}); err != nil {
 		f.t.Fatal(err)
 	}

@@ -39,6 +39,10 @@ type NodeConfig struct {
 	Site   string `json:"site"`
 	Token  string `json:"token,omitempty"`
 	Redis  string `json:"redis"`
+	// CA is the site CA's certificate (PEM): the node talks TLS to the
+	// ledger and Redis, verified against it. Without one the node talks
+	// plain HTTP.
+	CA string `json:"ca,omitempty"`
 }
 
 // ConfigPath is where the initramfs holds the node's configuration.

@@ -9,7 +9,9 @@ package queue
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -38,10 +40,34 @@ type Redis struct {
 
 // Connect parses a redis:// URL (redis://[:password@]host:port[/db]) and
 // connects. It does not wait for the server; see Ping.
-func Connect(url string) (*Redis, error) {
+func Connect(url string) (*Redis, error) { return Dial(url, Credentials{}) }
+
+// Credentials are how a client proves itself to Redis and checks the
+// server: an ACL password (kept out of the URL, so out of argv and logs)
+// and, for rediss:// URLs, the TLS configuration (the site CA).
+type Credentials struct {
+	Password string
+	TLS      *tls.Config
+}
+
+// Dial connects to the Redis of url (redis:// or rediss://, with an ACL
+// user name in it: rediss://runner@host:6379/0) with creds. It does not
+// wait for the server; see Ping.
+func Dial(url string, creds Credentials) (*Redis, error) {
 	opt, err := redis.ParseURL(url)
 	if err != nil {
-		return nil, fmt.Errorf("redis url %q: %w", url, err)
+		return nil, fmt.Errorf("redis url %q: %w", redact(url), err)
+	}
+	if creds.Password != "" {
+		opt.Password = creds.Password
+	}
+	if opt.TLSConfig != nil {
+		if creds.TLS == nil {
+			return nil, fmt.Errorf("redis url %s is rediss:// but no CA is given to verify the server (--ca)", redact(url))
+		}
+		t := creds.TLS.Clone()
+		t.ServerName = opt.TLSConfig.ServerName
+		opt.TLSConfig = t
 	}
 	// Pool big enough for the workers and concurrent enqueues of a runner
 	// or supervisor on a small machine; go-redis's default is 10 per CPU.
@@ -89,13 +115,32 @@ func (r *Redis) URL() string { return redact(r.url) }
 // Redact returns a Redis URL with its password replaced by ***.
 func Redact(url string) string { return redact(url) }
 
-func redact(url string) string {
-	if i := strings.Index(url, "@"); i > 0 {
-		if j := strings.Index(url, "://"); j > 0 && j < i {
-			return url[:j+3] + "***" + url[i:]
+func redact(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		// Unparsable: hide whatever sits before an @.
+		if i := strings.LastIndex(raw, "@"); i > 0 {
+			if j := strings.Index(raw, "://"); j > 0 && j < i {
+				return raw[:j+3] + "***" + raw[i:]
+			}
 		}
+		return raw
 	}
-	return url
+	if _, ok := u.User.Password(); ok {
+		u.User = url.UserPassword(u.User.Username(), "***")
+		return strings.Replace(u.String(), "%2A%2A%2A", "***", 1)
+	}
+	return raw
+}
+
+// HasPassword reports whether a Redis URL holds a password.
+func HasPassword(raw string) bool {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return strings.Contains(raw, "@")
+	}
+	_, ok := u.User.Password()
+	return ok
 }
 
 // QueueDepth returns the pending task count of each named queue (0 for a

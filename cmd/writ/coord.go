@@ -14,9 +14,10 @@ import (
 )
 
 type coordCmd struct {
-	listen, redis, ledger, placement string
-	tls                              serviceTLS
-	log                              *slog.Logger
+	listen, ledger, placement string
+	redis                     redisFlags
+	tls                       serviceTLS
+	log                       *slog.Logger
 }
 
 func coordCommand() *cobra.Command {
@@ -35,7 +36,7 @@ stateless apart from Redis: restart it, or run several behind a load balancer.`,
 		},
 	}
 	cmd.Flags().StringVar(&c.listen, "listen", defaultCoordAddr, "address to serve the coord API on")
-	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "coord's Redis, as redis://[:password@]host:port/db")
+	c.redis.add(cmd, "coord's Redis")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
 	c.tls.add(cmd)
 	cmd.Flags().StringVar(&c.placement, "placement", coord.PlaceSpread, "where jobs that state resources (--cpu/--memory) and pin no node go: spread (most free node) or binpack (fullest node that fits)")
@@ -44,7 +45,7 @@ stateless apart from Redis: restart it, or run several behind a load balancer.`,
 
 // Run serves coord until ctx ends.
 func (c *coordCmd) Run(ctx context.Context, _ []string) error {
-	s, err := c.tls.load()
+	s, err := c.tls.load(true)
 	if err != nil {
 		return err
 	}
@@ -55,7 +56,7 @@ func (c *coordCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return err
 	}
-	rdb, err := queue.Connect(c.redis)
+	rdb, err := c.redis.connect()
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -145,10 +147,14 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return fmt.Errorf("dev admin key: %w", err)
 	}
 
+	// Redis: one ACL user per role (coord, the supervisor, the runner),
+	// each with the keys it needs only, the default user off, TLS with the
+	// dev CA unless --insecure-http; or the one given with --redis.
+	rdbs := map[string]*queue.Redis{}
 	redisURL := c.redis
 	if redisURL == "" {
 		rdir := filepath.Join(dir, "redis")
-		if err := os.MkdirAll(rdir, 0o755); err != nil {
+		if err := os.MkdirAll(rdir, 0o700); err != nil {
 			return err
 		}
 		redisPort := c.basePort + 5
@@ -158,7 +164,19 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 				return err
 			}
 		}
-		p, err := redisproc.Start(redisproc.Config{Dir: rdir, Port: redisPort, Persist: true})
+		pass := map[string]string{}
+		var users []redisproc.User
+		for _, role := range []string{queue.ACLCoord, queue.ACLSupervisor, queue.ACLRunner} {
+			pass[role] = randomSecret()
+			users = append(users, redisproc.User{Name: role, Password: pass[role], Rules: queue.ACLRules(role, devSite)})
+		}
+		cfg := redisproc.Config{Dir: rdir, Port: redisPort, Persist: true, Users: users}
+		var creds queue.Credentials
+		if caPath != "" {
+			cfg.TLS = &redisproc.TLS{Cert: filepath.Join(dir, "tls", "redis.crt"), Key: filepath.Join(dir, "tls", "redis.key"), CA: caPath}
+			creds.TLS = secs["runner"].cfg.Client()
+		}
+		p, err := redisproc.Start(cfg)
 		if err != nil {
 			closeListeners()
 			return err
@@ -166,15 +184,31 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		// Stop Redis last, after every service using it has stopped.
 		defer p.Stop()
 		redisURL = p.URL()
-		c.log.Info("redis-server started", "url", redisURL, "dir", rdir)
+		c.log.Info("redis-server started", "url", redisURL, "dir", rdir, "tls", cfg.TLS != nil)
+		for role, pw := range pass {
+			creds.Password = pw
+			r, err := queue.Dial(p.UserURL(role), creds)
+			if err != nil {
+				return err
+			}
+			defer r.Close()
+			rdbs[role] = r
+		}
+	} else {
+		rf := redisFlags{url: redisURL}
+		r, err := rf.connect()
+		if err != nil {
+			return err
+		}
+		defer r.Close()
+		for _, role := range []string{queue.ACLCoord, queue.ACLSupervisor, queue.ACLRunner} {
+			rdbs[role] = r
+		}
 	}
-	rdb, err := queue.Connect(redisURL)
-	if err != nil {
-		return err
-	}
-	defer rdb.Close()
-	if err := rdb.WaitReady(ctxTimeout(ctx, 10*time.Second)); err != nil {
-		return err
+	for _, r := range rdbs {
+		if err := r.WaitReady(ctxTimeout(ctx, 10*time.Second)); err != nil {
+			return err
+		}
 	}
 
 	store, err := sqlite.Open(ctx, filepath.Join(dir, "ledger.db"))
@@ -239,9 +273,11 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	coordURL := secs["coord"].url(coordAddr)
 	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store, secs["ledger"], nil) })
 	g.Go(func() error {
-		return runSupervisor(gctx, c.log, lns["supervisor"], rdb, ledgerURL, devSite, 0, secs["supervisor"], nil)
+		return runSupervisor(gctx, c.log, lns["supervisor"], rdbs[queue.ACLSupervisor], ledgerURL, devSite, 0, secs["supervisor"], nil)
 	})
-	g.Go(func() error { return runCoord(gctx, c.log, lns["coord"], rdb, ledgerURL, "", secs["coord"]) })
+	g.Go(func() error {
+		return runCoord(gctx, c.log, lns["coord"], rdbs[queue.ACLCoord], ledgerURL, "", secs["coord"])
+	})
 	// DIR/files over HTTP: images for the storage and vm modules (make guest
 	// puts the demo guest there).
 	filesDir := filepath.Join(dir, "files")
@@ -250,7 +286,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	}
 	g.Go(func() error { return serve(gctx, lns["files"], http.FileServer(http.Dir(filesDir))) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdb, runnerParams{sec: secs["runner"], ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host, vms: vms})
+		return runRunner(gctx, c.log, lns["runner"], rdbs[queue.ACLRunner], runnerParams{sec: secs["runner"], ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host, vms: vms})
 	})
 
 	envFile := filepath.Join(dir, "env")
@@ -381,6 +417,10 @@ func (c *devCmd) devTLS(dir string) (map[string]*sec, string, error) {
 	}
 	caPath := filepath.Join(dir, pki.CACertFile)
 	certName := map[string]string{"ledger": ledger.DefaultLedgerName, "coord": supervisor.DefaultCoordName, "supervisor": "supervisor-" + devSite, "runner": "runner-" + devSite}
+	if err := ca.IssueFiles(pki.Request{Name: "redis-" + devSite, DNS: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}},
+		filepath.Join(dir, "redis.crt"), filepath.Join(dir, "redis.key")); err != nil {
+		return nil, "", err
+	}
 	for _, n := range names {
 		cert, key := filepath.Join(dir, n+".crt"), filepath.Join(dir, n+".key")
 		req := pki.Request{Name: certName[n], DNS: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}}
@@ -404,4 +444,13 @@ func envBanner(env string) string {
 		b.WriteString("  " + l + "\n")
 	}
 	return b.String()
+}
+
+// randomSecret is a fresh password.
+func randomSecret() string {
+	var b [24]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err) // crypto/rand does not fail on Linux
+	}
+	return hex.EncodeToString(b[:])
 }

@@ -21,6 +21,7 @@ func imageCommand() *cobra.Command {
 
 type imageBuildCmd struct {
 	kernel, modules, kernelPackage, cache, out, writ, cmdline, baseURL string
+	caFile                                                             string
 	cfg                                                                efi.NodeConfig
 }
 
@@ -54,6 +55,7 @@ line: writ.ledger=URL writ.site=NAME writ.token=SECRET writ.redis=URL.`,
 	fl.StringVar(&c.cfg.Site, "site", "", "the node's site")
 	fl.StringVar(&c.cfg.Token, "token", "", "the site's enrollment token")
 	fl.StringVar(&c.cfg.Redis, "redis", "", "the site's Redis")
+	fl.StringVar(&c.caFile, "site-ca", "", "the site CA's certificate (PEM) to bake in: the node talks TLS to the ledger and Redis (default: --ca)")
 	return cmd
 }
 
@@ -71,6 +73,16 @@ func (c *imageBuildCmd) Run(ctx context.Context, _ []string) error {
 		return fmt.Errorf("--writ %s: %w", writ, err)
 	} else if !static {
 		return fmt.Errorf("--writ %s is dynamically linked; /init must be static: make static (bin/writ-static)", writ)
+	}
+	if c.caFile == "" {
+		c.caFile = caFile
+	}
+	if c.caFile != "" {
+		pem, err := os.ReadFile(c.caFile)
+		if err != nil {
+			return fmt.Errorf("--site-ca: %w", err)
+		}
+		c.cfg.CA = string(pem)
 	}
 	b := efi.Build{Kernel: c.kernel, Modules: c.modules, Writ: writ, Config: c.cfg, Cmdline: c.cmdline, BaseURL: c.baseURL}
 	if b.Kernel == "" {
@@ -139,7 +151,7 @@ func (c *imageServeCmd) Run(ctx context.Context, _ []string) error {
 	s := &sec{}
 	if c.tls.cert != "" {
 		var err error
-		if s, err = c.tls.load(); err != nil {
+		if s, err = c.tls.load(true); err != nil {
 			return err
 		}
 	}

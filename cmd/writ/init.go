@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -39,9 +40,21 @@ reboots cleanly; SIGUSR2 powers off.`,
 // only wires the node in.
 func (c *initCmd) Run(ctx context.Context, _ []string) error {
 	return nodeinit.Run(ctx, os.Stdout, func(ctx context.Context, cfg nodeinit.Config, console io.Writer) error {
-		n := &nodeCmd{ledger: cfg.Ledger, site: cfg.Site, token: cfg.Token, redis: cfg.Redis, concurrency: 4,
+		n := &nodeCmd{ledger: cfg.Ledger, site: cfg.Site, token: cfg.Token, redis: redisFlags{url: cfg.Redis}, concurrency: 4,
 			stateDir: "/var/lib/writ/node", allowTmpfs: true, status: console, log: slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 		n.vm.off = true // the image carries no hypervisor
+		if cfg.CA != "" {
+			if err := os.MkdirAll("/run/writ", 0o755); err != nil {
+				return err
+			}
+			caFile = "/run/writ/ca.crt"
+			if err := os.WriteFile(caFile, []byte(cfg.CA), 0o644); err != nil {
+				return err
+			}
+		} else {
+			fmt.Fprintln(console, "writ: no site CA in the image (writ image build --ca): talking plain HTTP")
+			n.tls.insecure = true
+		}
 		if cfg.Disk != "" {
 			n.pool.device, n.pool.mount = cfg.Disk, "/var/lib/writ/pool"
 			n.stateDir, n.allowTmpfs = filepath.Join(n.pool.mount, "identity"), false

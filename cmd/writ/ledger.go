@@ -112,7 +112,7 @@ func (c *ledgerServeCmd) Run(ctx context.Context, _ []string) error {
 			return fmt.Errorf("ledger store %s: %w (create it with `writ ledger init`)", c.db, err)
 		}
 	}
-	s, err := c.tls.load()
+	s, err := c.tls.load(true)
 	if err != nil {
 		return err
 	}

@@ -17,24 +17,24 @@ import (
 	"github.com/writ-fleet/writ/identity"
 	"github.com/writ-fleet/writ/internal/size"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/runner"
 	"github.com/writ-fleet/writ/sal/vm"
 )
 
 // nodeCmd runs a node: its identity agent and its runner.
 type nodeCmd struct {
-	ledger, site, token, stateDir, redis, listen string
-	allowTmpfs                                   bool
-	concurrency, cpus                            int
-	memory, scriptMemory                         string
-	interval, trustTTL                           time.Duration
-	status                                       io.Writer // the status line; stderr by default
-	tls                                          serviceTLS
-	pool                                         poolFlags
-	net                                          netFlags
-	vm                                           vmFlags
-	log                                          *slog.Logger
+	ledger, site, token, stateDir, listen string
+	redis                                 redisFlags
+	allowTmpfs                            bool
+	concurrency, cpus                     int
+	memory, scriptMemory                  string
+	interval, trustTTL                    time.Duration
+	status                                io.Writer // the status line; stderr by default
+	tls                                   serviceTLS
+	pool                                  poolFlags
+	net                                   netFlags
+	vm                                    vmFlags
+	log                                   *slog.Logger
 }
 
 func nodeCommand() *cobra.Command {
@@ -65,7 +65,7 @@ like writ runner. writ node ls and writ node info show the registered nodes.`,
 	fl.StringVar(&c.token, "token", os.Getenv("WRIT_TOKEN"), "the site's enrollment token (default $WRIT_TOKEN); needed until the node is registered")
 	fl.StringVar(&c.stateDir, "state-dir", "/var/lib/writ/node", "where the node key (and, as root, network and VM state) live; must survive reboots")
 	fl.BoolVar(&c.allowTmpfs, "allow-tmpfs", false, "accept a --state-dir on tmpfs (the node gets a new identity at every boot)")
-	fl.StringVar(&c.redis, "redis", defaultRedisURL, "the site's Redis")
+	c.redis.add(cmd, "the site's Redis")
 	fl.StringVar(&c.listen, "listen", "", `address for the runner's /healthz, /readyz and /metrics ("" for none)`)
 	fl.IntVar(&c.concurrency, "concurrency", runner.DefaultConcurrency, "jobs run at once")
 	fl.IntVar(&c.cpus, "cpus", 0, "CPUs this node offers to jobs (default: all)")
@@ -90,7 +90,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return err
 	}
-	s, err := c.tls.load()
+	s, err := c.tls.load(c.listen != "")
 	if err != nil {
 		return err
 	}
@@ -126,7 +126,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 			return err
 		}
 	}
-	rdb, err := queue.Connect(c.redis)
+	rdb, err := c.redis.connect()
 	if err != nil {
 		return err
 	}

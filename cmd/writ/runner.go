@@ -29,15 +29,16 @@ import (
 )
 
 type runnerCmd struct {
-	site, node, redis, ledger, listen string
-	concurrency, dequeuers            int
-	pool                              poolFlags
-	net                               netFlags
-	vm                                vmFlags
-	poll, trustTTL                    time.Duration
-	scriptMemory                      string
-	tls                               serviceTLS
-	log                               *slog.Logger
+	site, node, ledger, listen string
+	redis                      redisFlags
+	concurrency, dequeuers     int
+	pool                       poolFlags
+	net                        netFlags
+	vm                         vmFlags
+	poll, trustTTL             time.Duration
+	scriptMemory               string
+	tls                        serviceTLS
+	log                        *slog.Logger
 }
 
 func runnerCommand() *cobra.Command {
@@ -64,7 +65,7 @@ its owner's volumes, networks and VMs; a site admin's sees all.`,
 	}
 	cmd.Flags().StringVar(&c.site, "site", "", "the site whose jobs to run (required)")
 	cmd.Flags().StringVar(&c.node, "node", defaultNodeID(), "this node's ID (its own queue is node:<ID>)")
-	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "the site's Redis")
+	c.redis.add(cmd, "the site's Redis")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
 	cmd.Flags().StringVar(&c.listen, "listen", defaultRunnerAddr, `address for /healthz, /readyz and /metrics ("" to turn off)`)
 	cmd.Flags().IntVar(&c.concurrency, "concurrency", runner.DefaultConcurrency, "jobs run at once")
@@ -90,7 +91,7 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 	if c.concurrency < 1 {
 		return errors.New("--concurrency must be at least 1")
 	}
-	s, err := c.tls.load()
+	s, err := c.tls.load(c.listen != "")
 	if err != nil {
 		return err
 	}
@@ -103,7 +104,7 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 			return err
 		}
 	}
-	rdb, err := queue.Connect(c.redis)
+	rdb, err := c.redis.connect()
 	if err != nil {
 		return err
 	}

@@ -17,11 +17,12 @@ import (
 )
 
 type supervisorCmd struct {
-	site, listen, redis, ledger string
-	coordNames                  []string
-	trustTTL                    time.Duration
-	tls                         serviceTLS
-	log                         *slog.Logger
+	site, listen, ledger string
+	redis                redisFlags
+	coordNames           []string
+	trustTTL             time.Duration
+	tls                  serviceTLS
+	log                  *slog.Logger
 }
 
 func supervisorCommand() *cobra.Command {
@@ -41,7 +42,7 @@ also serves the site's job events to coord (GET /v1/events).`,
 	}
 	cmd.Flags().StringVar(&c.site, "site", "", "the site this supervisor serves (required)")
 	cmd.Flags().StringVar(&c.listen, "listen", defaultSupervisorAddr, "address to serve the supervisor API on")
-	cmd.Flags().StringVar(&c.redis, "redis", defaultRedisURL, "the site's Redis")
+	c.redis.add(cmd, "the site's Redis")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
 	trustTTLFlag(cmd, &c.trustTTL)
 	c.tls.add(cmd)
@@ -54,7 +55,7 @@ func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
 	if !envelope.ValidSite(c.site) {
 		return fmt.Errorf("--site %q is missing or not a valid site name", c.site)
 	}
-	s, err := c.tls.load()
+	s, err := c.tls.load(true)
 	if err != nil {
 		return err
 	}
@@ -65,7 +66,7 @@ func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return err
 	}
-	rdb, err := queue.Connect(c.redis)
+	rdb, err := c.redis.connect()
 	if err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/pki"
+	"github.com/writ-fleet/writ/queue"
 )
 
 // Environment variables of the TLS material.
@@ -59,17 +60,20 @@ func (f *serviceTLS) add(cmd *cobra.Command) {
 	cmd.Flags().BoolVar(&f.insecure, "insecure-http", false, "serve and call plain HTTP, without TLS or service identities: loopback addresses only, for a fleet on one machine")
 }
 
-// load returns the service's sec: TLS needs --ca, --tls-cert and
-// --tls-key; plain HTTP needs --insecure-http.
-func (f *serviceTLS) load() (*sec, error) {
+// load returns the service's sec: TLS needs --ca, and --tls-cert and
+// --tls-key when it serves (listens); plain HTTP needs --insecure-http.
+func (f *serviceTLS) load(serves bool) (*sec, error) {
 	if f.insecure {
 		if f.cert != "" {
 			return nil, errors.New("--insecure-http and --tls-cert contradict each other: choose one")
 		}
 		return &sec{}, nil
 	}
-	if f.cert == "" || f.key == "" || caFile == "" {
-		return nil, errors.New("TLS needs --ca, --tls-cert and --tls-key (make them with `writ ca init` and `writ ca issue`), or --insecure-http for plain HTTP on loopback")
+	if caFile == "" {
+		return nil, errors.New("TLS needs --ca (the site CA's certificate; make one with `writ ca init`), or --insecure-http for plain HTTP on loopback")
+	}
+	if serves && (f.cert == "" || f.key == "") {
+		return nil, errors.New("serving TLS needs --tls-cert and --tls-key (make them with `writ ca issue NAME`), or --insecure-http for plain HTTP on loopback")
 	}
 	c := &pki.Config{CA: caFile, Cert: f.cert, Key: f.key}
 	if err := c.Load(); err != nil {
@@ -166,4 +170,50 @@ func (s *sec) ledgerClient(url string) *ledger.Client {
 		c.Verify = &ledger.TrustVerifier{CA: s.cfg.Pool(), Name: ledger.DefaultLedgerName}
 	}
 	return c
+}
+
+// Environment variables of a service's Redis.
+const (
+	envRedis         = "WRIT_REDIS"
+	envRedisPassword = "WRIT_REDIS_PASSWORD"
+)
+
+// redisFlags say how a service reaches its Redis: a URL (with the ACL
+// user name, never a password) and the password from a file or the
+// environment, so it is in no process's argv.
+type redisFlags struct {
+	url, passwordFile string
+	cmd               *cobra.Command
+}
+
+func (f *redisFlags) add(cmd *cobra.Command, what string) {
+	f.cmd = cmd
+	cmd.Flags().StringVar(&f.url, "redis", envOr(envRedis, defaultRedisURL), what+": redis:// or rediss:// (TLS, verified against --ca), with the ACL user: rediss://USER@HOST:6379/0 (default $WRIT_REDIS)")
+	cmd.Flags().StringVar(&f.passwordFile, "redis-password-file", "", "file holding the Redis user's password (or $WRIT_REDIS_PASSWORD); never put it in --redis")
+}
+
+// connect dials the Redis.
+func (f *redisFlags) connect() (*queue.Redis, error) {
+	if f.cmd != nil && f.cmd.Flags().Changed("redis") && queue.HasPassword(f.url) {
+		return nil, errors.New("--redis holds a password, which every user of this machine can read in the process list: put the user in the URL and the password in --redis-password-file or $" + envRedisPassword)
+	}
+	creds := queue.Credentials{Password: os.Getenv(envRedisPassword)}
+	if f.passwordFile != "" {
+		b, err := os.ReadFile(f.passwordFile)
+		if err != nil {
+			return nil, fmt.Errorf("--redis-password-file: %w", err)
+		}
+		creds.Password = strings.TrimSpace(string(b))
+	}
+	if strings.HasPrefix(f.url, "rediss://") {
+		if caFile == "" {
+			return nil, errors.New("--redis is rediss:// (TLS): give the CA that signed the Redis server's certificate with --ca")
+		}
+		pool, err := pki.LoadPool(caFile)
+		if err != nil {
+			return nil, err
+		}
+		creds.TLS = &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool}
+	}
+	return queue.Dial(f.url, creds)
 }

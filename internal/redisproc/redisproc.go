@@ -7,12 +7,18 @@ package redisproc
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -28,12 +34,36 @@ type Config struct {
 	// Persist turns on append-only persistence (for `writ dev`, so a
 	// restarted fleet keeps its jobs); tests leave it off.
 	Persist bool
+	// Bind is the address to listen on; empty means 127.0.0.1.
+	Bind string
+	// Users are ACL users. When any is given the default user is off:
+	// every client must log in as one of them.
+	Users []User
+	// TLS, when set, makes the server speak TLS only (rediss://).
+	TLS *TLS
+	// Wrap is a command prefix to run redis-server under (ip netns exec
+	// NS, for a host of a multi-host test).
+	Wrap []string
+}
+
+// User is an ACL user: a name, a password (stored in the configuration
+// as its SHA-256 only) and rules: key patterns (~writ:coord:*), channels
+// (&asynq:cancel) and commands (+@all -@dangerous).
+type User struct {
+	Name, Password, Rules string
+}
+
+// TLS are the server's certificate, key and the CA it trusts.
+type TLS struct {
+	Cert, Key, CA string
 }
 
 // Process is a running redis-server.
 type Process struct {
 	cmd  *exec.Cmd
+	host string
 	port int
+	tls  *tls.Config // nil: plain
 	done chan struct{}
 }
 
@@ -46,25 +76,61 @@ func Start(cfg Config) (*Process, error) {
 	if cfg.Log == "" {
 		cfg.Log = cfg.Dir + "/redis.log"
 	}
-	args := []string{
-		"--bind", "127.0.0.1", "--port", strconv.Itoa(cfg.Port),
-		"--dir", cfg.Dir, "--logfile", cfg.Log,
-		"--daemonize", "no", "--protected-mode", "yes",
-		"--save", "",
+	if cfg.Bind == "" {
+		cfg.Bind = "127.0.0.1"
+	}
+	// Everything goes in a configuration file (mode 0600): passwords
+	// (hashed) and paths never appear in the process list.
+	conf := []string{
+		"bind " + cfg.Bind, "dir " + quote(cfg.Dir), "logfile " + quote(cfg.Log),
+		"daemonize no", "protected-mode yes", `save ""`,
+	}
+	if cfg.TLS != nil {
+		conf = append(conf, "port 0", "tls-port "+strconv.Itoa(cfg.Port),
+			"tls-cert-file "+quote(cfg.TLS.Cert), "tls-key-file "+quote(cfg.TLS.Key), "tls-ca-cert-file "+quote(cfg.TLS.CA),
+			// Clients prove themselves with ACL passwords, not certificates.
+			"tls-auth-clients no")
+	} else {
+		conf = append(conf, "port "+strconv.Itoa(cfg.Port))
 	}
 	if cfg.Persist {
-		args = append(args, "--appendonly", "yes", "--appendfsync", "everysec")
+		conf = append(conf, "appendonly yes", "appendfsync everysec")
 	} else {
-		args = append(args, "--appendonly", "no")
+		conf = append(conf, "appendonly no")
 	}
-	cmd := exec.Command(bin, args...)
+	if len(cfg.Users) > 0 {
+		conf = append(conf, "user default off resetpass resetkeys -@all")
+		for _, u := range cfg.Users {
+			if strings.ContainsAny(u.Name+u.Rules, "\n\r") || u.Name == "" || u.Password == "" {
+				return nil, fmt.Errorf("redis user %q: a name, a password and rules on one line", u.Name)
+			}
+			sum := sha256.Sum256([]byte(u.Password))
+			conf = append(conf, fmt.Sprintf("user %s on resetpass #%s resetkeys resetchannels %s", u.Name, hex.EncodeToString(sum[:]), u.Rules))
+		}
+	}
+	confPath := filepath.Join(cfg.Dir, "redis.conf")
+	if err := os.WriteFile(confPath, []byte(strings.Join(conf, "\n")+"\n"), 0o600); err != nil {
+		return nil, fmt.Errorf("redis configuration: %w", err)
+	}
+	args := append(append([]string(nil), cfg.Wrap...), bin, confPath)
+	cmd := exec.Command(args[0], args[1:]...)
 	// Die with the parent: a crashed `writ dev` or test binary must not
 	// leave a redis-server behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start redis-server: %w", err)
 	}
-	p := &Process{cmd: cmd, port: cfg.Port, done: make(chan struct{})}
+	p := &Process{cmd: cmd, port: cfg.Port, host: cfg.Bind, done: make(chan struct{})}
+	if cfg.TLS != nil {
+		pem, err := os.ReadFile(cfg.TLS.CA)
+		if err != nil {
+			cmd.Process.Kill()
+			return nil, err
+		}
+		pool := x509.NewCertPool()
+		pool.AppendCertsFromPEM(pem)
+		p.tls = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12, ServerName: cfg.Bind}
+	}
 	go func() { cmd.Wait(); close(p.done) }()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -92,8 +158,17 @@ func tail(s string, n int) string {
 	return s
 }
 
+// ping reports whether the server answers PING (NOAUTH counts: it is up,
+// and wants a login).
 func (p *Process) ping() error {
-	conn, err := net.DialTimeout("tcp", p.Addr(), 200*time.Millisecond)
+	var conn net.Conn
+	var err error
+	d := &net.Dialer{Timeout: 200 * time.Millisecond}
+	if p.tls != nil {
+		conn, err = tls.DialWithDialer(d, "tcp", p.Addr(), p.tls)
+	} else {
+		conn, err = d.Dial("tcp", p.Addr())
+	}
 	if err != nil {
 		return err
 	}
@@ -107,17 +182,34 @@ func (p *Process) ping() error {
 	if err != nil {
 		return err
 	}
-	if string(buf[:n]) != "+PONG\r\n" {
+	if r := string(buf[:n]); r != "+PONG\r\n" && !strings.HasPrefix(r, "-NOAUTH") {
 		return fmt.Errorf("unexpected reply %q", buf[:n])
 	}
 	return nil
 }
 
 // Addr returns host:port.
-func (p *Process) Addr() string { return "127.0.0.1:" + strconv.Itoa(p.port) }
+func (p *Process) Addr() string { return net.JoinHostPort(p.host, strconv.Itoa(p.port)) }
 
-// URL returns the redis:// URL of the server.
-func (p *Process) URL() string { return "redis://" + p.Addr() + "/0" }
+// URL returns the redis:// (or, with TLS, rediss://) URL of the server.
+func (p *Process) URL() string {
+	if p.tls != nil {
+		return "rediss://" + p.Addr() + "/0"
+	}
+	return "redis://" + p.Addr() + "/0"
+}
+
+// UserURL returns the URL a client logging in as user dials (the password
+// goes separately).
+func (p *Process) UserURL(user string) string {
+	scheme := "redis://"
+	if p.tls != nil {
+		scheme = "rediss://"
+	}
+	return scheme + user + "@" + p.Addr() + "/0"
+}
+
+func quote(s string) string { return strconv.Quote(s) }
 
 // Stop terminates the server (SIGTERM, then SIGKILL after 5 s) and waits.
 func (p *Process) Stop() {
