@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
+	"strings"
 	"time"
 	"unicode"
 
@@ -112,7 +113,21 @@ type Job struct {
 	MaxRetries int `json:"max_retries"`
 	// Resources are what the job needs from its node; optional.
 	Resources Resources `json:"resources,omitzero"`
+	// Secrets are values sealed (package seal: age to the ssh-ed25519
+	// keys of the nodes that may run the job) so only the runner that
+	// executes it can open them; the script reads them as
+	// job.secrets.NAME. Each value is an ASCII-armored age file.
+	Secrets map[string]string `json:"secrets,omitempty"`
 }
+
+// Bounds of a job's secrets.
+const (
+	MaxSecrets      = 32
+	MaxSealedSecret = 16 << 10
+	sealedPrefix    = "-----BEGIN AGE ENCRYPTED FILE-----"
+)
+
+var secretNameRe = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]{0,63}$`)
 
 // NewJob returns a job for script on site, valid from now (back-dated by
 // ClockSkew) for DefaultValidity, with a random nonce, DefaultTimeout and
@@ -182,6 +197,19 @@ func (j *Job) Validate() error {
 		return bad("max_retries %d is out of range (0 to %d)", j.MaxRetries, MaxRetriesLimit)
 	case j.Resources.CPU < 0 || j.Resources.MemoryMB < 0 || j.Resources.DiskGB < 0:
 		return bad("resources must not be negative")
+	}
+	if len(j.Secrets) > MaxSecrets {
+		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("job has %d secrets, the limit is %d", len(j.Secrets), MaxSecrets)}
+	}
+	for name, v := range j.Secrets {
+		switch {
+		case !secretNameRe.MatchString(name):
+			return bad("secret name %q: use letters, digits and _ (not first), at most 64", name)
+		case len(v) > MaxSealedSecret:
+			return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("secret %s is %d bytes sealed, the limit is %d", name, len(v), MaxSealedSecret)}
+		case !strings.HasPrefix(v, sealedPrefix):
+			return bad("secret %s is not sealed (an armored age file): writ run --secret seals values, never send one in the clear", name)
+		}
 	}
 	if len(j.Args) > 0 {
 		var obj map[string]json.RawMessage

@@ -119,6 +119,9 @@ func New(cfg Config) (*Agent, error) {
 // ID returns the node's ID (derived from its key).
 func (a *Agent) ID() string { return a.id }
 
+// Key returns the node's key (it opens the secrets sealed to this node).
+func (a *Agent) Key() *keys.Key { return a.key }
+
 // Status returns the current status line.
 func (a *Agent) Status() string {
 	a.mu.Lock()

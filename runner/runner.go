@@ -27,6 +27,7 @@ import (
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/seal"
 	"github.com/writ-fleet/writ/verify"
 )
 
@@ -54,7 +55,10 @@ type Params struct {
 	ShutdownTimeout time.Duration
 	// Dequeuers: see queue.WorkerConfig; zero means its default.
 	Dequeuers int
-	Now       func() time.Time // optional, time.Now
+	// Secrets opens jobs' sealed secrets with this node's key; nil: a job
+	// with secrets is retried (another node may open them).
+	Secrets *seal.Opener
+	Now     func() time.Time // optional, time.Now
 }
 
 // Scripts runs job scripts: *scripts.Sandbox, or *scripts.Engine in
@@ -158,6 +162,16 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 		return rep.finish(nil, f)
 	}
 	spec := c.Job
+	// Secrets are opened here, just before the run, and never reported:
+	// every event and error the run produces has their values redacted.
+	secrets, err := r.p.Secrets.OpenAll(spec.Secrets)
+	if err != nil {
+		if errors.Is(err, seal.ErrNotRecipient) || r.p.Secrets == nil {
+			return rep.finish(nil, retry("secret_sealed", fmt.Errorf("%w (another node of the site may run it)", err)))
+		}
+		return rep.finish(nil, fail("secret_invalid", err))
+	}
+	rep.secrets = secrets
 	rep.emit(job.Event{Type: job.EventStarted, Node: r.p.Node, Attempt: d.Attempt, Name: spec.Name})
 
 	runCtx, cancel := scripts.WithTimeout(ctx, spec.RunTimeout())
@@ -166,7 +180,7 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	start := time.Now()
 	out, runErr := r.p.Scripts.Run(runCtx, spec.Script, scripts.Input{
 		JobID: d.ID, Name: spec.Name, Site: r.p.Site, Node: r.p.Node,
-		Args: spec.Args, Attempt: d.Attempt, Log: rep.log,
+		Args: spec.Args, Attempt: d.Attempt, Log: rep.log, Secrets: secrets,
 		Owner: c.Owner, Admin: c.Admin, MaxMemory: c.ScriptMemory,
 	})
 	r.runTime.Observe(time.Since(start).Seconds())
@@ -222,8 +236,9 @@ func classify(ctx context.Context, err error) *failure {
 
 // reporter collects a run's events and sends them on the site stream.
 type reporter struct {
-	r *Runner
-	d queue.Delivery
+	r       *Runner
+	d       queue.Delivery
+	secrets map[string]string // opened secrets: redacted from every event
 
 	mu      sync.Mutex
 	pending []job.Event // guarded by mu
@@ -231,6 +246,12 @@ type reporter struct {
 
 func (rep *reporter) emit(ev job.Event) {
 	ev.Job, ev.Site = rep.d.ID, rep.r.p.Site
+	if len(rep.secrets) > 0 {
+		ev.Message, ev.Error = seal.Redact(ev.Message, rep.secrets), seal.Redact(ev.Error, rep.secrets)
+		if len(ev.Result) > 0 {
+			ev.Result = []byte(seal.Redact(string(ev.Result), rep.secrets))
+		}
+	}
 	if ev.At.IsZero() {
 		ev.At = rep.r.p.Now()
 	}
@@ -293,6 +314,10 @@ func (rep *reporter) flushLoop() func() {
 // nil, a retryable error, or a NoRetry error.
 func (rep *reporter) finish(result []byte, f *failure) error {
 	r := rep.r
+	if f != nil && len(rep.secrets) > 0 {
+		// asynq keeps the error text in Redis, and the log keeps it too.
+		f.err = errors.New(seal.Redact(f.err.Error(), rep.secrets))
+	}
 	if f == nil {
 		rep.emit(job.Event{Type: job.EventSucceeded, Node: r.p.Node, Attempt: rep.d.Attempt, Result: result})
 		rep.flush()

@@ -325,6 +325,9 @@ type Input struct {
 	Node    string
 	Args    []byte // JSON object, may be empty
 	Attempt int    // 1 for the first run
+	// Secrets are the job's opened secrets (package seal), read as
+	// job.secrets.NAME.
+	Secrets map[string]string
 	// Log receives each log line as it is written (level is debug, info,
 	// warn or error). It may be nil.
 	Log func(level, line string)

@@ -113,8 +113,9 @@ type jobImport struct{ rc *Run }
 
 func (j jobImport) Import(string) (any, error) { return j.rc.jobMap, nil }
 
-// fillJob sets job.id, job.name, job.site, job.node, job.attempt and
-// job.args for the run about to start; job.result is fixed.
+// fillJob sets job.id, job.name, job.site, job.node, job.attempt,
+// job.args and job.secrets for the run about to start; job.result is
+// fixed.
 func (rc *Run) fillJob() {
 	in := rc.in
 	m := rc.jobMap.Value
@@ -128,6 +129,11 @@ func (rc *Run) fillJob() {
 	} else {
 		m["args"] = rc.args
 	}
+	secrets := make(map[string]tengo.Object, len(in.Secrets))
+	for k, v := range in.Secrets {
+		secrets[k] = &tengo.String{Value: v}
+	}
+	m["secrets"] = &tengo.ImmutableMap{Value: secrets}
 }
 
 func newJobMap(rc *Run) *tengo.ImmutableMap {

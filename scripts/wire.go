@@ -67,12 +67,13 @@ type frame struct {
 
 // wireInput is the part of Input a child needs.
 type wireInput struct {
-	JobID   string          `json:"job_id"`
-	Name    string          `json:"name"`
-	Site    string          `json:"site"`
-	Node    string          `json:"node"`
-	Args    json.RawMessage `json:"args,omitempty"`
-	Attempt int             `json:"attempt"`
+	JobID   string            `json:"job_id"`
+	Name    string            `json:"name"`
+	Site    string            `json:"site"`
+	Node    string            `json:"node"`
+	Args    json.RawMessage   `json:"args,omitempty"`
+	Attempt int               `json:"attempt"`
+	Secrets map[string]string `json:"secrets,omitempty"`
 }
 
 // Kinds of a done frame's stop.

@@ -19,6 +19,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/writ-fleet/writ/identity"
 	"github.com/writ-fleet/writ/internal/redisproc"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
@@ -26,6 +27,7 @@ import (
 	"github.com/writ-fleet/writ/pki"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/sal/storage"
+	"github.com/writ-fleet/writ/seal"
 	"github.com/writ-fleet/writ/supervisor"
 )
 
@@ -137,12 +139,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	}
 
 	keyPath := filepath.Join(dir, "admin.key")
-	admin, err := keys.Load(keyPath)
-	if errors.Is(err, os.ErrNotExist) || (err != nil && !fileExists(keyPath)) {
-		if admin, err = keys.Generate("dev-admin"); err == nil {
-			err = admin.Save(keyPath)
-		}
-	}
+	admin, err := loadOrMakeKey(keyPath, "dev-admin")
 	if err != nil {
 		return fmt.Errorf("dev admin key: %w", err)
 	}
@@ -227,6 +224,21 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 
+	// The runner is a registered node with a key of its own (DIR/node.key),
+	// so secrets sealed to the site's nodes (writ run --secret) open on it.
+	nodeKey, err := loadOrMakeKey(filepath.Join(dir, "node.key"), "dev-node")
+	if err != nil {
+		return fmt.Errorf("dev node key: %w", err)
+	}
+	nodeID := ledger.NodeID(nodeKey.Public)
+	if _, err := store.RegisterNode(ctx, ledger.Node{ID: nodeID, Site: devSite, PublicKey: nodeKey.AuthorizedKey(), Facts: identity.Facts(version), RegisteredAt: time.Now().UTC()}); err != nil {
+		return fmt.Errorf("register the dev node: %w", err)
+	}
+	opener, err := seal.NewOpener(nodeKey)
+	if err != nil {
+		return err
+	}
+
 	// Storage needs root (loop devices, mounts): as root the fleet gets a
 	// loop-backed pool in the data directory, unmounted on the way out.
 	var pool *storage.Pool
@@ -286,7 +298,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	}
 	g.Go(func() error { return serve(gctx, lns["files"], http.FileServer(http.Dir(filesDir))) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdbs[queue.ACLRunner], runnerParams{sec: secs["runner"], ledgerURL: ledgerURL, site: devSite, node: defaultNodeID(), concurrency: c.concurrency, pool: pool, net: host, vms: vms})
+		return runRunner(gctx, c.log, lns["runner"], rdbs[queue.ACLRunner], runnerParams{sec: secs["runner"], secrets: opener, ledgerURL: ledgerURL, site: devSite, node: nodeID, concurrency: c.concurrency, pool: pool, net: host, vms: vms})
 	})
 
 	envFile := filepath.Join(dir, "env")
@@ -313,7 +325,7 @@ writ dev fleet is up (site %q, node %q)
   . %s && %s run scripts/lib/hello.tengo --arg who=you
 Stop with Ctrl-C.
 
-`, devSite, defaultNodeID(), coordURL, ledgerURL, secs["supervisor"].url(supAddr), queue.Redact(redisURL), httpURL(filesAddr), filesDir, envBanner(env), envFile, selfPath())
+`, devSite, nodeID, coordURL, ledgerURL, secs["supervisor"].url(supAddr), queue.Redact(redisURL), httpURL(filesAddr), filesDir, envBanner(env), envFile, selfPath())
 		if c.sample == "" {
 			return nil
 		}
@@ -453,4 +465,15 @@ func randomSecret() string {
 		panic(err) // crypto/rand does not fail on Linux
 	}
 	return hex.EncodeToString(b[:])
+}
+
+// loadOrMakeKey loads the key at path, making it first if there is none.
+func loadOrMakeKey(path, comment string) (*keys.Key, error) {
+	k, err := keys.Load(path)
+	if errors.Is(err, os.ErrNotExist) || (err != nil && !fileExists(path)) {
+		if k, err = keys.Generate(comment); err == nil {
+			err = k.Save(path)
+		}
+	}
+	return k, err
 }

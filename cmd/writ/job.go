@@ -17,6 +17,7 @@ import (
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/seal"
 )
 
 // signFlags are the job fields set when signing (writ job sign, writ run).
@@ -25,7 +26,8 @@ type signFlags struct {
 	cpu, diskGB                     int
 	memory                          string
 	anySite                         bool
-	args                            []string
+	args, secrets                   []string
+	ledger                          string
 	timeout, valid                  time.Duration
 	maxRetries                      int
 }
@@ -41,6 +43,8 @@ func (f *signFlags) add(cmd *cobra.Command) {
 	fl.StringVar(&f.name, "name", "", "job name (default: the script's file name)")
 	fl.StringArrayVar(&f.args, "arg", nil, "job argument key=value (repeatable); a value that is valid JSON is taken as JSON, else as a string")
 	fl.StringVar(&f.argsFile, "args-file", "", "JSON object file of job arguments (--arg values override it)")
+	fl.StringArrayVar(&f.secrets, "secret", nil, "secret NAME=VALUE or NAME=@FILE (repeatable): sealed to the key of the --node, or of every node of the --site (from the ledger), so only the runner that executes the job opens it; the script reads job.secrets.NAME. @FILE keeps the value out of the process list")
+	fl.StringVar(&f.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, for the node keys --secret seals to (default $WRIT_LEDGER)")
 	fl.DurationVar(&f.timeout, "timeout", envelope.DefaultTimeout, "how long one run may take")
 	fl.DurationVar(&f.valid, "valid", envelope.DefaultValidity, "how long the signed job may be submitted and run")
 	fl.IntVar(&f.maxRetries, "max-retries", envelope.DefaultMaxRetries, "retries after infrastructure failures")
@@ -121,7 +125,71 @@ func (f *signFlags) signSource(name, src string) (*envelope.Envelope, error) {
 	if j.Args, err = f.parseArgs(); err != nil {
 		return nil, err
 	}
+	if j.Secrets, err = f.sealSecrets(j); err != nil {
+		return nil, err
+	}
 	return j.Sign(k)
+}
+
+// sealSecrets seals --secret values to the nodes that may run j: the
+// pinned node, or every node of its site.
+func (f *signFlags) sealSecrets(j *envelope.Job) (map[string]string, error) {
+	if len(f.secrets) == 0 {
+		return nil, nil
+	}
+	plain := map[string][]byte{}
+	for _, kv := range f.secrets {
+		name, v, ok := strings.Cut(kv, "=")
+		if !ok || name == "" {
+			return nil, errors.New("--secret: each takes NAME=VALUE or NAME=@FILE")
+		}
+		if file, isFile := strings.CutPrefix(v, "@"); isFile {
+			b, err := os.ReadFile(file)
+			if err != nil {
+				return nil, fmt.Errorf("--secret %s: %w", name, err)
+			}
+			v = strings.TrimSuffix(string(b), "\n")
+		}
+		plain[name] = []byte(v)
+	}
+	if j.AnySite {
+		return nil, errors.New("--secret needs the nodes it is sealed to: give --site (or --node), not --any-site")
+	}
+	s, err := clientSec()
+	if err != nil {
+		return nil, err
+	}
+	lc := s.ledgerClient(f.ledger)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var recipients []string
+	if j.Node != "" {
+		n, err := lc.Node(ctx, j.Node)
+		if err != nil {
+			return nil, fmt.Errorf("--secret: node %s: %w", j.Node, err)
+		}
+		recipients = append(recipients, n.PublicKey)
+	} else {
+		nodes, err := lc.Nodes(ctx, j.Site)
+		if err != nil {
+			return nil, fmt.Errorf("--secret: nodes of site %s: %w", j.Site, err)
+		}
+		for _, n := range nodes {
+			recipients = append(recipients, n.PublicKey)
+		}
+		if len(recipients) == 0 {
+			return nil, fmt.Errorf("--secret: site %s has no registered node to seal to", j.Site)
+		}
+	}
+	out := map[string]string{}
+	for name, v := range plain {
+		sealed, err := seal.Seal(v, recipients)
+		if err != nil {
+			return nil, fmt.Errorf("--secret %s: %w", name, err)
+		}
+		out[name] = sealed
+	}
+	return out, nil
 }
 
 func baseName(p string) string {

@@ -19,6 +19,7 @@ import (
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/runner"
 	"github.com/writ-fleet/writ/sal/vm"
+	"github.com/writ-fleet/writ/seal"
 )
 
 // nodeCmd runs a node: its identity agent and its runner.
@@ -120,6 +121,10 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return err
 	}
+	opener, err := seal.NewOpener(agent.Key())
+	if err != nil {
+		return err
+	}
 	var ln net.Listener
 	if c.listen != "" {
 		if ln, err = s.listen(c.listen, "--listen"); err != nil {
@@ -134,7 +139,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return agent.Run(gctx) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, ln, rdb, runnerParams{sec: s, ledgerURL: c.ledger, site: c.site, node: agent.ID(),
+		return runRunner(gctx, c.log, ln, rdb, runnerParams{sec: s, secrets: opener, ledgerURL: c.ledger, site: c.site, node: agent.ID(),
 			concurrency: c.concurrency, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 	})
 	return g.Wait()

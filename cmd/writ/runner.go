@@ -17,6 +17,7 @@ import (
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/runner"
@@ -26,6 +27,7 @@ import (
 	"github.com/writ-fleet/writ/sal/vm/cloudhypervisor"
 	"github.com/writ-fleet/writ/sal/vm/qemu"
 	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/seal"
 )
 
 type runnerCmd struct {
@@ -36,7 +38,8 @@ type runnerCmd struct {
 	net                        netFlags
 	vm                         vmFlags
 	poll, trustTTL             time.Duration
-	scriptMemory               string
+	scriptMemory, nodeKey      string
+	nodeChanged                bool
 	tls                        serviceTLS
 	log                        *slog.Logger
 }
@@ -60,6 +63,7 @@ its owner's volumes, networks and VMs; a site admin's sees all.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c.log = newLogger(cmd)
+			c.nodeChanged = cmd.Flags().Changed("node")
 			return c.Run(cmd.Context(), args)
 		},
 	}
@@ -74,6 +78,7 @@ its owner's volumes, networks and VMs; a site admin's sees all.`,
 	trustTTLFlag(cmd, &c.trustTTL)
 	scriptMemoryFlag(cmd, &c.scriptMemory)
 	c.tls.add(cmd)
+	cmd.Flags().StringVar(&c.nodeKey, "node-key", "", "this node's registered key (writ node makes one): it opens the secrets sealed to the node, and --node defaults to its ID")
 	c.pool.add(cmd)
 	c.net.add(cmd, "/var/lib/writ/net")
 	c.vm.add(cmd, "/var/lib/writ/vms")
@@ -84,6 +89,22 @@ its owner's volumes, networks and VMs; a site admin's sees all.`,
 func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 	if !envelope.ValidSite(c.site) {
 		return fmt.Errorf("--site %q is missing or not a valid site name", c.site)
+	}
+	var opener *seal.Opener
+	if c.nodeKey != "" {
+		k, err := keys.Load(c.nodeKey)
+		if err != nil {
+			return fmt.Errorf("--node-key: %w", err)
+		}
+		id := ledger.NodeID(k.Public)
+		if !c.nodeChanged {
+			c.node = id
+		} else if c.node != id {
+			return fmt.Errorf("--node %s is not the ID of --node-key (%s)", c.node, id)
+		}
+		if opener, err = seal.NewOpener(k); err != nil {
+			return err
+		}
 	}
 	if !envelope.ValidNode(c.node) {
 		return fmt.Errorf("--node %q is not a valid node ID", c.node)
@@ -114,12 +135,13 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer closeLayers()
-	return runRunner(ctx, c.log, ln, rdb, runnerParams{sec: s, ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
+	return runRunner(ctx, c.log, ln, rdb, runnerParams{sec: s, secrets: opener, ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 }
 
 // runnerParams are the runner's settings from flags.
 type runnerParams struct {
 	sec                    *sec
+	secrets                *seal.Opener // nil: this runner opens no secrets
 	ledgerURL, site, node  string
 	concurrency, dequeuers int
 	poll, trustTTL         time.Duration
@@ -181,6 +203,7 @@ func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queu
 		Concurrency:  p.concurrency,
 		Dequeuers:    p.dequeuers,
 		PollInterval: p.poll,
+		Secrets:      p.secrets,
 	})
 	if err != nil {
 		return err
