@@ -39,6 +39,10 @@ var DefaultRateLimits = [nLimits]RateLimit{
 	limitAdmin:    {Rate: 20, Burst: 200},
 }
 
+// NoRateLimits turns every per-source limit off (a benchmark whose
+// simulated fleet shares one address).
+var NoRateLimits [nLimits]RateLimit
+
 // maxSources bounds the limiter table; past it the table starts afresh
 // (a flood from many addresses gets a fresh allowance, not memory).
 const maxSources = 65536
