@@ -185,7 +185,12 @@ func (f *fleet) run(args ...string) string {
 func (f *fleet) start(name string, args ...string) *proc {
 	f.t.Helper()
 	args = append(args, tlsArgs(args)...)
-	cmd := exec.Command(writBin, append(args, "--log-level", "debug")...)
+	return f.startCmd(name, exec.Command(writBin, append(args, "--log-level", "debug")...))
+}
+
+// startCmd launches cmd as the service process named name.
+func (f *fleet) startCmd(name string, cmd *exec.Cmd) *proc {
+	f.t.Helper()
 	var buf bytes.Buffer
 	mu := &sync.Mutex{}
 	w := &lockedWriter{mu: mu, b: &buf}

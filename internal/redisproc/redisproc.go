@@ -41,9 +41,12 @@ type Config struct {
 	Users []User
 	// TLS, when set, makes the server speak TLS only (rediss://).
 	TLS *TLS
-	// Wrap is a command prefix to run redis-server under (ip netns exec
-	// NS, for a host of a multi-host test).
+	// Wrap is a command prefix to run redis-server under (nsenter --net,
+	// for a host of a multi-host test).
 	Wrap []string
+	// Dial, when set, opens the TCP connections Start checks the server
+	// with (from inside the namespace Wrap enters).
+	Dial func(addr string) (net.Conn, error)
 }
 
 // User is an ACL user: a name, a password (stored in the configuration
@@ -64,6 +67,7 @@ type Process struct {
 	host string
 	port int
 	tls  *tls.Config // nil: plain
+	dial func(addr string) (net.Conn, error)
 	done chan struct{}
 }
 
@@ -120,7 +124,7 @@ func Start(cfg Config) (*Process, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start redis-server: %w", err)
 	}
-	p := &Process{cmd: cmd, port: cfg.Port, host: cfg.Bind, done: make(chan struct{})}
+	p := &Process{cmd: cmd, port: cfg.Port, host: cfg.Bind, dial: cfg.Dial, done: make(chan struct{})}
 	if cfg.TLS != nil {
 		pem, err := os.ReadFile(cfg.TLS.CA)
 		if err != nil {
@@ -163,14 +167,22 @@ func tail(s string, n int) string {
 func (p *Process) ping() error {
 	var conn net.Conn
 	var err error
-	d := &net.Dialer{Timeout: 200 * time.Millisecond}
-	if p.tls != nil {
-		conn, err = tls.DialWithDialer(d, "tcp", p.Addr(), p.tls)
+	if p.dial != nil {
+		conn, err = p.dial(p.Addr())
 	} else {
-		conn, err = d.Dial("tcp", p.Addr())
+		conn, err = net.DialTimeout("tcp", p.Addr(), 200*time.Millisecond)
 	}
 	if err != nil {
 		return err
+	}
+	if p.tls != nil {
+		tc := tls.Client(conn, p.tls)
+		tc.SetDeadline(time.Now().Add(time.Second))
+		if err := tc.Handshake(); err != nil {
+			conn.Close()
+			return err
+		}
+		conn = tc
 	}
 	defer conn.Close()
 	conn.SetDeadline(time.Now().Add(500 * time.Millisecond))
