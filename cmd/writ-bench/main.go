@@ -34,6 +34,7 @@ import (
 	"github.com/writ-fleet/writ/internal/redisproc"
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/pki"
 	"github.com/writ-fleet/writ/queue"
 )
 
@@ -110,22 +111,41 @@ func run() error {
 		return err
 	}
 	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
-	coordURL := fmt.Sprintf("http://127.0.0.1:%d", base+2)
-	if err := waitReady(coordURL+"/readyz", 30*time.Second); err != nil {
+	// writ dev serves HTTPS with its own CA (DIR/tls): the benchmark talks
+	// to it as a fleet across hosts would, TLS and signed requests.
+	coordURL := fmt.Sprintf("https://127.0.0.1:%d", base+2)
+	caFile := filepath.Join(devDir, "tls", "ca.crt")
+	var hc *http.Client
+	deadline := time.Now().Add(30 * time.Second)
+	for hc == nil && time.Now().Before(deadline) {
+		// The CA and certificates appear once writ dev has made them.
+		tc := &pki.Config{CA: caFile, Cert: filepath.Join(devDir, "tls", "runner.crt"), Key: filepath.Join(devDir, "tls", "runner.key")}
+		if tc.Load() == nil {
+			hc = tc.HTTPClient(0)
+			tr := hc.Transport.(*http.Transport)
+			tr.MaxIdleConnsPerHost, tr.MaxConnsPerHost = 1024, 0
+		} else {
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	if hc == nil {
+		return fmt.Errorf("writ dev made no CA in %s", caFile)
+	}
+	if err := waitReady(hc, coordURL+"/readyz", 30*time.Second); err != nil {
 		return fmt.Errorf("writ dev did not come up: %w (log: %s)", err, filepath.Join(dir, "dev.log"))
 	}
 	key, err := keys.Load(filepath.Join(devDir, "admin.key"))
 	if err != nil {
 		return err
 	}
-	cl := &coord.Client{BaseURL: coordURL, HTTP: &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1024, MaxConnsPerHost: 0}}}
+	cl := &coord.Client{BaseURL: coordURL, HTTP: hc, Key: key}
 	// Warm up: caches, connections, the compiled script.
 	if _, err := e2eThroughput(cl, key, 500); err != nil {
 		return err
 	}
 	if *profile != "" {
 		go func() {
-			resp, err := http.Get(coordURL + "/debug/pprof/profile?seconds=10")
+			resp, err := hc.Get(coordURL + "/debug/pprof/profile?seconds=10")
 			if err != nil {
 				return
 			}
@@ -152,7 +172,7 @@ func run() error {
 	}
 	fmt.Printf("writ e2e:   throughput %8.0f jobs/s   at %d/s: p50 %s  p99 %s\n", e2eTput, *rate, e2eLat.p(50), e2eLat.p(99))
 	if *scaleRunners > 0 {
-		if err := scaleOut(bin, dir, rp.URL(), fmt.Sprintf("http://127.0.0.1:%d", base+1), cl, key); err != nil {
+		if err := scaleOut(bin, dir, rp.URL(), fmt.Sprintf("https://127.0.0.1:%d", base+1), caFile, cl, key); err != nil {
 			return fmt.Errorf("scale-out: %w", err)
 		}
 	}
@@ -176,10 +196,10 @@ func hostInfo() string {
 	return runtime.GOARCH
 }
 
-func waitReady(url string, d time.Duration) error {
+func waitReady(hc *http.Client, url string, d time.Duration) error {
 	deadline := time.Now().Add(d)
 	for time.Now().Before(deadline) {
-		if resp, err := http.Get(url); err == nil {
+		if resp, err := hc.Get(url); err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
 				return nil
@@ -317,10 +337,10 @@ const sleepScript = `job := import("job"); times := import("times"); times.sleep
 // scaleOut adds runners (each --concurrency workers) next to the one in
 // writ dev and runs 100 ms jobs: the ideal is runners × concurrency × 10
 // jobs/s.
-func scaleOut(bin, dir, redisURL, ledgerURL string, cl *coord.Client, k *keys.Key) error {
+func scaleOut(bin, dir, redisURL, ledgerURL, caFile string, cl *coord.Client, k *keys.Key) error {
 	for i := 1; i < *scaleRunners; i++ {
 		cmd := exec.Command(bin, "runner", "--site", "local", "--node", fmt.Sprintf("bench-%d", i), "--redis", redisURL,
-			"--ledger", ledgerURL, "--listen", "", "--concurrency", fmt.Sprint(*concurrency), "--log-level", "warn")
+			"--ledger", ledgerURL, "--ca", caFile, "--listen", "", "--concurrency", fmt.Sprint(*concurrency), "--log-level", "warn")
 		logf, _ := os.Create(filepath.Join(dir, fmt.Sprintf("runner-%d.log", i)))
 		cmd.Stdout, cmd.Stderr = logf, logf
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

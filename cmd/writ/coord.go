@@ -15,6 +15,7 @@ import (
 
 type coordCmd struct {
 	listen, ledger, placement string
+	streams                   int
 	redis                     redisFlags
 	tls                       serviceTLS
 	log                       *slog.Logger
@@ -39,6 +40,7 @@ stateless apart from Redis: restart it, or run several behind a load balancer.`,
 	c.redis.add(cmd, "coord's Redis")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
 	c.tls.add(cmd)
+	cmd.Flags().IntVar(&c.streams, "streams-per-user", coord.DefaultStreamsPerUser, "event streams and waiting requests one user may hold open at once")
 	cmd.Flags().StringVar(&c.placement, "placement", coord.PlaceSpread, "where jobs that state resources (--cpu/--memory) and pin no node go: spread (most free node) or binpack (fullest node that fits)")
 	return cmd
 }
@@ -61,13 +63,13 @@ func (c *coordCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runCoord(ctx, c.log, ln, rdb, c.ledger, c.placement, s)
+	return runCoord(ctx, c.log, ln, rdb, c.ledger, c.placement, s, c.streams)
 }
 
-func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, placement string, s *sec) error {
+func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, placement string, s *sec, streams int) error {
 	lc := s.ledgerClient(ledgerURL)
 	co, err := coord.New(coord.Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log.With("svc", "coord"), Metrics: newRegistry(), Placement: placement,
-		HTTP: s.client(0)})
+		HTTP: s.client(0), StreamsPerUser: streams})
 	if err != nil {
 		return err
 	}

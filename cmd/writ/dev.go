@@ -288,7 +288,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return runSupervisor(gctx, c.log, lns["supervisor"], rdbs[queue.ACLSupervisor], ledgerURL, devSite, 0, secs["supervisor"], nil)
 	})
 	g.Go(func() error {
-		return runCoord(gctx, c.log, lns["coord"], rdbs[queue.ACLCoord], ledgerURL, "", secs["coord"])
+		return runCoord(gctx, c.log, lns["coord"], rdbs[queue.ACLCoord], ledgerURL, "", secs["coord"], 0)
 	})
 	// DIR/files over HTTP: images for the storage and vm modules (make guest
 	// puts the demo guest there).

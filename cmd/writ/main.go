@@ -80,8 +80,10 @@ Start a whole fleet on this machine:   writ dev --dir .dev
 Then, in another shell:                 . .dev/env && writ run scripts/lib/hello.tengo --arg who=you
 
 Client commands read their defaults from the environment: WRIT_COORD (coord
-URL), WRIT_KEY (signing key file), WRIT_SITE (default site) and WRIT_LEDGER
-(ledger URL).`,
+URL), WRIT_KEY (signing key file), WRIT_SITE (default site), WRIT_LEDGER
+(ledger URL) and WRIT_CA (the site CA's certificate, which servers are
+verified against). Services take WRIT_TLS_CERT and WRIT_TLS_KEY (their
+certificate), WRIT_REDIS and WRIT_REDIS_PASSWORD.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		Version:       version,
@@ -104,6 +106,7 @@ URL), WRIT_KEY (signing key file), WRIT_SITE (default site) and WRIT_LEDGER
 		userCommand(),
 		siteCommand(),
 		caCommand(),
+		redisCommand(),
 	)
 	return root
 }
