@@ -47,18 +47,7 @@ stateless apart from Redis: restart it, or run several behind a load balancer.`,
 
 // Run serves coord until ctx ends.
 func (c *coordCmd) Run(ctx context.Context, _ []string) error {
-	s, err := c.tls.load(true)
-	if err != nil {
-		return err
-	}
-	if err := s.checkURL(c.ledger, "--ledger"); err != nil {
-		return err
-	}
-	ln, err := s.listen(c.listen, "--listen")
-	if err != nil {
-		return err
-	}
-	rdb, err := c.redis.connect()
+	s, ln, rdb, err := serviceSetup(&c.tls, &c.redis, c.ledger, c.listen)
 	if err != nil {
 		return err
 	}

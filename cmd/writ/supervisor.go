@@ -55,18 +55,7 @@ func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
 	if !envelope.ValidSite(c.site) {
 		return fmt.Errorf("--site %q is missing or not a valid site name", c.site)
 	}
-	s, err := c.tls.load(true)
-	if err != nil {
-		return err
-	}
-	if err := s.checkURL(c.ledger, "--ledger"); err != nil {
-		return err
-	}
-	ln, err := s.listen(c.listen, "--listen")
-	if err != nil {
-		return err
-	}
-	rdb, err := c.redis.connect()
+	s, ln, rdb, err := serviceSetup(&c.tls, &c.redis, c.ledger, c.listen)
 	if err != nil {
 		return err
 	}

@@ -217,3 +217,25 @@ func (f *redisFlags) connect() (*queue.Redis, error) {
 	}
 	return queue.Dial(f.url, creds)
 }
+
+// serviceSetup is what a listening service does first: load its TLS
+// material, refuse a plain ledger URL over TLS, listen, and dial its Redis.
+func serviceSetup(t *serviceTLS, r *redisFlags, ledgerURL, addr string) (*sec, net.Listener, *queue.Redis, error) {
+	s, err := t.load(true)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	if err := s.checkURL(ledgerURL, "--ledger"); err != nil {
+		return nil, nil, nil, err
+	}
+	ln, err := s.listen(addr, "--listen")
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	rdb, err := r.connect()
+	if err != nil {
+		ln.Close()
+		return nil, nil, nil, err
+	}
+	return s, ln, rdb, nil
+}
