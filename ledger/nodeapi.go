@@ -152,7 +152,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r = r.WithContext(context.WithValue(r.Context(), regKey{}, pub))
-	checked, err := s.nodeVerifier.Check(r)
+	checked, err := s.regVerifier.Check(r)
 	if err != nil {
 		httpapi.Fail(w, sigErr(err))
 		return
@@ -181,7 +181,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	}
 	// The token is good: now the nonce is kept (a replay of this very
 	// request is refused, by every ledger on the store).
-	if err := s.nodeVerifier.Commit(ctx, checked); err != nil {
+	if err := s.regVerifier.Commit(ctx, checked); err != nil {
 		httpapi.Fail(w, sigErr(err))
 		return
 	}

@@ -12,6 +12,12 @@ import (
 // to another site).
 var ErrConflict = errors.New("conflict")
 
+// ErrStaleReport is an uptime report no later than the node's last one: a
+// replayed request (or a node clock that went back). Each node's reports
+// only move forward, which is the replay guard of the uptime path: it
+// costs no write beyond the report's own.
+var ErrStaleReport = errors.New("report is not after the node's last one")
+
 // NodeID is a node's ID: "n" and 20 hex digits of the SHA-256 of its public
 // key. It is derived, so a node cannot claim another's ID, and it is safe as
 // a queue name.

@@ -142,6 +142,13 @@ func TestNodes_UptimeAndLiveness(t *testing.T) {
 		if err != nil || rep.Restarted || rep.Liveness != ledger.LivenessOnline || rep.Interval != 10 {
 			t.Fatalf("first report = %+v, %v", rep, err)
 		}
+		// A report no later than the last is refused: a replay (the
+		// uptime path's replay guard is that each node's reports move
+		// forward).
+		if _, err := report("boot-1", clk.Now()); err == nil || !strings.Contains(err.Error(), "HTTP 409") {
+			t.Errorf("a report at the last one's time = %v, want HTTP 409", err)
+		}
+		clk.Add(time.Second)
 		if rep, err := report("boot-2", clk.Now()); err != nil || !rep.Restarted || rep.Boots != 2 {
 			t.Errorf("report after a reboot = %+v, %v; want restarted", rep, err)
 		}

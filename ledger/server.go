@@ -59,6 +59,7 @@ type Server struct {
 	log          *slog.Logger
 	reg          *prometheus.Registry
 	verifier     *httpsig.Verifier
+	regVerifier  *httpsig.Verifier
 	nodeVerifier *httpsig.Verifier
 	nkeys        nodeKeys
 	now          func() time.Time
@@ -83,11 +84,11 @@ type ServerOptions struct {
 
 // Harden applies opts. Call before Handler.
 func (s *Server) Harden(opts ServerOptions) {
-	for _, v := range []*httpsig.Verifier{s.verifier, s.nodeVerifier} {
+	for _, v := range []*httpsig.Verifier{s.verifier, s.regVerifier, s.nodeVerifier} {
 		v.Authorities = opts.Authorities
-		if opts.Nonces != nil {
-			v.Nonces = opts.Nonces
-		}
+	}
+	if opts.Nonces != nil {
+		s.verifier.Nonces, s.regVerifier.Nonces = opts.Nonces, opts.Nonces
 	}
 	if opts.RateLimits != nil {
 		s.limits = newLimiters(*opts.RateLimits)
@@ -108,13 +109,17 @@ func NewServer(store Store, log *slog.Logger, reg *prometheus.Registry, now func
 		// A store that keeps nonces shares the replay guard between ledger
 		// processes and across restarts.
 		if ns, ok := store.(httpsig.NonceStore); ok {
-			s.verifier.Nonces, s.nodeVerifier.Nonces = ns, ns
+			s.verifier.Nonces, s.regVerifier.Nonces = ns, ns
 		}
 	}()
 	s.verifier = &httpsig.Verifier{Keys: s.adminKey, Now: now, MaxBody: maxAdminBody}
 	// Node signatures must be as fresh as uptime reports, which also keeps
 	// the nonce table (2×MaxAge of requests) small under a large fleet.
-	s.nodeVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody, MaxAge: ReportWindow}
+	// Registration keeps nonces like admin writes; uptime reports need no
+	// nonce table (each node's reports only move forward: ErrStaleReport),
+	// which at 100,000 nodes would double the ledger's writes.
+	s.regVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody, MaxAge: ReportWindow}
+	s.nodeVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody, MaxAge: ReportWindow, Nonces: httpsig.NoReplayGuard{}}
 	s.writes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "writ_ledger_admin_writes_total", Help: "Admin write requests by operation and outcome.",
 	}, []string{"op", "outcome"})
@@ -192,6 +197,8 @@ func storeErr(err error) error {
 		return &httpapi.Error{Status: http.StatusConflict, Reason: "exists", Msg: err.Error()}
 	case errors.Is(err, ErrConflict):
 		return &httpapi.Error{Status: http.StatusConflict, Reason: "conflict", Msg: err.Error()}
+	case errors.Is(err, ErrStaleReport):
+		return &httpapi.Error{Status: http.StatusConflict, Reason: "stale_report", Msg: err.Error() + " (a replay, or the node's clock went back)"}
 	}
 	return err
 }

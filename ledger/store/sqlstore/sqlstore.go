@@ -59,7 +59,7 @@ func New(ctx context.Context, db *sql.DB, d Dialect) (*Store, error) {
 		stmt **sql.Stmt
 		sql  string
 	}{
-		{&s.selBoot, `SELECT boot_id FROM nodes WHERE id = $1`},
+		{&s.selBoot, `SELECT boot_id, last_report FROM nodes WHERE id = $1`},
 		{&s.updUptime, `UPDATE nodes SET boot_id = $1, uptime_seconds = $2, last_report = $3, used = $4, boots = boots + $5 WHERE id = $6 RETURNING boots`},
 		{&s.insBoot, `INSERT INTO node_boots (node, boot_id, first_seen) VALUES ($1, $2, $3) ON CONFLICT (node, boot_id) DO NOTHING`},
 	} {
@@ -578,13 +578,16 @@ func (s *Store) ReportUptime(ctx context.Context, id string, u ledger.Uptime) (b
 		return false, 0, fmt.Errorf("uptime: %w", err)
 	}
 	defer tx.Rollback()
-	var boot string
-	err = tx.StmtContext(ctx, s.selBoot).QueryRowContext(ctx, id).Scan(&boot)
+	var boot, last string
+	err = tx.StmtContext(ctx, s.selBoot).QueryRowContext(ctx, id).Scan(&boot, &last)
 	if errors.Is(err, sql.ErrNoRows) {
 		return false, 0, fmt.Errorf("node %s: %w", id, ledger.ErrNotFound)
 	}
 	if err != nil {
 		return false, 0, fmt.Errorf("uptime: %w", err)
+	}
+	if last != "" && !u.At.After(parseTS(last)) {
+		return false, 0, fmt.Errorf("node %s: report at %s, last at %s: %w", id, ts(u.At), last, ledger.ErrStaleReport)
 	}
 	newBoot := boot != u.BootID
 	if newBoot {
