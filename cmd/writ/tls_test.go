@@ -1,0 +1,112 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/writ-fleet/writ/pki"
+)
+
+// TestServiceTLS_Refusals: a service without a certificate (unless told
+// --insecure-http), plain HTTP off loopback, a plain ledger URL under TLS,
+// and a password in --redis are each refused, naming the way out.
+func TestServiceTLS_Refusals(t *testing.T) {
+	old := caFile
+	defer func() { caFile = old }()
+	caFile = ""
+	if _, err := (&serviceTLS{}).load(true); err == nil || !strings.Contains(err.Error(), "--insecure-http") {
+		t.Errorf("no TLS material = %v", err)
+	}
+	if _, err := (&serviceTLS{insecure: true, cert: "x.crt"}).load(true); err == nil {
+		t.Error("--insecure-http with a certificate loaded")
+	}
+	plain, err := (&serviceTLS{insecure: true}).load(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := plain.listen("0.0.0.0:0", "--listen"); err == nil || !strings.Contains(err.Error(), "loopback") {
+		t.Errorf("plain HTTP on every address = %v, want refused", err)
+	}
+	ln, err := plain.listen("127.0.0.1:0", "--listen")
+	if err != nil {
+		t.Fatalf("plain HTTP on loopback: %v", err)
+	}
+	ln.Close()
+
+	dir := t.TempDir()
+	ca, _ := pki.InitCA(filepath.Join(dir, "ca"), "ca")
+	ca.IssueFiles(pki.Request{Name: "coord"}, filepath.Join(dir, "coord.crt"), filepath.Join(dir, "coord.key"))
+	caFile = filepath.Join(dir, "ca", pki.CACertFile)
+	if _, err := (&serviceTLS{}).load(true); err == nil || !strings.Contains(err.Error(), "--tls-cert") {
+		t.Errorf("serving without a certificate = %v", err)
+	}
+	if _, err := (&serviceTLS{}).load(false); err != nil {
+		t.Errorf("a client-only service (no listener) needs no certificate: %v", err)
+	}
+	s, err := (&serviceTLS{cert: filepath.Join(dir, "coord.crt"), key: filepath.Join(dir, "coord.key")}).load(true)
+	if err != nil || s.name() != "coord" {
+		t.Fatalf("TLS service = %v, %v", s, err)
+	}
+	if err := s.checkURL("http://10.0.0.1:7701", "--ledger"); err == nil {
+		t.Error("a TLS service accepted a plain ledger URL")
+	}
+
+	cmd := redisCommand() // any command to carry the flag
+	rf := &redisFlags{}
+	rf.add(cmd, "test")
+	cmd.Flags().Set("redis", "redis://runner:hunter2@10.0.0.1:6379/0")
+	if _, err := rf.connect(); err == nil || !strings.Contains(err.Error(), "--redis-password-file") || strings.Contains(err.Error(), "hunter2") {
+		t.Errorf("a password in --redis = %v", err)
+	}
+}
+
+// TestRedisConf: writ redis conf makes a password file per role (0600),
+// keeps it on a second run, and prints only the passwords' hashes.
+func TestRedisConf(t *testing.T) {
+	old := caFile
+	defer func() { caFile = old }()
+	dir := t.TempDir()
+	ca, _ := pki.InitCA(filepath.Join(dir, "ca"), "ca")
+	ca.IssueFiles(pki.Request{Name: "redis-lab"}, filepath.Join(dir, "r.crt"), filepath.Join(dir, "r.key"))
+	pw := filepath.Join(dir, "pw")
+	run := func() string {
+		root := rootCommand()
+		r, w, _ := os.Pipe()
+		stdout := os.Stdout
+		os.Stdout = w
+		root.SetArgs([]string{"redis", "conf", "--ca", filepath.Join(dir, "ca", pki.CACertFile), "--site", "lab", "--passwords", pw,
+			"--tls-cert", filepath.Join(dir, "r.crt"), "--tls-key", filepath.Join(dir, "r.key")})
+		err := root.ExecuteContext(context.Background())
+		w.Close()
+		os.Stdout = stdout
+		if err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 1<<16)
+		n, _ := r.Read(b)
+		return string(b[:n])
+	}
+	conf := run()
+	for _, role := range []string{"supervisor", "runner"} {
+		fi, err := os.Stat(filepath.Join(pw, role))
+		if err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("password file of %s: %v %v", role, fi, err)
+		}
+		p, _ := os.ReadFile(filepath.Join(pw, role))
+		if strings.Contains(conf, strings.TrimSpace(string(p))) {
+			t.Errorf("the configuration holds %s's password", role)
+		}
+		if !strings.Contains(conf, "user "+role+" on resetpass #") {
+			t.Errorf("no user %s in:\n%s", role, conf)
+		}
+	}
+	if !strings.Contains(conf, "user default off") || !strings.Contains(conf, "port 0") || !strings.Contains(conf, "tls-port 6379") {
+		t.Errorf("configuration:\n%s", conf)
+	}
+	if again := run(); again != conf {
+		t.Error("a second run changed the passwords")
+	}
+}
