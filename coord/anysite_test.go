@@ -76,7 +76,7 @@ func registerNodesOn(t *testing.T, l *testenv.Ledger, site string, cpus int) {
 	t.Helper()
 	ctx := context.Background()
 	admin := &ledger.Client{BaseURL: l.URL, Key: l.Admin}
-	tok, err := admin.CreateToken(ctx, site, 0)
+	tok, err := admin.CreateTokenFor(ctx, site, ledger.CreateTokenRequest{Uses: 100})
 	if err != nil {
 		t.Fatal(err)
 	}

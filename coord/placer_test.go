@@ -18,7 +18,7 @@ func registerNodes(t *testing.T, l *testenv.Ledger, cpus []int, report []bool) [
 	t.Helper()
 	ctx := context.Background()
 	admin := &ledger.Client{BaseURL: l.URL, Key: l.Admin}
-	tok, err := admin.CreateToken(ctx, "lab", 0)
+	tok, err := admin.CreateTokenFor(ctx, "lab", ledger.CreateTokenRequest{Uses: 100})
 	if err != nil {
 		t.Fatal(err)
 	}

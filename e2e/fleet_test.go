@@ -367,7 +367,7 @@ func (f *fleet) enrollSite(interval int) string {
 	}
 	f.startSupervisor("local")
 	f.startCoord()
-	tok, err := f.lc.CreateToken(ctx, "local", 0)
+	tok, err := f.lc.CreateTokenFor(ctx, "local", ledger.CreateTokenRequest{Uses: 10})
 	if err != nil {
 		f.t.Fatal(err)
 	}

@@ -166,7 +166,7 @@ func TestFleet_Hosts(t *testing.T) {
 	admin("user", "add", "alice", "--pubkey", aliceKey+".pub", "--role", "lab=deployer")
 	admin("site", "set", "other", "--supervisor", "https://10.77.0.99:7703")
 	admin("user", "add", "bob", "--pubkey", bobKey+".pub", "--role", "other=deployer")
-	tokOut := admin("site", "token", "create", "lab")
+	tokOut := admin("site", "token", "create", "lab", "--uses", "2")
 	token := ""
 	for _, w := range strings.Fields(tokOut) {
 		if strings.HasPrefix(w, "writ-enroll-") {

@@ -13,6 +13,7 @@ import (
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/job"
+	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 )
 
@@ -126,4 +127,105 @@ func placed(t *testing.T, f *fleet, ids []string) map[string]int {
 		per[node]++
 	}
 	return per
+}
+
+// TestFleet_NodeRevoked: a one-use token enrolls one node and refuses a
+// second; the enrolled node restarts without a token; once revoked (writ
+// node revoke), its reports are refused, its runner stops taking work, and
+// the site's jobs run elsewhere.
+func TestFleet_NodeRevoked(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	f.enrollSite(1)
+	one, err := f.lc.CreateToken(ctx, "local", 0) // one use
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := func(name string, token string) *proc {
+		return f.start(name, "node", "--ledger", f.ledger, "--site", "local", "--token", token,
+			"--state-dir", filepath.Join(f.dir, name), "--allow-tmpfs", "--redis", f.redis,
+			"--no-network", "--no-vm", "--concurrency", "2", "--trust-ttl", "1s")
+	}
+	a := node("a", one.Secret)
+	idOf := func(p *proc) string {
+		var id string
+		testenv.WaitFor(t, 30*time.Second, p.name+" to register", func() bool {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			for _, line := range strings.Split(p.log.String(), "\n") {
+				if i := strings.Index(line, "registered with site local as "); i >= 0 {
+					id = strings.Fields(line[i+len("registered with site local as "):])[0]
+					return true
+				}
+			}
+			return false
+		})
+		return id
+	}
+	aID := idOf(a)
+	b := node("b", one.Secret)
+	testenv.WaitFor(t, 30*time.Second, "the second node to be refused the used-up token", func() bool {
+		b.mu.Lock()
+		defer b.mu.Unlock()
+		return strings.Contains(b.log.String(), "used up")
+	})
+	f.stop(b, syscall.SIGTERM)
+	// a restarts: registered already, it needs no token.
+	f.stop(a, syscall.SIGTERM)
+	a = f.start("a-again", "node", "--ledger", f.ledger, "--site", "local",
+		"--state-dir", filepath.Join(f.dir, "a"), "--allow-tmpfs", "--redis", f.redis,
+		"--no-network", "--no-vm", "--concurrency", "2", "--trust-ttl", "1s")
+	if id := idOf(a); id != aID {
+		t.Fatalf("the restarted node is %s, want %s", id, aID)
+	}
+	f.startRunner("other", 2)
+	j := envelope.NewJob("before", `job := import("job"); job.result(job.node)`, "local", time.Now())
+	j.Node = aID
+	rep, err := f.client().Submit(ctx, rawEnvelope(t, j, f.admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := f.waitJob(rep.ID, 30*time.Second); got.State != job.StateSucceeded {
+		t.Fatalf("a job pinned to the node before revocation = %+v", got)
+	}
+
+	out := f.run("node", "revoke", aID, "--ledger", f.ledger, "--key", filepath.Join(f.dir, "admin.key"))
+	if !strings.Contains(out, "revoked") {
+		t.Errorf("writ node revoke said %q", out)
+	}
+	nk, err := keys.Load(filepath.Join(f.dir, "a", "node.key"))
+	if err == nil {
+		if _, err := ledger.NodeClient(f.ledger, nk, e2eHTTP).ReportUptime(ctx, aID, ledger.Uptime{BootID: "x", At: time.Now()}); err == nil || !strings.Contains(err.Error(), "revoked") {
+			t.Errorf("a revoked node's report = %v, want refused", err)
+		}
+	}
+	if n, err := f.lc.Node(ctx, aID); err != nil || n.Liveness != ledger.LivenessRevoked {
+		t.Errorf("revoked node = %+v, %v", n, err)
+	}
+	// The revoked node's runner stops within the trust TTL (1 s here);
+	// site jobs keep running on the other runner.
+	select {
+	case <-a.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the revoked node's process is still running")
+	}
+	a.mu.Lock()
+	if !strings.Contains(a.log.String(), "revoked") {
+		t.Errorf("the revoked node did not say why it stopped:\n%s", tail(a.log.String(), 2000))
+	}
+	a.mu.Unlock()
+	for i := range 6 {
+		j := envelope.NewJob(fmt.Sprintf("after-%d", i), `job := import("job"); job.result(job.node)`, "local", time.Now())
+		rep, err := f.client().Submit(ctx, rawEnvelope(t, j, f.admin))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := f.waitJob(rep.ID, 60*time.Second)
+		var ran string
+		json.Unmarshal(got.Result, &ran)
+		if got.State != job.StateSucceeded || ran == aID {
+			t.Errorf("job after revocation = %s on %q", got.State, ran)
+		}
+	}
 }

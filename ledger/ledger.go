@@ -19,6 +19,7 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -149,10 +150,16 @@ type Trust struct {
 	Site    Site      `json:"site"`
 	Signers []Signer  `json:"signers"`
 	AsOf    time.Time `json:"as_of"`
+	// RevokedNodes are the site's revoked nodes: their runners stop
+	// taking work.
+	RevokedNodes []string `json:"revoked_nodes,omitempty"`
 
 	byID map[string]*Signer
 	keys []envelope.TrustedKey // Signers' keys, in order, for Authorize
 }
+
+// NodeRevoked reports whether node is one of the site's revoked nodes.
+func (t *Trust) NodeRevoked(node string) bool { return slices.Contains(t.RevokedNodes, node) }
 
 // index parses public keys and builds the key index; call once after
 // decoding.
@@ -277,7 +284,12 @@ type Store interface {
 	// RegisterNode inserts a node, or updates the facts and capacity of
 	// the same key on the same site (created is false then); the same key
 	// on another site is ErrConflict.
-	RegisterNode(ctx context.Context, n Node) (created bool, err error)
+	// A new node consumes one use of token (the ID of the token it
+	// enrolled with; "" for a caller that needs none, such as writ dev):
+	// ErrTokenUsedUp when none is left. A revoked node is ErrNodeRevoked.
+	RegisterNode(ctx context.Context, n Node, token string) (created bool, err error)
+	// RevokeNode revokes a node; revoking twice keeps the first time.
+	RevokeNode(ctx context.Context, id string, at time.Time) error
 	GetNode(ctx context.Context, id string) (*Node, error)
 	// ListNodes lists a site's nodes ("" for all).
 	ListNodes(ctx context.Context, site string) ([]Node, error)

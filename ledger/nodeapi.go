@@ -28,10 +28,12 @@ const (
 	// ReportWindow is how far an uptime report's time may be from the
 	// ledger's clock.
 	ReportWindow = 2 * time.Minute
-	// DefaultTokenTTL is how long an enrollment token lives by default.
-	DefaultTokenTTL = 24 * time.Hour
+	// DefaultTokenTTL is how long an enrollment token lives by default:
+	// long enough to boot a batch of machines, short enough that a lost
+	// one is soon worthless.
+	DefaultTokenTTL = time.Hour
 	// MaxTokenTTL bounds a token's life.
-	MaxTokenTTL = 365 * 24 * time.Hour
+	MaxTokenTTL = 30 * 24 * time.Hour
 	// nodeKeyCacheTTL bounds how long a node's key stays cached.
 	nodeKeyCacheTTL = time.Minute
 )
@@ -100,6 +102,9 @@ func (s *Server) lookupNode(ctx context.Context, id string) (nodeKeyEntry, error
 	if err != nil {
 		return nodeKeyEntry{}, errors.New("unknown node")
 	}
+	if n.RevokedAt != nil {
+		return nodeKeyEntry{}, fmt.Errorf("node is revoked (since %s)", n.RevokedAt.UTC().Format(time.RFC3339))
+	}
 	pub, _, err := keys.ParsePublic(n.PublicKey)
 	if err != nil {
 		return nodeKeyEntry{}, err
@@ -162,8 +167,23 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ctx := r.Context()
-	tok, err := s.store.TokenBySecret(ctx, hashSecret(req.Token))
 	now := s.now()
+	n := Node{ID: NodeID(pub), Site: req.Site, PublicKey: keys.FormatPublic(pub, comment), Facts: req.Facts, Capacity: req.Capacity, RegisteredAt: now}
+	// A registered node registering again (at every start) proves itself
+	// with its key alone: it needs no token, and uses none.
+	if known, err := s.store.GetNode(ctx, n.ID); err == nil {
+		if known.RevokedAt != nil {
+			httpapi.Fail(w, &httpapi.Error{Status: http.StatusForbidden, Reason: "node_revoked", Msg: "node " + n.ID + " is revoked: it never comes back (give the machine a new key and a new token)"})
+			return
+		}
+		if err := s.regVerifier.Commit(ctx, checked); err != nil {
+			httpapi.Fail(w, sigErr(err))
+			return
+		}
+		s.finishRegister(w, r, n, "")
+		return
+	}
+	tok, err := s.store.TokenBySecret(ctx, hashSecret(req.Token))
 	switch {
 	case err != nil || tok.Site != req.Site:
 		httpapi.Fail(w, &httpapi.Error{Status: http.StatusForbidden, Reason: "bad_token", Msg: "enrollment token is not one of site " + req.Site})
@@ -173,6 +193,9 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		return
 	case !now.Before(tok.ExpiresAt):
 		httpapi.Fail(w, &httpapi.Error{Status: http.StatusForbidden, Reason: "bad_token", Msg: "enrollment token " + tok.ID + " expired at " + tok.ExpiresAt.Format(time.RFC3339)})
+		return
+	case !tok.Live(now):
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusForbidden, Reason: "bad_token", Msg: fmt.Sprintf("enrollment token %s is used up (%d of %d nodes)", tok.ID, tok.Uses, tok.MaxUses)})
 		return
 	}
 	if _, err := s.store.GetSite(ctx, req.Site); err != nil {
@@ -185,8 +208,21 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 		httpapi.Fail(w, sigErr(err))
 		return
 	}
-	n := Node{ID: NodeID(pub), Site: req.Site, PublicKey: keys.FormatPublic(pub, comment), Facts: req.Facts, Capacity: req.Capacity, RegisteredAt: now}
-	created, err := s.store.RegisterNode(ctx, n)
+	s.finishRegister(w, r, n, tok.ID)
+}
+
+// finishRegister stores n (a new one using a use of token) and answers.
+func (s *Server) finishRegister(w http.ResponseWriter, r *http.Request, n Node, token string) {
+	ctx := r.Context()
+	created, err := s.store.RegisterNode(ctx, n, token)
+	if errors.Is(err, ErrTokenUsedUp) {
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusForbidden, Reason: "bad_token", Msg: "enrollment token " + token + " is used up"})
+		return
+	}
+	if errors.Is(err, ErrNodeRevoked) {
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusForbidden, Reason: "node_revoked", Msg: err.Error()})
+		return
+	}
 	if err != nil {
 		httpapi.Fail(w, storeErr(err))
 		return
@@ -198,8 +234,8 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	}
 	s.setLiveness(ctx, got)
 	if created {
-		s.audit(ctx, n.ID, "register_node", n.ID, "site "+n.Site+" with token "+tok.ID)
-		s.log.Info("node registered", "node", n.ID, "site", n.Site, "token", tok.ID, "hostname", n.Facts.Hostname)
+		s.audit(ctx, n.ID, "register_node", n.ID, "site "+n.Site+" with token "+token)
+		s.log.Info("node registered", "node", n.ID, "site", n.Site, "token", token, "hostname", n.Facts.Hostname)
 	}
 	status := http.StatusOK
 	if created {
@@ -314,7 +350,12 @@ func (s *Server) getNode(w http.ResponseWriter, r *http.Request) {
 type CreateTokenRequest struct {
 	// TTL is the token's life in seconds; zero means DefaultTokenTTL.
 	TTL Seconds `json:"ttl"`
+	// Uses is how many nodes it may enroll; zero means 1.
+	Uses int64 `json:"uses"`
 }
+
+// MaxTokenUses bounds a token's uses.
+const MaxTokenUses = 10000
 
 func (s *Server) createToken(r *http.Request, body []byte) (any, error) {
 	var req CreateTokenRequest
@@ -334,11 +375,18 @@ func (s *Server) createToken(r *http.Request, body []byte) (any, error) {
 	if ttl < 0 || ttl > MaxTokenTTL {
 		return nil, badRequest("ttl must be between 1 s and %s", MaxTokenTTL)
 	}
+	uses := req.Uses
+	if uses == 0 {
+		uses = 1
+	}
+	if uses < 0 || uses > MaxTokenUses {
+		return nil, badRequest("uses must be between 1 and %d", MaxTokenUses)
+	}
 	var id, secret [16]byte
 	rand.Read(id[:8])
 	rand.Read(secret[:])
 	now := s.now().UTC()
-	t := Token{ID: "tok-" + hex.EncodeToString(id[:8]), Site: site, CreatedBy: httpsig.Principal(r.Context()), CreatedAt: now, ExpiresAt: now.Add(ttl)}
+	t := Token{ID: "tok-" + hex.EncodeToString(id[:8]), Site: site, CreatedBy: httpsig.Principal(r.Context()), CreatedAt: now, ExpiresAt: now.Add(ttl), MaxUses: uses}
 	t.Secret = "writ-enroll-" + hex.EncodeToString(secret[:])
 	if err := s.store.CreateToken(r.Context(), t, hashSecret(t.Secret)); err != nil {
 		return nil, err
@@ -353,6 +401,25 @@ func (s *Server) listTokens(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	httpapi.JSON(w, http.StatusOK, list)
+}
+
+// revokeNode handles POST /v1/nodes/{id}/revoke: the node may not
+// register or report again, placement passes it over, and its runner stops
+// taking work once its trust snapshot says so (within the trust TTL).
+func (s *Server) revokeNode(r *http.Request, _ []byte) (any, error) {
+	id := chi.URLParam(r, "id")
+	if err := s.store.RevokeNode(r.Context(), id, s.now()); err != nil {
+		return nil, err
+	}
+	s.nkeys.mu.Lock()
+	delete(s.nkeys.nodes, id)
+	s.nkeys.mu.Unlock()
+	n, err := s.store.GetNode(r.Context(), id)
+	if err != nil {
+		return nil, err
+	}
+	s.setLiveness(r.Context(), n)
+	return n, nil
 }
 
 func (s *Server) revokeToken(r *http.Request, _ []byte) (any, error) {

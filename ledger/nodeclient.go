@@ -41,8 +41,13 @@ func (c *Client) Node(ctx context.Context, id string) (*Node, error) {
 // CreateToken makes an enrollment token for site (admin); ttl 0 is the
 // default. The returned token carries its secret: keep it.
 func (c *Client) CreateToken(ctx context.Context, site string, ttl Seconds) (*Token, error) {
+	return c.CreateTokenFor(ctx, site, CreateTokenRequest{TTL: ttl})
+}
+
+// CreateTokenFor creates an enrollment token as req says (admin).
+func (c *Client) CreateTokenFor(ctx context.Context, site string, req CreateTokenRequest) (*Token, error) {
 	var t Token
-	return &t, c.do(ctx, "POST", "/v1/sites/"+url.PathEscape(site)+"/tokens", CreateTokenRequest{TTL: ttl}, &t, true)
+	return &t, c.do(ctx, "POST", "/v1/sites/"+url.PathEscape(site)+"/tokens", req, &t, true)
 }
 
 // Tokens lists a site's tokens (without secrets).
@@ -55,6 +60,12 @@ func (c *Client) Tokens(ctx context.Context, site string) ([]Token, error) {
 func (c *Client) RevokeToken(ctx context.Context, site, id string) (*Token, error) {
 	var t Token
 	return &t, c.do(ctx, "POST", "/v1/sites/"+url.PathEscape(site)+"/tokens/"+url.PathEscape(id)+"/revoke", nil, &t, true)
+}
+
+// RevokeNode revokes a node (admin).
+func (c *Client) RevokeNode(ctx context.Context, id string) (*Node, error) {
+	var n Node
+	return &n, c.do(ctx, "POST", "/v1/nodes/"+url.PathEscape(id)+"/revoke", nil, &n, true)
 }
 
 // RotateKey adds publicKey to user and revokes oldKeyID (admin).

@@ -36,10 +36,22 @@ type Token struct {
 	CreatedAt time.Time  `json:"created_at"`
 	ExpiresAt time.Time  `json:"expires_at"`
 	RevokedAt *time.Time `json:"revoked_at,omitempty"`
+	// MaxUses is how many nodes the token may enroll (0: no bound, for
+	// tokens made before uses were counted); Uses how many it did.
+	MaxUses int64 `json:"max_uses"`
+	Uses    int64 `json:"uses"`
 }
 
 // Live reports whether the token may enroll a node at now.
-func (t *Token) Live(now time.Time) bool { return t.RevokedAt == nil && now.Before(t.ExpiresAt) }
+func (t *Token) Live(now time.Time) bool {
+	return t.RevokedAt == nil && now.Before(t.ExpiresAt) && (t.MaxUses == 0 || t.Uses < t.MaxUses)
+}
+
+// ErrTokenUsedUp is a token that enrolled as many nodes as it may.
+var ErrTokenUsedUp = errors.New("enrollment token is used up")
+
+// ErrNodeRevoked is a node an admin revoked.
+var ErrNodeRevoked = errors.New("node is revoked")
 
 // Capacity is what a node offers, or what its workloads use.
 type Capacity struct {
@@ -71,6 +83,7 @@ const (
 	LivenessOnline  = "online"  // reported within 2 intervals
 	LivenessStale   = "stale"   // within 5
 	LivenessOffline = "offline" // longer ago, or never
+	LivenessRevoked = "revoked" // revoked by an admin: never again
 )
 
 // Node is a registered node.
@@ -88,6 +101,9 @@ type Node struct {
 	LastReport    time.Time `json:"last_report,omitzero"`
 	// Boots counts the distinct boots seen (restarts + 1).
 	Boots int64 `json:"boots"`
+	// RevokedAt is when an admin revoked the node: it may not register,
+	// report or run jobs again.
+	RevokedAt *time.Time `json:"revoked_at,omitempty"`
 	// Liveness is derived when the node is read.
 	Liveness string `json:"liveness"`
 }
@@ -96,6 +112,8 @@ type Node struct {
 func (n *Node) SetLiveness(now time.Time, interval time.Duration) {
 	age := now.Sub(n.LastReport)
 	switch {
+	case n.RevokedAt != nil:
+		n.Liveness = LivenessRevoked
 	case n.LastReport.IsZero():
 		n.Liveness = LivenessOffline
 	case age <= 2*interval:

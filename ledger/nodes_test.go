@@ -218,3 +218,61 @@ func TestUsers_RotateAndDisable(t *testing.T) {
 }
 
 func ioNopCloser(b []byte) io.ReadCloser { return io.NopCloser(bytes.NewReader(b)) }
+
+// TestNodes_TokenUsesAndRevocation: a token enrolls at most its uses (a
+// registered node registering again uses none, and needs no token); a
+// revoked node may neither register nor report, and lists as revoked.
+func TestNodes_TokenUsesAndRevocation(t *testing.T) {
+	bothStores(t, func(t *testing.T, kind string) {
+		ctx := context.Background()
+		f := newFixtureOn(t, kind, nil)
+		tok, err := f.client.CreateTokenFor(ctx, "local", ledger.CreateTokenRequest{Uses: 2})
+		if err != nil || tok.MaxUses != 2 || tok.ExpiresAt.Sub(tok.CreatedAt) != ledger.DefaultTokenTTL {
+			t.Fatalf("token = %+v, %v", tok, err)
+		}
+		if one, _ := f.client.CreateToken(ctx, "local", 0); one.MaxUses != 1 {
+			t.Errorf("a token's default uses = %d, want 1", one.MaxUses)
+		}
+		if _, err := f.client.CreateTokenFor(ctx, "local", ledger.CreateTokenRequest{Uses: ledger.MaxTokenUses + 1}); err == nil {
+			t.Error("a token with too many uses was made")
+		}
+		register := func(k *keys.Key, secret string) (*ledger.Node, error) {
+			return ledger.NodeClient(f.url, k, nil).Register(ctx, ledger.RegisterRequest{Site: "local", Token: secret, PublicKey: k.AuthorizedKey()})
+		}
+		a, _ := keys.Generate("a")
+		b, _ := keys.Generate("b")
+		c, _ := keys.Generate("c")
+		na, err := register(a, tok.Secret)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := register(a, "no-token-needed"); err != nil {
+			t.Errorf("a registered node registering again without a token: %v", err)
+		}
+		if _, err := register(b, tok.Secret); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := register(c, tok.Secret); err == nil || !strings.Contains(err.Error(), "used up") {
+			t.Errorf("a third node on a two-use token = %v, want used up", err)
+		}
+		if list, _ := f.client.Tokens(ctx, "local"); list[len(list)-1].Uses != 2 {
+			t.Errorf("tokens = %+v", list)
+		}
+		if _, err := ledger.NodeClient(f.url, a, nil).ReportUptime(ctx, na.ID, ledger.Uptime{BootID: "b", At: time.Now()}); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := f.client.RevokeNode(ctx, na.ID); err != nil || n.Liveness != ledger.LivenessRevoked || n.RevokedAt == nil {
+			t.Fatalf("RevokeNode = %+v, %v", n, err)
+		}
+		if _, err := ledger.NodeClient(f.url, a, nil).ReportUptime(ctx, na.ID, ledger.Uptime{BootID: "b", At: time.Now()}); err == nil || !strings.Contains(err.Error(), "revoked") {
+			t.Errorf("a revoked node's report = %v, want refused", err)
+		}
+		fresh, _ := f.client.CreateToken(ctx, "local", 0)
+		if _, err := register(a, fresh.Secret); err == nil || !strings.Contains(err.Error(), "revoked") {
+			t.Errorf("a revoked node registering again = %v, want refused", err)
+		}
+		if n, _ := f.client.Node(ctx, na.ID); n.Liveness != ledger.LivenessRevoked {
+			t.Errorf("revoked node lists as %s", n.Liveness)
+		}
+	})
+}

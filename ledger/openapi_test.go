@@ -176,6 +176,8 @@ func TestOpenAPI_Validated(t *testing.T) {
 		must("Node", err)
 		_, err = admin.RevokeToken(ctx, "lab", tok.ID)
 		must("RevokeToken", err)
+		_, err = admin.RevokeNode(ctx, n.ID)
+		must("RevokeNode", err)
 		_, err = admin.Audit(ctx)
 		must("Audit", err)
 		_, err = admin.OpenAPI(ctx)

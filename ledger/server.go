@@ -44,6 +44,7 @@ const maxAdminBody = 64 << 10
 //	PUT  /v1/sites/{site}          create or replace {supervisor_url, policy, uptime_interval, script_memory}
 //	POST /v1/sites/{site}/tokens   enrollment token {ttl} (the secret is shown once)
 //	POST /v1/sites/{site}/tokens/{id}/revoke
+//	POST /v1/nodes/{id}/revoke     the node never registers, reports or runs jobs again
 //	GET  /v1/audit                 the newest admin writes
 //
 // Nodes (signed by the node's own key, keyid = node ID):
@@ -183,6 +184,7 @@ func (s *Server) Handler() http.Handler {
 			r.Post("/users/{name}/keys/rotate", s.admin("rotate_key", s.rotateKey))
 			r.Post("/sites/{site}/tokens", s.admin("create_token", s.createToken))
 			r.Post("/sites/{site}/tokens/{id}/revoke", s.admin("revoke_token", s.revokeToken))
+			r.Post("/nodes/{id}/revoke", s.admin("revoke_node", s.revokeNode))
 			r.Get("/audit", s.listAudit)
 		})
 	})

@@ -70,6 +70,7 @@ type Scripts interface {
 // Runner takes and runs jobs.
 type Runner struct {
 	p       Params
+	stop    context.CancelCauseFunc // ends Run (set by Run)
 	jobs    *prometheus.CounterVec
 	runTime prometheus.Histogram
 	running prometheus.Gauge
@@ -110,11 +111,40 @@ func New(p Params) (*Runner, error) {
 // jobs lost with a stopped runner.
 func (r *Runner) Run(ctx context.Context) error {
 	r.p.Log.Info("runner started", "concurrency", r.p.Concurrency)
+	ctx, r.stop = context.WithCancelCause(ctx)
+	defer r.stop(nil)
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return (&reaper{r: r, interval: reapInterval}).run(ctx) })
 	g.Go(func() error { return r.work(ctx) })
-	return g.Wait()
+	g.Go(func() error { r.watchRevocation(ctx); return nil })
+	err := g.Wait()
+	if cause := context.Cause(ctx); errors.Is(cause, ErrNodeRevoked) {
+		return cause
+	}
+	return err
 }
+
+// watchRevocation stops the runner once its site's trust snapshot lists
+// this node as revoked (the snapshot is cached: checking costs nothing).
+func (r *Runner) watchRevocation(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if tr, err := r.p.Trust.Get(ctx, r.p.Site); err == nil && tr.NodeRevoked(r.p.Node) {
+				r.p.Log.Error("this node is revoked: stopping", "node", r.p.Node)
+				r.stop(ErrNodeRevoked)
+				return
+			}
+		}
+	}
+}
+
+// ErrNodeRevoked ends a runner whose node an admin revoked.
+var ErrNodeRevoked = errors.New("this node is revoked in the ledger: it takes no more work")
 
 func (r *Runner) work(ctx context.Context) error {
 	return r.p.Redis.Work(ctx, queue.WorkerConfig{
@@ -157,6 +187,15 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 			err = rep.finish(nil, fail("panic", fmt.Errorf("panic: %v at %s", p, stack.PanicSite())))
 		}
 	}()
+	// A revoked node takes no more work: this job goes back (another node
+	// runs it) and the runner stops.
+	if t, err := r.p.Trust.Get(ctx, r.p.Site); err == nil && t.NodeRevoked(r.p.Node) {
+		r.p.Log.Error("this node is revoked: stopping", "node", r.p.Node)
+		if r.stop != nil {
+			r.stop(ErrNodeRevoked)
+		}
+		return rep.finish(nil, retry("node_revoked", ErrNodeRevoked))
+	}
 	c, f := r.verify(ctx, d)
 	if f != nil {
 		return rep.finish(nil, f)

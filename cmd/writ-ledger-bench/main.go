@@ -84,9 +84,14 @@ func run() error {
 	defer hs.Close()
 	url := "http://" + ln.Addr().String()
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: *workers, MaxConnsPerHost: *workers}}
-	tok, err := (&ledger.Client{BaseURL: url, Key: admin, HTTP: hc}).CreateToken(ctx, "bench", 0)
-	if err != nil {
-		return err
+	// A token enrolls at most ledger.MaxTokenUses nodes: one per that many.
+	var tokens []string
+	for n := 0; n < *nodes; n += ledger.MaxTokenUses {
+		tok, err := (&ledger.Client{BaseURL: url, Key: admin, HTTP: hc}).CreateTokenFor(ctx, "bench", ledger.CreateTokenRequest{Uses: ledger.MaxTokenUses})
+		if err != nil {
+			return err
+		}
+		tokens = append(tokens, tok.Secret)
 	}
 
 	fmt.Printf("machine: %d CPUs, %s; ledger: SQLite in %s\n", runtime.NumCPU(), runtime.Version(), dir)
@@ -116,7 +121,7 @@ func run() error {
 					return
 				}
 				t0 := time.Now()
-				_, err := clients[i].Register(ctx, ledger.RegisterRequest{Site: "bench", Token: tok.Secret, PublicKey: clients[i].Key.AuthorizedKey(),
+				_, err := clients[i].Register(ctx, ledger.RegisterRequest{Site: "bench", Token: tokens[i/ledger.MaxTokenUses], PublicKey: clients[i].Key.AuthorizedKey(),
 					Capacity: ledger.Capacity{CPUs: 8, MemoryMiB: 32768}})
 				regLat[i] = sample{time.Since(t0), err != nil}
 			}

@@ -231,7 +231,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return fmt.Errorf("dev node key: %w", err)
 	}
 	nodeID := ledger.NodeID(nodeKey.Public)
-	if _, err := store.RegisterNode(ctx, ledger.Node{ID: nodeID, Site: devSite, PublicKey: nodeKey.AuthorizedKey(), Facts: identity.Facts(version), RegisteredAt: time.Now().UTC()}); err != nil {
+	if _, err := store.RegisterNode(ctx, ledger.Node{ID: nodeID, Site: devSite, PublicKey: nodeKey.AuthorizedKey(), Facts: identity.Facts(version), RegisteredAt: time.Now().UTC()}, ""); err != nil {
 		return fmt.Errorf("register the dev node: %w", err)
 	}
 	opener, err := seal.NewOpener(nodeKey)

@@ -99,31 +99,36 @@ func userKeyCommands() []*cobra.Command {
 func siteTokenCommand() *cobra.Command {
 	cmd := &cobra.Command{Use: "token", Short: "Enrollment tokens: what a new node presents to register with a site"}
 	var ttl time.Duration
+	var uses int64
 	create, _ := newLedgerCall("create SITE", "Create an enrollment token; its secret is printed once", cobra.ExactArgs(1), true, func(ctx context.Context, cl *ledger.Client, a []string) error {
-		t, err := cl.CreateToken(ctx, a[0], ledger.Seconds(ttl/time.Second))
+		t, err := cl.CreateTokenFor(ctx, a[0], ledger.CreateTokenRequest{TTL: ledger.Seconds(ttl / time.Second), Uses: uses})
 		if err != nil {
 			return err
 		}
-		fmt.Printf("token %s for site %s, valid until %s\nsecret (shown once; give it to the node as --token):\n%s\n", t.ID, t.Site, t.ExpiresAt.Local().Format(time.DateTime), t.Secret)
+		fmt.Printf("token %s for site %s, enrolls %d node(s) until %s\nsecret (shown once; give it to the node as $WRIT_TOKEN):\n%s\n", t.ID, t.Site, t.MaxUses, t.ExpiresAt.Local().Format(time.DateTime), t.Secret)
 		return nil
 	})
 	create.Flags().DurationVar(&ttl, "ttl", ledger.DefaultTokenTTL, "how long the token may enroll nodes")
+	create.Flags().Int64Var(&uses, "uses", 1, fmt.Sprintf("how many nodes it may enroll (at most %d); a registered node registering again uses none", ledger.MaxTokenUses))
 	ls, _ := newLedgerCall("ls SITE", "List a site's tokens", cobra.ExactArgs(1), false, func(ctx context.Context, cl *ledger.Client, a []string) error {
 		list, err := cl.Tokens(ctx, a[0])
 		if err != nil {
 			return err
 		}
 		tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "TOKEN\tCREATED BY\tEXPIRES\tSTATE")
+		fmt.Fprintln(tw, "TOKEN\tCREATED BY\tEXPIRES\tUSES\tSTATE")
 		now := time.Now()
 		for _, t := range list {
 			state := "live"
-			if t.RevokedAt != nil {
+			switch {
+			case t.RevokedAt != nil:
 				state = "revoked"
-			} else if !t.Live(now) {
+			case !now.Before(t.ExpiresAt):
 				state = "expired"
+			case !t.Live(now):
+				state = "used up"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", t.ID, t.CreatedBy, t.ExpiresAt.Local().Format(time.DateTime), state)
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%s\n", t.ID, t.CreatedBy, t.ExpiresAt.Local().Format(time.DateTime), t.Uses, t.MaxUses, state)
 		}
 		return tw.Flush()
 	})
@@ -162,7 +167,14 @@ func nodeListCommands() []*cobra.Command {
 		}
 		return err
 	})
-	return []*cobra.Command{ls, info}
+	revoke, _ := newLedgerCall("revoke NODE", "Revoke a node: it never registers, reports or runs jobs again (replace it with a new key and token)", cobra.ExactArgs(1), true, func(ctx context.Context, cl *ledger.Client, a []string) error {
+		n, err := cl.RevokeNode(ctx, a[0])
+		if err == nil {
+			fmt.Printf("node %s revoked; its runner stops taking jobs within the trust TTL\n", n.ID)
+		}
+		return err
+	})
+	return []*cobra.Command{ls, info, revoke}
 }
 
 // ledgerAuditCommand is `writ ledger audit`.

@@ -422,13 +422,30 @@ func (s *Store) Trust(ctx context.Context, site string) (*ledger.Trust, error) {
 		}
 		t.Signers = append(t.Signers, sg)
 	}
-	return t, rows.Err()
+	if err := rows.Err(); err != nil {
+		return nil, err
+	}
+	rows.Close()
+	// Revoked nodes: their runners stop taking the site's work.
+	nrows, err := s.db.QueryContext(ctx, `SELECT id FROM nodes WHERE site = $1 AND revoked_at IS NOT NULL ORDER BY id`, site)
+	if err != nil {
+		return nil, fmt.Errorf("trust %s: %w", site, err)
+	}
+	defer nrows.Close()
+	for nrows.Next() {
+		var id string
+		if err := nrows.Scan(&id); err != nil {
+			return nil, err
+		}
+		t.RevokedNodes = append(t.RevokedNodes, id)
+	}
+	return t, nrows.Err()
 }
 
 // CreateToken stores an enrollment token (its secret only as a hash).
 func (s *Store) CreateToken(ctx context.Context, t ledger.Token, secretHash string) error {
-	_, err := s.db.ExecContext(ctx, `INSERT INTO enroll_tokens (id, site, secret_sha256, created_by, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)`,
-		t.ID, t.Site, secretHash, t.CreatedBy, ts(t.CreatedAt), ts(t.ExpiresAt))
+	_, err := s.db.ExecContext(ctx, `INSERT INTO enroll_tokens (id, site, secret_sha256, created_by, created_at, expires_at, max_uses) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
+		t.ID, t.Site, secretHash, t.CreatedBy, ts(t.CreatedAt), ts(t.ExpiresAt), t.MaxUses)
 	if err != nil && s.d.IsUnique(err) {
 		return fmt.Errorf("token %s: %w", t.ID, ledger.ErrExists)
 	}
@@ -438,13 +455,13 @@ func (s *Store) CreateToken(ctx context.Context, t ledger.Token, secretHash stri
 	return nil
 }
 
-const tokenCols = `id, site, created_by, created_at, expires_at, revoked_at`
+const tokenCols = `id, site, created_by, created_at, expires_at, revoked_at, max_uses, uses`
 
 func scanToken(r scanner) (*ledger.Token, error) {
 	var t ledger.Token
 	var created, expires string
 	var revoked sql.NullString
-	if err := r.Scan(&t.ID, &t.Site, &t.CreatedBy, &created, &expires, &revoked); err != nil {
+	if err := r.Scan(&t.ID, &t.Site, &t.CreatedBy, &created, &expires, &revoked, &t.MaxUses, &t.Uses); err != nil {
 		return nil, err
 	}
 	t.CreatedAt, t.ExpiresAt = parseTS(created), parseTS(expires)
@@ -492,7 +509,7 @@ func (s *Store) TokenBySecret(ctx context.Context, secretHash string) (*ledger.T
 }
 
 // RegisterNode implements ledger.Store.
-func (s *Store) RegisterNode(ctx context.Context, n ledger.Node) (bool, error) {
+func (s *Store) RegisterNode(ctx context.Context, n ledger.Node, token string) (bool, error) {
 	facts, _ := json.Marshal(n.Facts)
 	capacity, _ := json.Marshal(n.Capacity)
 	tx, err := s.db.BeginTx(ctx, nil)
@@ -501,9 +518,21 @@ func (s *Store) RegisterNode(ctx context.Context, n ledger.Node) (bool, error) {
 	}
 	defer tx.Rollback()
 	var site string
-	err = tx.QueryRowContext(ctx, `SELECT site FROM nodes WHERE id = $1`, n.ID).Scan(&site)
+	var revoked sql.NullString
+	err = tx.QueryRowContext(ctx, `SELECT site, revoked_at FROM nodes WHERE id = $1`, n.ID).Scan(&site, &revoked)
 	switch {
 	case errors.Is(err, sql.ErrNoRows):
+		if token != "" {
+			// One use of the token, in the node's own transaction: two
+			// nodes racing for a token's last use cannot both have it.
+			res, err := tx.ExecContext(ctx, `UPDATE enroll_tokens SET uses = uses + 1 WHERE id = $1 AND (max_uses = 0 OR uses < max_uses)`, token)
+			if err != nil {
+				return false, fmt.Errorf("register node: %w", err)
+			}
+			if n, _ := res.RowsAffected(); n != 1 {
+				return false, fmt.Errorf("token %s: %w", token, ledger.ErrTokenUsedUp)
+			}
+		}
 		used, _ := json.Marshal(ledger.Capacity{})
 		if _, err := tx.ExecContext(ctx, `INSERT INTO nodes (id, site, public_key, facts, capacity, used, registered_at) VALUES ($1, $2, $3, $4, $5, $6, $7)`,
 			n.ID, n.Site, n.PublicKey, string(facts), string(capacity), string(used), ts(n.RegisteredAt)); err != nil {
@@ -512,6 +541,8 @@ func (s *Store) RegisterNode(ctx context.Context, n ledger.Node) (bool, error) {
 		return true, tx.Commit()
 	case err != nil:
 		return false, fmt.Errorf("register node: %w", err)
+	case revoked.Valid:
+		return false, fmt.Errorf("node %s: %w (since %s; a revoked node never comes back: give the machine a new key)", n.ID, ledger.ErrNodeRevoked, revoked.String)
 	case site != n.Site:
 		return false, fmt.Errorf("node %s is registered to site %s, not %s (a node key never moves between sites; make a new key): %w", n.ID, site, n.Site, ledger.ErrConflict)
 	}
@@ -521,13 +552,18 @@ func (s *Store) RegisterNode(ctx context.Context, n ledger.Node) (bool, error) {
 	return false, tx.Commit()
 }
 
-const nodeCols = `id, site, public_key, facts, capacity, used, registered_at, boot_id, uptime_seconds, last_report, boots`
+const nodeCols = `id, site, public_key, facts, capacity, used, registered_at, boot_id, uptime_seconds, last_report, boots, revoked_at`
 
 func scanNode(r scanner) (*ledger.Node, error) {
 	var n ledger.Node
 	var facts, capacity, used, registered, last string
-	if err := r.Scan(&n.ID, &n.Site, &n.PublicKey, &facts, &capacity, &used, &registered, &n.BootID, &n.UptimeSeconds, &last, &n.Boots); err != nil {
+	var revoked sql.NullString
+	if err := r.Scan(&n.ID, &n.Site, &n.PublicKey, &facts, &capacity, &used, &registered, &n.BootID, &n.UptimeSeconds, &last, &n.Boots, &revoked); err != nil {
 		return nil, err
+	}
+	if revoked.Valid {
+		at := parseTS(revoked.String)
+		n.RevokedAt = &at
 	}
 	json.Unmarshal([]byte(facts), &n.Facts)
 	json.Unmarshal([]byte(capacity), &n.Capacity)
@@ -537,6 +573,12 @@ func scanNode(r scanner) (*ledger.Node, error) {
 		n.LastReport = parseTS(last)
 	}
 	return &n, nil
+}
+
+// RevokeNode implements ledger.Store.
+func (s *Store) RevokeNode(ctx context.Context, id string, at time.Time) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE nodes SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2`, ts(at), id)
+	return affected(res, err, "node "+id)
 }
 
 // GetNode implements ledger.Store.

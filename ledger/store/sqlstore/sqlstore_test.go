@@ -40,16 +40,16 @@ func TestStore_NodesAndUptime(t *testing.T) {
 		ctx := context.Background()
 		now := time.Now().UTC().Truncate(time.Millisecond)
 		n := ledger.Node{ID: "n1", Site: "a", PublicKey: "ssh-ed25519 AAAA", Capacity: ledger.Capacity{CPUs: 4, MemoryMiB: 8192}, RegisteredAt: now}
-		if created, err := s.RegisterNode(ctx, n); err != nil || !created {
+		if created, err := s.RegisterNode(ctx, n, ""); err != nil || !created {
 			t.Fatalf("RegisterNode = %v, %v", created, err)
 		}
 		n.Capacity.CPUs = 8
-		if created, err := s.RegisterNode(ctx, n); err != nil || created {
+		if created, err := s.RegisterNode(ctx, n, ""); err != nil || created {
 			t.Fatalf("RegisterNode again = %v, %v; want an update", created, err)
 		}
 		moved := n
 		moved.Site = "b"
-		if _, err := s.RegisterNode(ctx, moved); !errors.Is(err, ledger.ErrConflict) {
+		if _, err := s.RegisterNode(ctx, moved, ""); !errors.Is(err, ledger.ErrConflict) {
 			t.Errorf("RegisterNode on another site = %v, want ErrConflict", err)
 		}
 		for i, tc := range []struct {
