@@ -1,9 +1,13 @@
 package e2e
 
 import (
+	"bytes"
+	"compress/gzip"
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -85,7 +89,9 @@ func TestImage_BootUSB(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
-	image := nodeImage(t, f, f.enrollSite(5))
+	token := f.enrollSite(5)
+	image := nodeImage(t, f, token)
+	imageServesNoSecret(t, f, image, token)
 	dir := t.TempDir()
 	vars := ovmfVars(t)
 	disk := filepath.Join(dir, "disk.img")
@@ -269,4 +275,51 @@ func ovmfVars(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return vars
+}
+
+// imageServesNoSecret: writ image serve, asked by a stranger for
+// everything it might serve, hands out no token: the netboot initramfs
+// holds none (the USB stick's own does), and the UKI and USB image, which
+// do, are not served at all.
+func imageServesNoSecret(t *testing.T, f *fleet, image, token string) {
+	t.Helper()
+	// The USB stick's image does hold the token, compressed inside its
+	// UKI: that it is not served at all is what is checked for it.
+	port := testenv.FreePort(t)
+	srv := f.start("image-check", "image", "serve", "--dir", image, "--listen", testenv.Addr(port))
+	defer f.stop(srv, syscall.SIGTERM)
+	base := "http://" + testenv.Addr(port)
+	testenv.WaitFor(t, 10*time.Second, "the image server", func() bool {
+		resp, err := http.Get(base + "/boot.ipxe")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil
+	})
+	for _, path := range []string{"/boot.ipxe", "/boot.ipxe?mac=52:54:00:00:00:01", "/vmlinuz", "/initrd.img", "/writ-node.efi", "/usb.img", "/../node.json"} {
+		resp, err := http.Get(base + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if path == "/initrd.img" {
+			zr, err := gzip.NewReader(bytes.NewReader(body))
+			if err != nil {
+				t.Fatalf("initrd.img: %v", err)
+			}
+			if body, err = io.ReadAll(zr); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Contains(body, []byte(`"site": "local"`)) {
+				t.Errorf("the netboot initramfs lacks the site configuration")
+			}
+		}
+		if bytes.Contains(body, []byte(token)) {
+			t.Errorf("writ image serve hands out the enrollment token at %s", path)
+		}
+		if (path == "/writ-node.efi" || path == "/usb.img") && resp.StatusCode != http.StatusNotFound {
+			t.Errorf("writ image serve serves %s (%d): it holds the token", path, resp.StatusCode)
+		}
+	}
 }

@@ -51,25 +51,31 @@ func (b Build) Make(ctx context.Context, dir string) ([]Artifact, error) {
 	if err := os.WriteFile(kernel, data, 0o644); err != nil {
 		return nil, err
 	}
+	// Two initramfs: the one writ image serve hands to whoever netboots
+	// (initrd.img) holds no secret; the USB stick's own (inside the UKI)
+	// holds the configuration whole, token included.
 	initrd := filepath.Join(dir, InitrdFile)
-	f, err := os.Create(initrd)
-	if err != nil {
+	if err := b.writeInitramfs(initrd, b.Config.Public(), 0o644); err != nil {
 		return nil, err
 	}
-	err = Initramfs{Init: b.Writ, Modules: b.Modules, Config: b.Config, Extra: b.Extra}.Write(f)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
+	private := filepath.Join(dir, ".usb-initrd.img")
+	defer os.Remove(private)
+	if err := b.writeInitramfs(private, b.Config, 0o600); err != nil {
 		return nil, err
 	}
 	uki := filepath.Join(dir, UKIFile)
 	osrel := "NAME=\"writ node\"\nID=writ\nPRETTY_NAME=\"writ node image\"\n"
-	if err := (UKI{Stub: b.Stub, Kernel: kernel, Initrd: initrd, Cmdline: cmdline, OSRelease: osrel}).Build(ctx, uki); err != nil {
+	if err := (UKI{Stub: b.Stub, Kernel: kernel, Initrd: private, Cmdline: cmdline, OSRelease: osrel}).Build(ctx, uki); err != nil {
 		return nil, err
 	}
 	if err := WriteUSBImage(filepath.Join(dir, USBFile), uki); err != nil {
 		return nil, err
+	}
+	// They hold the token: for the operator's eyes (and dd) only.
+	for _, name := range []string{UKIFile, USBFile} {
+		if err := os.Chmod(filepath.Join(dir, name), 0o600); err != nil {
+			return nil, err
+		}
 	}
 	base := b.BaseURL
 	if base == "" {
@@ -87,4 +93,20 @@ func (b Build) Make(ctx context.Context, dir string) ([]Artifact, error) {
 		out = append(out, Artifact{Name: name, Path: filepath.Join(dir, name), Size: st.Size()})
 	}
 	return out, nil
+}
+
+// writeInitramfs writes the initramfs with cfg to path.
+func (b Build) writeInitramfs(path string, cfg NodeConfig, mode os.FileMode) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, mode)
+	if err != nil {
+		return err
+	}
+	err = Initramfs{Init: b.Writ, Modules: b.Modules, Config: cfg, Extra: b.Extra}.Write(f)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Chmod(path, mode)
+	}
+	return err
 }

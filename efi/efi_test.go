@@ -197,3 +197,19 @@ func TestTools(t *testing.T) {
 		t.Errorf("Tools missing = %v, want the unknown tool", missing)
 	}
 }
+
+// TestNodeConfig_Public: the netboot configuration keeps the site, the
+// ledger and the Redis user, and drops the token and the password.
+func TestNodeConfig_Public(t *testing.T) {
+	c := efi.NodeConfig{Ledger: "https://10.0.0.1:7701", Site: "lab", Token: "writ-enroll-secret", Redis: "rediss://runner:hunter2@10.0.1.1:6379/0", CA: "pem"}
+	p := c.Public()
+	if p.Token != "" || strings.Contains(p.Redis, "hunter2") || p.Redis != "rediss://runner@10.0.1.1:6379/0" || p.Site != "lab" || p.CA != "pem" {
+		t.Errorf("Public() = %+v", p)
+	}
+	if c.Token == "" {
+		t.Error("Public changed the original")
+	}
+	if r := efi.RedactURL(c.Redis); strings.Contains(r, "hunter2") {
+		t.Errorf("RedactURL = %s", r)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sort"
@@ -43,6 +44,30 @@ type NodeConfig struct {
 	// ledger and Redis, verified against it. Without one the node talks
 	// plain HTTP.
 	CA string `json:"ca,omitempty"`
+}
+
+// Public is the configuration without its secrets (the enrollment token,
+// a password in the Redis URL): what a netboot initramfs, which anyone on
+// the boot network can fetch, may carry.
+func (c NodeConfig) Public() NodeConfig {
+	c.Token = ""
+	if u, err := url.Parse(c.Redis); err == nil && u.User != nil {
+		u.User = url.User(u.User.Username())
+		c.Redis = u.String()
+	}
+	return c
+}
+
+// RedactURL hides a URL's password.
+func RedactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	if _, ok := u.User.Password(); ok {
+		u.User = url.UserPassword(u.User.Username(), "xxx")
+	}
+	return u.String()
 }
 
 // ConfigPath is where the initramfs holds the node's configuration.

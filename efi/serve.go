@@ -11,11 +11,13 @@ import (
 
 var macRe = regexp.MustCompile(`^[0-9a-f]{2}(-[0-9a-f]{2}){5}$`)
 
-// Server serves an image directory to netbooting nodes: the artifacts, and
-// boot.ipxe, which a node may ask for with ?mac=${net0/mac}: a file
-// DIR/mac/aa-bb-cc-dd-ee-ff.ipxe, when present, overrides the default for
-// that machine (another site, another command line). Every request is
-// logged.
+// Server serves an image directory to netbooting nodes: the kernel, the
+// public initramfs (no token, no password), and boot.ipxe, which a node
+// may ask for with ?mac=${net0/mac}: a file DIR/mac/aa-bb-cc-dd-ee-ff.ipxe,
+// when present, overrides the default for that machine (another site,
+// another command line, a single-use token on it: the MAC allowlist). It
+// never serves the UKI or the USB image, which hold the token. Every
+// request is logged.
 type Server struct {
 	Dir string
 	Log *slog.Logger
@@ -40,7 +42,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		rec.Header().Set("Content-Type", "text/plain")
 		http.ServeFile(rec, r, path)
-	case KernelFile, InitrdFile, UKIFile, USBFile:
+	case KernelFile, InitrdFile:
 		http.ServeFile(rec, r, filepath.Join(s.Dir, name))
 	default:
 		http.NotFound(rec, r)

@@ -70,7 +70,9 @@ func Setup(ctx context.Context, out io.Writer) (Config, error) {
 	if err != nil {
 		return Config{}, err
 	}
-	say("site %q, ledger %s, redis %s", cfg.Site, cfg.Ledger, cfg.Redis)
+	// No credential on the console: the Redis password (if the URL holds
+	// one) is hidden and the token never printed.
+	say("site %q, ledger %s, redis %s, token given: %v", cfg.Site, cfg.Ledger, efi.RedactURL(cfg.Redis), cfg.Token != "")
 	if err := bringUpNetwork(ctx, say); err != nil {
 		say("NETWORK DOWN: %v", err)
 	}
