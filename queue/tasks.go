@@ -93,6 +93,9 @@ func (o Outcome) String() string {
 // NoRetry wraps err so the worker server fails the job without retrying.
 func NoRetry(err error) error { return fmt.Errorf("%w: %w", err, asynq.SkipRetry) }
 
+// IsNoRetry reports whether err was made by NoRetry.
+func IsNoRetry(err error) bool { return errors.Is(err, asynq.SkipRetry) }
+
 // Handler runs one delivery. A nil error completes the job; an error wrapped
 // by NoRetry fails it; any other error retries it.
 type Handler func(ctx context.Context, d Delivery) error

@@ -13,6 +13,7 @@ import (
 // any handler, so without the reaper the job would stay "running" forever.
 type reaper struct {
 	r        *Runner
+	rdb      *queue.Redis
 	interval time.Duration
 }
 
@@ -35,14 +36,14 @@ func (rp *reaper) run(ctx context.Context) error {
 
 func (rp *reaper) once(ctx context.Context) {
 	r := rp.r
-	lost, err := r.p.Redis.ClaimLost(queue.SiteQueue(r.p.Site), queue.NodeQueue(r.p.Node))
+	lost, err := rp.rdb.ClaimLost(queue.SiteQueue(r.p.Site), queue.NodeQueue(r.p.Node))
 	if err != nil {
 		r.p.Log.Warn("look for lost jobs", "err", err)
 	}
 	for _, t := range lost {
 		ev := job.Event{Job: t.ID, Type: job.EventFailed, At: r.p.Now(), Site: r.p.Site, Attempt: t.Attempts,
 			Reason: "runner_lost", Error: "the runner running this job stopped mid-run and no retries were left"}
-		if err := r.p.Redis.Publish(ctx, r.p.Site, ev); err != nil {
+		if err := rp.rdb.Publish(ctx, r.p.Site, ev); err != nil {
 			r.p.Log.Error("report lost job", "job", t.ID, "err", err)
 			continue
 		}

@@ -38,11 +38,23 @@ const (
 	logFlushInterval = 250 * time.Millisecond
 )
 
+// Queue is where a runner takes its jobs and sends their events: the
+// site's Redis (*queue.Redis: asynq, and the site's event stream), or the
+// site's dispatcher (package dispatch), which holds the queue for its
+// nodes and pushes each node its work.
+type Queue interface {
+	Work(ctx context.Context, cfg queue.WorkerConfig, h queue.Handler) error
+	Publish(ctx context.Context, site string, events ...job.Event) error
+	Ping(ctx context.Context) error
+}
+
+var _ Queue = (*queue.Redis)(nil)
+
 // Params are a Runner's dependencies and settings.
 type Params struct {
 	Site    string             // required
 	Node    string             // required: this node's ID
-	Redis   *queue.Redis       // required: the site's Redis
+	Redis   Queue              // required: the site's Redis, or its dispatcher
 	Trust   verify.TrustSource // required: *ledger.TrustCache
 	Scripts Scripts            // required: a *scripts.Sandbox (or an Engine, in tests)
 	Log     *slog.Logger       // required
@@ -114,7 +126,11 @@ func (r *Runner) Run(ctx context.Context) error {
 	ctx, r.stop = context.WithCancelCause(ctx)
 	defer r.stop(nil)
 	g, ctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return (&reaper{r: r, interval: reapInterval}).run(ctx) })
+	// The reaper reads asynq's archive, in the site's Redis; a dispatcher
+	// holds the tasks of its nodes, and recovers them itself.
+	if rdb, ok := r.p.Redis.(*queue.Redis); ok {
+		g.Go(func() error { return (&reaper{r: r, rdb: rdb, interval: reapInterval}).run(ctx) })
+	}
 	g.Go(func() error { return r.work(ctx) })
 	g.Go(func() error { r.watchRevocation(ctx); return nil })
 	err := g.Wait()

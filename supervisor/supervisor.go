@@ -29,6 +29,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/writ-fleet/writ/dispatch"
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/httpapi"
 	"github.com/writ-fleet/writ/job"
@@ -52,7 +53,11 @@ type Params struct {
 	// events (over TLS); nil means "coord". Over plain HTTP (loopback)
 	// nothing is checked.
 	Coord []string
-	Now   func() time.Time // optional, time.Now
+	// Dispatch, when set, dispatches the site's jobs to nodes over their
+	// own streams (package dispatch): its endpoints are served here, and
+	// every job goes on the site queue, which it alone reads.
+	Dispatch *dispatch.Server
+	Now      func() time.Time // optional, time.Now
 }
 
 // Supervisor serves one site.
@@ -111,6 +116,10 @@ func (s *Supervisor) Handler() http.Handler {
 	coord := s.p.Coord
 	if len(coord) == 0 {
 		coord = []string{DefaultCoordName}
+	}
+	if s.p.Dispatch != nil {
+		// Nodes prove themselves with their node keys, not certificates.
+		s.p.Dispatch.Mount(r)
 	}
 	r.Group(func(r chi.Router) {
 		// Only coord submits and reads the site's events: a stranger
@@ -251,6 +260,9 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 		eg.Go(func() error {
 			q := queue.SiteQueue(s.p.Site)
 			switch {
+			case s.p.Dispatch != nil:
+				// The dispatcher holds the site queue and sends a pinned
+				// job only to its node.
 			case c.job.Node != "":
 				q = queue.NodeQueue(c.job.Node)
 			case c.place != "":

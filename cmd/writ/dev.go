@@ -285,7 +285,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	coordURL := secs["coord"].url(coordAddr)
 	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store, secs["ledger"], nil) })
 	g.Go(func() error {
-		return runSupervisor(gctx, c.log, lns["supervisor"], rdbs[queue.ACLSupervisor], ledgerURL, devSite, 0, secs["supervisor"], nil)
+		return runSupervisor(gctx, c.log, lns["supervisor"], rdbs[queue.ACLSupervisor], ledgerURL, devSite, 0, secs["supervisor"], nil, false)
 	})
 	g.Go(func() error {
 		return runCoord(gctx, c.log, lns["coord"], rdbs[queue.ACLCoord], ledgerURL, "", secs["coord"], 0)

@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sync/errgroup"
 
+	"github.com/writ-fleet/writ/dispatch"
 	"github.com/writ-fleet/writ/identity"
 	"github.com/writ-fleet/writ/internal/size"
 	"github.com/writ-fleet/writ/ledger"
@@ -26,6 +27,7 @@ import (
 type nodeCmd struct {
 	ledger, site, token, stateDir, listen string
 	redis                                 redisFlags
+	supervisor                            string
 	allowTmpfs                            bool
 	concurrency, cpus                     int
 	memory, scriptMemory                  string
@@ -67,6 +69,7 @@ like writ runner. writ node ls and writ node info show the registered nodes.`,
 	fl.StringVar(&c.stateDir, "state-dir", "/var/lib/writ/node", "where the node key (and, as root, network and VM state) live; must survive reboots")
 	fl.BoolVar(&c.allowTmpfs, "allow-tmpfs", false, "accept a --state-dir on tmpfs (the node gets a new identity at every boot)")
 	c.redis.add(cmd, "the site's Redis")
+	fl.StringVar(&c.supervisor, "supervisor", "", "take work from the site's dispatcher (writ supervisor --dispatch) at this URL instead of from its Redis: the node then needs no Redis credential, and is known by its key alone")
 	fl.StringVar(&c.listen, "listen", "", `address for the runner's /healthz, /readyz and /metrics ("" for none)`)
 	fl.IntVar(&c.concurrency, "concurrency", runner.DefaultConcurrency, "jobs run at once")
 	fl.IntVar(&c.cpus, "cpus", 0, "CPUs this node offers to jobs (default: all)")
@@ -131,15 +134,26 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 			return err
 		}
 	}
-	rdb, err := c.redis.connect()
-	if err != nil {
-		return err
+	// Work from the site's dispatcher (no Redis on the node), or from the
+	// site's Redis.
+	var q runner.Queue
+	if c.supervisor != "" {
+		if err := s.checkURL(c.supervisor, "--supervisor"); err != nil {
+			return err
+		}
+		q = &dispatch.Client{BaseURL: c.supervisor, Key: agent.Key(), NodeID: agent.ID(), HTTP: s.client(0), Log: c.log.With("svc", "dispatch")}
+	} else {
+		rdb, err := c.redis.connect()
+		if err != nil {
+			return err
+		}
+		defer rdb.Close()
+		q = rdb
 	}
-	defer rdb.Close()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return agent.Run(gctx) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, ln, rdb, runnerParams{sec: s, secrets: opener, ledgerURL: c.ledger, site: c.site, node: agent.ID(),
+		return runRunner(gctx, c.log, ln, q, runnerParams{sec: s, secrets: opener, ledgerURL: c.ledger, site: c.site, node: agent.ID(),
 			concurrency: c.concurrency, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 	})
 	return g.Wait()

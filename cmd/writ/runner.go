@@ -188,7 +188,7 @@ func newSandbox(log *slog.Logger, p runnerParams) (*scripts.Sandbox, error) {
 	})
 }
 
-func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, p runnerParams) error {
+func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb runner.Queue, p runnerParams) error {
 	sandbox, err := newSandbox(log, p)
 	if err != nil {
 		return err
@@ -208,8 +208,10 @@ func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queu
 	if err != nil {
 		return err
 	}
-	if err := rdb.WaitReady(ctx); err != nil {
-		return err
+	if r, ok := rdb.(*queue.Redis); ok {
+		if err := r.WaitReady(ctx); err != nil {
+			return err
+		}
 	}
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return run.Run(ctx) })

@@ -2,14 +2,18 @@ package main
 
 import (
 	"context"
+	"crypto/ed25519"
 	"fmt"
 	"log/slog"
 	"net"
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sync/errgroup"
 
+	"github.com/writ-fleet/writ/dispatch"
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
@@ -20,6 +24,7 @@ type supervisorCmd struct {
 	site, listen, ledger string
 	redis                redisFlags
 	coordNames           []string
+	dispatch             bool
 	trustTTL             time.Duration
 	tls                  serviceTLS
 	log                  *slog.Logger
@@ -46,6 +51,7 @@ also serves the site's job events to coord (GET /v1/events).`,
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL")
 	trustTTLFlag(cmd, &c.trustTTL)
 	c.tls.add(cmd)
+	cmd.Flags().BoolVar(&c.dispatch, "dispatch", false, "dispatch the site's jobs to its nodes over their own signed streams (writ node --supervisor): nodes then hold no Redis credential and cost the site's Redis nothing while idle")
 	cmd.Flags().StringSliceVar(&c.coordNames, "coord-name", []string{supervisor.DefaultCoordName}, "certificate names of the coords that may submit jobs and read events (over TLS)")
 	return cmd
 }
@@ -60,22 +66,52 @@ func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runSupervisor(ctx, c.log, ln, rdb, c.ledger, c.site, c.trustTTL, s, c.coordNames)
+	return runSupervisor(ctx, c.log, ln, rdb, c.ledger, c.site, c.trustTTL, s, c.coordNames, c.dispatch)
 }
 
-func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site string, trustTTL time.Duration, s *sec, coordNames []string) error {
+func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site string, trustTTL time.Duration, s *sec, coordNames []string, dispatched bool) error {
+	var disp *dispatch.Server
+	if dispatched {
+		disp = newDispatcher(rdb, s.ledgerClient(ledgerURL), site, log)
+	}
 	sup, err := supervisor.New(supervisor.Params{
-		Site:    site,
-		Coord:   coordNames,
-		Trust:   &ledger.TrustCache{Client: s.ledgerClient(ledgerURL), TTL: trustTTL},
-		Redis:   rdb,
-		Scripts: scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})),
-		Log:     log.With("svc", "supervisor", "site", site),
-		Metrics: newRegistry(),
+		Dispatch: disp,
+		Site:     site,
+		Coord:    coordNames,
+		Trust:    &ledger.TrustCache{Client: s.ledgerClient(ledgerURL), TTL: trustTTL},
+		Redis:    rdb,
+		Scripts:  scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})),
+		Log:      log.With("svc", "supervisor", "site", site),
+		Metrics:  newRegistry(),
 	})
 	if err != nil {
 		return err
 	}
 	log.Info("supervisor listening", "site", site, "addr", ln.Addr().String(), "redis", rdb.URL())
+	if disp != nil {
+		g, gctx := errgroup.WithContext(ctx)
+		g.Go(func() error { return disp.Run(gctx) })
+		g.Go(func() error { return serve(gctx, ln, sup.Handler()) })
+		return g.Wait()
+	}
 	return serve(ctx, ln, sup.Handler())
+}
+
+// newDispatcher is the site's dispatcher: nodes are the site's registered,
+// unrevoked nodes of the ledger.
+func newDispatcher(rdb *queue.Redis, lc *ledger.Client, site string, log *slog.Logger) *dispatch.Server {
+	return &dispatch.Server{Site: site, Redis: rdb, Log: log.With("svc", "dispatch", "site", site),
+		NodeKey: func(ctx context.Context, id string) (ed25519.PublicKey, error) {
+			n, err := lc.Node(ctx, id)
+			switch {
+			case err != nil:
+				return nil, err
+			case n.Site != site:
+				return nil, fmt.Errorf("node %s belongs to site %s", id, n.Site)
+			case n.RevokedAt != nil:
+				return nil, fmt.Errorf("node %s is revoked", id)
+			}
+			pub, _, err := keys.ParsePublic(n.PublicKey)
+			return pub, err
+		}}
 }

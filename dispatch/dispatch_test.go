@@ -1,0 +1,190 @@
+package dispatch_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/writ-fleet/writ/dispatch"
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/httpsig"
+	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+)
+
+// site is a dispatcher over a real Redis, with a registry of node keys.
+type site struct {
+	t       *testing.T
+	rdb     *queue.Redis
+	srv     *dispatch.Server
+	hs      *httptest.Server
+	mu      sync.Mutex
+	nodes   map[string]ed25519.PublicKey
+	revoked map[string]bool
+}
+
+func newSite(t *testing.T) *site {
+	rdb, err := queue.Connect(testenv.Redis(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rdb.Close() })
+	s := &site{t: t, rdb: rdb, nodes: map[string]ed25519.PublicKey{}, revoked: map[string]bool{}}
+	s.srv = &dispatch.Server{Site: "s", Redis: rdb, Log: slog.New(slog.DiscardHandler), Concurrency: 16,
+		NodeKey: func(_ context.Context, id string) (ed25519.PublicKey, error) {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			if s.revoked[id] {
+				return nil, errors.New("revoked")
+			}
+			if pub, ok := s.nodes[id]; ok {
+				return pub, nil
+			}
+			return nil, errors.New("unknown node")
+		}}
+	r := chi.NewRouter()
+	s.srv.Mount(r)
+	s.hs = httptest.NewServer(r)
+	t.Cleanup(s.hs.Close)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { s.srv.Run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return s
+}
+
+// node registers a key and returns a client for it.
+func (s *site) node(name string, register bool) *dispatch.Client {
+	k, _ := keys.Generate(name)
+	id := ledger.NodeID(k.Public)
+	if register {
+		s.mu.Lock()
+		s.nodes[id] = k.Public
+		s.mu.Unlock()
+	}
+	return &dispatch.Client{BaseURL: s.hs.URL, Key: k, NodeID: id, HTTP: &http.Client{}, Log: slog.New(slog.DiscardHandler)}
+}
+
+func (s *site) enqueue(id, node string) {
+	s.t.Helper()
+	j := envelope.NewJob(id, "x := 1", "s", time.Now())
+	j.Node = node
+	admin, _ := keys.Generate("a")
+	env, _ := j.Sign(admin)
+	raw, _ := json.Marshal(env)
+	if _, err := s.rdb.Enqueue(context.Background(), queue.Task{ID: id, Envelope: raw, Queue: queue.SiteQueue("s"), MaxRetry: 3, Timeout: time.Minute}); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+// TestDispatch_NodesTakeTheirOwnWork: a job pinned to a node reaches only
+// that node; site jobs reach any; a stranger's key gets no stream; a node
+// cannot report for another's job; a revoked node's stream is cut.
+func TestDispatch_NodesTakeTheirOwnWork(t *testing.T) {
+	s := newSite(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mu sync.Mutex
+	ran := map[string]string{} // job → node
+	work := func(c *dispatch.Client) {
+		go c.Work(ctx, queue.WorkerConfig{Concurrency: 2}, func(ctx context.Context, d queue.Delivery) error {
+			mu.Lock()
+			ran[d.ID] = c.NodeID
+			mu.Unlock()
+			return c.Publish(ctx, "s", job.Event{Job: d.ID, Type: job.EventSucceeded, Node: c.NodeID, At: time.Now()})
+		})
+	}
+	a, b := s.node("a", true), s.node("b", true)
+	work(a)
+	work(b)
+	stranger := s.node("stranger", false)
+	var strangerRan atomic.Int32
+	go stranger.Work(ctx, queue.WorkerConfig{Concurrency: 2}, func(context.Context, queue.Delivery) error { strangerRan.Add(1); return nil })
+	testenv.WaitFor(t, 10*time.Second, "two nodes connected", func() bool { return s.srv.Connected() == 2 })
+
+	for i := range 10 {
+		s.enqueue("pin-a-"+string(rune('0'+i)), a.NodeID)
+		s.enqueue("pin-b-"+string(rune('0'+i)), b.NodeID)
+		s.enqueue("site-"+string(rune('0'+i)), "")
+	}
+	testenv.WaitFor(t, 20*time.Second, "30 jobs to run", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(ran) == 30
+	})
+	mu.Lock()
+	for id, node := range ran {
+		switch {
+		case id[:5] == "pin-a" && node != a.NodeID, id[:5] == "pin-b" && node != b.NodeID:
+			t.Errorf("job %s ran on %s", id, node)
+		}
+	}
+	mu.Unlock()
+	if strangerRan.Load() != 0 {
+		t.Errorf("a stranger's key took %d jobs", strangerRan.Load())
+	}
+	if err := stranger.Ping(ctx); err == nil {
+		t.Error("a stranger's ping answered")
+	}
+
+	// b cannot speak for a job sent to a: hold a job on a, report as b.
+	held := make(chan string, 1)
+	release := make(chan struct{})
+	c := s.node("c", true)
+	go c.Work(ctx, queue.WorkerConfig{Concurrency: 1}, func(ctx context.Context, d queue.Delivery) error {
+		held <- d.ID
+		<-release
+		return nil
+	})
+	testenv.WaitFor(t, 10*time.Second, "c connected", func() bool { return s.srv.Connected() == 3 })
+	s.enqueue("pin-c", c.NodeID)
+	id := <-held
+	if err := b.Publish(ctx, "s", job.Event{Job: id, Type: job.EventSucceeded, At: time.Now()}); err == nil {
+		t.Error("node b reported for a job running on node c")
+	}
+	body, _ := json.Marshal(dispatch.Report{ID: id, Done: &dispatch.Done{Outcome: dispatch.OutcomeOK}})
+	req, _ := http.NewRequest(http.MethodPost, s.hs.URL+"/v1/node/report", bytes.NewReader(body))
+	httpsig.Sign(req, body, b.NodeID, b.Key.Private, time.Now())
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusNotFound {
+		t.Errorf("b ending c's job = %v %v, want 404", resp.StatusCode, err)
+	} else {
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	close(release)
+
+	// Revoke a: its stream is cut within the key cache's life, and its
+	// pinned jobs wait (they reach no one else).
+	s.mu.Lock()
+	s.revoked[a.NodeID] = true
+	s.mu.Unlock()
+	testenv.WaitFor(t, 20*time.Second, "the revoked node's stream to be cut", func() bool { return s.srv.Connected() == 2 })
+	s.enqueue("pin-a-after", a.NodeID)
+	s.enqueue("site-after", "")
+	testenv.WaitFor(t, 10*time.Second, "the site job to run elsewhere", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return ran["site-after"] != "" && ran["site-after"] != a.NodeID
+	})
+	time.Sleep(time.Second)
+	mu.Lock()
+	if node, ok := ran["pin-a-after"]; ok {
+		t.Errorf("a job pinned to the revoked node ran on %s", node)
+	}
+	mu.Unlock()
+}

@@ -1,0 +1,418 @@
+package dispatch
+
+import (
+	"context"
+	"crypto/ed25519"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/httpsig"
+	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/queue"
+)
+
+// NodeKeyFunc returns the public key of a node registered to the site and
+// not revoked, or an error saying why the node may not take work.
+type NodeKeyFunc func(ctx context.Context, id string) (ed25519.PublicKey, error)
+
+// Server dispatches a site's jobs to its connected nodes.
+type Server struct {
+	Site    string
+	Redis   *queue.Redis // the site's: asynq, and the event stream
+	NodeKey NodeKeyFunc  // required
+	Log     *slog.Logger
+	// Concurrency is how many jobs the server holds at once (asynq worker
+	// slots, over all nodes); zero means 1024.
+	Concurrency int
+	// Poll: see queue.WorkerConfig.
+	Poll time.Duration
+	Now  func() time.Time
+
+	once     sync.Once
+	verifier *httpsig.Verifier
+
+	mu      sync.Mutex
+	conns   map[string]*conn       // guarded by mu; node → its current stream
+	busy    map[string]int         // guarded by mu; node → jobs sent, not ended
+	pending map[string]*pendingJob // guarded by mu; job ID → where it went
+	wake    chan struct{}          // guarded by mu; closed when a slot frees or a node connects
+	keys    map[string]keyEntry    // guarded by mu
+}
+
+type conn struct {
+	node  string
+	slots int
+	out   chan Delivery
+	gone  chan struct{} // closed when the stream ends
+	kick  chan struct{} // closed to end the stream (a newer one, a revocation)
+}
+
+type pendingJob struct {
+	node string
+	done chan Done // buffered 1
+	gone chan struct{}
+}
+
+type keyEntry struct {
+	pub ed25519.PublicKey
+	err error
+	at  time.Time
+}
+
+func (s *Server) init() {
+	s.once.Do(func() {
+		if s.Now == nil {
+			s.Now = time.Now
+		}
+		s.conns, s.busy, s.pending, s.keys = map[string]*conn{}, map[string]int{}, map[string]*pendingJob{}, map[string]keyEntry{}
+		s.wake = make(chan struct{})
+		// No replay guard: a replayed stream request or report does
+		// nothing (reports are accepted once per job), and they travel in
+		// TLS; the created time bounds a signature's life.
+		s.verifier = &httpsig.Verifier{Keys: s.key, Now: s.Now, MaxBody: MaxReportBytes, MaxAge: 2 * time.Minute, Nonces: httpsig.NoReplayGuard{}}
+	})
+}
+
+// key resolves a node's key, cached for nodeKeyTTL.
+func (s *Server) key(ctx context.Context, id string) (ed25519.PublicKey, string, error) {
+	if !envelope.ValidNode(id) {
+		return nil, "", errors.New("not a node ID")
+	}
+	now := s.Now()
+	s.mu.Lock()
+	e, ok := s.keys[id]
+	s.mu.Unlock()
+	if !ok || now.Sub(e.at) >= nodeKeyTTL {
+		pub, err := s.NodeKey(ctx, id)
+		e = keyEntry{pub: pub, err: err, at: now}
+		s.mu.Lock()
+		if len(s.keys) > 100000 {
+			clear(s.keys)
+		}
+		s.keys[id] = e
+		s.mu.Unlock()
+	}
+	if e.err != nil {
+		return nil, "", e.err
+	}
+	return e.pub, id, nil
+}
+
+// Mount adds the node endpoints to r.
+func (s *Server) Mount(r chi.Router) {
+	s.init()
+	r.Get("/v1/node/work", s.work)
+	r.Post("/v1/node/report", s.report)
+	r.Get("/v1/node/ping", s.ping)
+}
+
+func (s *Server) authenticate(w http.ResponseWriter, r *http.Request) (string, bool) {
+	_, node, err := s.verifier.Verify(r)
+	if err != nil {
+		status := http.StatusUnauthorized
+		var he *httpsig.Error
+		if errors.As(err, &he) {
+			status = he.Status
+		}
+		httpapi.JSON(w, status, httpapi.ErrorBody{Error: "node signature: " + err.Error(), Reason: "unauthenticated"})
+		return "", false
+	}
+	return node, true
+}
+
+func (s *Server) ping(w http.ResponseWriter, r *http.Request) {
+	if _, ok := s.authenticate(w, r); ok {
+		httpapi.JSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	}
+}
+
+// work is a node's stream: deliveries as they come, {} while idle.
+func (s *Server) work(w http.ResponseWriter, r *http.Request) {
+	node, ok := s.authenticate(w, r)
+	if !ok {
+		return
+	}
+	slots, err := strconv.Atoi(r.URL.Query().Get("slots"))
+	if err != nil || slots < 1 || slots > MaxSlots {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "slots must be 1-%d", MaxSlots))
+		return
+	}
+	flusher, ok := w.(http.Flusher)
+	if !ok {
+		httpapi.Fail(w, errors.New("streaming unsupported"))
+		return
+	}
+	c := &conn{node: node, slots: slots, out: make(chan Delivery, slots), gone: make(chan struct{}), kick: make(chan struct{})}
+	s.mu.Lock()
+	if old := s.conns[node]; old != nil {
+		close(old.kick) // the node reconnected: its newest stream wins
+	}
+	s.conns[node] = c
+	s.wakeLocked()
+	s.mu.Unlock()
+	s.Log.Info("node connected", "node", node, "slots", slots)
+	defer s.disconnect(c)
+
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	w.WriteHeader(http.StatusOK)
+	io := json.NewEncoder(w)
+	if _, err := w.Write([]byte("{}\n")); err != nil {
+		return
+	}
+	flusher.Flush()
+	beat := time.NewTicker(Heartbeat)
+	defer beat.Stop()
+	check := time.NewTicker(nodeKeyTTL / 2)
+	defer check.Stop()
+	for {
+		select {
+		case d := <-c.out:
+			if err := io.Encode(d); err != nil {
+				s.requeue(d.ID, "the node's stream broke before the job reached it")
+				return
+			}
+			flusher.Flush()
+		case <-beat.C:
+			if _, err := w.Write([]byte("{}\n")); err != nil {
+				return
+			}
+			flusher.Flush()
+		case <-check.C:
+			// A revoked (or removed) node is cut off.
+			if _, _, err := s.key(r.Context(), node); err != nil {
+				s.Log.Warn("node may no longer take work: stream closed", "node", node, "err", err)
+				return
+			}
+		case <-c.kick:
+			return
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+// disconnect ends c: jobs still queued on it go back at once; jobs the
+// node has get DisconnectGrace to be reported.
+func (s *Server) disconnect(c *conn) {
+	s.mu.Lock()
+	if s.conns[c.node] == c {
+		delete(s.conns, c.node)
+	}
+	close(c.gone)
+	s.mu.Unlock()
+	for {
+		select {
+		case d := <-c.out:
+			s.requeue(d.ID, "the node disconnected before the job reached it")
+		default:
+			s.Log.Info("node disconnected", "node", c.node)
+			return
+		}
+	}
+}
+
+func (s *Server) requeue(id, why string) {
+	s.finish(id, "", Done{Outcome: OutcomeRetry, Error: why})
+}
+
+// finish ends a pending job with d; node, when set, must be the node it
+// was sent to. It reports whether the job was pending.
+func (s *Server) finish(id, node string, d Done) bool {
+	s.mu.Lock()
+	p := s.pending[id]
+	if p == nil || (node != "" && p.node != node) {
+		s.mu.Unlock()
+		return false
+	}
+	s.mu.Unlock()
+	select {
+	case p.done <- d:
+	default: // already ended
+	}
+	return true
+}
+
+func (s *Server) report(w http.ResponseWriter, r *http.Request) {
+	node, ok := s.authenticate(w, r)
+	if !ok {
+		return
+	}
+	body, err := httpapi.ReadBody(r, MaxReportBytes)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	var rep Report
+	if err := json.Unmarshal(body, &rep); err != nil {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "report: %v", err))
+		return
+	}
+	s.mu.Lock()
+	p := s.pending[rep.ID]
+	s.mu.Unlock()
+	if p == nil || p.node != node {
+		// Only the node a job was sent to speaks for it.
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: "no job " + rep.ID + " is running on node " + node})
+		return
+	}
+	if len(rep.Events) > 0 {
+		for i := range rep.Events {
+			ev := &rep.Events[i]
+			if ev.Job != rep.ID {
+				httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "event of job %s in a report of job %s", ev.Job, rep.ID))
+				return
+			}
+			ev.Site = s.Site
+			if ev.Node != "" {
+				ev.Node = node
+			}
+		}
+		if err := s.Redis.Publish(r.Context(), s.Site, rep.Events...); err != nil {
+			httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "publish: %v", err))
+			return
+		}
+	}
+	if rep.Done != nil {
+		switch rep.Done.Outcome {
+		case OutcomeOK, OutcomeRetry, OutcomeFail:
+		default:
+			httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "outcome %q", rep.Done.Outcome))
+			return
+		}
+		s.finish(rep.ID, node, *rep.Done)
+	}
+	httpapi.JSON(w, http.StatusOK, map[string]string{"status": "ok"})
+}
+
+func (s *Server) wakeLocked() {
+	close(s.wake)
+	s.wake = make(chan struct{})
+}
+
+// pick returns a connected node with a free slot: pin, or the least busy.
+func (s *Server) pickLocked(pin string) *conn {
+	if pin != "" {
+		if c := s.conns[pin]; c != nil && s.busy[pin] < c.slots {
+			return c
+		}
+		return nil
+	}
+	var best *conn
+	bestFree := 0
+	for id, c := range s.conns {
+		if free := c.slots - s.busy[id]; free > bestFree {
+			best, bestFree = c, free
+		}
+	}
+	return best
+}
+
+// Run takes the site's jobs from Redis and dispatches them until ctx ends.
+func (s *Server) Run(ctx context.Context) error {
+	s.init()
+	n := s.Concurrency
+	if n == 0 {
+		n = 1024
+	}
+	return s.Redis.Work(ctx, queue.WorkerConfig{
+		Queues:      map[string]int{queue.SiteQueue(s.Site): 1},
+		Concurrency: n,
+		// A few loops for the whole site: the point of dispatching.
+		Dequeuers:    2,
+		PollInterval: s.Poll,
+		Log:          s.Log,
+	}, s.handle)
+}
+
+// handle holds one asynq task while a node runs it.
+func (s *Server) handle(ctx context.Context, d queue.Delivery) error {
+	pin := ""
+	if env, err := envelope.Decode(d.Envelope); err == nil {
+		if spec, err := env.Job(); err == nil {
+			pin = spec.Node
+		}
+	}
+	for {
+		s.mu.Lock()
+		if p := s.pending[d.ID]; p != nil {
+			// asynq runs a task once at a time; a second delivery of one
+			// still pending is a recovered lease: wait for the first.
+			s.mu.Unlock()
+			return fmt.Errorf("job %s is still running on node %s", d.ID, p.node)
+		}
+		c := s.pickLocked(pin)
+		if c == nil {
+			wake := s.wake
+			s.mu.Unlock()
+			select {
+			case <-wake:
+				continue
+			case <-ctx.Done():
+				return fmt.Errorf("no node took the job (pinned to %q): %w", pin, ctx.Err())
+			}
+		}
+		p := &pendingJob{node: c.node, done: make(chan Done, 1), gone: c.gone}
+		s.pending[d.ID] = p
+		s.busy[c.node]++
+		s.mu.Unlock()
+		defer func() {
+			s.mu.Lock()
+			delete(s.pending, d.ID)
+			if s.busy[p.node]--; s.busy[p.node] <= 0 {
+				delete(s.busy, p.node)
+			}
+			s.wakeLocked()
+			s.mu.Unlock()
+		}()
+		select {
+		case c.out <- Delivery{ID: d.ID, Envelope: d.Envelope, Attempt: d.Attempt, MaxRetry: d.MaxRetry}:
+		default:
+			return fmt.Errorf("node %s's stream is full", c.node)
+		}
+		return s.await(ctx, p)
+	}
+}
+
+// await waits for the job's end; a node that disconnects has
+// DisconnectGrace to reconnect and report it.
+func (s *Server) await(ctx context.Context, p *pendingJob) error {
+	var grace <-chan time.Time
+	gone := p.gone
+	for {
+		select {
+		case d := <-p.done:
+			switch d.Outcome {
+			case OutcomeOK:
+				return nil
+			case OutcomeFail:
+				return queue.NoRetry(errors.New(d.Error))
+			default:
+				return errors.New(d.Error)
+			}
+		case <-gone:
+			gone = nil
+			grace = time.After(DisconnectGrace)
+		case <-grace:
+			return fmt.Errorf("runner_lost: node %s disconnected and did not report the job within %s", p.node, DisconnectGrace)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Connected returns how many nodes have a stream open.
+func (s *Server) Connected() int {
+	s.init()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
