@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/writ-fleet/writ/dispatch"
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/job"
@@ -226,6 +227,99 @@ func TestFleet_NodeRevoked(t *testing.T) {
 		json.Unmarshal(got.Result, &ran)
 		if got.State != job.StateSucceeded || ran == aID {
 			t.Errorf("job after revocation = %s on %q", got.State, ran)
+		}
+	}
+}
+
+// TestFleet_Dispatch: a dispatched site (writ supervisor --dispatch): two
+// nodes with no Redis credential take work over their signed streams; a
+// job pinned to one node runs there only, site jobs run on either, and a
+// key the ledger does not know gets nothing. A revoked node's stream is
+// cut and its pinned jobs reach no other node.
+func TestFleet_Dispatch(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	port := f.ports["supervisor:local"]
+	f.start("supervisor:local", "supervisor", "--site", "local", "--listen", testenv.Addr(port),
+		"--redis", f.redis, "--ledger", f.ledger, "--trust-ttl", "1s", "--dispatch")
+	supURL := "https://" + testenv.Addr(port)
+	f.waitReady(supURL)
+	f.startCoord()
+	tok, err := f.lc.CreateTokenFor(ctx, "local", ledger.CreateTokenRequest{Uses: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := func(name string) *proc {
+		// No --redis: the node's work comes from the dispatcher.
+		return f.start(name, "node", "--ledger", f.ledger, "--site", "local", "--token", tok.Secret,
+			"--state-dir", filepath.Join(f.dir, name), "--allow-tmpfs", "--supervisor", supURL,
+			"--no-network", "--no-vm", "--concurrency", "2", "--trust-ttl", "1s")
+	}
+	a, b := node("a"), node("b")
+	ids := map[string]string{}
+	for _, p := range []*proc{a, b} {
+		testenv.WaitFor(t, 30*time.Second, p.name+" to register", func() bool {
+			p.mu.Lock()
+			defer p.mu.Unlock()
+			for _, line := range strings.Split(p.log.String(), "\n") {
+				if i := strings.Index(line, "registered with site local as "); i >= 0 {
+					ids[p.name] = strings.Fields(line[i+len("registered with site local as "):])[0]
+					return true
+				}
+			}
+			return false
+		})
+	}
+	run := func(name, node string) string {
+		t.Helper()
+		j := envelope.NewJob(name, `job := import("job"); job.result(job.node)`, "local", time.Now())
+		j.Node = node
+		rep, err := f.client().Submit(ctx, rawEnvelope(t, j, f.admin))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := f.waitJob(rep.ID, 60*time.Second)
+		var ran string
+		json.Unmarshal(got.Result, &ran)
+		if got.State != job.StateSucceeded {
+			t.Fatalf("job %s = %+v", name, got)
+		}
+		return ran
+	}
+	for i := range 4 {
+		if ran := run(fmt.Sprintf("pin-a-%d", i), ids["a"]); ran != ids["a"] {
+			t.Errorf("a job pinned to a ran on %s", ran)
+		}
+		if ran := run(fmt.Sprintf("pin-b-%d", i), ids["b"]); ran != ids["b"] {
+			t.Errorf("a job pinned to b ran on %s", ran)
+		}
+		if ran := run(fmt.Sprintf("site-%d", i), ""); ran != ids["a"] && ran != ids["b"] {
+			t.Errorf("a site job ran on %q", ran)
+		}
+	}
+	// A key the ledger does not know: the dispatcher refuses its stream.
+	stranger, _ := keys.Generate("stranger")
+	sc := &dispatch.Client{BaseURL: supURL, Key: stranger, NodeID: ledger.NodeID(stranger.Public), HTTP: e2eHTTP}
+	if err := sc.Ping(ctx); err == nil || !strings.Contains(err.Error(), "401") {
+		t.Errorf("a stranger's node key = %v, want 401", err)
+	}
+	// Posing as node a with another key: the signature does not verify.
+	pose := &dispatch.Client{BaseURL: supURL, Key: stranger, NodeID: ids["a"], HTTP: e2eHTTP}
+	if err := pose.Ping(ctx); err == nil || !strings.Contains(err.Error(), "401") {
+		t.Errorf("posing as node a = %v, want 401", err)
+	}
+
+	// Revoke b: its runner stops, its stream is cut; site jobs run on a.
+	f.run("node", "revoke", ids["b"], "--ledger", f.ledger, "--key", filepath.Join(f.dir, "admin.key"))
+	select {
+	case <-b.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the revoked node is still running")
+	}
+	for i := range 3 {
+		if ran := run(fmt.Sprintf("after-%d", i), ""); ran != ids["a"] {
+			t.Errorf("a site job after b's revocation ran on %s", ran)
 		}
 	}
 }
