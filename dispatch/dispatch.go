@@ -72,7 +72,10 @@ const (
 	// DisconnectGrace is how long a node that lost its stream has to come
 	// back and report a job before it is retried elsewhere.
 	DisconnectGrace = 30 * time.Second
-	// nodeKeyTTL is how long a node's key is trusted without asking the
-	// ledger again: a revoked node is cut off within it.
+	// nodeKeyTTL is how long a refusal of a node's key is kept, and how
+	// often a stream checks its node is not revoked.
 	nodeKeyTTL = 10 * time.Second
+	// goodKeyTTL is how long a node's key is kept (keys never change;
+	// revocation is checked apart, on the site's trust snapshot).
+	goodKeyTTL = 10 * time.Minute
 )

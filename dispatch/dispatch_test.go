@@ -46,6 +46,11 @@ func newSite(t *testing.T) *site {
 	t.Cleanup(func() { rdb.Close() })
 	s := &site{t: t, rdb: rdb, nodes: map[string]ed25519.PublicKey{}, revoked: map[string]bool{}}
 	s.srv = &dispatch.Server{Site: "s", Redis: rdb, Log: slog.New(slog.DiscardHandler), Concurrency: 16,
+		Revoked: func(_ context.Context, id string) bool {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			return s.revoked[id]
+		},
 		NodeKey: func(_ context.Context, id string) (ed25519.PublicKey, error) {
 			s.mu.Lock()
 			defer s.mu.Unlock()

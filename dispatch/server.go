@@ -29,6 +29,10 @@ type Server struct {
 	Site    string
 	Redis   *queue.Redis // the site's: asynq, and the event stream
 	NodeKey NodeKeyFunc  // required
+	// Revoked reports whether the site revoked node (from its trust
+	// snapshot, one cached fetch for all nodes); a revoked node's stream
+	// is cut. Nil: only NodeKey's refusals at connect count.
+	Revoked func(ctx context.Context, node string) bool
 	Log     *slog.Logger
 	// Concurrency is how many jobs the server holds at once (asynq worker
 	// slots, over all nodes); zero means 1024.
@@ -91,7 +95,13 @@ func (s *Server) key(ctx context.Context, id string) (ed25519.PublicKey, string,
 	s.mu.Lock()
 	e, ok := s.keys[id]
 	s.mu.Unlock()
-	if !ok || now.Sub(e.at) >= nodeKeyTTL {
+	// A node's key never changes: a good one is kept long, a refusal
+	// briefly (the node may be registering right now).
+	ttl := nodeKeyTTL
+	if ok && e.err == nil {
+		ttl = goodKeyTTL
+	}
+	if !ok || now.Sub(e.at) >= ttl {
 		pub, err := s.NodeKey(ctx, id)
 		e = keyEntry{pub: pub, err: err, at: now}
 		s.mu.Lock()
@@ -103,6 +113,9 @@ func (s *Server) key(ctx context.Context, id string) (ed25519.PublicKey, string,
 	}
 	if e.err != nil {
 		return nil, "", e.err
+	}
+	if s.Revoked != nil && s.Revoked(ctx, id) {
+		return nil, "", errors.New("node is revoked")
 	}
 	return e.pub, id, nil
 }
@@ -187,9 +200,9 @@ func (s *Server) work(w http.ResponseWriter, r *http.Request) {
 			}
 			flusher.Flush()
 		case <-check.C:
-			// A revoked (or removed) node is cut off.
-			if _, _, err := s.key(r.Context(), node); err != nil {
-				s.Log.Warn("node may no longer take work: stream closed", "node", node, "err", err)
+			// A revoked node is cut off.
+			if s.Revoked != nil && s.Revoked(r.Context(), node) {
+				s.Log.Warn("node is revoked: stream closed", "node", node)
 				return
 			}
 		case <-c.kick:

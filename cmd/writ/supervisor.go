@@ -70,15 +70,16 @@ func (c *supervisorCmd) Run(ctx context.Context, _ []string) error {
 }
 
 func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, site string, trustTTL time.Duration, s *sec, coordNames []string, dispatched bool) error {
+	trust := &ledger.TrustCache{Client: s.ledgerClient(ledgerURL), TTL: trustTTL}
 	var disp *dispatch.Server
 	if dispatched {
-		disp = newDispatcher(rdb, s.ledgerClient(ledgerURL), site, log)
+		disp = newDispatcher(rdb, s.ledgerClient(ledgerURL), trust, site, log)
 	}
 	sup, err := supervisor.New(supervisor.Params{
 		Dispatch: disp,
 		Site:     site,
 		Coord:    coordNames,
-		Trust:    &ledger.TrustCache{Client: s.ledgerClient(ledgerURL), TTL: trustTTL},
+		Trust:    trust,
 		Redis:    rdb,
 		Scripts:  scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})),
 		Log:      log.With("svc", "supervisor", "site", site),
@@ -99,8 +100,14 @@ func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *
 
 // newDispatcher is the site's dispatcher: nodes are the site's registered,
 // unrevoked nodes of the ledger.
-func newDispatcher(rdb *queue.Redis, lc *ledger.Client, site string, log *slog.Logger) *dispatch.Server {
+func newDispatcher(rdb *queue.Redis, lc *ledger.Client, trust *ledger.TrustCache, site string, log *slog.Logger) *dispatch.Server {
 	return &dispatch.Server{Site: site, Redis: rdb, Log: log.With("svc", "dispatch", "site", site),
+		// Revocation from the site's trust snapshot: one cached fetch for
+		// every node's check.
+		Revoked: func(ctx context.Context, id string) bool {
+			t, err := trust.Get(ctx, site)
+			return err == nil && t.NodeRevoked(id)
+		},
 		NodeKey: func(ctx context.Context, id string) (ed25519.PublicKey, error) {
 			n, err := lc.Node(ctx, id)
 			switch {
