@@ -12,7 +12,7 @@ DEV_DIR ?= .dev
 # ovmf, systemd-boot-efi, binutils (objcopy) and ipxe-qemu build and boot the node image (efi).
 APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql ovmf systemd-boot-efi binutils ipxe-qemu gcc libc6-dev
 
-.PHONY: help build static image test test-short dev bench bench-image bench-vm bench-ledger guest fuzz lint generate tidy deps check-clean clean
+.PHONY: help build static image test test-short dev bench bench-scale bench-image bench-vm bench-ledger guest fuzz lint generate tidy deps check-clean clean
 
 # FUZZ_EXECS is how many executions make fuzz gives each target.
 FUZZ_EXECS ?= 1000000
@@ -58,6 +58,9 @@ bench-image: deps ## boot the node image from USB under TCG, alone, and print bo
 
 bench-vm: deps ## VM deploy: writ against the same QEMU guest launched by hand (root; see BENCHMARKS.md)
 	$(GO) test -run '^$$' -bench Deploy -benchtime 3x ./sal/vm/qemu/
+
+bench-scale: deps ## 1,000 simulated nodes on one dispatched site: idle Redis cost and CPU per node, pickup latency, throughput (see BENCHMARKS.md)
+	$(GO) run ./cmd/writ-bench-scale -nodes 1000
 
 bench-ledger: ## 100,000 simulated nodes register and report uptime once a minute to a SQLite ledger (see BENCHMARKS.md)
 	$(GO) run ./cmd/writ-ledger-bench -nodes 100000 -interval 1m -for 1m

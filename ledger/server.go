@@ -81,6 +81,10 @@ type ServerOptions struct {
 	// RateLimits per source; nil means DefaultRateLimits, a Rate of 0
 	// turns one off.
 	RateLimits *[nLimits]RateLimit
+	// RegisterRate, when not zero, replaces the registrations per second
+	// a source may make (negative: no limit), e.g. for a fleet enrolling
+	// from behind one NAT.
+	RegisterRate float64
 }
 
 // Harden applies opts. Call before Handler.
@@ -91,9 +95,17 @@ func (s *Server) Harden(opts ServerOptions) {
 	if opts.Nonces != nil {
 		s.verifier.Nonces, s.regVerifier.Nonces = opts.Nonces, opts.Nonces
 	}
+	limits := DefaultRateLimits
 	if opts.RateLimits != nil {
-		s.limits = newLimiters(*opts.RateLimits)
+		limits = *opts.RateLimits
 	}
+	switch {
+	case opts.RegisterRate < 0:
+		limits[limitRegister].Rate = 0
+	case opts.RegisterRate > 0:
+		limits[limitRegister] = RateLimit{Rate: opts.RegisterRate, Burst: max(limits[limitRegister].Burst, int(10*opts.RegisterRate))}
+	}
+	s.limits = newLimiters(limits)
 }
 
 // SignTrust makes the server sign trust snapshots with signer (the

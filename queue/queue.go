@@ -12,6 +12,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -160,4 +161,19 @@ func (r *Redis) QueueDepth(queues ...string) (map[string]int, error) {
 		out[q] = info.Pending + info.Retry + info.Scheduled
 	}
 	return out, nil
+}
+
+// InfoInt reads one integer field of a Redis INFO section (benchmarks:
+// total_commands_processed, connected_clients).
+func (r *Redis) InfoInt(ctx context.Context, section, field string) (int64, error) {
+	s, err := r.rdb.Info(ctx, section).Result()
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(s, "\n") {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), field+":"); ok {
+			return strconv.ParseInt(v, 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("no %s in INFO %s", field, section)
 }

@@ -283,7 +283,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	g, gctx := errgroup.WithContext(ctx)
 	ledgerURL := secs["ledger"].url(ledgerAddr)
 	coordURL := secs["coord"].url(coordAddr)
-	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store, secs["ledger"], nil) })
+	g.Go(func() error { return runLedger(gctx, c.log, lns["ledger"], store, secs["ledger"], nil, 0) })
 	g.Go(func() error {
 		return runSupervisor(gctx, c.log, lns["supervisor"], rdbs[queue.ACLSupervisor], ledgerURL, devSite, 0, secs["supervisor"], nil, false)
 	})

@@ -80,6 +80,7 @@ func (c *ledgerInitCmd) Run(ctx context.Context, _ []string) error {
 type ledgerServeCmd struct {
 	db, listen  string
 	authorities []string
+	regRate     float64
 	tls         serviceTLS
 	log         *slog.Logger
 }
@@ -101,6 +102,7 @@ RFC 9421 HTTP Message Signatures by an admin's key.`,
 	cmd.Flags().StringVar(&c.db, "db", "ledger.db", "the ledger's store: a SQLite file, or postgres://… (create it with `writ ledger init`)")
 	cmd.Flags().StringVar(&c.listen, "listen", defaultLedgerAddr, "address to serve the ledger API on")
 	c.tls.add(cmd)
+	cmd.Flags().Float64Var(&c.regRate, "register-rate", 5, "registrations per second one address may make (a fleet enrolling from behind one NAT may need more; 0: no limit)")
 	cmd.Flags().StringSliceVar(&c.authorities, "authority", nil, "names (host or host:port) signed requests must be addressed to (default: the certificate's DNS names and IP addresses)")
 	return cmd
 }
@@ -125,10 +127,14 @@ func (c *ledgerServeCmd) Run(ctx context.Context, _ []string) error {
 	if err != nil {
 		return err
 	}
-	return runLedger(ctx, c.log, ln, store, s, c.authorities)
+	rate := c.regRate
+	if rate == 0 {
+		rate = -1 // no limit
+	}
+	return runLedger(ctx, c.log, ln, store, s, c.authorities, rate)
 }
 
-func runLedger(ctx context.Context, log *slog.Logger, ln net.Listener, store ledger.Store, s *sec, authorities []string) error {
+func runLedger(ctx context.Context, log *slog.Logger, ln net.Listener, store ledger.Store, s *sec, authorities []string, registerRate float64) error {
 	srv := ledger.NewServer(store, log.With("svc", "ledger"), newRegistry(), nil)
 	if s.tls() {
 		cert := s.cfg.Certificate()
@@ -145,7 +151,7 @@ func runLedger(ctx context.Context, log *slog.Logger, ln net.Listener, store led
 		}
 		srv.SignTrust(&ledger.TrustSigner{Key: cert.PrivateKey.(crypto.Signer), Cert: cert.Certificate[0]})
 	}
-	srv.Harden(ledger.ServerOptions{Authorities: authorities})
+	srv.Harden(ledger.ServerOptions{Authorities: authorities, RegisterRate: registerRate})
 	log.Info("ledger listening", "addr", ln.Addr().String(), "tls", s.tls(), "authorities", authorities)
 	return serve(ctx, ln, srv.Handler())
 }
