@@ -44,6 +44,9 @@ type NodeConfig struct {
 	// ledger and Redis, verified against it. Without one the node talks
 	// plain HTTP.
 	CA string `json:"ca,omitempty"`
+	// Supervisor, when set, is the site's dispatcher: the node takes its
+	// work there (writ node --supervisor) and needs no Redis.
+	Supervisor string `json:"supervisor,omitempty"`
 }
 
 // Public is the configuration without its secrets (the enrollment token,

@@ -54,7 +54,8 @@ line: writ.ledger=URL writ.site=NAME writ.token=SECRET writ.redis=URL.`,
 	fl.StringVar(&c.cfg.Ledger, "ledger", "", "ledger URL the node registers with")
 	fl.StringVar(&c.cfg.Site, "site", "", "the node's site")
 	fl.StringVar(&c.cfg.Token, "token", "", "the site's enrollment token")
-	fl.StringVar(&c.cfg.Redis, "redis", "", "the site's Redis")
+	fl.StringVar(&c.cfg.Redis, "redis", "", "the site's Redis (for a site without a dispatcher)")
+	fl.StringVar(&c.cfg.Supervisor, "supervisor", "", "the site's dispatcher (writ supervisor --dispatch): nodes take their work there and need no Redis")
 	fl.StringVar(&c.caFile, "site-ca", "", "the site CA's certificate (PEM) to bake in: the node talks TLS to the ledger and Redis (default: --ca)")
 	return cmd
 }

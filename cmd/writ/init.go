@@ -26,7 +26,7 @@ modules, brings up networking with DHCP, turns an empty disk into the
 node's btrfs pool (never a disk that holds data) and keeps the node key
 there, then runs the node (registration, uptime, runner) with the site
 configuration baked into the image or given on the kernel command line
-(writ.ledger= writ.site= writ.token= writ.redis=). Ctrl-Alt-Del or SIGTERM
+(writ.ledger= writ.site= writ.token= writ.redis= writ.supervisor=). Ctrl-Alt-Del or SIGTERM
 reboots cleanly; SIGUSR2 powers off.`,
 		Args:   cobra.NoArgs,
 		Hidden: true,
@@ -40,7 +40,7 @@ reboots cleanly; SIGUSR2 powers off.`,
 // only wires the node in.
 func (c *initCmd) Run(ctx context.Context, _ []string) error {
 	return nodeinit.Run(ctx, os.Stdout, func(ctx context.Context, cfg nodeinit.Config, console io.Writer) error {
-		n := &nodeCmd{ledger: cfg.Ledger, site: cfg.Site, token: cfg.Token, redis: redisFlags{url: cfg.Redis}, concurrency: 4,
+		n := &nodeCmd{ledger: cfg.Ledger, site: cfg.Site, token: cfg.Token, redis: redisFlags{url: cfg.Redis}, supervisor: cfg.Supervisor, concurrency: 4,
 			stateDir: "/var/lib/writ/node", allowTmpfs: true, status: console, log: slog.New(slog.NewTextHandler(os.Stdout, &slog.HandlerOptions{Level: slog.LevelWarn}))}
 		n.vm.off = true // the image carries no hypervisor
 		if cfg.CA != "" {

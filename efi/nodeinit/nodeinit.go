@@ -149,6 +149,8 @@ func applyCmdline(c *efi.NodeConfig, line string) {
 			c.Token = v
 		case "writ.redis":
 			c.Redis = v
+		case "writ.supervisor":
+			c.Supervisor = v
 		}
 	}
 }
