@@ -323,3 +323,50 @@ func TestFleet_Dispatch(t *testing.T) {
 		}
 	}
 }
+
+// TestFleet_DispatchNodeKilled: kill -9 of a dispatched node mid-job: the
+// job runs again on the other node (after the dispatcher's grace) and
+// succeeds.
+func TestFleet_DispatchNodeKilled(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	port := f.ports["supervisor:local"]
+	f.start("supervisor:local", "supervisor", "--site", "local", "--listen", testenv.Addr(port),
+		"--redis", f.redis, "--ledger", f.ledger, "--trust-ttl", "1s", "--dispatch")
+	supURL := "https://" + testenv.Addr(port)
+	f.waitReady(supURL)
+	f.startCoord()
+	tok, err := f.lc.CreateTokenFor(ctx, "local", ledger.CreateTokenRequest{Uses: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := func(name string) *proc {
+		return f.start(name, "node", "--ledger", f.ledger, "--site", "local", "--token", tok.Secret,
+			"--state-dir", filepath.Join(f.dir, name), "--allow-tmpfs", "--supervisor", supURL,
+			"--no-network", "--no-vm", "--concurrency", "1", "--trust-ttl", "1s")
+	}
+	a := node("a")
+	testenv.WaitFor(t, 30*time.Second, "node a online", func() bool {
+		list, _ := f.lc.Nodes(ctx, "local")
+		return len(list) == 1
+	})
+	j := envelope.NewJob("long", `job := import("job"); times := import("times"); if job.attempt == 1 { times.sleep(60 * times.second) }; job.result({node: job.node, attempt: job.attempt})`, "local", time.Now())
+	rep, err := f.client().Submit(ctx, rawEnvelope(t, j, f.admin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitState(t, f, rep.ID, job.StateRunning)
+	node("b")
+	a.cmd.Process.Kill()
+	got := f.waitJob(rep.ID, 90*time.Second)
+	if got.State != job.StateSucceeded || got.Attempts < 2 {
+		t.Fatalf("the job after its node was killed = %+v", got)
+	}
+	var res struct {
+		Node    string `json:"node"`
+		Attempt int    `json:"attempt"`
+	}
+	json.Unmarshal(got.Result, &res)
+	t.Logf("ran again as attempt %d on %s", res.Attempt, res.Node)
+}
