@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -149,21 +150,7 @@ func TestFleet_NodeRevoked(t *testing.T) {
 			"--no-network", "--no-vm", "--concurrency", "2", "--trust-ttl", "1s")
 	}
 	a := node("a", one.Secret)
-	idOf := func(p *proc) string {
-		var id string
-		testenv.WaitFor(t, 30*time.Second, p.name+" to register", func() bool {
-			p.mu.Lock()
-			defer p.mu.Unlock()
-			for _, line := range strings.Split(p.log.String(), "\n") {
-				if i := strings.Index(line, "registered with site local as "); i >= 0 {
-					id = strings.Fields(line[i+len("registered with site local as "):])[0]
-					return true
-				}
-			}
-			return false
-		})
-		return id
-	}
+	idOf := func(p *proc) string { return registeredID(t, p) }
 	aID := idOf(a)
 	b := node("b", one.Secret)
 	testenv.WaitFor(t, 30*time.Second, "the second node to be refused the used-up token", func() bool {
@@ -240,37 +227,9 @@ func TestFleet_Dispatch(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
-	port := f.ports["supervisor:local"]
-	f.start("supervisor:local", "supervisor", "--site", "local", "--listen", testenv.Addr(port),
-		"--redis", f.redis, "--ledger", f.ledger, "--trust-ttl", "1s", "--dispatch")
-	supURL := "https://" + testenv.Addr(port)
-	f.waitReady(supURL)
-	f.startCoord()
-	tok, err := f.lc.CreateTokenFor(ctx, "local", ledger.CreateTokenRequest{Uses: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	node := func(name string) *proc {
-		// No --redis: the node's work comes from the dispatcher.
-		return f.start(name, "node", "--ledger", f.ledger, "--site", "local", "--token", tok.Secret,
-			"--state-dir", filepath.Join(f.dir, name), "--allow-tmpfs", "--supervisor", supURL,
-			"--no-network", "--no-vm", "--concurrency", "2", "--trust-ttl", "1s")
-	}
-	a, b := node("a"), node("b")
-	ids := map[string]string{}
-	for _, p := range []*proc{a, b} {
-		testenv.WaitFor(t, 30*time.Second, p.name+" to register", func() bool {
-			p.mu.Lock()
-			defer p.mu.Unlock()
-			for _, line := range strings.Split(p.log.String(), "\n") {
-				if i := strings.Index(line, "registered with site local as "); i >= 0 {
-					ids[p.name] = strings.Fields(line[i+len("registered with site local as "):])[0]
-					return true
-				}
-			}
-			return false
-		})
-	}
+	supURL, node := dispatchedSite(t, f, 2)
+	a, b := node("a", 2), node("b", 2)
+	ids := map[string]string{"a": registeredID(t, a), "b": registeredID(t, b)}
 	run := func(name, node string) string {
 		t.Helper()
 		j := envelope.NewJob(name, `job := import("job"); job.result(job.node)`, "local", time.Now())
@@ -331,22 +290,8 @@ func TestFleet_DispatchNodeKilled(t *testing.T) {
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
-	port := f.ports["supervisor:local"]
-	f.start("supervisor:local", "supervisor", "--site", "local", "--listen", testenv.Addr(port),
-		"--redis", f.redis, "--ledger", f.ledger, "--trust-ttl", "1s", "--dispatch")
-	supURL := "https://" + testenv.Addr(port)
-	f.waitReady(supURL)
-	f.startCoord()
-	tok, err := f.lc.CreateTokenFor(ctx, "local", ledger.CreateTokenRequest{Uses: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	node := func(name string) *proc {
-		return f.start(name, "node", "--ledger", f.ledger, "--site", "local", "--token", tok.Secret,
-			"--state-dir", filepath.Join(f.dir, name), "--allow-tmpfs", "--supervisor", supURL,
-			"--no-network", "--no-vm", "--concurrency", "1", "--trust-ttl", "1s")
-	}
-	a := node("a")
+	_, node := dispatchedSite(t, f, 2)
+	a := node("a", 1)
 	testenv.WaitFor(t, 30*time.Second, "node a online", func() bool {
 		list, _ := f.lc.Nodes(ctx, "local")
 		return len(list) == 1
@@ -357,7 +302,7 @@ func TestFleet_DispatchNodeKilled(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitState(t, f, rep.ID, job.StateRunning)
-	node("b")
+	node("b", 1)
 	a.cmd.Process.Kill()
 	got := f.waitJob(rep.ID, 90*time.Second)
 	if got.State != job.StateSucceeded || got.Attempts < 2 {
@@ -369,4 +314,46 @@ func TestFleet_DispatchNodeKilled(t *testing.T) {
 	}
 	json.Unmarshal(got.Result, &res)
 	t.Logf("ran again as attempt %d on %s", res.Attempt, res.Node)
+}
+
+// dispatchedSite starts site local's supervisor with --dispatch and coord,
+// and returns the supervisor's URL and a func starting a node (with no
+// Redis: its work comes from the dispatcher) enrolled with a token of
+// uses uses.
+func dispatchedSite(t *testing.T, f *fleet, uses int64) (string, func(name string, concurrency int) *proc) {
+	t.Helper()
+	port := f.ports["supervisor:local"]
+	f.start("supervisor:local", "supervisor", "--site", "local", "--listen", testenv.Addr(port),
+		"--redis", f.redis, "--ledger", f.ledger, "--trust-ttl", "1s", "--dispatch")
+	supURL := "https://" + testenv.Addr(port)
+	f.waitReady(supURL)
+	f.startCoord()
+	tok, err := f.lc.CreateTokenFor(context.Background(), "local", ledger.CreateTokenRequest{Uses: uses})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return supURL, func(name string, concurrency int) *proc {
+		return f.start(name, "node", "--ledger", f.ledger, "--site", "local", "--token", tok.Secret,
+			"--state-dir", filepath.Join(f.dir, name), "--allow-tmpfs", "--supervisor", supURL,
+			"--no-network", "--no-vm", "--concurrency", strconv.Itoa(concurrency), "--trust-ttl", "1s")
+	}
+}
+
+// registeredID waits for a writ node process to say it registered, and
+// returns its node ID.
+func registeredID(t *testing.T, p *proc) string {
+	t.Helper()
+	var id string
+	testenv.WaitFor(t, 30*time.Second, p.name+" to register", func() bool {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		for _, line := range strings.Split(p.log.String(), "\n") {
+			if i := strings.Index(line, "registered with site local as "); i >= 0 {
+				id = strings.Fields(line[i+len("registered with site local as "):])[0]
+				return true
+			}
+		}
+		return false
+	})
+	return id
 }
