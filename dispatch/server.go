@@ -265,8 +265,8 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var rep Report
-	if err := json.Unmarshal(body, &rep); err != nil {
-		httpapi.Fail(w, httpapi.Errorf(http.StatusBadRequest, "report: %v", err))
+	if err := httpapi.DecodeJSON(body, &rep); err != nil {
+		httpapi.Fail(w, err)
 		return
 	}
 	s.mu.Lock()
