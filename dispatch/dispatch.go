@@ -67,6 +67,9 @@ const (
 	MaxSlots = 1024
 	// MaxReportBytes bounds one report (a run's result is at most 1 MiB).
 	MaxReportBytes = 4 << 20
+	// MaxJobEvents and MaxJobReportBytes bound what one run may publish.
+	MaxJobEvents      = 20000
+	MaxJobReportBytes = 64 << 20
 	// Heartbeat is how often an idle stream carries a {} line.
 	Heartbeat = 15 * time.Second
 	// DisconnectGrace is how long a node that lost its stream has to come

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -170,6 +171,20 @@ func TestDispatch_NodesTakeTheirOwnWork(t *testing.T) {
 	} else {
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
+	}
+	// c itself may not flood the site's stream for its job.
+	flood := make([]job.Event, 5000)
+	for i := range flood {
+		flood[i] = job.Event{Job: id, Type: job.EventLog, Message: "x", At: time.Now()}
+	}
+	var floodErr error
+	for range 5 {
+		if floodErr = c.Publish(ctx, "s", flood...); floodErr != nil {
+			break
+		}
+	}
+	if floodErr == nil || !strings.Contains(floodErr.Error(), "429") {
+		t.Errorf("25,000 events for one job = %v, want 429 past %d", floodErr, dispatch.MaxJobEvents)
 	}
 	close(release)
 

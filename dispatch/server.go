@@ -61,9 +61,11 @@ type conn struct {
 }
 
 type pendingJob struct {
-	node string
-	done chan Done // buffered 1
-	gone chan struct{}
+	node   string
+	done   chan Done // buffered 1
+	gone   chan struct{}
+	events int   // guarded by Server.mu: events published for the job
+	bytes  int64 // guarded by Server.mu
 }
 
 type keyEntry struct {
@@ -271,10 +273,22 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mu.Lock()
 	p := s.pending[rep.ID]
+	over := false
+	if p != nil && p.node == node {
+		// A node that floods the site's stream for its job is cut short:
+		// an honest runner's log budget stays far below these.
+		p.events += len(rep.Events)
+		p.bytes += int64(len(body))
+		over = p.events > MaxJobEvents || p.bytes > MaxJobReportBytes
+	}
 	s.mu.Unlock()
 	if p == nil || p.node != node {
 		// Only the node a job was sent to speaks for it.
 		httpapi.Fail(w, &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: "no job " + rep.ID + " is running on node " + node})
+		return
+	}
+	if over && len(rep.Events) > 0 {
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusTooManyRequests, Reason: "too_many_events", Msg: fmt.Sprintf("job %s has sent more than %d events or %d bytes", rep.ID, MaxJobEvents, MaxJobReportBytes)})
 		return
 	}
 	if len(rep.Events) > 0 {
