@@ -208,3 +208,51 @@ func TestDispatch_NodesTakeTheirOwnWork(t *testing.T) {
 	}
 	mu.Unlock()
 }
+
+// TestDispatch_Placement: a job that states resources goes to the node
+// coord placed it on (recorded by the supervisor), while that node is
+// connected.
+func TestDispatch_Placement(t *testing.T) {
+	s := newSite(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var mu sync.Mutex
+	ran := map[string]string{}
+	var clients []*dispatch.Client
+	for _, name := range []string{"a", "b", "c"} {
+		c := s.node(name, true)
+		clients = append(clients, c)
+		go c.Work(ctx, queue.WorkerConfig{Concurrency: 4}, func(ctx context.Context, d queue.Delivery) error {
+			mu.Lock()
+			ran[d.ID] = c.NodeID
+			mu.Unlock()
+			return nil
+		})
+	}
+	testenv.WaitFor(t, 10*time.Second, "three nodes", func() bool { return s.srv.Connected() == 3 })
+	admin, _ := keys.Generate("a")
+	target := clients[2].NodeID
+	for i := range 6 {
+		id := "placed-" + string(rune('0'+i))
+		j := envelope.NewJob(id, "x := 1", "s", time.Now())
+		j.Resources = envelope.Resources{CPU: 1}
+		env, _ := j.Sign(admin)
+		raw, _ := json.Marshal(env)
+		if err := s.rdb.SetPlacement(ctx, "s", id, target, time.Minute); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.rdb.Enqueue(ctx, queue.Task{ID: id, Envelope: raw, Queue: queue.SiteQueue("s"), MaxRetry: 1, Timeout: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.WaitFor(t, 20*time.Second, "six placed jobs", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(ran) == 6
+	})
+	for id, node := range ran {
+		if node != target {
+			t.Errorf("placed job %s ran on %s, not the placed %s", id, node, target)
+		}
+	}
+}

@@ -362,11 +362,17 @@ func (s *Server) Run(ctx context.Context) error {
 
 // handle holds one asynq task while a node runs it.
 func (s *Server) handle(ctx context.Context, d queue.Delivery) error {
-	pin := ""
+	pin, prefer := "", ""
+	var resources bool
 	if env, err := envelope.Decode(d.Envelope); err == nil {
 		if spec, err := env.Job(); err == nil {
 			pin = spec.Node
+			resources = spec.Resources != envelope.Resources{}
 		}
+	}
+	if pin == "" && resources {
+		// coord placed it (a job that states resources) on a node.
+		prefer, _ = s.Redis.Placement(ctx, s.Site, d.ID)
 	}
 	for {
 		s.mu.Lock()
@@ -376,7 +382,14 @@ func (s *Server) handle(ctx context.Context, d queue.Delivery) error {
 			s.mu.Unlock()
 			return fmt.Errorf("job %s is still running on node %s", d.ID, p.node)
 		}
-		c := s.pickLocked(pin)
+		// A placed job waits for its node like a pinned one while that
+		// node is connected (coord reserved room there); a placement on a
+		// node that is gone falls back to any node.
+		target := pin
+		if target == "" && prefer != "" && s.conns[prefer] != nil {
+			target = prefer
+		}
+		c := s.pickLocked(target)
 		if c == nil {
 			wake := s.wake
 			s.mu.Unlock()

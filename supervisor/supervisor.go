@@ -262,7 +262,12 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 			switch {
 			case s.p.Dispatch != nil:
 				// The dispatcher holds the site queue and sends a pinned
-				// job only to its node.
+				// job only to its node; coord's placement it reads apart.
+				if c.place != "" && c.job.Node == "" {
+					if err := s.p.Redis.SetPlacement(ctx, s.p.Site, c.id, c.place, time.Until(c.job.Expires)+time.Hour); err != nil {
+						s.p.Log.Warn("placement not recorded; any node may take the job", "job", c.id, "err", err)
+					}
+				}
 			case c.job.Node != "":
 				q = queue.NodeQueue(c.job.Node)
 			case c.place != "":
