@@ -256,3 +256,38 @@ func TestDispatch_Placement(t *testing.T) {
 		}
 	}
 }
+
+// TestDispatch_NoNodesJobsWait: with no node connected the site queue is
+// paused: a job with no retries, enqueued then, is not taken (and so not
+// failed at its deadline); it runs once a node connects.
+func TestDispatch_NoNodesJobsWait(t *testing.T) {
+	s := newSite(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	time.Sleep(500 * time.Millisecond) // Run has paused the queue
+	j := envelope.NewJob("waits", "x := 1", "s", time.Now())
+	admin, _ := keys.Generate("a")
+	env, _ := j.Sign(admin)
+	raw, _ := json.Marshal(env)
+	if _, err := s.rdb.Enqueue(ctx, queue.Task{ID: "waits", Envelope: raw, Queue: queue.SiteQueue("s"), MaxRetry: 0, Timeout: time.Second}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2500 * time.Millisecond) // past the task's 1 s deadline
+	if d, err := s.rdb.QueueDepth(queue.SiteQueue("s")); err != nil || d[queue.SiteQueue("s")] != 1 {
+		t.Fatalf("with no node, the job left the queue: depth %v, %v", d, err)
+	}
+	ran := make(chan string, 1)
+	c := s.node("late", true)
+	go c.Work(ctx, queue.WorkerConfig{Concurrency: 1}, func(ctx context.Context, d queue.Delivery) error {
+		ran <- d.ID
+		return nil
+	})
+	select {
+	case id := <-ran:
+		if id != "waits" {
+			t.Errorf("ran %s", id)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the waiting job did not run once a node connected")
+	}
+}

@@ -44,6 +44,10 @@ type Server struct {
 	once     sync.Once
 	verifier *httpsig.Verifier
 
+	pauseMu    sync.Mutex
+	paused     bool // guarded by pauseMu: what the queue was last set to
+	pauseKnown bool // guarded by pauseMu
+
 	mu      sync.Mutex
 	conns   map[string]*conn       // guarded by mu; node → its current stream
 	busy    map[string]int         // guarded by mu; node → jobs sent, not ended
@@ -171,9 +175,13 @@ func (s *Server) work(w http.ResponseWriter, r *http.Request) {
 	if old := s.conns[node]; old != nil {
 		close(old.kick) // the node reconnected: its newest stream wins
 	}
+	first := len(s.conns) == 0
 	s.conns[node] = c
 	s.wakeLocked()
 	s.mu.Unlock()
+	if first {
+		s.syncPause()
+	}
 	s.Log.Info("node connected", "node", node, "slots", slots)
 	defer s.disconnect(c)
 
@@ -222,8 +230,12 @@ func (s *Server) disconnect(c *conn) {
 	if s.conns[c.node] == c {
 		delete(s.conns, c.node)
 	}
+	none := len(s.conns) == 0
 	close(c.gone)
 	s.mu.Unlock()
+	if none {
+		s.syncPause()
+	}
 	for {
 		select {
 		case d := <-c.out:
@@ -343,9 +355,31 @@ func (s *Server) pickLocked(pin string) *conn {
 	return best
 }
 
+// syncPause pauses the site queue while no node is connected, so its jobs
+// wait there, as they would for runners, instead of being held here until
+// their deadlines (and retried, or failed, for nothing); and resumes it
+// when one connects. Serialized, so a pause never lands after a later
+// resume.
+func (s *Server) syncPause() {
+	s.pauseMu.Lock()
+	defer s.pauseMu.Unlock()
+	s.mu.Lock()
+	want := len(s.conns) == 0
+	s.mu.Unlock()
+	if s.pauseKnown && want == s.paused {
+		return
+	}
+	if err := s.Redis.SetPaused(queue.SiteQueue(s.Site), want); err != nil {
+		s.Log.Warn("pause the site queue", "paused", want, "err", err)
+		return
+	}
+	s.paused, s.pauseKnown = want, true
+}
+
 // Run takes the site's jobs from Redis and dispatches them until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
 	s.init()
+	s.syncPause()
 	n := s.Concurrency
 	if n == 0 {
 		n = 1024

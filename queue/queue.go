@@ -177,3 +177,20 @@ func (r *Redis) InfoInt(ctx context.Context, section, field string) (int64, erro
 	}
 	return 0, fmt.Errorf("no %s in INFO %s", field, section)
 }
+
+// SetPaused pauses (or resumes) every worker's intake from queue: a
+// dispatcher with no node to send work to leaves it in the queue, where it
+// waits, rather than holding it until its deadline. Idempotent.
+func (r *Redis) SetPaused(q string, paused bool) error {
+	insp := asynq.NewInspectorFromRedisClient(r.rdb)
+	var err error
+	if paused {
+		err = insp.PauseQueue(q)
+	} else {
+		err = insp.UnpauseQueue(q)
+	}
+	if err != nil && (strings.Contains(err.Error(), "already paused") || strings.Contains(err.Error(), "not paused")) {
+		return nil
+	}
+	return err
+}
