@@ -118,20 +118,15 @@ func NewServer(store Store, log *slog.Logger, reg *prometheus.Registry, now func
 		now = time.Now
 	}
 	s := &Server{store: store, log: log, reg: reg, now: now, limits: newLimiters(DefaultRateLimits)}
-	defer func() {
-		// A store that keeps nonces shares the replay guard between ledger
-		// processes and across restarts.
-		if ns, ok := store.(httpsig.NonceStore); ok {
-			s.verifier.Nonces, s.regVerifier.Nonces = ns, ns
-		}
-	}()
-	s.verifier = &httpsig.Verifier{Keys: s.adminKey, Now: now, MaxBody: maxAdminBody}
-	// Node signatures must be as fresh as uptime reports, which also keeps
-	// the nonce table (2×MaxAge of requests) small under a large fleet.
-	// Registration keeps nonces like admin writes; uptime reports need no
-	// nonce table (each node's reports only move forward: ErrStaleReport),
-	// which at 100,000 nodes would double the ledger's writes.
-	s.regVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody, MaxAge: ReportWindow}
+	// A store that keeps nonces shares the replay guard between ledger
+	// processes and across restarts; nil keeps them in memory.
+	nonces, _ := store.(httpsig.NonceStore)
+	s.verifier = &httpsig.Verifier{Keys: s.adminKey, Now: now, MaxBody: maxAdminBody, Nonces: nonces}
+	// Node signatures must be as fresh as uptime reports. Registration
+	// keeps nonces like admin writes; uptime reports need none (each
+	// node's reports only move forward: ErrStaleReport), which at 100,000
+	// nodes would double the ledger's writes.
+	s.regVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody, MaxAge: ReportWindow, Nonces: nonces}
 	s.nodeVerifier = &httpsig.Verifier{Keys: s.nodeKey, Now: now, MaxBody: maxNodeBody, MaxAge: ReportWindow, Nonces: httpsig.NoReplayGuard{}}
 	s.writes = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "writ_ledger_admin_writes_total", Help: "Admin write requests by operation and outcome.",
