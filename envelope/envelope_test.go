@@ -96,10 +96,14 @@ func TestVerify_DSSECases(t *testing.T) {
 			for _, name := range tc.Keys {
 				trusted = append(trusted, loadRefKey(t, name))
 			}
-			accepted := env.Verify(trusted)
-			got := len(env.Signatures) > 0 && len(accepted) >= tc.Threshold
-			if got != tc.Valid {
-				t.Errorf("valid = %v (%d keys accepted, threshold %d), want %v", got, len(accepted), tc.Threshold, tc.Valid)
+			// Twice: the second answer comes from the verified-signature
+			// cache where the first succeeded, and must be the same.
+			for pass := 1; pass <= 2; pass++ {
+				accepted := env.Verify(trusted)
+				got := len(env.Signatures) > 0 && len(accepted) >= tc.Threshold
+				if got != tc.Valid {
+					t.Errorf("pass %d: valid = %v (%d keys accepted, threshold %d), want %v", pass, got, len(accepted), tc.Threshold, tc.Valid)
+				}
 			}
 		})
 	}
