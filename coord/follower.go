@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -40,6 +41,10 @@ type followerParams struct {
 
 // maxApply bounds the events applied in one round trip.
 const maxApply = 512
+
+// maxEventBytes bounds one event of the stream (results and errors are
+// far smaller: 64 KiB by default).
+const maxEventBytes = 8 << 20
 
 func (f *follower) run(ctx context.Context) {
 	backoff := 500 * time.Millisecond
@@ -81,19 +86,75 @@ func (f *follower) follow(ctx context.Context) error {
 		return fmt.Errorf("supervisor answered HTTP %d", resp.StatusCode)
 	}
 	f.p.log.Info("following site events", "site", f.p.site, "after", cursor)
-	br := bufio.NewReaderSize(resp.Body, 64<<10)
-	var batch []job.Event
+
+	// One goroutine reads and decodes the stream while this one applies:
+	// each apply takes whatever arrived during the one before (up to
+	// maxApply), so batches grow with the load. Waiting for the reader's
+	// buffer to run dry instead made batches of one or two events over
+	// TLS, which hands over one record per read.
+	evs := make(chan job.Event, 2*maxApply)
+	readErr := make(chan error, 1)
+	go func() {
+		defer close(evs)
+		readErr <- f.read(ctx, resp.Body, evs)
+	}()
+	defer func() {
+		resp.Body.Close() // stops the reader if apply failed
+		for range evs {
+		}
+	}()
+	batch := make([]job.Event, 0, maxApply)
+	for {
+		ev, ok := <-evs
+		if !ok {
+			return <-readErr
+		}
+		batch = append(batch[:0], ev)
+	more:
+		for len(batch) < maxApply {
+			select {
+			case ev, ok := <-evs:
+				if !ok {
+					break more
+				}
+				batch = append(batch, ev)
+			default:
+				break more
+			}
+		}
+		if err := f.apply(ctx, batch); err != nil {
+			return err
+		}
+	}
+}
+
+// read decodes the event stream into evs until it breaks.
+func (f *follower) read(ctx context.Context, body io.Reader, evs chan<- job.Event) error {
+	br := bufio.NewReaderSize(body, 64<<10)
 	var data strings.Builder
 	var id string
+	var buf []byte
 	for {
-		line, err := br.ReadString('\n')
-		if err != nil {
-			if len(batch) > 0 {
-				f.apply(ctx, batch)
+		// Lines are bounded: a stream that sends an endless line is
+		// dropped, not held in memory.
+		buf = buf[:0]
+		for {
+			frag, err := br.ReadSlice('\n')
+			buf = append(buf, frag...)
+			if err == nil {
+				break
 			}
-			return fmt.Errorf("read event stream: %w", err)
+			if err != bufio.ErrBufferFull {
+				return fmt.Errorf("read event stream: %w", err)
+			}
+			if len(buf) > maxEventBytes {
+				return fmt.Errorf("read event stream: a line longer than %d bytes", maxEventBytes)
+			}
 		}
-		line = strings.TrimRight(line, "\r\n")
+		if data.Len()+len(buf) > maxEventBytes {
+			return fmt.Errorf("read event stream: an event longer than %d bytes", maxEventBytes)
+		}
+		line := strings.TrimRight(string(buf), "\r\n")
 		switch {
 		case strings.HasPrefix(line, "id: "):
 			id = line[len("id: "):]
@@ -103,18 +164,14 @@ func (f *follower) follow(ctx context.Context) error {
 			var ev job.Event
 			if err := json.Unmarshal([]byte(data.String()), &ev); err == nil && id != "" {
 				ev.Seq = id
-				batch = append(batch, ev)
+				select {
+				case evs <- ev:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
 			}
 			data.Reset()
 			id = ""
-		}
-		// Apply when the batch is full or nothing more is buffered: under
-		// load that makes large batches, when idle it applies at once.
-		if len(batch) >= maxApply || (len(batch) > 0 && br.Buffered() == 0) {
-			if err := f.apply(ctx, batch); err != nil {
-				return err
-			}
-			batch = batch[:0]
 		}
 	}
 }
