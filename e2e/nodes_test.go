@@ -316,6 +316,73 @@ func TestFleet_DispatchNodeKilled(t *testing.T) {
 	t.Logf("ran again as attempt %d on %s", res.Attempt, res.Node)
 }
 
+// TestFleet_DispatchSupervisorKilled: kill -9 of a dispatched site's
+// supervisor while a node runs a job, with jobs waiting and more submitted
+// while it is down. A new supervisor takes over the site queue, the node
+// reconnects, and every job succeeds (the one in flight runs again once
+// asynq's lease on it lapses: at least once).
+func TestFleet_DispatchSupervisorKilled(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	f := newFleet(t)
+	_, node := dispatchedSite(t, f, 1)
+	n := node("a", 2)
+	registeredID(t, n)
+	testenv.WaitFor(t, 30*time.Second, "node a online", func() bool {
+		list, _ := f.lc.Nodes(ctx, "local")
+		return len(list) == 1
+	})
+	submit := func(name, script string) string {
+		t.Helper()
+		j := envelope.NewJob(name, script, "local", time.Now())
+		j.MaxRetries = 5
+		rep, err := f.client().Submit(ctx, rawEnvelope(t, j, f.admin))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rep.ID
+	}
+	quick := `job := import("job"); job.result({n: job.args.n, attempt: job.attempt})`
+	long := submit("long", `job := import("job"); times := import("times"); times.sleep(3 * times.second); job.result("long")`)
+	var ids []string
+	for i := 0; i < 20; i++ {
+		ids = append(ids, submit(fmt.Sprintf("before-%d", i), quick))
+	}
+	waitState(t, f, long, job.StateRunning)
+
+	f.mu.Lock()
+	sup := f.procs["supervisor:local"]
+	f.mu.Unlock()
+	sup.cmd.Process.Kill()
+	<-sup.done
+	for i := 0; i < 10; i++ {
+		ids = append(ids, submit(fmt.Sprintf("during-%d", i), quick))
+	}
+	time.Sleep(time.Second)
+	port := f.ports["supervisor:local"]
+	f.start("supervisor:local", "supervisor", "--site", "local", "--listen", testenv.Addr(port),
+		"--redis", f.redis, "--ledger", f.ledger, "--trust-ttl", "1s", "--dispatch")
+	f.waitReady("https://" + testenv.Addr(port))
+
+	for _, id := range append(ids, long) {
+		// asynq recovers the task whose lease lapsed with its dispatcher:
+		// a 30 s lease, a recoverer that runs each minute and allows 30 s
+		// of clock skew, so up to two minutes.
+		got := f.waitJob(id, 150*time.Second)
+		if got.State != job.StateSucceeded {
+			t.Errorf("job %s (%s) = %s %s (%s)", id, got.Name, got.State, got.Reason, got.Error)
+		}
+		if id == long {
+			// Its first run's end went to a supervisor that was gone:
+			// it succeeded on the task asynq recovered.
+			t.Logf("the job in flight succeeded in attempt %d", got.Attempts)
+			if got.Attempts < 2 {
+				t.Errorf("the job in flight succeeded in attempt %d: the kill did not catch it running", got.Attempts)
+			}
+		}
+	}
+}
+
 // dispatchedSite starts site local's supervisor with --dispatch and coord,
 // and returns the supervisor's URL and a func starting a node (with no
 // Redis: its work comes from the dispatcher) enrolled with a token of

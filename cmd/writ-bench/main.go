@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -158,10 +159,12 @@ func run() error {
 	if *showStages {
 		stages = &stageTimes{}
 	}
+	cpu0 := machineCPU()
 	e2eTput, err := e2eThroughput(cl, key, *jobs)
 	if err != nil {
 		return err
 	}
+	e2eCPU := (machineCPU() - cpu0) / time.Duration(*jobs)
 	if stages != nil {
 		fmt.Printf("mean stage times in the throughput run: %s\n", stages)
 		stages = nil
@@ -170,7 +173,7 @@ func run() error {
 	if err != nil {
 		return err
 	}
-	fmt.Printf("writ e2e:   throughput %8.0f jobs/s   at %d/s: p50 %s  p99 %s\n", e2eTput, *rate, e2eLat.p(50), e2eLat.p(99))
+	fmt.Printf("writ e2e:   throughput %8.0f jobs/s   at %d/s: p50 %s  p99 %s   CPU per job %s (the machine's, all processes)\n", e2eTput, *rate, e2eLat.p(50), e2eLat.p(99), e2eCPU.Round(time.Microsecond))
 	if *scaleRunners > 0 {
 		if err := scaleOut(bin, dir, rp.URL(), fmt.Sprintf("https://127.0.0.1:%d", base+1), caFile, cl, key); err != nil {
 			return fmt.Errorf("scale-out: %w", err)
@@ -179,6 +182,27 @@ func run() error {
 	fmt.Printf("p99 at %d/s e2e/raw-asynq: %.2f\n", *rate, float64(e2eLat.p(99))/float64(rawLat.p(99)))
 	fmt.Printf("ratio e2e/raw-asynq throughput: %.2f\n", e2eTput/rawTput)
 	return nil
+}
+
+// machineCPU is the CPU time the machine's processes have used since boot
+// (user, nice, system, irq, softirq; not idle, iowait or steal), from
+// /proc/stat. Per job it is a steadier figure than throughput on a shared
+// machine, where other tenants take cores away (steal) at random.
+func machineCPU() time.Duration {
+	b, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0
+	}
+	line, _, _ := strings.Cut(string(b), "\n")
+	f := strings.Fields(line) // cpu user nice system idle iowait irq softirq steal ...
+	var ticks int64
+	for _, i := range []int{1, 2, 3, 6, 7} {
+		if i < len(f) {
+			v, _ := strconv.ParseInt(f[i], 10, 64)
+			ticks += v
+		}
+	}
+	return time.Duration(ticks) * time.Second / 100 // USER_HZ is 100 on Linux
 }
 
 func hostInfo() string {
