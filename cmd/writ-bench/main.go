@@ -392,12 +392,14 @@ func scaleOut(bin, dir, redisURL, ledgerURL, caFile string, cl *coord.Client, k 
 		defer func() { fmt.Printf("scale-out mean stage times: %s\n", stages); stages = nil }()
 	}
 	// Twice the workers in flight keeps every worker busy.
+	cpu0 := machineCPU()
 	got, err := runAll(cl, raws, 2*workers)
 	if err != nil {
 		return err
 	}
+	cpu := (machineCPU() - cpu0) / time.Duration(len(raws))
 
-	fmt.Printf("scale-out:  %d runners x %d workers on 100 ms jobs: %.0f jobs/s of %.0f ideal (%.0f%%)\n", *scaleRunners, *concurrency, got, ideal, 100*got/ideal)
+	fmt.Printf("scale-out:  %d runners x %d workers on 100 ms jobs: %.0f jobs/s of %.0f ideal (%.0f%%), CPU per job %s\n", *scaleRunners, *concurrency, got, ideal, 100*got/ideal, cpu.Round(time.Microsecond))
 	return nil
 }
 
