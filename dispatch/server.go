@@ -385,6 +385,7 @@ func (s *Server) Run(ctx context.Context) error {
 		n = 1024
 	}
 	return s.Redis.Work(ctx, queue.WorkerConfig{
+		Site:        s.Site,
 		Queues:      map[string]int{queue.SiteQueue(s.Site): 1},
 		Concurrency: n,
 		// A few loops for the whole site: the point of dispatching.

@@ -112,7 +112,7 @@ func TestACL_RolesOverTLS(t *testing.T) {
 	wctx, wcancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() {
-		done <- run.Work(wctx, WorkerConfig{Queues: map[string]int{SiteQueue("s"): 1, NodeQueue("n1"): 1}, Concurrency: 2, Log: slog.New(slog.NewTextHandler(io.Discard, nil))},
+		done <- run.Work(wctx, WorkerConfig{Site: "s", Queues: map[string]int{SiteQueue("s"): 1, NodeQueue("n1"): 1}, Concurrency: 2, Log: slog.New(slog.NewTextHandler(io.Discard, nil))},
 			func(ctx context.Context, d Delivery) error {
 				ran.Add(1)
 				return run.Publish(ctx, "s", job.Event{Job: d.ID, Type: job.EventSucceeded, At: time.Now()})

@@ -17,17 +17,86 @@ const EventStreamMaxLen = 1_000_000
 
 func eventStream(site string) string { return "writ:site:" + site + ":events" }
 
-// Publish appends events to site's stream in one round trip.
+// EndRetention is how long a site remembers that a job ended: as long as
+// any copy of it can still be admitted (a job's validity is at most
+// envelope.MaxValidity, 7 days) and a margin for clock skew.
+const EndRetention = 7*24*time.Hour + time.Hour
+
+func endKey(site, id string) string { return "writ:site:" + site + ":end:" + id }
+
+// publishEnd publishes one job's events, the last batch of a run, which
+// holds a terminal event: only if the job has not ended before. KEYS are
+// the stream and the job's end key; ARGV the stream's max length, the end
+// key's TTL (ms), the terminal event's type, then the events' JSON.
+// It returns 1 when published, 0 when the job had already ended (nothing
+// is published: a job completes once).
+var publishEnd = redis.NewScript(`
+if not redis.call('SET', KEYS[2], ARGV[3], 'NX', 'PX', ARGV[2]) then return 0 end
+for i = 4, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'e', ARGV[i])
+end
+return 1
+`)
+
+// Publish appends events to site's stream in one round trip. A job's first
+// terminal event (succeeded, failed, rejected) also records that the job
+// ended (for EndRetention); a later terminal event of the same job, from a
+// run that should not have happened (a lease recovered after the end was
+// published, a redelivery), is dropped with the events sent along with it,
+// so a job is seen to complete once. See Ended.
 func (r *Redis) Publish(ctx context.Context, site string, events ...job.Event) error {
 	if len(events) == 0 {
 		return nil
 	}
-	pipe := r.rdb.Pipeline()
-	publishPipe(ctx, pipe, site, events)
-	if _, err := pipe.Exec(ctx); err != nil {
+	var plain []job.Event
+	ends := map[string][]job.Event{} // jobs with a terminal event: all their events here
+	endType := map[string]job.EventType{}
+	for _, ev := range events {
+		if ev.Type.Terminal() {
+			endType[ev.Job] = ev.Type
+		}
+	}
+	for _, ev := range events {
+		if _, ok := endType[ev.Job]; ok {
+			ends[ev.Job] = append(ends[ev.Job], ev)
+		} else {
+			plain = append(plain, ev)
+		}
+	}
+	err := r.execScripts(ctx, func(pipe redis.Pipeliner) {
+		publishPipe(ctx, pipe, site, plain)
+		for id, evs := range ends {
+			args := []any{EventStreamMaxLen, EndRetention.Milliseconds(), string(endType[id])}
+			for _, ev := range evs {
+				ev.Seq = ""
+				b, _ := json.Marshal(ev)
+				args = append(args, string(b))
+			}
+			publishEnd.Run(ctx, pipe, []string{eventStream(site), endKey(site, id)}, args...)
+		}
+	})
+	if err != nil {
 		return fmt.Errorf("publish events: %w", err)
 	}
 	return nil
+}
+
+// Ended reports, for each job ID, whether site has published its end (see
+// Publish), in one round trip.
+func (r *Redis) Ended(ctx context.Context, site string, ids ...string) ([]bool, error) {
+	pipe := r.rdb.Pipeline()
+	cmds := make([]*redis.IntCmd, len(ids))
+	for i, id := range ids {
+		cmds[i] = pipe.Exists(ctx, endKey(site, id))
+	}
+	if _, err := pipe.Exec(ctx); err != nil {
+		return nil, fmt.Errorf("read job ends: %w", err)
+	}
+	out := make([]bool, len(ids))
+	for i, c := range cmds {
+		out[i] = c.Val() > 0
+	}
+	return out, nil
 }
 
 func publishPipe(ctx context.Context, pipe redis.Pipeliner, site string, events []job.Event) {

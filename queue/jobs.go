@@ -76,11 +76,18 @@ for k = 1, #KEYS, 2 do
     newer = nm > lm or (nm == lm and ns > ls)
   end
   if newer then
-    if fields[1] == 'state' and fields[2] == 'queued' then
-      -- The supervisor publishes "queued" after enqueuing, so a fast
-      -- runner's events can precede it: it must not move a job back.
+    if fields[1] == 'state' then
       local cur = redis.call('HGET', job, 'state')
-      if cur and cur ~= 'pending' and cur ~= 'queued' then fields[2] = cur end
+      if fields[2] == 'queued' then
+        -- The supervisor publishes "queued" after enqueuing, so a fast
+        -- runner's events can precede it: it must not move a job back.
+        if cur and cur ~= 'pending' and cur ~= 'queued' then fields[2] = cur end
+      elseif (cur == 'succeeded' or cur == 'failed') and fields[2] ~= 'succeeded' and fields[2] ~= 'failed' then
+        -- A job that ended stays ended: a run that should not have
+        -- happened (see Publish) cannot move it back to running; its
+        -- events are kept in the job's list, as history.
+        fields = {}
+      end
     end
     redis.call('HSET', job, 'last_event', seq, unpack(fields))
     redis.call('RPUSH', evs, raw)
@@ -201,7 +208,7 @@ func (r *Redis) execScripts(ctx context.Context, build func(redis.Pipeliner)) er
 		if try > 0 || !strings.Contains(err.Error(), "NOSCRIPT") {
 			return err
 		}
-		for _, s := range []*redis.Script{createJob, applyEvents, resolvePending} {
+		for _, s := range []*redis.Script{createJob, applyEvents, resolvePending, publishEnd} {
 			if err := s.Load(ctx, r.rdb).Err(); err != nil {
 				return err
 			}

@@ -46,7 +46,7 @@ func TestRedis_EnqueueWork(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() {
-		done <- r.Work(ctx, WorkerConfig{Queues: map[string]int{SiteQueue("s"): 1}, Concurrency: 4, Log: slog.New(slog.NewTextHandler(io.Discard, nil))},
+		done <- r.Work(ctx, WorkerConfig{Site: "s", Queues: map[string]int{SiteQueue("s"): 1}, Concurrency: 4, Log: slog.New(slog.NewTextHandler(io.Discard, nil))},
 			func(ctx context.Context, d Delivery) error {
 				mu.Lock()
 				runs[d.ID]++

@@ -20,16 +20,19 @@ const (
 	AdmitNew Admission = iota
 	// AdmitInFlight: this same job claimed the nonce before but was not
 	// recorded as enqueued (a crash or a concurrent duplicate); enqueue it
-	// again, which asynq makes idempotent by task ID.
+	// again, which asynq makes idempotent by task ID while the task exists,
+	// and EnqueueUnlessEnded once it is gone.
 	AdmitInFlight
 	// AdmitDuplicate: this same job is already enqueued; do nothing.
 	AdmitDuplicate
 	// AdmitReplay: another job already used the nonce; refuse.
 	AdmitReplay
+	// AdmitEnded: this same job ran and ended (see Ended); do nothing.
+	AdmitEnded
 )
 
 func (a Admission) String() string {
-	return [...]string{"new", "in-flight", "duplicate", "replay"}[a]
+	return [...]string{"new", "in-flight", "duplicate", "replay", "ended"}[a]
 }
 
 // Claim is one nonce to claim for a job.
@@ -49,10 +52,12 @@ func nonceKey(site, nonce string) string { return "writ:site:" + site + ":nonce:
 func (r *Redis) Admit(ctx context.Context, claims []Claim) ([]Admission, error) {
 	pipe := r.rdb.Pipeline()
 	cmds := make([]*redis.StatusCmd, len(claims))
+	ends := make([]*redis.IntCmd, len(claims))
 	now := time.Now()
 	for i, c := range claims {
 		ttl := c.Until.Sub(now) + 10*time.Minute
 		cmds[i] = pipe.SetArgs(ctx, nonceKey(c.Site, c.Nonce), c.JobID, redis.SetArgs{Mode: "NX", Get: true, TTL: ttl})
+		ends[i] = pipe.Exists(ctx, endKey(c.Site, c.JobID))
 	}
 	if _, err := pipe.Exec(ctx); err != nil && !errors.Is(err, redis.Nil) {
 		return nil, fmt.Errorf("claim nonces: %w", err)
@@ -67,6 +72,8 @@ func (r *Redis) Admit(ctx context.Context, claims []Claim) ([]Admission, error) 
 			return nil, fmt.Errorf("claim nonce: %w", err)
 		case prev == claims[i].JobID+queuedMark:
 			out[i] = AdmitDuplicate
+		case prev == claims[i].JobID && ends[i].Val() > 0:
+			out[i] = AdmitEnded
 		case prev == claims[i].JobID:
 			out[i] = AdmitInFlight
 		default:

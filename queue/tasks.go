@@ -25,6 +25,8 @@ type Task struct {
 	MaxRetry int
 	// Timeout bounds one run (asynq cancels the handler's context).
 	Timeout time.Duration
+
+	delay time.Duration // see EnqueueUnlessEnded
 }
 
 // Enqueue adds t to its queue. It reports dup when a task with the same ID
@@ -40,6 +42,7 @@ func (r *Redis) Enqueue(ctx context.Context, t Task) (dup bool, err error) {
 		// The runner applies the job's own timeout; asynq's is a backstop
 		// a little longer so the runner's classification wins.
 		asynq.Timeout(t.Timeout+10*time.Second),
+		asynq.ProcessIn(t.delay),
 		// No asynq deadline: asynq would drop a task past it without
 		// calling the handler, so nobody would report the job. The runner
 		// checks the job's expiry itself and reports it as expired.
@@ -51,6 +54,37 @@ func (r *Redis) Enqueue(ctx context.Context, t Task) (dup bool, err error) {
 		return false, fmt.Errorf("enqueue job %s: %w", t.ID, err)
 	}
 	return false, nil
+}
+
+// readmitDelay holds a re-admitted job's new task back long enough for
+// EnqueueUnlessEnded to take it out again.
+const readmitDelay = 2 * time.Second
+
+// EnqueueUnlessEnded enqueues a job again whose admission did not finish
+// (AdmitInFlight: a supervisor died between enqueueing it and recording
+// that). The first task may since have run, ended and been deleted by
+// asynq, which would then take a second task with the same ID. So the new
+// task is scheduled readmitDelay ahead, and if the job's end is recorded
+// once it is in (the end is published before asynq deletes a task, so a
+// deleted first task has left its end behind), it is deleted again before
+// any worker sees it. ended reports that case.
+func (r *Redis) EnqueueUnlessEnded(ctx context.Context, site string, t Task) (dup, ended bool, err error) {
+	t.delay = readmitDelay
+	dup, err = r.Enqueue(ctx, t)
+	if err != nil || dup {
+		return dup, false, err
+	}
+	e, err := r.Ended(ctx, site, t.ID)
+	if err != nil {
+		return false, false, err
+	}
+	if !e[0] {
+		return false, false, nil
+	}
+	if err := asynq.NewInspectorFromRedisClient(r.rdb).DeleteTask(t.Queue, t.ID); err != nil && !errors.Is(err, asynq.ErrTaskNotFound) {
+		return false, true, fmt.Errorf("job %s ended; its second task %s stays scheduled: %w", t.ID, t.ID, err)
+	}
+	return false, true, nil
 }
 
 func (r *Redis) asynqClient() *asynq.Client {
@@ -102,6 +136,13 @@ type Handler func(ctx context.Context, d Delivery) error
 
 // WorkerConfig configures a worker server.
 type WorkerConfig struct {
+	// Site is the site whose jobs these are. A job asynq hands over again
+	// (a retry, or a task recovered from a lapsed lease) whose end the site
+	// has already published (see Ended) is acknowledged without calling the
+	// handler: a runner killed between its success event and asynq's
+	// acknowledgement, or whose acknowledgement never reached Redis, does
+	// not cause a second run. Required.
+	Site string
 	// Queues to take jobs from, with priorities (higher runs more often).
 	Queues map[string]int
 	// Concurrency is the number of jobs run at once. Required.
@@ -157,11 +198,33 @@ func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
 		cfg.Dequeuers = DefaultDequeuers
 	}
 	cfg.Dequeuers = min(cfg.Dequeuers, cfg.Concurrency)
+	if cfg.Site == "" {
+		return errors.New("worker: Site is required")
+	}
 	handler := asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
 		id, _ := asynq.GetTaskID(ctx)
 		q, _ := asynq.GetQueueName(ctx)
 		retried, _ := asynq.GetRetryCount(ctx)
 		maxRetry, _ := asynq.GetMaxRetry(ctx)
+		if retried > 0 {
+			// Only a task handed over again can belong to a job that
+			// ended: asynq deletes a task once acknowledged, and the
+			// supervisor admits no second task of an ended job. This is
+			// also what writ relies on when an acknowledgement is lost:
+			// asynq v0.26.0's processor.markAsDone retries a failed one
+			// with the context its own defer has already cancelled, so the
+			// retry never succeeds and the task waits, active, for its
+			// lease to lapse (see asynq#642 for a neighbour of this bug;
+			// TestOnce_RedisDownAtAck holds writ to it).
+			ended, err := r.Ended(ctx, cfg.Site, id)
+			if err != nil {
+				return err // asynq retries; nothing ran
+			}
+			if ended[0] {
+				log.Info("job already ended: acknowledged without running it again", "job", id, "attempt", retried+1)
+				return nil
+			}
+		}
 		return h(ctx, Delivery{ID: id, Envelope: t.Payload(), Queue: q, Attempt: retried + 1, MaxRetry: maxRetry})
 	})
 	var servers []*asynq.Server

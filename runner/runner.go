@@ -164,6 +164,7 @@ var ErrNodeRevoked = errors.New("this node is revoked in the ledger: it takes no
 
 func (r *Runner) work(ctx context.Context) error {
 	return r.p.Redis.Work(ctx, queue.WorkerConfig{
+		Site: r.p.Site,
 		// asynq tries queues one at a time in weighted random order, one
 		// round trip each. The node queue is usually empty, so trying the
 		// site queue first more often saves a round trip per job; pinned

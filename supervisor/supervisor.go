@@ -253,10 +253,11 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 		case queue.AdmitReplay:
 			out[c.idx] = rejected(c.id, envelope.Refuse(envelope.ReasonReplayed, "nonce "+c.job.Nonce+" was already used by another job"))
 			continue
-		case queue.AdmitDuplicate:
+		case queue.AdmitDuplicate, queue.AdmitEnded:
 			out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictDuplicate}
 			continue
 		}
+		inFlight := adm[i] == queue.AdmitInFlight
 		eg.Go(func() error {
 			q := queue.SiteQueue(s.p.Site)
 			switch {
@@ -273,10 +274,21 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 			case c.place != "":
 				q = queue.NodeQueue(c.place)
 			}
-			dup, err := s.p.Redis.Enqueue(ctx, queue.Task{
+			task := queue.Task{
 				ID: c.id, Envelope: c.raw, Queue: q, MaxRetry: c.job.MaxRetries,
 				Timeout: c.job.RunTimeout(),
-			})
+			}
+			var dup bool
+			var err error
+			if inFlight {
+				// An earlier admission did not finish: its task may have
+				// run and ended since, so none is added for a job that did.
+				var ended bool
+				dup, ended, err = s.p.Redis.EnqueueUnlessEnded(ctx, s.p.Site, task)
+				dup = dup || ended
+			} else {
+				dup, err = s.p.Redis.Enqueue(ctx, task)
+			}
 			switch {
 			case err != nil:
 				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
