@@ -270,7 +270,6 @@ func connect2(t *testing.T, url string) *Redis {
 	return r
 }
 
-
 // TestOnce_EndedRecordStaysEnded: coord's record of a job that succeeded
 // is not moved back by events of a run that should not have happened.
 func TestOnce_EndedRecordStaysEnded(t *testing.T) {
