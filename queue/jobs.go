@@ -115,6 +115,7 @@ func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention t
 		retention = DefaultJobRetention
 	}
 	cmds := make([]*redis.Cmd, len(recs))
+	var wait *redis.IntCmd
 	err := r.execScripts(ctx, func(pipe redis.Pipeliner) {
 		for i, rec := range recs {
 			j := rec.Job
@@ -133,8 +134,12 @@ func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention t
 				pipe.ZAddNX(ctx, pendingDue, redis.Z{Score: float64(time.Now().UnixMilli()), Member: j.ID})
 			}
 		}
+		wait = r.waitReplicas(ctx, pipe)
 	})
 	if err != nil {
+		return nil, fmt.Errorf("record jobs: %w", err)
+	}
+	if err := r.replicated(wait); err != nil {
 		return nil, fmt.Errorf("record jobs: %w", err)
 	}
 	out := make([]job.State, len(recs))

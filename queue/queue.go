@@ -10,6 +10,7 @@ package queue
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net/url"
 	"strconv"
@@ -34,6 +35,9 @@ func NodeQueue(node string) string { return "node:" + node }
 type Redis struct {
 	rdb redis.UniversalClient
 	url string
+	// replicas is how many replicas must have a write that accepts work
+	// before it counts (WAIT): a failover to a replica then loses none.
+	replicas int
 
 	once   sync.Once
 	client *asynq.Client // made on first use by asynqClient
@@ -55,6 +59,9 @@ type Credentials struct {
 // user name in it: rediss://runner@host:6379/0) with creds. It does not
 // wait for the server; see Ping.
 func Dial(url string, creds Credentials) (*Redis, error) {
+	if strings.HasPrefix(url, "redis+sentinel://") || strings.HasPrefix(url, "rediss+sentinel://") {
+		return dialSentinel(url, creds)
+	}
 	opt, err := redis.ParseURL(url)
 	if err != nil {
 		return nil, fmt.Errorf("redis url %q: %w", redact(url), err)
@@ -70,18 +77,111 @@ func Dial(url string, creds Credentials) (*Redis, error) {
 		t.ServerName = opt.TLSConfig.ServerName
 		opt.TLSConfig = t
 	}
+	tune(&opt.PoolSize, &opt.Protocol)
+	return &Redis{rdb: redis.NewClient(opt), url: url}, nil
+}
+
+// tune sets the pool size and protocol every writ client uses.
+func tune(poolSize, protocol *int) {
 	// Pool big enough for the workers and concurrent enqueues of a runner
 	// or supervisor on a small machine; go-redis's default is 10 per CPU.
-	if opt.PoolSize < 64 {
-		opt.PoolSize = 64
+	if *poolSize < 64 {
+		*poolSize = 64
 	}
 	// RESP2: writ uses no RESP3 feature, and go-redis peeks for RESP3 push
 	// notifications on every reply, which cost 7% of the fleet's CPU in
 	// the end-to-end benchmark.
-	if opt.Protocol == 0 {
-		opt.Protocol = 2
+	if *protocol == 0 {
+		*protocol = 2
 	}
-	return &Redis{rdb: redis.NewClient(opt), url: url}, nil
+}
+
+// dialSentinel connects through Redis Sentinel:
+//
+//	redis+sentinel://USER@SENTINEL:26379/DB?master_name=NAME&addr=SENTINEL2:26379&addr=SENTINEL3:26379
+//
+// (rediss+sentinel:// for TLS to the sentinels and the servers). The
+// client asks the sentinels for the primary of NAME and follows failovers
+// (go-redis's failover client, which asynq uses through the same
+// *redis.Client). USER and the password log in to the sentinels and to
+// the servers alike.
+func dialSentinel(raw string, creds Credentials) (*Redis, error) {
+	tlsOn := strings.HasPrefix(raw, "rediss+")
+	u, err := url.Parse(strings.Replace(raw, "+sentinel", "", 1))
+	if err != nil {
+		return nil, fmt.Errorf("redis url %q: %w", redact(raw), err)
+	}
+	// wait_replicas is writ's: how many replicas must hold a write that
+	// accepts work (default 1).
+	replicas := 1
+	q := u.Query()
+	if v := q.Get("wait_replicas"); v != "" {
+		if replicas, err = strconv.Atoi(v); err != nil || replicas < 0 || replicas > 16 {
+			return nil, fmt.Errorf("redis url %s: wait_replicas=%q is not 0 to 16", redact(raw), v)
+		}
+	}
+	q.Del("wait_replicas")
+	u.RawQuery = q.Encode()
+	opt, err := redis.ParseFailoverURL(u.String())
+	if err != nil {
+		return nil, fmt.Errorf("redis url %q: %w", redact(raw), err)
+	}
+	if opt.MasterName == "" {
+		return nil, fmt.Errorf("redis url %s names no master (?master_name=NAME)", redact(raw))
+	}
+	if opt.SentinelPassword != "" {
+		return nil, fmt.Errorf("redis url %s holds a password: give it in a file (--redis-password-file)", redact(raw))
+	}
+	opt.Username = opt.SentinelUsername
+	opt.Password, opt.SentinelPassword = creds.Password, creds.Password
+	if tlsOn {
+		if creds.TLS == nil {
+			return nil, fmt.Errorf("redis url %s is rediss+sentinel:// but no CA is given to verify the servers (--ca)", redact(raw))
+		}
+		// Servers are verified against the CA by the address Sentinel
+		// gives (their certificates name their IP addresses).
+		opt.TLSConfig = creds.TLS.Clone()
+		opt.TLSConfig.ServerName = ""
+	}
+	tune(&opt.PoolSize, &opt.Protocol)
+	return &Redis{rdb: redis.NewFailoverClient(opt), url: raw, replicas: replicas}, nil
+}
+
+// replicaWait bounds how long a write waits for its replicas.
+const replicaWait = 2 * time.Second
+
+// ErrNotReplicated: a write that accepts work reached fewer replicas than
+// wait_replicas asks for in time; it may be lost in a failover, so the
+// work is not accepted (the caller's client retries; writes are
+// idempotent).
+var ErrNotReplicated = errors.New("redis: the write did not reach its replicas in time")
+
+// waitReplicas appends WAIT to pipe when writes must reach replicas. WAIT
+// covers the writes this connection made, and each of those came after
+// every write the caller finished before (on any connection), so at the
+// end of a pipeline that writes it covers them all. It returns nil when
+// no replica is needed.
+func (r *Redis) waitReplicas(ctx context.Context, pipe redis.Pipeliner) *redis.IntCmd {
+	if r.replicas == 0 {
+		return nil
+	}
+	c := redis.NewIntCmd(ctx, "wait", r.replicas, replicaWait.Milliseconds())
+	pipe.Process(ctx, c)
+	return c
+}
+
+// replicated checks what waitReplicas appended.
+func (r *Redis) replicated(c *redis.IntCmd) error {
+	if c == nil {
+		return nil
+	}
+	if n, err := c.Result(); err != nil || n < int64(r.replicas) {
+		if err != nil {
+			return fmt.Errorf("%w: %v", ErrNotReplicated, err)
+		}
+		return fmt.Errorf("%w (%d of %d)", ErrNotReplicated, n, r.replicas)
+	}
+	return nil
 }
 
 // Ping checks Redis answers.

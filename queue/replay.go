@@ -91,8 +91,9 @@ func (r *Redis) Queued(ctx context.Context, site string, claims []Claim, events 
 		pipe.SetArgs(ctx, nonceKey(c.Site, c.Nonce), c.JobID+queuedMark, redis.SetArgs{KeepTTL: true})
 	}
 	publishPipe(ctx, pipe, site, events)
+	wait := r.waitReplicas(ctx, pipe)
 	if _, err := pipe.Exec(ctx); err != nil {
 		return fmt.Errorf("record queued jobs: %w", err)
 	}
-	return nil
+	return r.replicated(wait)
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hibiken/asynq"
+	"github.com/redis/go-redis/v9"
 )
 
 // Task is one job to enqueue.
@@ -163,6 +164,10 @@ type WorkerConfig struct {
 	Log *slog.Logger
 }
 
+// RescueInterval is how often a worker looks for active tasks that lost
+// their lease.
+var RescueInterval = 30 * time.Second
+
 // Defaults for WorkerConfig.
 const (
 	DefaultPollInterval    = 10 * time.Millisecond
@@ -256,6 +261,28 @@ func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
 		}
 		servers = append(servers, srv)
 	}
+	go func() {
+		// Tasks stranded by a lost lease (see rescueStranded) are found
+		// within this interval and retried by asynq's recoverer.
+		t := time.NewTicker(RescueInterval)
+		defer t.Stop()
+		queues := make([]string, 0, len(cfg.Queues))
+		for q := range cfg.Queues {
+			queues = append(queues, q)
+		}
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				if n, err := r.RescueStranded(ctx, queues...); err != nil && ctx.Err() == nil {
+					log.Warn("look for stranded tasks", "err", err)
+				} else if n > 0 {
+					log.Warn("tasks without a lease (lost in a failover?) handed to asynq's recoverer", "tasks", n)
+				}
+			}
+		}
+	}()
 	<-ctx.Done()
 	// Order: stop every server taking new jobs first, then wait for the
 	// running ones (each server waits up to ShutdownTimeout, in parallel).
@@ -314,4 +341,38 @@ func (r *Redis) ClaimLost(queues ...string) ([]LostTask, error) {
 		}
 	}
 	return out, nil
+}
+
+// rescueStranded gives every active task of q that has no lease a lapsed
+// one, so asynq's recoverer retries it. asynq moves a task to active and
+// gives it a lease in one script, and removes both in one, so an active
+// task without a lease is one whose lease was lost: a Redis failover to a
+// replica that had the task's move but not its lease, or a lease entry
+// dropped otherwise. asynq itself lists only lapsed leases, so such a task
+// would stay active forever (reported upstream: hibiken/asynq issues on
+// tasks stuck active after failovers). It returns how many it rescued.
+var rescueStranded = redis.NewScript(`
+local ids = redis.call('LRANGE', KEYS[1], 0, -1)
+local n = 0
+for _, id in ipairs(ids) do
+  if not redis.call('ZSCORE', KEYS[2], id) then
+    redis.call('ZADD', KEYS[2], ARGV[1], id)
+    n = n + 1
+  end
+end
+return n
+`)
+
+// RescueStranded runs rescueStranded on each queue.
+func (r *Redis) RescueStranded(ctx context.Context, queues ...string) (int, error) {
+	lapsed := time.Now().Add(-2 * time.Minute).Unix()
+	total := 0
+	for _, q := range queues {
+		n, err := rescueStranded.Run(ctx, r.rdb, []string{"asynq:{" + q + "}:active", "asynq:{" + q + "}:lease"}, lapsed).Int()
+		if err != nil {
+			return total, fmt.Errorf("rescue stranded tasks of %s: %w", q, err)
+		}
+		total += n
+	}
+	return total, nil
 }

@@ -319,7 +319,16 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 		}
 	}
 	if len(done) > 0 {
-		if err := s.p.Redis.Queued(ctx, s.p.Site, done, events); err != nil {
+		if err := s.p.Redis.Queued(ctx, s.p.Site, done, events); errors.Is(err, queue.ErrNotReplicated) {
+			// The jobs are enqueued on the primary only, and a failover
+			// could lose them: coord sends them again (admission is
+			// idempotent) until they are on a replica too.
+			for _, c := range live {
+				if v := out[c.idx]; v.State == job.VerdictQueued || v.State == job.VerdictDuplicate {
+					out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+				}
+			}
+		} else if err != nil {
 			// The jobs are enqueued; a lost mark only means a duplicate
 			// submission re-checks with asynq, and a lost event is
 			// superseded by the runner's.

@@ -47,7 +47,43 @@ type Config struct {
 	// Dial, when set, opens the TCP connections Start checks the server
 	// with (from inside the namespace Wrap enters).
 	Dial func(addr string) (net.Conn, error)
+	// ReplicaOf, when set (host:port), makes the server a replica of that
+	// primary.
+	ReplicaOf string
+	// Internal is the password of the users Redis's own parts log in as
+	// (a replica to its primary, Sentinel to the servers it watches and to
+	// the other sentinels: InternalUsers). Required with Users when the
+	// server is replicated or watched by Sentinel.
+	Internal string
+	// Sentinel, when set, runs a sentinel instead of a data server: it
+	// watches the primary named there. Users are the clients' users on the
+	// sentinel (SentinelRules apply to them, not their data rules).
+	Sentinel *Sentinel
 }
+
+// Sentinel is what a sentinel watches.
+type Sentinel struct {
+	Master  string // the name clients ask for (master_name)
+	Primary string // host:port of the primary at start
+	Quorum  int
+	// DownAfter is how long the primary may be silent before it is
+	// considered down; zero means 2 s (Redis's default, 30 s, is for
+	// networks that drop packets; tests want failovers quickly).
+	DownAfter time.Duration
+}
+
+// Internal users: replication and Sentinel, each with only the commands
+// Redis's documentation lists for it.
+const (
+	ReplicaUser  = "writ-replica"
+	SentinelUser = "writ-sentinel"
+	replicaRules = "+psync +replconf +ping"
+	// https://redis.io/docs/latest/operate/oss_and_stack/management/sentinel/#redis-access-control-list-authentication
+	sentinelDataRules = "allchannels +multi +slaveof +ping +exec +subscribe +config|rewrite +role +publish +info +client|setname +client|kill +script|kill"
+	// SentinelRules are a client's rules on a sentinel: find the primary
+	// and hear of failovers, nothing that changes what Sentinel watches.
+	SentinelRules = "allchannels -@all +ping +auth +hello +client|setname +client|id +subscribe +psubscribe +unsubscribe +punsubscribe +sentinel|get-master-addr-by-name +sentinel|sentinels +sentinel|replicas +sentinel|slaves +sentinel|master"
+)
 
 // User is an ACL user: a name, a password (stored in the configuration
 // as its SHA-256 only) and rules: key patterns (~writ:coord:*), channels
@@ -97,14 +133,34 @@ func Start(cfg Config) (*Process, error) {
 	} else {
 		conf = append(conf, "port "+strconv.Itoa(cfg.Port))
 	}
-	if cfg.Persist {
-		conf = append(conf, "appendonly yes", "appendfsync everysec")
-	} else {
-		conf = append(conf, "appendonly no")
+	if cfg.Sentinel == nil {
+		if cfg.Persist {
+			conf = append(conf, "appendonly yes", "appendfsync everysec")
+		} else {
+			conf = append(conf, "appendonly no")
+		}
 	}
-	if len(cfg.Users) > 0 {
-		conf = append(conf, "user default off resetpass resetkeys -@all")
+	if strings.ContainsAny(cfg.Internal, "\n\r \"") {
+		return nil, errors.New("redis internal password: no spaces, quotes or line breaks")
+	}
+	users := cfg.Users
+	if cfg.Sentinel != nil {
+		users = nil
 		for _, u := range cfg.Users {
+			users = append(users, User{Name: u.Name, Password: u.Password, Rules: SentinelRules})
+		}
+	}
+	if len(users) > 0 && cfg.Internal != "" {
+		if cfg.Sentinel != nil {
+			users = append(users, User{Name: SentinelUser, Password: cfg.Internal, Rules: "allchannels +@all"})
+		} else {
+			users = append(users, User{Name: ReplicaUser, Password: cfg.Internal, Rules: replicaRules},
+				User{Name: SentinelUser, Password: cfg.Internal, Rules: sentinelDataRules})
+		}
+	}
+	if len(users) > 0 {
+		conf = append(conf, "user default off resetpass resetkeys -@all")
+		for _, u := range users {
 			if strings.ContainsAny(u.Name+u.Rules, "\n\r") || u.Name == "" || u.Password == "" {
 				return nil, fmt.Errorf("redis user %q: a name, a password and rules on one line", u.Name)
 			}
@@ -112,11 +168,55 @@ func Start(cfg Config) (*Process, error) {
 			conf = append(conf, fmt.Sprintf("user %s on resetpass #%s resetkeys resetchannels %s", u.Name, hex.EncodeToString(sum[:]), u.Rules))
 		}
 	}
+	if cfg.ReplicaOf != "" {
+		host, port, err := net.SplitHostPort(cfg.ReplicaOf)
+		if err != nil {
+			return nil, fmt.Errorf("replicaof %q: %w", cfg.ReplicaOf, err)
+		}
+		conf = append(conf, "replicaof "+host+" "+port)
+	}
+	if cfg.Internal != "" && cfg.Sentinel == nil {
+		// A replica logs in to its primary; so does a primary demoted
+		// after a failover.
+		conf = append(conf, "masteruser "+ReplicaUser, "masterauth "+quote(cfg.Internal))
+		if cfg.TLS != nil {
+			conf = append(conf, "tls-replication yes")
+		}
+	}
+	if sc := cfg.Sentinel; sc != nil {
+		host, port, err := net.SplitHostPort(sc.Primary)
+		if err != nil || strings.ContainsAny(sc.Master, " \n\r\"") || sc.Master == "" {
+			return nil, fmt.Errorf("sentinel of %q at %q: a name without spaces and a host:port", sc.Master, sc.Primary)
+		}
+		down := sc.DownAfter
+		if down == 0 {
+			down = 2 * time.Second
+		}
+		conf = append(conf,
+			fmt.Sprintf("sentinel monitor %s %s %s %d", sc.Master, host, port, max(sc.Quorum, 1)),
+			fmt.Sprintf("sentinel down-after-milliseconds %s %d", sc.Master, down.Milliseconds()),
+			fmt.Sprintf("sentinel failover-timeout %s %d", sc.Master, (10*down).Milliseconds()),
+			"sentinel resolve-hostnames yes")
+		if cfg.Internal != "" {
+			conf = append(conf,
+				fmt.Sprintf("sentinel auth-user %s %s", sc.Master, SentinelUser),
+				fmt.Sprintf("sentinel auth-pass %s %s", sc.Master, cfg.Internal),
+				"sentinel sentinel-user "+SentinelUser, "sentinel sentinel-pass "+cfg.Internal)
+		}
+		if cfg.TLS != nil {
+			conf = append(conf, "tls-replication yes") // to the servers it watches
+		}
+	}
 	confPath := filepath.Join(cfg.Dir, "redis.conf")
 	if err := os.WriteFile(confPath, []byte(strings.Join(conf, "\n")+"\n"), 0o600); err != nil {
 		return nil, fmt.Errorf("redis configuration: %w", err)
 	}
 	args := append(append([]string(nil), cfg.Wrap...), bin, confPath)
+	if cfg.Sentinel != nil {
+		// Sentinel rewrites its configuration file as it learns the
+		// fleet; it stays 0600 in Dir.
+		args = append(args, "--sentinel")
+	}
 	cmd := exec.Command(args[0], args[1:]...)
 	// Die with the parent: a crashed `writ dev` or test binary must not
 	// leave a redis-server behind.
@@ -237,6 +337,12 @@ func (p *Process) Stop() {
 		p.cmd.Process.Kill()
 		<-p.done
 	}
+}
+
+// Kill kills the server with SIGKILL (no save, no goodbye) and waits.
+func (p *Process) Kill() {
+	p.cmd.Process.Kill()
+	<-p.done
 }
 
 // Wait blocks until the server exits or ctx ends.
