@@ -1,16 +1,16 @@
 package main
 
 import (
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/writ-fleet/writ/internal/redisproc"
 	"github.com/writ-fleet/writ/queue"
 )
 
@@ -21,9 +21,9 @@ func redisCommand() *cobra.Command {
 }
 
 func redisConfCommand() *cobra.Command {
-	var site, passwords, cert, key, bind string
+	var site, passwords, cert, key, bind, replicaOf, sentinel string
 	var roles []string
-	var port int
+	var port, quorum int
 	cmd := &cobra.Command{
 		Use:   "conf",
 		Short: "Print a redis.conf for writ: TLS, and one ACL user per role with only the keys it needs",
@@ -33,9 +33,19 @@ role (coord; or a site's supervisor and runner), each allowed only the keys
 and commands it needs (queue.ACLRules). The passwords live in files of
 --passwords (DIR/ROLE, mode 0600, made when missing); the configuration
 holds only their SHA-256. Give each service its file's content in
-$WRIT_REDIS_PASSWORD or as --redis-password-file.`,
+$WRIT_REDIS_PASSWORD or as --redis-password-file.
+
+For a highly available Redis (Sentinel), print one configuration per
+server and per sentinel, all from the same --passwords directory: the
+primary's as above, each replica's with --replica-of, and each sentinel's
+with --sentinel NAME=PRIMARY:PORT (run it as redis-server FILE --sentinel;
+Sentinel rewrites the file, so give it its own). Replication and Sentinel
+log in as internal users whose password is DIR/internal. Clients then use
+rediss+sentinel://USER@SENTINEL1:26379/0?master_name=NAME&addr=SENTINEL2:26379&addr=SENTINEL3:26379.`,
 		Example: `  writ redis conf --site lab --roles supervisor,runner --passwords /etc/writ/redis-lab \
-      --tls-cert redis-lab.crt --tls-key redis-lab.key --bind 10.0.1.1 > /etc/redis/writ.conf`,
+      --tls-cert redis-lab.crt --tls-key redis-lab.key --bind 10.0.1.1 > /etc/redis/writ.conf
+  writ redis conf … --bind 10.0.1.2 --replica-of 10.0.1.1:6379 > /etc/redis/writ.conf
+  writ redis conf … --bind 10.0.1.1 --port 26379 --sentinel lab=10.0.1.1:6379 > /etc/redis/sentinel.conf`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if passwords == "" {
@@ -47,7 +57,11 @@ $WRIT_REDIS_PASSWORD or as --redis-password-file.`,
 			if err := os.MkdirAll(passwords, 0o700); err != nil {
 				return err
 			}
-			var lines []string
+			abs := func(p string) string { a, _ := filepath.Abs(p); return a }
+			cfg := redisproc.Config{
+				Bind: bind, Port: port, Persist: true, Fsync: "always", ReplicaOf: replicaOf,
+				TLS: &redisproc.TLS{Cert: abs(cert), Key: abs(key), CA: abs(caFile)},
+			}
 			for _, role := range roles {
 				if queue.ACLRules(role, site) == "-@all" {
 					return fmt.Errorf("--roles: %q is not one of %s, %s, %s", role, queue.ACLCoord, queue.ACLSupervisor, queue.ACLRunner)
@@ -59,24 +73,27 @@ $WRIT_REDIS_PASSWORD or as --redis-password-file.`,
 				if err != nil {
 					return err
 				}
-				sum := sha256.Sum256([]byte(pw))
-				lines = append(lines, fmt.Sprintf("user %s on resetpass #%s resetkeys resetchannels %s", role, hex.EncodeToString(sum[:]), queue.ACLRules(role, site)))
+				cfg.Users = append(cfg.Users, redisproc.User{Name: role, Password: pw, Rules: queue.ACLRules(role, site)})
 			}
-			abs := func(p string) string { a, _ := filepath.Abs(p); return a }
-			fmt.Printf(`# writ Redis (written by writ redis conf)
-bind %s
-port 0
-tls-port %d
-tls-cert-file %q
-tls-key-file %q
-tls-ca-cert-file %q
-tls-auth-clients no
-protected-mode yes
-appendonly yes
-appendfsync always
-user default off resetpass resetkeys -@all
-%s
-`, bind, port, abs(cert), abs(key), abs(caFile), strings.Join(lines, "\n"))
+			if replicaOf != "" || sentinel != "" {
+				pw, err := rolePassword(filepath.Join(passwords, "internal"))
+				if err != nil {
+					return err
+				}
+				cfg.Internal = pw
+			}
+			if sentinel != "" {
+				name, primary, ok := strings.Cut(sentinel, "=")
+				if !ok || replicaOf != "" {
+					return errors.New("--sentinel is NAME=PRIMARY:PORT, and a sentinel replicates nothing (no --replica-of)")
+				}
+				cfg.Sentinel = &redisproc.Sentinel{Master: name, Primary: primary, Quorum: quorum, DownAfter: 5 * time.Second}
+			}
+			lines, err := redisproc.Conf(cfg)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("# writ Redis (written by writ redis conf)\n%s\n", strings.Join(lines, "\n"))
 			return nil
 		},
 	}
@@ -87,6 +104,9 @@ user default off resetpass resetkeys -@all
 	cmd.Flags().StringVar(&key, "tls-key", "", "its key")
 	cmd.Flags().StringVar(&bind, "bind", "127.0.0.1", "addresses to listen on")
 	cmd.Flags().IntVar(&port, "port", 6379, "TLS port")
+	cmd.Flags().StringVar(&replicaOf, "replica-of", "", "HOST:PORT: this server is a replica of that primary")
+	cmd.Flags().StringVar(&sentinel, "sentinel", "", "NAME=HOST:PORT: print a sentinel's configuration, watching that primary under NAME (the master_name clients give)")
+	cmd.Flags().IntVar(&quorum, "quorum", 2, "with --sentinel: how many sentinels must agree the primary is down")
 	return cmd
 }
 

@@ -188,7 +188,7 @@ type redisFlags struct {
 
 func (f *redisFlags) add(cmd *cobra.Command, what string) {
 	f.cmd = cmd
-	cmd.Flags().StringVar(&f.url, "redis", envOr(envRedis, defaultRedisURL), what+": redis:// or rediss:// (TLS, verified against --ca), with the ACL user: rediss://USER@HOST:6379/0 (default $WRIT_REDIS)")
+	cmd.Flags().StringVar(&f.url, "redis", envOr(envRedis, defaultRedisURL), what+": redis:// or rediss:// (TLS, verified against --ca), with the ACL user: rediss://USER@HOST:6379/0; or through Sentinel, rediss+sentinel://USER@SENTINEL1:26379/0?master_name=NAME&addr=SENTINEL2:26379&addr=SENTINEL3:26379 (writes that accept work then wait for wait_replicas=N replicas, default 1) (default $WRIT_REDIS)")
 	cmd.Flags().StringVar(&f.passwordFile, "redis-password-file", "", "file holding the Redis user's password (or $WRIT_REDIS_PASSWORD); never put it in --redis")
 }
 
@@ -205,7 +205,7 @@ func (f *redisFlags) connect() (*queue.Redis, error) {
 		}
 		creds.Password = strings.TrimSpace(string(b))
 	}
-	if strings.HasPrefix(f.url, "rediss://") {
+	if strings.HasPrefix(f.url, "rediss://") || strings.HasPrefix(f.url, "rediss+sentinel://") {
 		if caFile == "" {
 			return nil, errors.New("--redis is rediss:// (TLS): give the CA that signed the Redis server's certificate with --ca")
 		}

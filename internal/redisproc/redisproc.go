@@ -34,6 +34,8 @@ type Config struct {
 	// Persist turns on append-only persistence (for `writ dev`, so a
 	// restarted fleet keeps its jobs); tests leave it off.
 	Persist bool
+	// Fsync is appendfsync with Persist: everysec (the default) or always.
+	Fsync string
 	// Bind is the address to listen on; empty means 127.0.0.1.
 	Bind string
 	// Users are ACL users. When any is given the default user is off:
@@ -107,23 +109,18 @@ type Process struct {
 	done chan struct{}
 }
 
-// Start launches redis-server and waits until it answers PING (up to 10 s).
-func Start(cfg Config) (*Process, error) {
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		return nil, errors.New("redis-server not found on PATH: install it (apt-get install redis-server) or pass --redis URL")
-	}
-	if cfg.Log == "" {
-		cfg.Log = cfg.Dir + "/redis.log"
-	}
+// Conf returns the configuration lines of cfg (Dir and Log may be empty:
+// redis-server's own defaults then apply).
+func Conf(cfg Config) ([]string, error) {
 	if cfg.Bind == "" {
 		cfg.Bind = "127.0.0.1"
 	}
-	// Everything goes in a configuration file (mode 0600): passwords
-	// (hashed) and paths never appear in the process list.
-	conf := []string{
-		"bind " + cfg.Bind, "dir " + quote(cfg.Dir), "logfile " + quote(cfg.Log),
-		"daemonize no", "protected-mode yes", `save ""`,
+	conf := []string{"bind " + cfg.Bind, "daemonize no", "protected-mode yes", `save ""`}
+	if cfg.Dir != "" {
+		conf = append(conf, "dir "+quote(cfg.Dir))
+	}
+	if cfg.Log != "" {
+		conf = append(conf, "logfile "+quote(cfg.Log))
 	}
 	if cfg.TLS != nil {
 		conf = append(conf, "port 0", "tls-port "+strconv.Itoa(cfg.Port),
@@ -135,7 +132,11 @@ func Start(cfg Config) (*Process, error) {
 	}
 	if cfg.Sentinel == nil {
 		if cfg.Persist {
-			conf = append(conf, "appendonly yes", "appendfsync everysec")
+			fsync := cfg.Fsync
+			if fsync == "" {
+				fsync = "everysec"
+			}
+			conf = append(conf, "appendonly yes", "appendfsync "+fsync)
 		} else {
 			conf = append(conf, "appendonly no")
 		}
@@ -206,6 +207,27 @@ func Start(cfg Config) (*Process, error) {
 		if cfg.TLS != nil {
 			conf = append(conf, "tls-replication yes") // to the servers it watches
 		}
+	}
+	return conf, nil
+}
+
+// Start launches redis-server and waits until it answers PING (up to 10 s).
+func Start(cfg Config) (*Process, error) {
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		return nil, errors.New("redis-server not found on PATH: install it (apt-get install redis-server) or pass --redis URL")
+	}
+	if cfg.Log == "" {
+		cfg.Log = cfg.Dir + "/redis.log"
+	}
+	if cfg.Bind == "" {
+		cfg.Bind = "127.0.0.1"
+	}
+	// Everything goes in a configuration file (mode 0600): passwords
+	// (hashed) and paths never appear in the process list.
+	conf, err := Conf(cfg)
+	if err != nil {
+		return nil, err
 	}
 	confPath := filepath.Join(cfg.Dir, "redis.conf")
 	if err := os.WriteFile(confPath, []byte(strings.Join(conf, "\n")+"\n"), 0o600); err != nil {
