@@ -72,13 +72,13 @@ func TestRedisConf(t *testing.T) {
 	ca, _ := pki.InitCA(filepath.Join(dir, "ca"), "ca")
 	ca.IssueFiles(pki.Request{Name: "redis-lab"}, filepath.Join(dir, "r.crt"), filepath.Join(dir, "r.key"))
 	pw := filepath.Join(dir, "pw")
-	run := func() string {
+	run := func(extra ...string) string {
 		root := rootCommand()
 		r, w, _ := os.Pipe()
 		stdout := os.Stdout
 		os.Stdout = w
-		root.SetArgs([]string{"redis", "conf", "--ca", filepath.Join(dir, "ca", pki.CACertFile), "--site", "lab", "--passwords", pw,
-			"--tls-cert", filepath.Join(dir, "r.crt"), "--tls-key", filepath.Join(dir, "r.key")})
+		root.SetArgs(append([]string{"redis", "conf", "--ca", filepath.Join(dir, "ca", pki.CACertFile), "--site", "lab", "--passwords", pw,
+			"--tls-cert", filepath.Join(dir, "r.crt"), "--tls-key", filepath.Join(dir, "r.key")}, extra...))
 		err := root.ExecuteContext(context.Background())
 		w.Close()
 		os.Stdout = stdout
@@ -108,5 +108,27 @@ func TestRedisConf(t *testing.T) {
 	}
 	if again := run(); again != conf {
 		t.Error("a second run changed the passwords")
+	}
+	if strings.Contains(conf, "masteruser") || strings.Contains(conf, "sentinel") {
+		t.Errorf("a lone primary's configuration names replication or Sentinel:\n%s", conf)
+	}
+	internal, _ := os.ReadFile(filepath.Join(pw, "internal"))
+	replica := run("--replica-of", "10.0.1.1:6379")
+	for _, want := range []string{"replicaof 10.0.1.1 6379", "masteruser writ-replica", "masterauth", "tls-replication yes", "user writ-replica on", "user writ-sentinel on"} {
+		if !strings.Contains(replica, want) {
+			t.Errorf("replica configuration lacks %q:\n%s", want, replica)
+		}
+	}
+	if internal, _ = os.ReadFile(filepath.Join(pw, "internal")); len(internal) == 0 {
+		t.Fatal("no internal password file made")
+	}
+	sentinel := run("--port", "26379", "--sentinel", "lab=10.0.1.1:6379")
+	for _, want := range []string{"sentinel monitor lab 10.0.1.1 6379 2", "sentinel auth-user lab writ-sentinel", "sentinel sentinel-user writ-sentinel", "+sentinel|get-master-addr-by-name"} {
+		if !strings.Contains(sentinel, want) {
+			t.Errorf("sentinel configuration lacks %q:\n%s", want, sentinel)
+		}
+	}
+	if strings.Contains(sentinel, "appendonly") || strings.Contains(sentinel, "replicaof") {
+		t.Errorf("a sentinel's configuration holds a data server's lines:\n%s", sentinel)
 	}
 }
