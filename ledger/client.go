@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"sync"
 	"time"
 
@@ -22,7 +23,10 @@ import (
 
 // Client talks to a ledger's HTTP API. Admin calls need Key.
 type Client struct {
-	// BaseURL is the ledger's address, e.g. http://127.0.0.1:7701.
+	// BaseURL is the ledger's address, e.g. https://10.0.0.1:7701, or
+	// several ledger processes' addresses separated by commas: a call
+	// that cannot reach one (no connection, or 502/503/504) goes to the
+	// next, and the client stays with the last one that answered.
 	BaseURL string
 	// Key signs admin calls (and a node's calls); optional for reads.
 	Key *keys.Key
@@ -34,6 +38,8 @@ type Client struct {
 	// Verify checks trust snapshots' signatures; nil takes unsigned ones
 	// (a ledger on plain HTTP).
 	Verify *TrustVerifier
+
+	good atomic.Int32 // index in BaseURL of the address that answered last
 }
 
 // APIError is a non-2xx answer from the ledger.
@@ -54,6 +60,19 @@ func NotFound(err error) bool {
 
 var defaultHTTP = &http.Client{Timeout: 10 * time.Second}
 
+// bases returns the client's addresses, the one that answered last first.
+func (c *Client) bases() []string {
+	all := strings.Split(c.BaseURL, ",")
+	for i := range all {
+		all[i] = strings.TrimRight(strings.TrimSpace(all[i]), "/")
+	}
+	if len(all) == 1 {
+		return all
+	}
+	start := int(c.good.Load()) % len(all)
+	return append(all[start:], all[:start]...)
+}
+
 func (c *Client) do(ctx context.Context, method, path string, in, out any, signed bool) error {
 	var body []byte
 	if in != nil {
@@ -62,23 +81,47 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any, signe
 			return err
 		}
 	}
-	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(c.BaseURL, "/")+path, bytes.NewReader(body))
-	if err != nil {
-		return fmt.Errorf("ledger request: %w", err)
+	bases := c.bases()
+	var err error
+	for _, base := range bases {
+		var retry bool
+		retry, err = c.doAt(ctx, base, method, path, body, in != nil, out, signed)
+		if !retry || ctx.Err() != nil {
+			if err == nil && len(bases) > 1 {
+				all := strings.Split(c.BaseURL, ",")
+				for j := range all {
+					if strings.TrimRight(strings.TrimSpace(all[j]), "/") == base {
+						c.good.Store(int32(j))
+					}
+				}
+			}
+			return err
+		}
 	}
-	if in != nil {
+	return err
+}
+
+// doAt makes one call to the ledger at base. retry reports a failure the
+// next address may not have: no connection, or the ledger saying it is
+// unavailable.
+func (c *Client) doAt(ctx context.Context, base, method, path string, body []byte, hasBody bool, out any, signed bool) (retry bool, _ error) {
+	req, err := http.NewRequestWithContext(ctx, method, base+path, bytes.NewReader(body))
+	if err != nil {
+		return false, fmt.Errorf("ledger request: %w", err)
+	}
+	if hasBody {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	if signed {
 		if c.Key == nil {
-			return errors.New("ledger: this call must be signed; no key given")
+			return false, errors.New("ledger: this call must be signed; no key given")
 		}
 		keyID := c.Key.ID
 		if c.KeyID != "" {
 			keyID = c.KeyID
 		}
 		if err := httpsig.Sign(req, body, keyID, c.Key.Private, time.Now()); err != nil {
-			return err
+			return false, err
 		}
 	}
 	hc := c.HTTP
@@ -87,30 +130,34 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any, signe
 	}
 	resp, err := hc.Do(req)
 	if err != nil {
-		return fmt.Errorf("ledger %s: %w", c.BaseURL, err)
+		return true, fmt.Errorf("ledger %s: %w", base, err)
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
 	if err != nil {
-		return fmt.Errorf("ledger %s: read reply: %w", c.BaseURL, err)
+		return true, fmt.Errorf("ledger %s: read reply: %w", base, err)
 	}
 	if resp.StatusCode/100 != 2 {
 		e := &APIError{Status: resp.StatusCode}
 		if json.Unmarshal(data, &e.Body) != nil || e.Body.Error == "" {
 			e.Body.Error = strings.TrimSpace(string(data))
 		}
-		return e
+		switch resp.StatusCode {
+		case http.StatusBadGateway, http.StatusServiceUnavailable, http.StatusGatewayTimeout:
+			return true, e
+		}
+		return false, e
 	}
 	if raw, ok := out.(rawReply); ok {
 		*raw.b = data
-		return nil
+		return false, nil
 	}
 	if out != nil {
 		if err := json.Unmarshal(data, out); err != nil {
-			return fmt.Errorf("ledger %s: decode reply: %w", c.BaseURL, err)
+			return false, fmt.Errorf("ledger %s: decode reply: %w", base, err)
 		}
 	}
-	return nil
+	return false, nil
 }
 
 // Site returns one site.

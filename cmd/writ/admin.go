@@ -17,7 +17,7 @@ import (
 type adminFlags struct{ ledger, key string }
 
 func (f *adminFlags) add(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL (default $WRIT_LEDGER)")
+	cmd.Flags().StringVar(&f.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, or several ledger processes' URLs separated by commas (default $WRIT_LEDGER)")
 	cmd.Flags().StringVar(&f.key, "key", "", "an admin's signing key (default $WRIT_KEY)")
 }
 

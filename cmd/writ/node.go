@@ -63,7 +63,7 @@ like writ runner. writ node ls and writ node info show the registered nodes.`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL (default $WRIT_LEDGER)")
+	fl.StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, or several ledger processes' URLs separated by commas (default $WRIT_LEDGER)")
 	fl.StringVar(&c.site, "site", os.Getenv(envSite), "the site this node belongs to (default $WRIT_SITE)")
 	fl.StringVar(&c.token, "token", os.Getenv("WRIT_TOKEN"), "the site's enrollment token (default $WRIT_TOKEN); needed until the node is registered")
 	fl.StringVar(&c.stateDir, "state-dir", "/var/lib/writ/node", "where the node key (and, as root, network and VM state) live; must survive reboots")

@@ -156,8 +156,10 @@ func (s *sec) url(addr string) string {
 // checkURL refuses a plain URL when this process talks TLS, so a
 // mistyped http:// never sends credentials or trusts answers in the clear.
 func (s *sec) checkURL(u, flag string) error {
-	if s.cfg != nil && strings.HasPrefix(u, "http://") {
-		return fmt.Errorf("%s %s is plain HTTP but this process talks TLS (--ca): use https://", flag, u)
+	for _, one := range strings.Split(u, ",") { // a ledger's several addresses
+		if s.cfg != nil && strings.HasPrefix(strings.TrimSpace(one), "http://") {
+			return fmt.Errorf("%s %s is plain HTTP but this process talks TLS (--ca): use https://", flag, one)
+		}
 	}
 	return nil
 }
