@@ -26,10 +26,12 @@ package coord
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net/http"
+	"os"
 	"sync"
 	"time"
 
@@ -70,8 +72,17 @@ type Params struct {
 	// StreamsPerUser bounds one user's open event streams and waits; zero
 	// means DefaultStreamsPerUser.
 	StreamsPerUser int
-	Now            func() time.Time // optional, time.Now
+	// ID names this coord among the coords sharing its Redis (leases, and
+	// the events it tells the others about); empty means host and pid
+	// with a random suffix.
+	ID  string
+	Now func() time.Time // optional, time.Now
 }
+
+// LeaseTTL is how long a coord holds a per-site duty (following a site's
+// events) or redelivery without renewing it; it renews every LeaseTTL/5,
+// and another coord takes over within about LeaseTTL of its death.
+var LeaseTTL = 5 * time.Second
 
 // Coord is the front door. Its background duties are the fields below the
 // API's own state; Run starts them all and they end with it.
@@ -121,6 +132,12 @@ func New(p Params) (*Coord, error) {
 	if p.Now == nil {
 		p.Now = time.Now
 	}
+	if p.ID == "" {
+		host, _ := os.Hostname()
+		var b [4]byte
+		rand.Read(b[:])
+		p.ID = fmt.Sprintf("%s:%d:%x", host, os.Getpid(), b)
+	}
 	switch p.Placement {
 	case "":
 		p.Placement = PlaceSpread
@@ -161,10 +178,72 @@ func New(p Params) (*Coord, error) {
 // count them, wake their waiters, end the placements of jobs that ended.
 func (c *Coord) applied(evs []job.Event) {
 	c.metrics.applied.Add(float64(len(evs)))
+	c.wake(evs)
+	// The other coords' waiters and streams hear of it too.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	if err := c.p.Redis.PublishApplied(ctx, c.p.ID, evs); err != nil {
+		c.p.Log.Warn("tell the other coords of applied events (their waiters re-read within 5 s)", "err", err)
+	}
+}
+
+// wake tells this coord's waiters and streams of events applied.
+func (c *Coord) wake(evs []job.Event) {
 	for _, ev := range evs {
 		c.hub.publish(ev)
 		if ev.Type.Terminal() {
 			c.placer.release(ev.Job)
+		}
+	}
+}
+
+// leased runs fn while this coord holds the lease called name: it tries to
+// take it every LeaseTTL/5, renews it as often while fn runs, and ends fn
+// (cancelling its context, waiting for it) as soon as a renewal fails, so
+// one coord at a time does the duty, and another takes over within about
+// LeaseTTL when its holder dies.
+func (c *Coord) leased(ctx context.Context, name string, fn func(context.Context)) {
+	every := LeaseTTL / 5
+	for ctx.Err() == nil {
+		ok, err := c.p.Redis.TakeLease(ctx, name, c.p.ID, LeaseTTL)
+		if err != nil && ctx.Err() == nil {
+			c.p.Log.Warn("take lease", "lease", name, "err", err)
+		}
+		if ok {
+			c.p.Log.Info("holding lease", "lease", name, "coord", c.p.ID)
+			dctx, stop := context.WithCancel(ctx)
+			done := make(chan struct{})
+			go func() { defer close(done); fn(dctx) }()
+			t := time.NewTicker(every)
+		hold:
+			for {
+				select {
+				case <-done:
+					break hold
+				case <-t.C:
+					if ok, err := c.p.Redis.TakeLease(ctx, name, c.p.ID, LeaseTTL); !ok || err != nil {
+						if ctx.Err() == nil {
+							c.p.Log.Warn("lost lease; another coord takes over", "lease", name, "err", err)
+						}
+						break hold
+					}
+				}
+			}
+			t.Stop()
+			stop()
+			<-done
+			if ctx.Err() != nil {
+				// Shutting down: let another coord take over at once.
+				dropCtx, cancel := context.WithTimeout(context.Background(), time.Second)
+				c.p.Redis.DropLease(dropCtx, name, c.p.ID)
+				cancel()
+				return
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(every):
 		}
 	}
 }
@@ -185,8 +264,19 @@ func (c *Coord) Run(ctx context.Context) error {
 	c.runCtx, c.group = ctx, g
 	c.mu.Unlock()
 	close(c.running)
-	g.Go(func() error { return c.deliverer.run(ctx) })
+	g.Go(func() error {
+		c.leased(ctx, "deliver", func(ctx context.Context) { c.deliverer.run(ctx) })
+		return nil
+	})
 	g.Go(func() error { return c.discover(ctx) })
+	g.Go(func() error {
+		c.p.Redis.SubscribeApplied(ctx, func(m queue.AppliedMessage) {
+			if m.From != c.p.ID {
+				c.wake(m.Events)
+			}
+		})
+		return nil
+	})
 	return g.Wait()
 }
 
@@ -227,7 +317,7 @@ func (c *Coord) refreshSites(ctx context.Context) (map[string]ledger.Site, error
 		f := &follower{p: followerParams{site: name, redis: c.p.Redis, url: c.supervisorURL, http: c.p.HTTP,
 			applied: c.applied, log: c.p.Log, retention: c.p.Retention}}
 		ctx := c.runCtx
-		c.group.Go(func() error { f.run(ctx); return nil })
+		c.group.Go(func() error { c.leased(ctx, "follow:"+name, f.run); return nil })
 	}
 	return sites, nil
 }

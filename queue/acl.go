@@ -31,7 +31,7 @@ func ACLRules(role, site string) string {
 	var rules []string
 	switch role {
 	case ACLCoord:
-		rules = []string{"~writ:coord:*", "resetchannels"}
+		rules = []string{"~writ:coord:*", "&" + appliedChannel}
 	case ACLSupervisor:
 		rules = append(asynqKeys, "~writ:site:"+site+":*", "&asynq:cancel")
 	case ACLRunner:
