@@ -15,18 +15,8 @@ import (
 	"github.com/writ-fleet/writ/job"
 )
 
-func connect(t *testing.T) *Redis {
-	t.Helper()
-	r, err := Connect(testenv.Redis(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { r.Close() })
-	if err := r.WaitReady(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	return r
-}
+// connect connects to a redis-server of the test's own.
+func connect(t *testing.T) *Redis { return connect2(t, testenv.Redis(t)) }
 
 func TestRedis_EnqueueWork(t *testing.T) {
 	r := connect(t)
