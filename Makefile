@@ -12,7 +12,7 @@ DEV_DIR ?= .dev
 # ovmf, systemd-boot-efi, binutils (objcopy) and ipxe-qemu build and boot the node image (efi).
 APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql ovmf systemd-boot-efi binutils ipxe-qemu gcc libc6-dev
 
-.PHONY: help build static image test test-short dev bench bench-scale bench-image bench-vm bench-ledger guest fuzz lint generate tidy deps check-clean clean
+.PHONY: help build static image test test-short dev bench bench-scale bench-image bench-vm bench-ledger bench-ledger-pg guest fuzz lint generate tidy deps check-clean clean
 
 # FUZZ_EXECS is how many executions make fuzz gives each target.
 FUZZ_EXECS ?= 1000000
@@ -64,6 +64,9 @@ bench-scale: deps ## 1,000 simulated nodes on one dispatched site: idle Redis co
 
 bench-ledger: ## 100,000 simulated nodes register and report uptime once a minute to a SQLite ledger (see BENCHMARKS.md)
 	$(GO) run ./cmd/writ-ledger-bench -nodes 100000 -interval 1m -for 1m
+
+bench-ledger-pg: deps ## the same on PostgreSQL (a durable throwaway local cluster; root runs it as the postgres user)
+	$(GO) run ./cmd/writ-ledger-bench -store postgres -nodes 100000 -interval 1m -for 1m
 
 fuzz: ## fuzz the script engine (compile, and run in the sandbox) and the envelope scanner, FUZZ_EXECS each; crashers land in testdata/fuzz
 	$(GO) test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZ_EXECS)x ./scripts

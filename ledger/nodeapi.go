@@ -185,6 +185,12 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request) {
 	}
 	tok, err := s.store.TokenBySecret(ctx, hashSecret(req.Token))
 	switch {
+	case err != nil && !errors.Is(err, ErrNotFound):
+		// The store failed (PostgreSQL busy or away): the node tries
+		// again; its token is not judged.
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusServiceUnavailable, Reason: "unavailable", Msg: "the ledger's store did not answer; try again"})
+		s.log.Warn("read enrollment token", "err", err)
+		return
 	case err != nil || tok.Site != req.Site:
 		httpapi.Fail(w, &httpapi.Error{Status: http.StatusForbidden, Reason: "bad_token", Msg: "enrollment token is not one of site " + req.Site})
 		return

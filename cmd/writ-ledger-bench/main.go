@@ -25,18 +25,21 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/ledger/store/postgres"
 	"github.com/writ-fleet/writ/ledger/store/sqlite"
 )
 
 var (
-	nodes    = flag.Int("nodes", 100000, "simulated nodes")
-	interval = flag.Duration("interval", time.Minute, "each node reports once per interval")
-	runFor   = flag.Duration("for", time.Minute, "how long to send uptime reports")
-	workers  = flag.Int("workers", 256, "requests in flight at most")
-	keep     = flag.Bool("keep", false, "keep the temporary directory (the SQLite file)")
-	cpuprof  = flag.String("cpuprofile", "", "write a CPU profile of the uptime phase (server and load generator share the process)")
+	nodes     = flag.Int("nodes", 100000, "simulated nodes")
+	interval  = flag.Duration("interval", time.Minute, "each node reports once per interval")
+	runFor    = flag.Duration("for", time.Minute, "how long to send uptime reports")
+	workers   = flag.Int("workers", 256, "requests in flight at most")
+	keep      = flag.Bool("keep", false, "keep the temporary directory (the SQLite file)")
+	storeKind = flag.String("store", "sqlite", "the ledger's store: sqlite (a file) or postgres (a throwaway local cluster, durable)")
+	cpuprof   = flag.String("cpuprofile", "", "write a CPU profile of the uptime phase (server and load generator share the process)")
 )
 
 func main() {
@@ -52,6 +55,9 @@ type sample struct {
 	err bool
 }
 
+// firstErr keeps the first failed request's error of a phase.
+var firstErr atomic.Pointer[error]
+
 func run() error {
 	ctx := context.Background()
 	dir, err := os.MkdirTemp("", "writ-ledger-bench")
@@ -61,7 +67,25 @@ func run() error {
 	if !*keep {
 		defer os.RemoveAll(dir)
 	}
-	store, err := sqlite.Open(ctx, filepath.Join(dir, "ledger.db"))
+	var store interface {
+		ledger.Store
+		Close() error
+	}
+	switch *storeKind {
+	case "sqlite":
+		store, err = sqlite.Open(ctx, filepath.Join(dir, "ledger.db"))
+	case "postgres":
+		// A throwaway cluster of this machine's PostgreSQL, durable
+		// (fsync and synchronous commit on, as a real ledger runs it),
+		// on its unix socket; it dies with the benchmark.
+		testenv.PostgresDurable = true
+		var url string
+		if url, err = testenv.PostgresDB("writ_ledger_bench"); err == nil {
+			store, err = postgres.Open(ctx, url)
+		}
+	default:
+		return fmt.Errorf("-store %q: sqlite or postgres", *storeKind)
+	}
 	if err != nil {
 		return err
 	}
@@ -94,7 +118,7 @@ func run() error {
 		tokens = append(tokens, tok.Secret)
 	}
 
-	fmt.Printf("machine: %d CPUs, %s; ledger: SQLite in %s\n", runtime.NumCPU(), runtime.Version(), dir)
+	fmt.Printf("machine: %d CPUs, %s; ledger: %s store (temporary directory %s)\n", runtime.NumCPU(), runtime.Version(), *storeKind, dir)
 	clients := make([]*ledger.Client, *nodes)
 	ids := make([]string, *nodes)
 	start := time.Now()
@@ -124,12 +148,18 @@ func run() error {
 				_, err := clients[i].Register(ctx, ledger.RegisterRequest{Site: "bench", Token: tokens[i/ledger.MaxTokenUses], PublicKey: clients[i].Key.AuthorizedKey(),
 					Capacity: ledger.Capacity{CPUs: 8, MemoryMiB: 32768}})
 				regLat[i] = sample{time.Since(t0), err != nil}
+				if err != nil {
+					firstErr.CompareAndSwap(nil, &err)
+				}
 			}
 		}()
 	}
 	wg.Wait()
 	took := time.Since(start)
 	report("register", regLat, took)
+	if e := firstErr.Swap(nil); e != nil {
+		fmt.Printf("register: first error: %v\n", *e)
+	}
 
 	// Uptime: open loop. Report k is due at start + k/rate, for node k mod
 	// N; its latency counts from when it was due, so a ledger that falls
@@ -165,12 +195,18 @@ func run() error {
 			i := k % *nodes
 			_, err := clients[i].ReportUptime(ctx, ids[i], ledger.Uptime{BootID: "boot-1", UptimeSeconds: int64(k), At: time.Now().UTC()})
 			lat[k] = sample{time.Since(due), err != nil}
+			if err != nil {
+				firstErr.CompareAndSwap(nil, &err)
+			}
 		}(k, due)
 	}
 	wg.Wait()
 	took = time.Since(start)
 	fmt.Printf("uptime: target %.0f reports/s (%d nodes, one per %s) for %s\n", rate, *nodes, *interval, *runFor)
 	report("uptime", lat, took)
+	if e := firstErr.Swap(nil); e != nil {
+		fmt.Printf("uptime: first error: %v\n", *e)
+	}
 	if n := lateStarts.Load(); n > 0 {
 		fmt.Printf("  %d reports waited for a free worker (all %d busy)\n", n, *workers)
 	}

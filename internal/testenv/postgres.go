@@ -71,6 +71,29 @@ func Postgres(tb testing.TB) string {
 	return pgURL(name)
 }
 
+// PostgresDurable, set before the first Postgres or PostgresDB call, keeps
+// PostgreSQL's durability on (fsync, synchronous commit): for benchmarks.
+var PostgresDurable bool
+
+// PostgresDB is Postgres for programs (benchmarks): the URL of a new
+// database called name on the throwaway cluster, which dies with the
+// process.
+func PostgresDB(name string) (string, error) {
+	pgOnce.Do(func() { pgErr = startPostgres() })
+	if pgErr != nil {
+		return "", pgErr
+	}
+	admin, err := sql.Open("pgx", pgURL("postgres"))
+	if err != nil {
+		return "", err
+	}
+	defer admin.Close()
+	if _, err := admin.Exec("CREATE DATABASE " + name); err != nil {
+		return "", fmt.Errorf("create database: %w", err)
+	}
+	return pgURL(name), nil
+}
+
 func pgURL(db string) string {
 	return "postgres://postgres@/" + db + "?host=" + pgDir + "&sslmode=disable"
 }
@@ -122,8 +145,11 @@ func startPostgres() error {
 	// binary ends.
 	go func() {
 		runtime.LockOSThread()
-		cmd := exec.Command(postgres, "-D", data, "-k", pgDir, "-c", "listen_addresses=",
-			"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off", "-c", "max_connections=200")
+		args := []string{"-D", data, "-k", pgDir, "-c", "listen_addresses=", "-c", "max_connections=200"}
+		if !PostgresDurable {
+			args = append(args, "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off")
+		}
+		cmd := exec.Command(postgres, args...)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Pdeathsig: syscall.SIGKILL}
 		log, _ := os.Create(filepath.Join(pgDir, "postgres.log"))
 		cmd.Stdout, cmd.Stderr = log, log

@@ -30,6 +30,9 @@ func sqlState(err error) string {
 	return ""
 }
 
+// MaxConns bounds one ledger process's connections to PostgreSQL.
+var MaxConns = 24
+
 // Open connects to the database at url (postgres://…) and applies pending
 // migrations.
 func Open(ctx context.Context, url string) (*sqlstore.Store, error) {
@@ -37,6 +40,11 @@ func Open(ctx context.Context, url string) (*sqlstore.Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open ledger database: %w", err)
 	}
+	// Bounded, so a burst of requests waits for a connection instead of
+	// passing PostgreSQL's max_connections (100 by default) and failing;
+	// several ledger processes share that limit.
+	db.SetMaxOpenConns(MaxConns)
+	db.SetMaxIdleConns(MaxConns)
 	if err := db.PingContext(ctx); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("open ledger database: %w", err)
