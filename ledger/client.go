@@ -232,8 +232,11 @@ func (c *Client) PutSite(ctx context.Context, s Site) error {
 
 // Defaults for TrustCache.
 const (
-	DefaultTrustTTL   = 10 * time.Second
-	DefaultStaleGrace = time.Minute
+	DefaultTrustTTL = 10 * time.Second
+	// DefaultStaleGrace lets a site run through a ledger outage of ten
+	// minutes on the snapshot it had (a revocation cannot reach it then
+	// anyway); past that, jobs wait (retried) until the ledger is back.
+	DefaultStaleGrace = 10 * time.Minute
 	// missRefresh is how soon after a fetch an unknown key may trigger
 	// another one, so a newly added key works at once without letting
 	// garbage key IDs hammer the ledger.

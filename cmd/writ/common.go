@@ -105,7 +105,7 @@ func httpURL(addr string) string {
 }
 
 func trustTTLFlag(cmd *cobra.Command, dst *time.Duration) {
-	cmd.Flags().DurationVar(dst, "trust-ttl", ledger.DefaultTrustTTL, "how long ledger keys and policies are cached: a revoked key stops working within this time")
+	cmd.Flags().DurationVar(dst, "trust-ttl", ledger.DefaultTrustTTL, "how long ledger keys and policies are cached: a revoked key stops working within this time (while the ledger is unreachable, the last snapshot serves up to 10 min longer)")
 }
 
 func newRegistry() *prometheus.Registry {
