@@ -12,7 +12,7 @@ DEV_DIR ?= .dev
 # ovmf, systemd-boot-efi, binutils (objcopy) and ipxe-qemu build and boot the node image (efi).
 APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql ovmf systemd-boot-efi binutils ipxe-qemu gcc libc6-dev
 
-.PHONY: help build static image test test-short dev bench bench-scale bench-image bench-vm bench-ledger bench-ledger-pg guest fuzz lint generate tidy deps check-clean clean
+.PHONY: help build static image test test-short dev bench bench-scale bench-image bench-vm bench-ledger bench-ledger-pg chaos guest fuzz lint generate tidy deps check-clean clean
 
 # FUZZ_EXECS is how many executions make fuzz gives each target.
 FUZZ_EXECS ?= 1000000
@@ -67,6 +67,13 @@ bench-ledger: ## 100,000 simulated nodes register and report uptime once a minut
 
 bench-ledger-pg: deps ## the same on PostgreSQL (a durable throwaway local cluster; root runs it as the postgres user)
 	$(GO) run ./cmd/writ-ledger-bench -store postgres -nodes 100000 -interval 1m -for 1m
+
+# CHAOS_JOBS is how many jobs make chaos runs; CHAOS_OUTAGE how long its ledger is down.
+CHAOS_JOBS ?= 5000
+CHAOS_OUTAGE ?= 5m
+
+chaos: deps ## the chaos suite: CHAOS_JOBS signed jobs through kill -9 of every component, a Sentinel failover, two partitions and a ledger outage (root; see RELIABILITY.md)
+	WRIT_CHAOS_JOBS=$(CHAOS_JOBS) WRIT_CHAOS_LEDGER_OUTAGE=$(CHAOS_OUTAGE) $(GO) test -count=1 -timeout 60m -run '^TestChaos$$' -v ./e2e | grep -E '^(chaos:|---|FAIL|ok|PASS)|chaos_test.go'
 
 fuzz: ## fuzz the script engine (compile, and run in the sandbox) and the envelope scanner, FUZZ_EXECS each; crashers land in testdata/fuzz
 	$(GO) test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZ_EXECS)x ./scripts

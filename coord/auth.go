@@ -108,6 +108,10 @@ func (a *auth) middleware(next http.Handler) http.Handler {
 			return
 		}
 		e := a.entry(r.Context(), keyID)
+		if e.err != nil && errors.As(e.err, new(httpsig.Unavailable)) {
+			httpapi.JSON(w, http.StatusServiceUnavailable, httpapi.ErrorBody{Error: "request signature: key " + keyID + ": " + e.err.Error(), Reason: "ledger_unreachable"})
+			return
+		}
 		if e.err != nil {
 			httpapi.JSON(w, http.StatusUnauthorized, httpapi.ErrorBody{Error: "request signature: key " + keyID + ": " + e.err.Error(), Reason: "unauthenticated"})
 			return
@@ -136,8 +140,14 @@ func (a *auth) entry(ctx context.Context, keyID string) principalEntry {
 	a.mu.Unlock()
 	fresh := ok && ((e.err == nil && now.Sub(e.at) < principalTTL) || (e.err != nil && now.Sub(e.at) < unknownTTL))
 	if !fresh {
+		last := e
 		v, _, _ := a.group.Do(keyID, func() (any, error) {
 			e := a.resolve(ctx, keyID)
+			if errors.As(e.err, new(httpsig.Unavailable)) && ok && last.err == nil && now.Sub(last.at) < principalTTL+ledger.DefaultStaleGrace {
+				// The ledger is away: the last answer serves a while
+				// longer, as verifiers' trust snapshots do.
+				return last, nil
+			}
 			a.mu.Lock()
 			if len(a.cache) >= maxPrincipals {
 				for k := range a.cache { // evict one at random
@@ -162,7 +172,7 @@ func (a *auth) resolve(ctx context.Context, keyID string) principalEntry {
 		if ledger.NotFound(err) {
 			e.err = errors.New("unknown key")
 		} else {
-			e.err = fmt.Errorf("ledger unreachable: %v", err)
+			e.err = httpsig.Unavailable{Err: fmt.Errorf("ledger unreachable: %v", err)}
 			e.at = time.Time{} // ask again next time
 		}
 		return e
@@ -174,6 +184,9 @@ func (a *auth) resolve(ctx context.Context, keyID string) principalEntry {
 	u, err := a.ledger.User(ctx, k.User)
 	if err != nil {
 		e.err = fmt.Errorf("user %s: %v", k.User, err)
+		if !ledger.NotFound(err) {
+			e.err = httpsig.Unavailable{Err: e.err}
+		}
 		e.at = time.Time{}
 		return e
 	}

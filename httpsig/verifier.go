@@ -19,6 +19,14 @@ const DefaultMaxAge = 5 * time.Minute
 // DefaultMaxBody bounds the body a Verifier reads.
 const DefaultMaxBody = 1 << 20
 
+// Unavailable is a KeyFunc error that is its key source's outage (the
+// ledger unreachable), not the key's fault: the request is answered 503,
+// to be tried again, rather than 401.
+type Unavailable struct{ Err error }
+
+func (u Unavailable) Error() string { return u.Err.Error() }
+func (u Unavailable) Unwrap() error { return u.Err }
+
 // KeyFunc returns the public key and principal for a key ID, or an error
 // when the key is unknown or not allowed.
 type KeyFunc func(ctx context.Context, keyID string) (pub ed25519.PublicKey, principal string, err error)
@@ -193,6 +201,9 @@ func (v *Verifier) Check(r *http.Request) (*Checked, error) {
 	}
 	pub, principal, err := v.Keys(r.Context(), s.Params.KeyID)
 	if err != nil {
+		if errors.As(err, new(Unavailable)) {
+			return fail(http.StatusServiceUnavailable, "key %s: %v", s.Params.KeyID, err)
+		}
 		return fail(http.StatusUnauthorized, "key %s: %v", s.Params.KeyID, err)
 	}
 	if err := s.Verify(r, pub); err != nil {

@@ -12,6 +12,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"strconv"
 	"strings"
@@ -53,6 +54,10 @@ func Connect(url string) (*Redis, error) { return Dial(url, Credentials{}) }
 type Credentials struct {
 	Password string
 	TLS      *tls.Config
+	// Dialer, when set, opens the TCP connections (to the servers and the
+	// sentinels); nil is go-redis's own. Tests use it to reach a Redis
+	// inside another network namespace.
+	Dialer func(ctx context.Context, network, addr string) (net.Conn, error)
 }
 
 // Dial connects to the Redis of url (redis:// or rediss://, with an ACL
@@ -77,6 +82,7 @@ func Dial(url string, creds Credentials) (*Redis, error) {
 		t.ServerName = opt.TLSConfig.ServerName
 		opt.TLSConfig = t
 	}
+	opt.Dialer = creds.Dialer
 	tune(&opt.PoolSize, &opt.Protocol)
 	return &Redis{rdb: redis.NewClient(opt), url: url}, nil
 }
@@ -143,6 +149,7 @@ func dialSentinel(raw string, creds Credentials) (*Redis, error) {
 		opt.TLSConfig = creds.TLS.Clone()
 		opt.TLSConfig.ServerName = ""
 	}
+	opt.Dialer = creds.Dialer
 	tune(&opt.PoolSize, &opt.Protocol)
 	return &Redis{rdb: redis.NewFailoverClient(opt), url: raw, replicas: replicas}, nil
 }
