@@ -104,6 +104,10 @@ func (a *auth) middleware(next http.Handler) http.Handler {
 			if errors.As(err, &he) {
 				status = he.Status
 			}
+			if status == http.StatusServiceUnavailable {
+				httpapi.JSON(w, status, httpapi.ErrorBody{Error: "request signature: " + err.Error(), Reason: "ledger_unreachable"})
+				return
+			}
 			httpapi.JSON(w, status, httpapi.ErrorBody{Error: "request signature: " + err.Error() + " (coord answers requests signed by a user's key: writ signs with --key / $WRIT_KEY)", Reason: "unauthenticated"})
 			return
 		}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/httpsig"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
@@ -181,5 +182,46 @@ func TestCoord_WhoReadsWhat(t *testing.T) {
 	}
 	if _, err := as(bob).Job(ctx, id, 0); err != nil {
 		t.Errorf("another user is not limited by alice's streams: %v", err)
+	}
+}
+
+// TestAuth_LedgerAway: while the ledger cannot be reached, a key coord
+// already knows keeps working for the stale grace (as trust snapshots do),
+// and a key it does not know is answered 503, to be tried again, not 401.
+func TestAuth_LedgerAway(t *testing.T) {
+	l := testenv.NewLedger(t, ledger.Site{Name: "s", SupervisorURL: "https://127.0.0.1:1"})
+	admc := &ledger.Client{BaseURL: l.URL, Key: l.Admin}
+	other, _ := keys.Generate("other")
+	if _, err := admc.CreateUser(context.Background(), ledger.CreateUserRequest{Name: "other", Roles: map[string]string{"s": "viewer"}, PublicKeys: []string{other.AuthorizedKey()}}); err != nil {
+		t.Fatal(err)
+	}
+	clock := testenv.NewClock()
+	a := newAuth(&ledger.Client{BaseURL: l.URL}, clock.Now, 0)
+	h := a.middleware(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte(principalOf(r.Context()).user))
+	}))
+	get := func(k *keys.Key) (int, string) {
+		r := httptest.NewRequest(http.MethodGet, "http://coord/v1/jobs", nil)
+		if err := httpsig.Sign(r, nil, k.ID, k.Private, clock.Now()); err != nil {
+			t.Fatal(err)
+		}
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, r)
+		return w.Code, w.Body.String()
+	}
+	if code, body := get(l.Admin); code != http.StatusOK || body != "root" {
+		t.Fatalf("with the ledger up: %d %s", code, body)
+	}
+	l.Server.Close()
+	clock.Add(principalTTL + time.Second)
+	if code, body := get(l.Admin); code != http.StatusOK || body != "root" {
+		t.Errorf("a known key with the ledger away = %d %s, want 200", code, body)
+	}
+	if code, body := get(other); code != http.StatusServiceUnavailable || !strings.Contains(body, "ledger_unreachable") {
+		t.Errorf("an unknown key with the ledger away = %d %s, want 503 ledger_unreachable", code, body)
+	}
+	clock.Add(ledger.DefaultStaleGrace)
+	if code, _ := get(l.Admin); code != http.StatusServiceUnavailable {
+		t.Errorf("a known key past the stale grace = %d, want 503", code)
 	}
 }

@@ -103,7 +103,7 @@ func TestRedisConf(t *testing.T) {
 			t.Errorf("no user %s in:\n%s", role, conf)
 		}
 	}
-	if !strings.Contains(conf, "user default off") || !strings.Contains(conf, "port 0") || !strings.Contains(conf, "tls-port 6379") {
+	if !strings.Contains(conf, "user default on resetpass #") || !strings.Contains(conf, "port 0") || !strings.Contains(conf, "tls-port 6379") {
 		t.Errorf("configuration:\n%s", conf)
 	}
 	if again := run(); again != conf {

@@ -7,6 +7,7 @@ package redisproc
 
 import (
 	"context"
+	"crypto/hmac"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -38,8 +39,9 @@ type Config struct {
 	Fsync string
 	// Bind is the address to listen on; empty means 127.0.0.1.
 	Bind string
-	// Users are ACL users. When any is given the default user is off:
-	// every client must log in as one of them.
+	// Users are ACL users. When any is given, every client must log in as
+	// one of them (the default user needs a password no one is told; see
+	// defaultUser).
 	Users []User
 	// TLS, when set, makes the server speak TLS only (rediss://).
 	TLS *TLS
@@ -86,6 +88,33 @@ const (
 	// and hear of failovers, nothing that changes what Sentinel watches.
 	SentinelRules = "allchannels -@all +ping +auth +hello +client|setname +client|id +subscribe +psubscribe +unsubscribe +punsubscribe +sentinel|get-master-addr-by-name +sentinel|sentinels +sentinel|replicas +sentinel|slaves +sentinel|master"
 )
+
+// defaultUser is the configuration line of Redis's default user when
+// writ's users are given: off on a sentinel; on a data server, every
+// permission behind a password no one is told.
+//
+// Workaround for redis/redis#14541 (fixed by redis/redis#14545, not in
+// Debian 12's Redis 7.0): while loading the append-only file, EXEC checks
+// the ACL of the queued commands again, as the default user (the loading
+// client's). With the default user off and without permissions, every
+// MULTI/EXEC in the file, and every Lua script (propagated as MULTI/EXEC),
+// is dropped with a log line: a Redis killed -9 came back without most
+// of its writes (found by make chaos; TestKill_KeepsWrites). The default
+// user therefore keeps every permission, with a password derived from
+// every other user's, which only the holder of all of them could compute
+// (and that holder controls the server already). It is deterministic, so
+// the same passwords give the same configuration.
+func defaultUser(data bool, users []User) string {
+	if !data {
+		return "user default off resetpass resetkeys -@all"
+	}
+	mac := hmac.New(sha256.New, []byte("writ redis default user"))
+	for _, u := range users {
+		mac.Write([]byte(u.Name + "\x00" + u.Password + "\x00"))
+	}
+	sum := sha256.Sum256([]byte(hex.EncodeToString(mac.Sum(nil))))
+	return "user default on resetpass #" + hex.EncodeToString(sum[:]) + " resetkeys resetchannels ~* &* +@all"
+}
 
 // User is an ACL user: a name, a password (stored in the configuration
 // as its SHA-256 only) and rules: key patterns (~writ:coord:*), channels
@@ -160,7 +189,7 @@ func Conf(cfg Config) ([]string, error) {
 		}
 	}
 	if len(users) > 0 {
-		conf = append(conf, "user default off resetpass resetkeys -@all")
+		conf = append(conf, defaultUser(cfg.Sentinel == nil, users))
 		for _, u := range users {
 			if strings.ContainsAny(u.Name+u.Rules, "\n\r") || u.Name == "" || u.Password == "" {
 				return nil, fmt.Errorf("redis user %q: a name, a password and rules on one line", u.Name)
