@@ -73,7 +73,7 @@ CHAOS_JOBS ?= 5000
 CHAOS_OUTAGE ?= 5m
 
 chaos: deps ## the chaos suite: CHAOS_JOBS signed jobs through kill -9 of every component, a Sentinel failover, two partitions and a ledger outage (root; see RELIABILITY.md)
-	WRIT_CHAOS_JOBS=$(CHAOS_JOBS) WRIT_CHAOS_LEDGER_OUTAGE=$(CHAOS_OUTAGE) $(GO) test -count=1 -timeout 60m -run '^TestChaos$$' -v ./e2e | grep -E '^(chaos:|---|FAIL|ok|PASS)|chaos_test.go'
+	set -o pipefail; WRIT_CHAOS_JOBS=$(CHAOS_JOBS) WRIT_CHAOS_LEDGER_OUTAGE=$(CHAOS_OUTAGE) $(GO) test -count=1 -timeout 60m -run '^TestChaos$$' -v ./e2e | grep --line-buffered -E '^(chaos:|---|FAIL|ok|PASS)|chaos_test.go'
 
 fuzz: ## fuzz the script engine (compile, and run in the sandbox) and the envelope scanner, FUZZ_EXECS each; crashers land in testdata/fuzz
 	$(GO) test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZ_EXECS)x ./scripts
