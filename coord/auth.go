@@ -112,7 +112,7 @@ func (a *auth) middleware(next http.Handler) http.Handler {
 			return
 		}
 		e := a.entry(r.Context(), keyID)
-		if e.err != nil && errors.As(e.err, new(httpsig.Unavailable)) {
+		if errors.As(e.err, new(httpsig.Unavailable)) {
 			httpapi.JSON(w, http.StatusServiceUnavailable, httpapi.ErrorBody{Error: "request signature: key " + keyID + ": " + e.err.Error(), Reason: "ledger_unreachable"})
 			return
 		}
