@@ -84,7 +84,7 @@ func SandboxMain(r io.Reader, w io.Writer, maxMemory int64) error {
 			return fmt.Errorf("sandbox: expected a run frame, got %q", f.Op)
 		}
 		done := c.run(e, f, maxMemory)
-		if err := writeFrame(c.w, done); err != nil {
+		if err := c.send(done); err != nil {
 			return err
 		}
 	}
@@ -111,7 +111,10 @@ func limitSelf(data int64) error {
 // childConn is a child's end of the protocol.
 type childConn struct {
 	r *bufio.Reader
-	w *bufio.Writer
+	// wmu orders the frames on w: the run's own, and the memory watch's
+	// over frame, sent from another goroutine.
+	wmu sync.Mutex
+	w   *bufio.Writer
 	// broken is set when a frame could not be sent or read: the child
 	// stops after the run.
 	broken error
@@ -132,7 +135,18 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 	// The collector works harder as the heap nears the run's limit, so
 	// the watch sees it in time.
 	debug.SetMemoryLimit(heapLive() + limit + limit/8)
-	stopWatch := watchMemory(limit, cancel)
+	overMsg := fmt.Sprintf("%v: the run held more than %s", ErrMemoryLimit, sizeText(limit))
+	var overSent sync.WaitGroup
+	stopWatch := watchMemory(limit, func() {
+		cancel(errMemory)
+		// The run stops at its next instruction, unless it is inside one
+		// builtin (a copy of a huge value): the runner is told, and kills
+		// this process rather than wait for its data limit, which a
+		// process that gets little of the CPU reaches only after its
+		// deadline. Sent from its own goroutine: the finalizer goroutine
+		// must not block on the pipe. It goes before the done frame.
+		overSent.Go(func() { _ = c.send(&frame{Op: "over", Err: overMsg}) })
+	})
 	in := f.Input
 	out, err := e.Run(ctx, f.Script, Input{
 		JobID: in.JobID, Name: in.Name, Site: in.Site, Node: in.Node, Args: in.Args, Attempt: in.Attempt, Secrets: in.Secrets,
@@ -140,6 +154,7 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 		host: c,
 	})
 	stopWatch()
+	overSent.Wait()
 	done := &frame{Op: "done", Result: out.Result}
 	var re *RuntimeError
 	var hs *hostStop
@@ -147,7 +162,7 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 	switch {
 	case err == nil:
 	case errors.Is(context.Cause(ctx), errMemory):
-		done.Kind, done.Err = stopMemory, fmt.Sprintf("%v: the run held more than %s", ErrMemoryLimit, sizeText(limit))
+		done.Kind, done.Err = stopMemory, overMsg
 	case errors.Is(err, ErrTimeout):
 		done.Kind, done.Err = stopTimeout, err.Error()
 	case errors.Is(err, ErrAllocLimit):
@@ -176,6 +191,13 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 	return done
 }
 
+// send writes one frame to the runner.
+func (c *childConn) send(f *frame) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return writeFrame(c.w, f)
+}
+
 func sizeText(n int64) string { return fmt.Sprintf("%d MiB", n>>20) }
 
 // log sends a job log line to the runner.
@@ -183,7 +205,7 @@ func (c *childConn) log(level, line string) {
 	if c.broken != nil {
 		return
 	}
-	if err := writeFrame(c.w, &frame{Op: "log", Level: level, Line: line}); err != nil {
+	if err := c.send(&frame{Op: "log", Level: level, Line: line}); err != nil {
 		c.broken = err
 	}
 }
@@ -207,7 +229,7 @@ func (c *childConn) call(rc *Run, module, name string, args []tengo.Object) (ten
 		}
 		f.Args[i] = v
 	}
-	if err := writeFrame(c.w, f); err != nil {
+	if err := c.send(f); err != nil {
 		c.broken = err
 		return nil, rc.Fail(&hostStop{msg: "sandbox: lost the runner: " + err.Error()})
 	}
@@ -248,16 +270,16 @@ func heldBytes() int64 {
 	return int64(s[1].Value.Uint64() - s[2].Value.Uint64())
 }
 
-// watchMemory cancels the run (cause errMemory) once its heap, after a
-// collection, holds more than limit. It looks after every garbage
+// watchMemory calls over once the run's heap, after a collection, holds
+// more than limit. It looks after every garbage
 // collection, so it costs nothing while a script allocates nothing, and a
 // script that allocates is collected at the latest near its limit (the
 // runtime's soft limit is set just above it). A single builtin that
 // allocates past the limit between two collections meets the process's
 // data limit instead, and the runner reports the same reason. The returned
 // func stops it.
-func watchMemory(limit int64, cancel context.CancelCauseFunc) func() {
-	w := &memWatch{base: heapLive(), limit: limit, cancel: cancel}
+func watchMemory(limit int64, over func()) func() {
+	w := &memWatch{base: heapLive(), limit: limit, over: over}
 	w.arm()
 	return func() {
 		w.mu.Lock()
@@ -268,7 +290,7 @@ func watchMemory(limit int64, cancel context.CancelCauseFunc) func() {
 
 type memWatch struct {
 	base, limit int64
-	cancel      context.CancelCauseFunc
+	over        func()
 	mu          sync.Mutex
 	stopped     bool
 }
@@ -288,7 +310,7 @@ func (w *memWatch) check() {
 		return
 	}
 	if heapLive()-w.base > w.limit {
-		w.cancel(errMemory)
+		w.over()
 		return
 	}
 	w.arm()

@@ -369,6 +369,15 @@ func (s *Sandbox) runIn(ctx context.Context, c *child, script string, in Input) 
 			if logBytes <= s.host.cfg.MaxLogBytes+DefaultMaxLogLine && in.Log != nil {
 				in.Log(fr.Level, fr.Line)
 			}
+		case "over":
+			// The run passed its memory limit: the child is killed now,
+			// whether or not its script could still stop by itself.
+			c.kill()
+			select {
+			case <-c.exited:
+			case <-time.After(5 * time.Second):
+			}
+			return Output{}, &stopped{msg: fmt.Sprintf("%v: the run held more than %s", ErrMemoryLimit, sizeText(f.Memory)), is: ErrMemoryLimit}, false
 		case "call":
 			ret := s.hostCall(host, mods, fr)
 			if err := writeFrame(c.w, ret); err != nil {

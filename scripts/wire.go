@@ -21,6 +21,9 @@ import (
 //	child  → runner  log   a line of the job log
 //	child  → runner  call  a host-layer function (storage, net, vm) with its arguments
 //	runner → child   ret   what the host layer answered
+//	child  → runner  over  the run's heap passed its memory limit; the
+//	                       runner kills the child, since a script inside
+//	                       one builtin cannot stop by itself
 //	child  → runner  done  the result, or how the run stopped
 //
 // Host-layer calls run in the runner, under the job's owner: the child
