@@ -78,6 +78,10 @@ const (
 	// nodeKeyTTL is how long a refusal of a node's key is kept, and how
 	// often a stream checks its node is not revoked.
 	nodeKeyTTL = 10 * time.Second
+	// dispatcherTTL is how long a dispatcher's count of its nodes stands
+	// for the site queue's pause without being renewed (it is, every
+	// third of it): a dead dispatcher's nodes stop counting after it.
+	dispatcherTTL = 15 * time.Second
 	// goodKeyTTL is how long a node's key is kept (keys never change;
 	// revocation is checked apart, on the site's trust snapshot).
 	goodKeyTTL = 10 * time.Minute

@@ -39,8 +39,11 @@ type site struct {
 	revoked map[string]bool
 }
 
-func newSite(t *testing.T) *site {
-	rdb, err := queue.Connect(testenv.Redis(t))
+func newSite(t *testing.T) *site { return newSiteOn(t, testenv.Redis(t)) }
+
+// newSiteOn is a dispatcher of site s on the Redis at url.
+func newSiteOn(t *testing.T, url string) *site {
+	rdb, err := queue.Connect(url)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -290,4 +293,62 @@ func TestDispatch_NoNodesJobsWait(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the waiting job did not run once a node connected")
 	}
+}
+
+// TestDispatch_TwoDispatchersAgreeOnPause: two dispatchers of one site
+// share its queue. The queue is paused only while neither has a node: one
+// with no node does not pause it under the other's nodes, however often it
+// says so, and a dispatcher that dies stops counting.
+func TestDispatch_TwoDispatchersAgreeOnPause(t *testing.T) {
+	url := testenv.Redis(t)
+	a, b := newSiteOn(t, url), newSiteOn(t, url)
+	q := queue.SiteQueue("s")
+	paused := func() bool {
+		p, err := a.rdb.Paused(q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	testenv.WaitFor(t, 5*time.Second, "the queue paused with no node anywhere", paused)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ran := make(chan string, 4)
+	c := b.node("on-b", true)
+	go c.Work(ctx, queue.WorkerConfig{Concurrency: 1}, func(ctx context.Context, d queue.Delivery) error {
+		ran <- d.ID
+		return nil
+	})
+	testenv.WaitFor(t, 5*time.Second, "the queue resumed for b's node", func() bool { return !paused() })
+	// a has a node for a while, then loses it: the queue stays on for
+	// b's, then and while a renews its count of none (every 5 s).
+	actx, acancel := context.WithCancel(ctx)
+	ca := a.node("on-a", true)
+	adone := make(chan struct{})
+	go func() {
+		ca.Work(actx, queue.WorkerConfig{Concurrency: 1}, func(ctx context.Context, d queue.Delivery) error { return nil })
+		close(adone)
+	}()
+	time.Sleep(time.Second)
+	acancel()
+	<-adone
+	deadline := time.Now().Add(6 * time.Second)
+	for time.Now().Before(deadline) {
+		if paused() {
+			t.Fatal("a dispatcher with no node paused the queue under the other's node")
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	// Straight from Redis, as a dispatcher would say it: a's count of 0
+	// does not pause, b's 0 does.
+	if p, err := a.rdb.SetDispatching("s", "a-again", 0, time.Minute); err != nil || p {
+		t.Fatalf("a count of 0 beside b's node = paused %v, %v", p, err)
+	}
+	// A dead dispatcher's nodes count until its entry lapses.
+	if p, err := a.rdb.SetDispatching("s", "dead", 3, 300*time.Millisecond); err != nil || p {
+		t.Fatalf("a dispatcher with 3 nodes = paused %v, %v", p, err)
+	}
+	cancel() // b's node goes
+	testenv.WaitFor(t, 30*time.Second, "the queue paused again once no dispatcher has a node", paused)
 }

@@ -3,6 +3,8 @@ package dispatch
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -44,9 +46,9 @@ type Server struct {
 	once     sync.Once
 	verifier *httpsig.Verifier
 
-	pauseMu    sync.Mutex
-	paused     bool // guarded by pauseMu: what the queue was last set to
-	pauseKnown bool // guarded by pauseMu
+	id      string     // this dispatcher, among the site's (random, per process)
+	pauseMu sync.Mutex // orders this dispatcher's node counts
+	paused  bool       // guarded by pauseMu: the queue's state after the last count
 
 	mu      sync.Mutex
 	conns   map[string]*conn       // guarded by mu; node → its current stream
@@ -85,6 +87,9 @@ func (s *Server) init() {
 		}
 		s.conns, s.busy, s.pending, s.keys = map[string]*conn{}, map[string]int{}, map[string]*pendingJob{}, map[string]keyEntry{}
 		s.wake = make(chan struct{})
+		var b [8]byte
+		rand.Read(b[:])
+		s.id = hex.EncodeToString(b[:])
 		// No replay guard: a replayed stream request or report does
 		// nothing (reports are accepted once per job), and they travel in
 		// TLS; the created time bounds a signature's life.
@@ -355,31 +360,47 @@ func (s *Server) pickLocked(pin string) *conn {
 	return best
 }
 
-// syncPause pauses the site queue while no node is connected, so its jobs
-// wait there, as they would for runners, instead of being held here until
-// their deadlines (and retried, or failed, for nothing); and resumes it
-// when one connects. Serialized, so a pause never lands after a later
-// resume.
+// syncPause tells the site's Redis how many nodes this dispatcher has,
+// which pauses the site queue while no dispatcher of the site has one, so
+// its jobs wait there, as they would for runners (or for another
+// dispatcher's nodes), instead of being held here until their deadlines
+// (and retried, or failed, for nothing); and resumes it when one connects.
+// Serialized, so a pause never lands after a later resume. It runs at
+// every first connect and last disconnect, and every dispatcherTTL/3: a
+// dispatcher that dies stops counting after dispatcherTTL.
 func (s *Server) syncPause() {
 	s.pauseMu.Lock()
 	defer s.pauseMu.Unlock()
 	s.mu.Lock()
-	want := len(s.conns) == 0
+	n := len(s.conns)
 	s.mu.Unlock()
-	if s.pauseKnown && want == s.paused {
+	paused, err := s.Redis.SetDispatching(s.Site, s.id, n, dispatcherTTL)
+	if err != nil {
+		s.Log.Warn("count this dispatcher's nodes for the site queue's pause", "nodes", n, "err", err)
 		return
 	}
-	if err := s.Redis.SetPaused(queue.SiteQueue(s.Site), want); err != nil {
-		s.Log.Warn("pause the site queue", "paused", want, "err", err)
-		return
+	if paused != s.paused {
+		s.Log.Info("site queue", "paused", paused, "nodes here", n)
 	}
-	s.paused, s.pauseKnown = want, true
+	s.paused = paused
 }
 
 // Run takes the site's jobs from Redis and dispatches them until ctx ends.
 func (s *Server) Run(ctx context.Context) error {
 	s.init()
 	s.syncPause()
+	go func() {
+		t := time.NewTicker(dispatcherTTL / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				s.syncPause()
+			}
+		}
+	}()
 	n := s.Concurrency
 	if n == 0 {
 		n = 1024

@@ -15,10 +15,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/nftables"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/internal/guest"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/sal/network"
 )
 
@@ -218,3 +221,115 @@ type cmdError struct {
 }
 
 func (e *cmdError) Error() string { return e.err.Error() + "\n" + e.stderr }
+
+// TestFleet_NodeReboot: a node (writ node) runs a VM; the ledger goes
+// down, and the node "reboots" while it is away: every process on it is
+// killed, the kernel's links and ruleset are lost, its pool unmounted, and
+// writ node starts again with a new boot ID. The VM comes back and serves
+// through its forward while the ledger is still down; once the ledger is
+// back the node's queued reports reach it and it counts the boot.
+func TestFleet_NodeReboot(t *testing.T) {
+	art := testenv.Guest(t)
+	testenv.RequireBinary(t, "mkfs.btrfs")
+	t.Parallel()
+
+	poolDir, mnt := tempPool(t)
+	node := testenv.NewNetNS(t)
+	f := newFleet(t)
+	vmDir := filepath.Join(f.dir, "vms")
+	t.Cleanup(func() { testenv.KillUnder(vmDir) })
+	token := f.enrollSite(1)
+	stateDir := filepath.Join(f.dir, "node")
+	nodeArgs := func(boot string) []string {
+		bootFile := filepath.Join(f.dir, boot)
+		if err := os.WriteFile(bootFile, []byte(boot+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return []string{"node", "--ledger", f.ledger, "--site", "local", "--token", token, "--state-dir", stateDir, "--allow-tmpfs",
+			"--redis", f.redis, "--concurrency", "2", "--trust-ttl", "1s", "--boot-id-file", bootFile,
+			"--pool-file", filepath.Join(poolDir, "pool.img"), "--pool-size", "2G", "--pool-mount", mnt, "--image-allow", "127.0.0.1/32",
+			"--net-ns", testenv.NetNSPath(node), "--net-state", filepath.Join(f.dir, "net"), "--vm-dir", vmDir, "--vm-accel", "tcg"}
+	}
+	first := f.start("node:boot-1", nodeArgs("boot-1")...)
+	id := registeredID(t, first)
+
+	disk := filepath.Join(f.dir, "disk.img")
+	if err := guest.WriteDisk(disk, guestPage, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	urls, sums := imageServer(t, map[string]string{"disk.img": disk, "vmlinuz": art.Kernel, "initrd.img": art.Initrd})
+	cmd := exec.Command(writBin, "run", "../scripts/lib/deploy_vm.tengo", "--node", id, "--timeout", "5m",
+		"--arg", "name=web", "--arg", "image_url="+urls["disk.img"], "--arg", "image_sha256="+sums["disk.img"],
+		"--arg", "kernel_url="+urls["vmlinuz"], "--arg", "kernel_sha256="+sums["vmlinuz"],
+		"--arg", "initrd_url="+urls["initrd.img"], "--arg", "initrd_sha256="+sums["initrd.img"],
+		"--arg", "cmdline="+guest.Cmdline, "--arg", "subnet=10.89.0.0/24", "--arg", "forwards=8080:80", "--arg", "memory=256M",
+		"--coord", f.coord, "--key", filepath.Join(f.dir, "admin.key"), "--site", "local")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("deploy: %v\n%s", err, stderr.String())
+	}
+	var d struct{ Pid int }
+	if err := json.Unmarshal(out, &d); err != nil || d.Pid == 0 {
+		t.Fatalf("deploy result %s: %v", out, err)
+	}
+	outside := testenv.Uplink(t, node, "up0", netip.MustParsePrefix("192.0.2.1/24"), netip.MustParsePrefix("192.0.2.2/24"))
+	serving := func(what string) {
+		t.Helper()
+		testenv.WaitFor(t, 3*time.Minute, what, func() bool {
+			page, err := testenv.HTTPGet(t, outside, "192.0.2.1:8080", "/")
+			return err == nil && page == guestPage
+		})
+	}
+	serving("the guest to serve through node:8080")
+	testenv.WaitFor(t, 30*time.Second, "the first boot's report", func() bool {
+		n, err := f.lc.Node(t.Context(), id)
+		return err == nil && n.BootID == "boot-1"
+	})
+
+	// The ledger goes down; then the node "reboots".
+	f.stop(f.procs["ledger"], syscall.SIGKILL)
+	f.stop(first, syscall.SIGKILL)
+	testenv.KillUnder(vmDir)
+	testenv.WaitFor(t, 30*time.Second, "QEMU to die", func() bool { return !testenv.ProcessRuns(d.Pid) })
+	testenv.InNetNS(t, node, func() error {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			if name := l.Attrs().Name; name != "lo" && name != "up0" {
+				if err := netlink.LinkDel(l); err != nil {
+					t.Errorf("delete %s: %v", name, err)
+				}
+			}
+		}
+		return nil
+	})
+	nft, err := nftables.New(nftables.WithNetNSFd(int(node)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nft.FlushRuleset()
+	if err := nft.Flush(); err != nil {
+		t.Fatalf("flush the node's ruleset: %v", err)
+	}
+	if err := unix.Unmount(mnt, 0); err != nil {
+		t.Fatalf("unmount the pool: %v", err)
+	}
+
+	second := f.start("node:boot-2", nodeArgs("boot-2")...)
+	serving("the guest to serve again after the reboot, the ledger still down")
+	f.start("ledger:again", "ledger", "serve", "--db", filepath.Join(f.dir, "ledger.db"), "--listen", testenv.Addr(f.ports["ledger"]))
+	testenv.WaitFor(t, time.Minute, "the ledger to count the second boot", func() bool {
+		n, err := f.lc.Node(t.Context(), id)
+		return err == nil && n.BootID == "boot-2" && n.Boots == 2 && n.Liveness == ledger.LivenessOnline
+	})
+	second.mu.Lock()
+	log := second.log.String()
+	second.mu.Unlock()
+	if !strings.Contains(log, "queued uptime report delivered") {
+		t.Errorf("the rebooted node delivered no queued report:\n%s", tail(log, 3000))
+	}
+}

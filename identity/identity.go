@@ -2,7 +2,7 @@
 // the node's ed25519 key once and keeps it on persistent storage (the key
 // is the node's identity: its ID is derived from it), registers the node
 // with the ledger using the site's enrollment token, and sends signed
-// uptime reports on schedule, retrying each until it lands. It prints a
+// uptime reports on schedule, keeping each on disk until it lands. It prints a
 // status line a person at the console can act on.
 package identity
 
@@ -25,6 +25,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/writ-fleet/writ/internal/atomicfile"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 )
@@ -33,12 +34,18 @@ import (
 const (
 	// KeyFile is the node key's name in the state directory.
 	KeyFile = "node.key"
+	// RegisteredFile in the state directory says the node registered
+	// (it holds the site's name): a later start reports at once.
+	RegisteredFile = "registered"
 	// retryMin and retryMax bound the backoff between failed calls.
 	retryMin = 500 * time.Millisecond
 	retryMax = 30 * time.Second
 	// finalReportTimeout bounds the last report sent on the way out.
 	finalReportTimeout = 5 * time.Second
 )
+
+// DefaultBootIDFile is where the kernel tells the ID of the current boot.
+const DefaultBootIDFile = "/proc/sys/kernel/random/boot_id"
 
 // ErrTmpfs: the state directory would not survive a reboot.
 var ErrTmpfs = errors.New("state directory is on tmpfs or ramfs: the node key would not survive a reboot")
@@ -57,6 +64,10 @@ type Config struct {
 	Capacity ledger.Capacity
 	// Used reports what the node's workloads use now; optional.
 	Used func() ledger.Capacity
+	// BootIDFile holds the ID of this boot; empty: DefaultBootIDFile,
+	// which the kernel makes anew at each boot. (Tests that stand in for
+	// a reboot give each "boot" its own file.)
+	BootIDFile string
 	// Version is writ's version, reported in the facts.
 	Version string
 	// Interval overrides the site's uptime interval (tests); optional.
@@ -75,6 +86,7 @@ type Agent struct {
 	client *ledger.Client
 	log    *slog.Logger
 	bootID string
+	queue  *reportQueue
 
 	mu       sync.Mutex
 	status   string        // guarded by mu
@@ -112,7 +124,19 @@ func New(cfg Config) (*Agent, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	id := ledger.NodeID(k.Public)
-	a := &Agent{cfg: cfg, key: k, id: id, client: ledger.NodeClient(cfg.LedgerURL, k, cfg.HTTP), log: log.With("node", id), bootID: bootID()}
+	q, err := loadQueue(cfg.StateDir)
+	if q == nil {
+		return nil, err
+	}
+	if err != nil {
+		log.Warn("uptime reports lost", "err", err)
+	}
+	bootFile := cfg.BootIDFile
+	if bootFile == "" {
+		bootFile = DefaultBootIDFile
+	}
+	a := &Agent{cfg: cfg, key: k, id: id, client: ledger.NodeClient(cfg.LedgerURL, k, cfg.HTTP), log: log.With("node", id),
+		bootID: bootID(bootFile), queue: q}
 	return a, nil
 }
 
@@ -171,30 +195,81 @@ func (a *Agent) Register(ctx context.Context) (*ledger.Node, error) {
 	}
 	a.setStatus("registered with site %s as %s", n.Site, n.ID)
 	a.log.Info("registered", "site", n.Site)
+	if err := atomicfile.WriteFile(filepath.Join(a.cfg.StateDir, RegisteredFile), []byte(n.Site+"\n"), 0o600); err != nil {
+		a.log.Warn("registration not kept on disk; the next start registers first again", "err", err)
+	}
 	return n, nil
 }
 
-// Report sends one uptime report, retrying until it lands or ctx ends.
+// registeredBefore reports whether this node registered with its site on
+// an earlier start (RegisteredFile names the site).
+func (a *Agent) registeredBefore() bool {
+	b, err := os.ReadFile(filepath.Join(a.cfg.StateDir, RegisteredFile))
+	return err == nil && strings.TrimSpace(string(b)) == a.cfg.Site
+}
+
+// Report takes an uptime report and sends it, after any the ledger has not
+// acknowledged yet (oldest first), retrying until the queue is empty or ctx
+// ends. A report waits in the queue on the state directory, so an outage
+// of the ledger, or a restart of the node, does not lose it.
 func (a *Agent) Report(ctx context.Context) error {
 	return retry(ctx, func() error {
-		u := ledger.Uptime{BootID: a.bootID, UptimeSeconds: uptimeSeconds(), At: time.Now().UTC()}
-		if a.cfg.Used != nil {
-			u.Used = a.cfg.Used()
+		if err := a.queue.add(a.sample()); err != nil {
+			a.log.Warn("uptime report not kept on disk", "err", err)
+		}
+		return a.flush(ctx)
+	})
+}
+
+// sample is the node's uptime now.
+func (a *Agent) sample() ledger.Uptime {
+	u := ledger.Uptime{BootID: a.bootID, UptimeSeconds: uptimeSeconds(), At: time.Now().UTC()}
+	if a.cfg.Used != nil {
+		u.Used = a.cfg.Used()
+	}
+	return u
+}
+
+// flush sends the queued reports, oldest first, until the queue is empty
+// or one fails.
+func (a *Agent) flush(ctx context.Context) error {
+	for {
+		u, ok := a.queue.head()
+		if !ok {
+			return nil
 		}
 		rep, err := a.client.ReportUptime(ctx, a.id, u)
-		if err != nil {
-			a.setStatus("registered; last uptime report failed: %v (retrying)", err)
-			a.log.Warn("uptime report failed", "err", err)
+		if err != nil && !settled(err) {
+			if err := a.queue.waited(); err != nil {
+				a.log.Warn("uptime queue not kept on disk", "err", err)
+			}
+			a.setStatus("registered; uptime report failed: %v (retrying, %d waiting)", err, a.queue.len())
+			a.log.Warn("uptime report failed", "err", err, "waiting", a.queue.len())
 			return err
+		}
+		if err := a.queue.done(u); err != nil {
+			a.log.Warn("uptime queue not kept on disk", "err", err)
+		}
+		if err != nil {
+			// The ledger has it already, or will never take it.
+			a.log.Warn("uptime report dropped", "at", u.At, "boot", u.BootID, "err", err)
+			if a.queue.len() == 0 {
+				a.setStatus("registered; last uptime report refused: %v", err)
+			}
+			continue
+		}
+		if u.Queued {
+			a.log.Info("queued uptime report delivered", "at", u.At, "boot", u.BootID, "restarted", rep.Restarted)
 		}
 		a.mu.Lock()
 		if a.cfg.Interval == 0 && rep.Interval > 0 {
 			a.interval = rep.Interval.Duration()
 		}
 		a.mu.Unlock()
-		a.setStatus("registered with site %s; %s, reporting every %s", a.cfg.Site, rep.Liveness, a.currentInterval())
-		return nil
-	})
+		if a.queue.len() == 0 {
+			a.setStatus("registered with site %s; %s, reporting every %s", a.cfg.Site, rep.Liveness, a.currentInterval())
+		}
+	}
 }
 
 func (a *Agent) currentInterval() time.Duration {
@@ -212,7 +287,12 @@ func (a *Agent) currentInterval() time.Duration {
 // Run registers the node and reports its uptime every interval until ctx
 // ends; then it sends one last report (a planned stop or reboot).
 func (a *Agent) Run(ctx context.Context) error {
-	if _, err := a.Register(ctx); err != nil {
+	if a.registeredBefore() {
+		// The ledger knows this node: registering again only refreshes
+		// its facts, and must not hold up the reports (which queue while
+		// the ledger is away).
+		go a.Register(ctx)
+	} else if _, err := a.Register(ctx); err != nil {
 		return nil // ctx ended
 	}
 report:
@@ -228,11 +308,14 @@ report:
 	}
 	// The node is going down on purpose: say so while it still can. This
 	// must outlive ctx, which has just ended.
+	// What the ledger does not take now waits on disk for the next start.
 	final, cancel := context.WithTimeout(context.WithoutCancel(ctx), finalReportTimeout)
 	defer cancel()
-	u := ledger.Uptime{BootID: a.bootID, UptimeSeconds: uptimeSeconds(), At: time.Now().UTC()}
-	if _, err := a.client.ReportUptime(final, a.id, u); err != nil {
-		a.log.Warn("last uptime report failed", "err", err)
+	if err := a.queue.add(a.sample()); err != nil {
+		a.log.Warn("last uptime report not kept on disk", "err", err)
+	}
+	if err := a.flush(final); err != nil {
+		a.log.Warn("last uptime report failed; it waits for the next start", "err", err)
 	}
 	a.setStatus("stopped")
 	return nil
@@ -264,8 +347,8 @@ func onTmpfs(dir string) bool {
 	return st.Type == unix.TMPFS_MAGIC || st.Type == unix.RAMFS_MAGIC
 }
 
-func bootID() string {
-	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+func bootID(file string) string {
+	b, err := os.ReadFile(file)
 	if err != nil {
 		return "unknown"
 	}

@@ -28,6 +28,9 @@ const (
 	// ReportWindow is how far an uptime report's time may be from the
 	// ledger's clock.
 	ReportWindow = 2 * time.Minute
+	// MaxQueuedAge is how old a queued uptime report may be: one a node
+	// kept through a ledger outage, or through its own downtime.
+	MaxQueuedAge = 7 * 24 * time.Hour
 	// DefaultTokenTTL is how long an enrollment token lives by default:
 	// long enough to boot a batch of machines, short enough that a lost
 	// one is soon worthless.
@@ -278,8 +281,15 @@ func (s *Server) uptime(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	now := s.now()
-	if d := now.Sub(u.At); d > ReportWindow || d < -ReportWindow {
-		httpapi.Fail(w, badRequest("report time %s is more than %s from the ledger's %s (check the node's clock)", u.At.Format(time.RFC3339), ReportWindow, now.Format(time.RFC3339)))
+	// The past bound is wider for a queued report; the time must still
+	// move forward (the store refuses a report older than the last), so a
+	// queued report cannot be replayed either.
+	past := ReportWindow
+	if u.Queued {
+		past = MaxQueuedAge
+	}
+	if d := now.Sub(u.At); d > past || d < -ReportWindow {
+		httpapi.Fail(w, badRequest("report time %s is more than %s behind or %s ahead of the ledger's %s (check the node's clock)", u.At.Format(time.RFC3339), past, ReportWindow, now.Format(time.RFC3339)))
 		return
 	}
 	if u.BootID == "" || len(u.BootID) > 64 || u.UptimeSeconds < 0 {

@@ -131,6 +131,11 @@ type Uptime struct {
 	UptimeSeconds int64     `json:"uptime_seconds"`
 	At            time.Time `json:"at"`
 	Used          Capacity  `json:"used"`
+	// Queued says the report waited in the node's queue while the ledger
+	// was out of reach (or the node was down): its time may be up to
+	// MaxQueuedAge old. A report that did not wait is held to
+	// ReportWindow, which catches a node whose clock is wrong.
+	Queued bool `json:"queued,omitempty"`
 }
 
 // AuditEntry records one admin write: who did what, when.

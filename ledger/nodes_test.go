@@ -177,6 +177,36 @@ func TestNodes_UptimeAndLiveness(t *testing.T) {
 		if list, _ := f.client.Nodes(ctx, "local"); len(list) != 1 || list[0].Liveness != ledger.LivenessOffline || list[0].Boots != 2 {
 			t.Errorf("Nodes = %+v", list)
 		}
+
+		// A report the node queued while the ledger was away is older
+		// than the window: taken if it says it waited, up to a week old,
+		// and still only if it moves forward.
+		otherTok, _ := f.client.CreateToken(ctx, "local", 0)
+		lateKey, _ := keys.Generate("node-3")
+		lc := ledger.NodeClient(f.url, lateKey, nil)
+		ln, err := lc.Register(ctx, ledger.RegisterRequest{Site: "local", Token: otherTok.Secret, PublicKey: lateKey.AuthorizedKey()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		late := ledger.Uptime{BootID: "boot-1", UptimeSeconds: 1, At: clk.Now().Add(-10 * time.Minute)}
+		if _, err := lc.ReportUptime(ctx, ln.ID, late); err == nil || !strings.Contains(err.Error(), "HTTP 400") {
+			t.Errorf("a late report not marked queued = %v, want HTTP 400", err)
+		}
+		for _, at := range []time.Time{clk.Now().Add(-ledger.MaxQueuedAge - time.Hour), clk.Now().Add(3 * time.Minute)} {
+			if _, err := lc.ReportUptime(ctx, ln.ID, ledger.Uptime{BootID: "boot-1", At: at, Queued: true}); err == nil || !strings.Contains(err.Error(), "HTTP 400") {
+				t.Errorf("a queued report at %s = %v, want HTTP 400", at, err)
+			}
+		}
+		late.Queued = true
+		if rep, err := lc.ReportUptime(ctx, ln.ID, late); err != nil || rep.Boots != 1 {
+			t.Errorf("a queued report = %+v, %v; want taken", rep, err)
+		}
+		if _, err := lc.ReportUptime(ctx, ln.ID, late); err == nil || !strings.Contains(err.Error(), "HTTP 409") {
+			t.Errorf("the queued report again = %v, want HTTP 409 (stale_report)", err)
+		}
+		if rep, err := lc.ReportUptime(ctx, ln.ID, ledger.Uptime{BootID: "boot-2", UptimeSeconds: 1, At: clk.Now()}); err != nil || !rep.Restarted || rep.Boots != 2 {
+			t.Errorf("the report after it = %+v, %v; want a second boot", rep, err)
+		}
 	})
 }
 

@@ -285,19 +285,63 @@ func (r *Redis) InfoInt(ctx context.Context, section, field string) (int64, erro
 	return 0, fmt.Errorf("no %s in INFO %s", field, section)
 }
 
-// SetPaused pauses (or resumes) every worker's intake from queue: a
-// dispatcher with no node to send work to leaves it in the queue, where it
-// waits, rather than holding it until its deadline. Idempotent.
-func (r *Redis) SetPaused(q string, paused bool) error {
-	insp := asynq.NewInspectorFromRedisClient(r.rdb)
-	var err error
-	if paused {
-		err = insp.PauseQueue(q)
-	} else {
-		err = insp.UnpauseQueue(q)
+// dispatchPause records one dispatcher's count of connected nodes, drops
+// the entries of dispatchers that stopped renewing theirs, and pauses the
+// site queue (asynq's own paused key, set as its Inspector does) exactly
+// when no live dispatcher has a node, all in one step: two dispatchers of
+// a site cannot undo each other's decision, whatever order their calls
+// come in.
+//
+// KEYS[1] the site's dispatcher hash (ID → "expiry-ms:nodes"), KEYS[2]
+// the queue's paused key; ARGV: the dispatcher's ID, its TTL in ms, its
+// node count. Server time (TIME), so the dispatchers' clocks do not
+// matter. Returns 1 if the queue is paused now, else 0.
+var dispatchPause = redis.NewScript(`
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], (now + tonumber(ARGV[2])) .. ':' .. ARGV[3])
+local live = false
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local exp, n = string.match(all[i + 1], '^(%d+):(%d+)$')
+  if exp == nil or tonumber(exp) < now then
+    redis.call('HDEL', KEYS[1], all[i])
+  elseif tonumber(n) > 0 then
+    live = true
+  end
+end
+if live then
+  redis.call('DEL', KEYS[2])
+  return 0
+end
+redis.call('SET', KEYS[2], t[1])
+return 1
+`)
+
+// SetDispatching says that dispatcher id of site has nodes connected now,
+// and is alive for ttl (call it again within ttl, and at every change).
+// The site queue is paused while no live dispatcher of the site has a
+// node: a dispatcher with no node to send work to leaves it in the queue,
+// where it waits (and another dispatcher's nodes take it), rather than
+// holding it until its deadline. It returns whether the queue is paused.
+func (r *Redis) SetDispatching(site, id string, nodes int, ttl time.Duration) (paused bool, err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n, err := dispatchPause.Run(ctx, r.rdb, []string{dispatchersKey(site), "asynq:{" + SiteQueue(site) + "}:paused"},
+		id, ttl.Milliseconds(), nodes).Int()
+	if err != nil {
+		return false, fmt.Errorf("queue: dispatchers of site %s: %w", site, err)
 	}
-	if err != nil && (strings.Contains(err.Error(), "already paused") || strings.Contains(err.Error(), "not paused")) {
-		return nil
-	}
-	return err
+	return n == 1, nil
+}
+
+// dispatchersKey holds a site's dispatchers and their node counts.
+func dispatchersKey(site string) string { return "writ:site:" + site + ":dispatchers" }
+
+// Paused reports whether queue q is paused.
+func (r *Redis) Paused(q string) (bool, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	n, err := r.rdb.Exists(ctx, "asynq:{"+q+"}:paused").Result()
+	return n == 1, err
 }

@@ -26,6 +26,7 @@ import (
 // nodeCmd runs a node: its identity agent and its runner.
 type nodeCmd struct {
 	ledger, site, token, stateDir, listen string
+	bootIDFile                            string
 	redis                                 redisFlags
 	supervisor                            string
 	allowTmpfs                            bool
@@ -53,6 +54,12 @@ reports its uptime on the site's interval, and runs a runner that takes
 the site's jobs and its own (queue node:<ID>). Stopping it (SIGTERM, a
 planned reboot) sends a last uptime report first.
 
+Reports the ledger does not take (it is down, or out of reach) wait in
+--state-dir and go, oldest first, when it is back, after a reboot too:
+the ledger counts every boot, those it never heard of live included. A
+node that registered once starts reporting and running jobs at once,
+whether or not the ledger answers.
+
 As root the runner also manages networks and VMs (state under --state-dir),
 like writ runner. writ node ls and writ node info show the registered nodes.`,
 		Example: `  writ node --ledger http://10.0.0.1:7701 --site lab --token writ-enroll-… --redis redis://10.0.1.1:6379/0`,
@@ -75,6 +82,8 @@ like writ runner. writ node ls and writ node info show the registered nodes.`,
 	fl.IntVar(&c.cpus, "cpus", 0, "CPUs this node offers to jobs (default: all)")
 	fl.StringVar(&c.memory, "memory", "", "memory this node offers to jobs, e.g. 16G (default: all)")
 	fl.DurationVar(&c.interval, "uptime-interval", 0, "report uptime this often (default: the site's interval)")
+	fl.StringVar(&c.bootIDFile, "boot-id-file", identity.DefaultBootIDFile, "the file that holds this boot's ID (tests that stand in for a reboot give each start its own)")
+	_ = fl.MarkHidden("boot-id-file")
 	trustTTLFlag(cmd, &c.trustTTL)
 	scriptMemoryFlag(cmd, &c.scriptMemory)
 	c.tls.add(cmd)
@@ -116,7 +125,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	defer closeLayers()
 	agent, err := identity.New(identity.Config{
 		StateDir: c.stateDir, AllowTmpfs: c.allowTmpfs, LedgerURL: c.ledger, HTTP: s.client(10 * time.Second), Site: c.site, Token: c.token,
-		Capacity: ledger.Capacity{CPUs: c.cpus, MemoryMiB: memBytes >> 20}, Version: version, Interval: c.interval,
+		Capacity: ledger.Capacity{CPUs: c.cpus, MemoryMiB: memBytes >> 20}, Version: version, Interval: c.interval, BootIDFile: c.bootIDFile,
 		Used:   func() ledger.Capacity { return vmUse(ctx, vms) },
 		Log:    c.log.With("svc", "identity"),
 		Status: c.status,
