@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/writ-fleet/writ/identity"
 	"github.com/writ-fleet/writ/internal/guest"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/ledger"
@@ -223,11 +224,12 @@ type cmdError struct {
 func (e *cmdError) Error() string { return e.err.Error() + "\n" + e.stderr }
 
 // TestFleet_NodeReboot: a node (writ node) runs a VM; the ledger goes
-// down, and the node "reboots" while it is away: every process on it is
-// killed, the kernel's links and ruleset are lost, its pool unmounted, and
-// writ node starts again with a new boot ID. The VM comes back and serves
-// through its forward while the ledger is still down; once the ledger is
-// back the node's queued reports reach it and it counts the boot.
+// down, and the node "reboots" twice while it is away: each time every
+// process on it is killed, the kernel's links and ruleset are lost, its
+// pool unmounted, and writ node starts again with a new boot ID. The VM
+// comes back and serves through its forward each time, the ledger still
+// down; once the ledger is back the node's queued reports reach it and it
+// counts both boots, the one it never heard of live included.
 func TestFleet_NodeReboot(t *testing.T) {
 	art := testenv.Guest(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
@@ -288,48 +290,61 @@ func TestFleet_NodeReboot(t *testing.T) {
 		return err == nil && n.BootID == "boot-1"
 	})
 
-	// The ledger goes down; then the node "reboots".
+	// The ledger goes down; then the node "reboots", twice.
 	f.stop(f.procs["ledger"], syscall.SIGKILL)
-	f.stop(first, syscall.SIGKILL)
-	testenv.KillUnder(vmDir)
-	testenv.WaitFor(t, 30*time.Second, "QEMU to die", func() bool { return !testenv.ProcessRuns(d.Pid) })
-	testenv.InNetNS(t, node, func() error {
-		links, err := netlink.LinkList()
-		if err != nil {
-			return err
-		}
-		for _, l := range links {
-			if name := l.Attrs().Name; name != "lo" && name != "up0" {
-				if err := netlink.LinkDel(l); err != nil {
-					t.Errorf("delete %s: %v", name, err)
+	running := first
+	reboot := func(boot string) *proc {
+		t.Helper()
+		f.stop(running, syscall.SIGKILL)
+		testenv.KillUnder(vmDir)
+		testenv.WaitFor(t, 30*time.Second, "QEMU to die", func() bool { return !testenv.ProcessRuns(d.Pid) })
+		testenv.InNetNS(t, node, func() error {
+			links, err := netlink.LinkList()
+			if err != nil {
+				return err
+			}
+			for _, l := range links {
+				if name := l.Attrs().Name; name != "lo" && name != "up0" {
+					if err := netlink.LinkDel(l); err != nil {
+						t.Errorf("delete %s: %v", name, err)
+					}
 				}
 			}
+			return nil
+		})
+		nft, err := nftables.New(nftables.WithNetNSFd(int(node)))
+		if err != nil {
+			t.Fatal(err)
 		}
-		return nil
-	})
-	nft, err := nftables.New(nftables.WithNetNSFd(int(node)))
-	if err != nil {
-		t.Fatal(err)
+		nft.FlushRuleset()
+		if err := nft.Flush(); err != nil {
+			t.Fatalf("flush the node's ruleset: %v", err)
+		}
+		if err := unix.Unmount(mnt, 0); err != nil {
+			t.Fatalf("unmount the pool: %v", err)
+		}
+		running = f.start("node:"+boot, nodeArgs(boot)...)
+		serving("the guest to serve again after the reboot into " + boot + ", the ledger down")
+		return running
 	}
-	nft.FlushRuleset()
-	if err := nft.Flush(); err != nil {
-		t.Fatalf("flush the node's ruleset: %v", err)
+	queued := func(boot string) bool {
+		b, _ := os.ReadFile(filepath.Join(stateDir, identity.QueueFile))
+		return strings.Contains(string(b), `"`+boot+`"`)
 	}
-	if err := unix.Unmount(mnt, 0); err != nil {
-		t.Fatalf("unmount the pool: %v", err)
-	}
+	reboot("boot-2")
+	testenv.WaitFor(t, 30*time.Second, "boot-2's report queued", func() bool { return queued("boot-2") })
+	third := reboot("boot-3")
+	testenv.WaitFor(t, 30*time.Second, "boot-3's report queued after boot-2's", func() bool { return queued("boot-2") && queued("boot-3") })
 
-	second := f.start("node:boot-2", nodeArgs("boot-2")...)
-	serving("the guest to serve again after the reboot, the ledger still down")
 	f.start("ledger:again", "ledger", "serve", "--db", filepath.Join(f.dir, "ledger.db"), "--listen", testenv.Addr(f.ports["ledger"]))
-	testenv.WaitFor(t, time.Minute, "the ledger to count the second boot", func() bool {
+	testenv.WaitFor(t, time.Minute, "the ledger to count both boots it missed", func() bool {
 		n, err := f.lc.Node(t.Context(), id)
-		return err == nil && n.BootID == "boot-2" && n.Boots == 2 && n.Liveness == ledger.LivenessOnline
+		return err == nil && n.BootID == "boot-3" && n.Boots == 3 && n.Liveness == ledger.LivenessOnline
 	})
-	second.mu.Lock()
-	log := second.log.String()
-	second.mu.Unlock()
-	if !strings.Contains(log, "queued uptime report delivered") {
-		t.Errorf("the rebooted node delivered no queued report:\n%s", tail(log, 3000))
+	third.mu.Lock()
+	log := third.log.String()
+	third.mu.Unlock()
+	if !strings.Contains(log, "queued uptime report delivered") || !strings.Contains(log, `"boot":"boot-2"`) {
+		t.Errorf("boot-3 did not deliver boot-2's queued report:\n%s", tail(log, 3000))
 	}
 }

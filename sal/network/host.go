@@ -570,20 +570,38 @@ func (h *Host) commitLocked(n Network) error {
 }
 
 // Restore brings the host in line with the state: every network's bridge
-// and addresses, forwarding, and writ's nftables table. Run it at start
-// (after a reboot the kernel has none of them). It changes nothing when
-// all is in place.
+// and addresses, the taps of the VM NICs attached to it, forwarding, and
+// writ's nftables table. Run it at start (after a reboot the kernel has
+// none of them, and a VM's hypervisor cannot start without its tap). It
+// changes nothing when all is in place.
 func (h *Host) Restore(ctx context.Context) error {
 	return h.locked(func() error {
 		all, err := h.listLocked()
 		if err != nil {
 			return err
 		}
+		nics := map[string]map[string]netip.Addr{}
+		for _, n := range all {
+			_, ipam, err := h.ipamLocked(n.Name)
+			if err != nil {
+				return err
+			}
+			if nics[n.Name], err = ipam.Allocations(); err != nil {
+				return err
+			}
+		}
 		return h.Do(func() error {
 			v6 := false
 			for _, n := range all {
 				if err := ensureBridge(n); err != nil {
 					return err
+				}
+				for owner := range nics[n.Name] {
+					if vm, nic, ok := parseNICOwner(owner); ok {
+						if err := ensureTap(n, vm, nic); err != nil {
+							return err
+						}
+					}
 				}
 				v6 = v6 || n.Prefix6.IsValid()
 			}

@@ -3,6 +3,7 @@ package network
 import (
 	"context"
 	"errors"
+	"net"
 	"net/netip"
 	"testing"
 
@@ -185,11 +186,18 @@ func TestHost_Restore(t *testing.T) {
 	if _, err := h.AddForward(ctx, "web", Forward{Proto: "tcp", HostPort: 2222, Addr: a1, Port: 22}); err != nil {
 		t.Fatal(err)
 	}
+	nic, err := h.Attach(ctx, "web", "vm1", 0)
+	if err != nil {
+		t.Fatal(err)
+	}
 	before, _ := h.Ruleset(ctx)
 
 	// "Reboot": the kernel forgets; only the state directory is left.
 	br, _ := netlink.LinkByName(n.Bridge)
 	netlink.LinkDel(br)
+	if tap, err := netlink.LinkByName(nic.Tap); err == nil {
+		netlink.LinkDel(tap)
+	}
 	if err := applyFirewall(nil); err != nil {
 		t.Fatal(err)
 	}
@@ -199,8 +207,13 @@ func TestHost_Restore(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if _, err := netlink.LinkByName(n.Bridge); err != nil {
-		t.Errorf("bridge not restored: %v", err)
+	br, err = netlink.LinkByName(n.Bridge)
+	if err != nil {
+		t.Fatalf("bridge not restored: %v", err)
+	}
+	// The VM's tap is back, on the bridge and up: its hypervisor can start.
+	if tap, err := netlink.LinkByName(nic.Tap); err != nil || tap.Attrs().MasterIndex != br.Attrs().Index || tap.Attrs().Flags&net.FlagUp == 0 {
+		t.Errorf("tap %s after Restore: %v, %v", nic.Tap, tap, err)
 	}
 	if after, _ := h2.Ruleset(ctx); after != before {
 		t.Errorf("ruleset after Restore differs:\n%s\nwant\n%s", after, before)

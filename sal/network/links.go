@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strconv"
+	"strings"
 
 	"github.com/vishvananda/netlink"
 )
@@ -150,38 +152,54 @@ func (h *Host) Attach(ctx context.Context, network, vm string, nic int) (NIC, er
 		out.Addr6 = EUI64(n.Prefix6, mac)
 	}
 	err = h.locked(func() error {
-		return h.Do(func() error {
-			owner := "tap/" + nicOwner(vm, nic)
-			link, err := ownedLink(out.Tap, owner)
-			if err != nil {
-				return err
-			}
-			bridge, err := netlink.LinkByName(n.Bridge)
-			if err != nil {
-				return fmt.Errorf("network: bridge of %s: %w", network, err)
-			}
-			if link == nil {
-				tap := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: out.Tap}, Mode: netlink.TUNTAP_MODE_TAP, Flags: netlink.TUNTAP_DEFAULTS}
-				if link, err = addOwnedLink(tap, owner); err != nil {
-					return err
-				}
-			}
-			hostMAC := append(net.HardwareAddr{0xfe}, mac[1:]...)
-			if err := netlink.LinkSetHardwareAddr(link, hostMAC); err != nil {
-				return fmt.Errorf("network: MAC of %s: %w", out.Tap, err)
-			}
-			if link.Attrs().MasterIndex != bridge.Attrs().Index {
-				if err := netlink.LinkSetMaster(link, bridge); err != nil {
-					return fmt.Errorf("network: attach %s to %s: %w", out.Tap, n.Bridge, err)
-				}
-			}
-			if err := netlink.LinkSetUp(link); err != nil {
-				return fmt.Errorf("network: bring up %s: %w", out.Tap, err)
-			}
-			return nil
-		})
+		return h.Do(func() error { return ensureTap(n, vm, nic) })
 	})
 	return out, err
+}
+
+// ensureTap makes VM vm's tap for NIC nic on network n, if missing, and
+// attaches it to the bridge, up. It runs in the Host's namespace.
+func ensureTap(n Network, vm string, nic int) error {
+	name, owner := TapName(vm, nic), "tap/"+nicOwner(vm, nic)
+	link, err := ownedLink(name, owner)
+	if err != nil {
+		return err
+	}
+	bridge, err := netlink.LinkByName(n.Bridge)
+	if err != nil {
+		return fmt.Errorf("network: bridge of %s: %w", n.Name, err)
+	}
+	if link == nil {
+		tap := &netlink.Tuntap{LinkAttrs: netlink.LinkAttrs{Name: name}, Mode: netlink.TUNTAP_MODE_TAP, Flags: netlink.TUNTAP_DEFAULTS}
+		if link, err = addOwnedLink(tap, owner); err != nil {
+			return err
+		}
+	}
+	mac := MAC(vm, nic)
+	hostMAC := append(net.HardwareAddr{0xfe}, mac[1:]...)
+	if err := netlink.LinkSetHardwareAddr(link, hostMAC); err != nil {
+		return fmt.Errorf("network: MAC of %s: %w", name, err)
+	}
+	if link.Attrs().MasterIndex != bridge.Attrs().Index {
+		if err := netlink.LinkSetMaster(link, bridge); err != nil {
+			return fmt.Errorf("network: attach %s to %s: %w", name, n.Bridge, err)
+		}
+	}
+	if err := netlink.LinkSetUp(link); err != nil {
+		return fmt.Errorf("network: bring up %s: %w", name, err)
+	}
+	return nil
+}
+
+// parseNICOwner is nicOwner's inverse.
+func parseNICOwner(owner string) (vm string, nic int, ok bool) {
+	rest, ok := strings.CutPrefix(owner, "vm/")
+	i := strings.LastIndexByte(rest, '/')
+	if !ok || i <= 0 {
+		return "", 0, false
+	}
+	nic, err := strconv.Atoi(rest[i+1:])
+	return rest[:i], nic, err == nil && nic >= 0
 }
 
 // Detach removes the VM NIC's tap and releases its address (and with it
