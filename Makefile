@@ -65,7 +65,8 @@ bench-scale: deps ## 1,000 simulated nodes on one dispatched site: idle Redis co
 bench-ledger: ## 100,000 simulated nodes register and report uptime once a minute to a SQLite ledger (see BENCHMARKS.md)
 	$(GO) run ./cmd/writ-ledger-bench -nodes 100000 -interval 1m -for 1m
 
-bench-ledger-pg: deps ## the same on PostgreSQL (a durable throwaway local cluster; root runs it as the postgres user)
+bench-ledger-pg: deps ## the same on PostgreSQL (a durable throwaway local cluster; root runs it as the postgres user), after the store's own uptime benchmark
+	$(GO) test -run '^$$' -bench ReportUptime_Postgres -benchtime 5000x -count 2 ./ledger/store/sqlstore
 	$(GO) run ./cmd/writ-ledger-bench -store postgres -nodes 100000 -interval 1m -for 1m
 
 # CHAOS_JOBS is how many jobs make chaos runs; CHAOS_OUTAGE how long its ledger is down.
