@@ -285,7 +285,11 @@ func writeEnvelope(path string, env *envelope.Envelope) error {
 	if err := os.WriteFile(path, b, 0o644); err != nil {
 		return err
 	}
-	fmt.Fprintf(os.Stderr, "signed job %s written to %s\n", env.ID(), path)
+	kind := "job"
+	if env.PayloadType == envelope.FlowPayloadType {
+		kind = "flow"
+	}
+	fmt.Fprintf(os.Stderr, "signed %s %s written to %s\n", kind, env.ID(), path)
 	return nil
 }
 
