@@ -345,7 +345,9 @@ func (r *Run) Running(f *envelope.Flow) []Start {
 	if r.Finally != nil {
 		add(f.Finally.Name, r.Finally)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Step < out[j].Step || out[i].Step == out[j].Step && out[i].Item < out[j].Item })
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].Step < out[j].Step || out[i].Step == out[j].Step && out[i].Item < out[j].Item
+	})
 	return out
 }
 
