@@ -138,9 +138,19 @@ func checkJob(ctx context.Context, trust TrustSource, env *envelope.Envelope, sp
 	for i, s := range env.Signatures {
 		keyIDs[i] = s.KeyID
 	}
-	snap, err := trust.Get(ctx, t.Site, keyIDs...)
+	c, err := authorize(ctx, trust, env, spec, t.Site, keyIDs)
+	if err != nil {
+		return nil, err
+	}
+	c.ID = id
+	return c, nil
+}
+
+// authorize checks env's signatures against site's keys and policy.
+func authorize(ctx context.Context, trust TrustSource, env *envelope.Envelope, spec *envelope.Job, site string, keyIDs []string) (*Checked, error) {
+	snap, err := trust.Get(ctx, site, keyIDs...)
 	if ledger.NotFound(err) {
-		return nil, envelope.Refuse(envelope.ReasonWrongSite, "site "+t.Site+" is not registered in the ledger")
+		return nil, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger")
 	}
 	if err != nil {
 		// Anything else (unreachable, a 5xx, a cancelled request) says
@@ -151,7 +161,7 @@ func checkJob(ctx context.Context, trust TrustSource, env *envelope.Envelope, sp
 	if err != nil {
 		return nil, err
 	}
-	return &Checked{ID: id, Envelope: env, Job: spec, Signers: signers, Owner: signers[0], Admin: snap.RoleOf(signers[0]) == ledger.RoleAdmin, ScriptMemory: snap.Site.ScriptMemory}, nil
+	return &Checked{Envelope: env, Job: spec, Signers: signers, Owner: signers[0], Admin: snap.RoleOf(signers[0]) == ledger.RoleAdmin, ScriptMemory: snap.Site.ScriptMemory}, nil
 }
 
 // Reason is the reason string of a Job error: the refusal's reason, or
