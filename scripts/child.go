@@ -150,6 +150,7 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 	in := f.Input
 	out, err := e.Run(ctx, f.Script, Input{
 		JobID: in.JobID, Name: in.Name, Site: in.Site, Node: in.Node, Args: in.Args, Attempt: in.Attempt, Secrets: in.Secrets,
+		Inputs: in.Inputs, Item: in.Item,
 		Log:  c.log,
 		host: c,
 	})

@@ -325,6 +325,12 @@ type Input struct {
 	Node    string
 	Args    []byte // JSON object, may be empty
 	Attempt int    // 1 for the first run
+	// Inputs (a JSON object) and Item (any JSON value) are what a step of
+	// a flow reads as job.inputs (its dependencies' outputs) and job.item
+	// (its fan-out's element); empty for a plain job: job.inputs is then
+	// an empty map and job.item undefined.
+	Inputs []byte
+	Item   []byte
 	// Secrets are the job's opened secrets (package seal), read as
 	// job.secrets.NAME.
 	Secrets map[string]string
@@ -398,8 +404,17 @@ func (e *Engine) Run(ctx context.Context, script string, in Input) (Output, erro
 	if err != nil {
 		return Output{}, &RuntimeError{Msg: "job args: " + err.Error()}
 	}
+	inputs, err := argsObject(in.Inputs)
+	if err != nil {
+		return Output{}, &RuntimeError{Msg: "job inputs: " + err.Error()}
+	}
+	item, err := valueObject(in.Item)
+	if err != nil {
+		return Output{}, &RuntimeError{Msg: "job item: " + err.Error()}
+	}
 	rc := inst.rc
 	rc.begin(ctx, in, args)
+	rc.jobMap.Value["inputs"], rc.jobMap.Value["item"] = inputs, item
 	runErr, reusable := inst.run(ctx)
 	result, modErr := rc.end()
 	if reusable {

@@ -342,3 +342,22 @@ func TestEngine_Check_CompileLimits(t *testing.T) {
 		}
 	}
 }
+
+// TestEngine_StepInputs: a step of a flow reads its dependencies' outputs
+// as job.inputs and its fan-out element as job.item; a plain job sees an
+// empty map and undefined, in the engine and in a sandbox alike.
+func TestEngine_StepInputs(t *testing.T) {
+	e := New(Config{}, nil)
+	script := `job := import("job"); job.result({n: job.inputs.fetch * 2, item: job.item, none: is_undefined(job.inputs.nope)})`
+	out, err := e.Run(context.Background(), script, Input{JobID: "j", Inputs: []byte(`{"fetch":21}`), Item: []byte(`"b"`)})
+	if err != nil || string(out.Result) != `{"item":"b","n":42,"none":true}` {
+		t.Fatalf("step run = %s, %v", out.Result, err)
+	}
+	out, err = e.Run(context.Background(), `job := import("job"); job.result([len(job.inputs), is_undefined(job.item)])`, Input{JobID: "j"})
+	if err != nil || string(out.Result) != `[0,true]` {
+		t.Fatalf("plain job = %s, %v", out.Result, err)
+	}
+	if _, err := e.Run(context.Background(), `x := 1`, Input{JobID: "j", Inputs: []byte(`[1]`)}); err == nil || !strings.Contains(err.Error(), "job inputs") {
+		t.Errorf("inputs that are not an object = %v", err)
+	}
+}

@@ -202,6 +202,20 @@ func argsObject(raw []byte) (tengo.Object, error) {
 	return fromJSON(v), nil
 }
 
+// valueObject converts any JSON value to Tengo; empty is undefined.
+func valueObject(raw []byte) (tengo.Object, error) {
+	if len(bytes.TrimSpace(raw)) == 0 {
+		return tengo.UndefinedValue, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.UseNumber()
+	var v any
+	if err := dec.Decode(&v); err != nil {
+		return nil, err
+	}
+	return fromJSON(v), nil
+}
+
 // FromJSON converts a decoded JSON value (decoded with UseNumber) to Tengo.
 func fromJSON(v any) tengo.Object {
 	switch x := v.(type) {

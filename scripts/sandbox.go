@@ -318,7 +318,8 @@ func (c *child) kill() {
 // runIn runs one job in c. healthy says c may run another.
 func (s *Sandbox) runIn(ctx context.Context, c *child, script string, in Input) (out Output, err error, healthy bool) {
 	f := &frame{Op: "run", Script: script, Limit: deadlineOf(ctx), Memory: in.MaxMemory,
-		Input: &wireInput{JobID: in.JobID, Name: in.Name, Site: in.Site, Node: in.Node, Args: in.Args, Attempt: in.Attempt, Secrets: in.Secrets}}
+		Input: &wireInput{JobID: in.JobID, Name: in.Name, Site: in.Site, Node: in.Node, Args: in.Args, Attempt: in.Attempt, Secrets: in.Secrets,
+			Inputs: in.Inputs, Item: in.Item}}
 	if f.Memory <= 0 || f.Memory > s.cfg.MaxMemory {
 		f.Memory = s.cfg.MaxMemory
 	}

@@ -201,3 +201,13 @@ func TestSandboxUser(t *testing.T) {
 		t.Errorf("SandboxUser(in a 0700 dir) = %v, %q; want nil and why", c, why)
 	}
 }
+
+// TestSandbox_StepInputs: job.inputs and job.item cross into the sandbox.
+func TestSandbox_StepInputs(t *testing.T) {
+	s := testSandbox(t, SandboxConfig{Size: 1, Modules: HostModules(Layers{})})
+	out, err := s.Run(context.Background(), `job := import("job"); job.result([job.inputs.a, job.item])`,
+		Input{JobID: "j", Inputs: []byte(`{"a":[1,2]}`), Item: []byte(`{"k":"v"}`)})
+	if err != nil || string(out.Result) != `[[1,2],{"k":"v"}]` {
+		t.Fatalf("Run = %s, %v", out.Result, err)
+	}
+}

@@ -76,6 +76,8 @@ type wireInput struct {
 	Node    string            `json:"node"`
 	Args    json.RawMessage   `json:"args,omitempty"`
 	Attempt int               `json:"attempt"`
+	Inputs  json.RawMessage   `json:"inputs,omitempty"`
+	Item    json.RawMessage   `json:"item,omitempty"`
 	Secrets map[string]string `json:"secrets,omitempty"`
 }
 
