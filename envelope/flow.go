@@ -343,12 +343,13 @@ func (f *Flow) Sign(k *keys.Key) (*Envelope, error) {
 	return e, nil
 }
 
-// StepJobID is the job ID of item item of step step of the flow whose
-// envelope ID is flowID (item 0 for a step without for_each): derived, so
-// that every coord and runner agrees on it and a step is deduplicated
-// however often it is submitted.
-func StepJobID(flowID, step string, item int) string {
-	sum := sha256.Sum256(fmt.Appendf(nil, "writ-flow-step\x00%s\x00%s\x00%d", flowID, step, item))
+// StepJobID is the job ID of attempt attempt (from 1) of item item of step
+// step of the flow whose envelope ID is flowID (item 0 for a step without
+// for_each): derived, so that every coord and runner agrees on it and a
+// step's attempt is deduplicated however often it is submitted; a step has
+// at most its retries + 1 attempts, so at most that many job IDs.
+func StepJobID(flowID, step string, item, attempt int) string {
+	sum := sha256.Sum256(fmt.Appendf(nil, "writ-flow-step\x00%s\x00%s\x00%d\x00%d", flowID, step, item, attempt))
 	return hex.EncodeToString(sum[:])
 }
 

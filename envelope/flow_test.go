@@ -59,7 +59,7 @@ func TestFlow_SignAndDecode(t *testing.T) {
 	if _, err := back.Job(); ReasonOf(err) != ReasonPayloadType {
 		t.Errorf("Job() of a flow = %v", err)
 	}
-	if a, b := StepJobID(e.ID(), "each", 1), StepJobID(e.ID(), "each", 2); a == b || a != StepJobID(e.ID(), "each", 1) || len(a) != 64 {
+	if a, b := StepJobID(e.ID(), "each", 1, 1), StepJobID(e.ID(), "each", 2, 1); a == b || a != StepJobID(e.ID(), "each", 1, 1) || a == StepJobID(e.ID(), "each", 1, 2) || len(a) != 64 {
 		t.Errorf("step job IDs %s, %s", a, b)
 	}
 }

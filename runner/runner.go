@@ -213,11 +213,18 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 		}
 		return rep.finish(nil, retry("node_revoked", ErrNodeRevoked))
 	}
-	c, f := r.verify(ctx, d)
+	c, step, f := r.verify(ctx, d)
 	if f != nil {
 		return rep.finish(nil, f)
 	}
 	spec := c.Job
+	attempt := d.Attempt
+	var inputs, item []byte
+	if step != nil {
+		// A flow's step: its run number is the flow's, and it reads its
+		// dependencies' outputs and its fan-out element.
+		attempt, inputs, item = step.Attempt, step.Inputs, step.Value
+	}
 	// Secrets are opened here, just before the run, and never reported:
 	// every event and error the run produces has their values redacted.
 	secrets, err := r.p.Secrets.OpenAll(spec.Secrets)
@@ -236,8 +243,9 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	start := time.Now()
 	out, runErr := r.p.Scripts.Run(runCtx, spec.Script, scripts.Input{
 		JobID: d.ID, Name: spec.Name, Site: r.p.Site, Node: r.p.Node,
-		Args: spec.Args, Attempt: d.Attempt, Log: rep.log, Secrets: secrets,
+		Args: spec.Args, Attempt: attempt, Log: rep.log, Secrets: secrets,
 		Owner: c.Owner, Admin: c.Admin, MaxMemory: c.ScriptMemory,
+		Inputs: inputs, Item: item,
 	})
 	r.runTime.Observe(time.Since(start).Seconds())
 	stopFlush()
@@ -247,18 +255,28 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	return rep.finish(out.Result, nil)
 }
 
-// verify checks the delivery as the supervisor did (verify.Job), and that
-// it is this node's to run and the queue entry carries the envelope it
-// names. A ledger it cannot reach is retried; every refusal is final.
-func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*verify.Checked, *failure) {
-	_, c, err := verify.Job(ctx, r.p.Trust, d.Envelope, verify.Target{Site: r.p.Site, Node: r.p.Node, ID: d.ID}, r.p.Now())
+// verify checks the delivery as the supervisor did (verify.Job, or
+// verify.StepJob for a step of a flow), and that it is this node's to run
+// and the queue entry carries the envelope it names. A ledger it cannot
+// reach is retried; every refusal is final.
+func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*verify.Checked, *verify.Step, *failure) {
+	t := verify.Target{Site: r.p.Site, Node: r.p.Node, ID: d.ID}
+	var c *verify.Checked
+	var step *verify.Step
+	task, isStep, err := verify.ParseStepTask(d.Envelope)
+	switch {
+	case isStep && err == nil:
+		c, step, err = verify.StepJob(ctx, r.p.Trust, task, t, r.p.Now())
+	case !isStep:
+		_, c, err = verify.Job(ctx, r.p.Trust, d.Envelope, t, r.p.Now())
+	}
 	if verify.Retry(err) {
-		return nil, retry(verify.ReasonUnavailable, err)
+		return nil, nil, retry(verify.ReasonUnavailable, err)
 	}
 	if err != nil {
-		return nil, fail(verify.Reason(err), err)
+		return nil, nil, fail(verify.Reason(err), err)
 	}
-	return c, nil
+	return c, step, nil
 }
 
 // classify sorts a script failure into retry or fail.

@@ -2,9 +2,11 @@ package runner
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"log/slog"
+	"strings"
 	"testing"
 	"time"
 
@@ -15,6 +17,7 @@ import (
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/verify"
 )
 
 type fixture struct {
@@ -150,4 +153,65 @@ func BenchmarkRunner_Drain(b *testing.B) {
 	b.StopTimer()
 	cancel()
 	<-done
+}
+
+// TestRunner_Steps: a step of a flow runs from the signed flow, reading
+// job.inputs and job.item; one whose flow was altered in the queue, or
+// that claims another step's job ID, is refused.
+func TestRunner_Steps(t *testing.T) {
+	f := newFixture(t, 2)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- f.runner.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	fl := envelope.NewFlow("f", "s", time.Now())
+	fl.Steps = []envelope.Step{
+		{Name: "fetch", Script: `job := import("job"); job.result(21)`},
+		{Name: "double", Script: `job := import("job"); job.result([job.inputs.fetch * 2, job.item, job.attempt])`, DependsOn: []string{"fetch"},
+			ForEach: json.RawMessage(`["x","y"]`), Retries: 1},
+	}
+	env, err := fl.Sign(f.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signed, _ := json.Marshal(env)
+	enqueue := func(flowRaw []byte, st verify.StepTask, id string) string {
+		st.Flow = flowRaw
+		raw, _ := json.Marshal(st)
+		if id == "" {
+			id = envelope.StepJobID(env.ID(), st.Step, st.Item, st.Attempt)
+		}
+		if _, err := f.rdb.Enqueue(ctx, queue.Task{ID: id, Envelope: raw, Queue: queue.SiteQueue("s"), MaxRetry: 0, Timeout: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
+	ok := enqueue(signed, verify.StepTask{Step: "double", Item: 1, Attempt: 2, Value: json.RawMessage(`"y"`), Inputs: json.RawMessage(`{"fetch":21}`)}, "")
+	var wire map[string]any
+	json.Unmarshal(signed, &wire)
+	payload, _ := base64.StdEncoding.DecodeString(wire["payload"].(string))
+	wire["payload"] = base64.StdEncoding.EncodeToString([]byte(strings.Replace(string(payload), "job.result(21)", "job.result(666)", 1)))
+	alteredRaw, _ := json.Marshal(wire)
+	// The altered flow is another flow (its ID is its payload's hash): the
+	// carrier's job ID no longer matches, and one made to match still
+	// carries no valid signature.
+	alteredEnv, _ := envelope.Decode(alteredRaw)
+	altered := enqueue(alteredRaw, verify.StepTask{Step: "fetch", Attempt: 1}, envelope.StepJobID(alteredEnv.ID(), "fetch", 0, 1))
+	alteredID := enqueue(alteredRaw, verify.StepTask{Step: "fetch", Attempt: 1}, "")
+	swapped := enqueue(signed, verify.StepTask{Step: "fetch", Attempt: 1}, strings.Repeat("ab", 32))
+
+	got := f.terminal(t, []string{ok, altered, alteredID, swapped}, 30*time.Second)
+	if ev := got[ok]; ev.Type != job.EventSucceeded || string(ev.Result) != `[42,"y",2]` {
+		t.Errorf("step: %s %s %s", ev.Type, ev.Result, ev.Error)
+	}
+	if ev := got[altered]; ev.Type != job.EventFailed || ev.Reason != "bad_signature" {
+		t.Errorf("altered step: %s %s %s", ev.Type, ev.Reason, ev.Error)
+	}
+	if ev := got[alteredID]; ev.Type != job.EventFailed || ev.Reason != "id_mismatch" {
+		t.Errorf("altered step under the original ID: %s %s %s", ev.Type, ev.Reason, ev.Error)
+	}
+	if ev := got[swapped]; ev.Type != job.EventFailed || ev.Reason != "id_mismatch" {
+		t.Errorf("swapped step: %s %s %s", ev.Type, ev.Reason, ev.Error)
+	}
 }

@@ -18,6 +18,9 @@ type StepTask struct {
 	Flow  json.RawMessage `json:"flow"`
 	Step  string          `json:"step"`
 	Item  int             `json:"item"`
+	// Attempt counts the step's runs from 1: a step may have its retries
+	// + 1, each its own job.
+	Attempt int `json:"attempt"`
 	Value json.RawMessage `json:"value,omitempty"`
 	// Inputs are the outputs of the steps this one depends on, as coord
 	// gathered them. The flow says which steps the inputs come from (a
@@ -26,13 +29,34 @@ type StepTask struct {
 	Inputs json.RawMessage `json:"inputs,omitempty"`
 }
 
+// ParseStepTask reads raw as a step task, if it is one (a JSON object with
+// a "flow" member and no "payloadType": not a job envelope). ok is false
+// for anything else; err is set for a step task that is malformed.
+func ParseStepTask(raw []byte) (task *StepTask, ok bool, err error) {
+	var probe struct {
+		Flow        json.RawMessage `json:"flow"`
+		PayloadType *string         `json:"payloadType"`
+	}
+	if json.Unmarshal(raw, &probe) != nil || len(probe.Flow) == 0 || probe.PayloadType != nil {
+		return nil, false, nil
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	dec.DisallowUnknownFields()
+	task = &StepTask{}
+	if err := dec.Decode(task); err != nil {
+		return nil, true, envelope.Refuse(envelope.ReasonMalformed, "step task: "+err.Error())
+	}
+	return task, true, nil
+}
+
 // Step is one step of a checked flow.
 type Step struct {
 	FlowID string
 	Flow   *envelope.Flow
 	Name   string
-	Item   int
-	Value  json.RawMessage
+	Item    int
+	Attempt int
+	Value   json.RawMessage
 	Inputs json.RawMessage
 }
 
@@ -69,9 +93,12 @@ func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, n
 	if s == nil {
 		return nil, nil, envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("flow %s has no step %q", flowID, task.Step))
 	}
-	id := envelope.StepJobID(flowID, s.Name, task.Item)
+	if task.Attempt < 1 || task.Attempt > s.Retries+1 {
+		return nil, nil, envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s may run %d times (retries %d), not a run number %d", s.Name, s.Retries+1, s.Retries, task.Attempt))
+	}
+	id := envelope.StepJobID(flowID, s.Name, task.Item, task.Attempt)
 	if t.ID != "" && t.ID != id {
-		return nil, nil, envelope.Refuse(envelope.ReasonIDMismatch, fmt.Sprintf("the carrier says job %s but step %s item %d of flow %s is job %s: it was altered or swapped in transit", t.ID, s.Name, task.Item, flowID, id))
+		return nil, nil, envelope.Refuse(envelope.ReasonIDMismatch, fmt.Sprintf("the carrier says job %s but step %s item %d run %d of flow %s is job %s: it was altered or swapped in transit", t.ID, s.Name, task.Item, task.Attempt, flowID, id))
 	}
 	if err := checkItem(fl, s, task); err != nil {
 		return nil, nil, err
@@ -119,7 +146,7 @@ func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, n
 		return nil, nil, err
 	}
 	c.ID = id
-	return c, &Step{FlowID: flowID, Flow: fl, Name: s.Name, Item: task.Item, Value: task.Value, Inputs: task.Inputs}, nil
+	return c, &Step{FlowID: flowID, Flow: fl, Name: s.Name, Item: task.Item, Attempt: task.Attempt, Value: task.Value, Inputs: task.Inputs}, nil
 }
 
 // checkItem: the item is one of the step's, and its value the signed one

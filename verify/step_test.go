@@ -54,7 +54,7 @@ func TestStepJob(t *testing.T) {
 	expiredRaw, _ := json.Marshal(expiredEnv)
 
 	task := func(step string, item int, value string) *verify.StepTask {
-		st := &verify.StepTask{Flow: raw, Step: step, Item: item}
+		st := &verify.StepTask{Flow: raw, Step: step, Item: item, Attempt: 1}
 		if value != "" {
 			st.Value = json.RawMessage(value)
 		}
@@ -67,21 +67,23 @@ func TestStepJob(t *testing.T) {
 		target verify.Target
 		want   string
 	}{
-		{"a step", task("fetch", 0, ""), verify.Target{Site: "local", ID: envelope.StepJobID(flowID, "fetch", 0)}, ""},
+		{"a step", task("fetch", 0, ""), verify.Target{Site: "local", ID: envelope.StepJobID(flowID, "fetch", 0, 1)}, ""},
 		{"a fan-out item", with(task("each", 1, `"b"`), func(s *verify.StepTask) { s.Inputs = json.RawMessage(`{"fetch":1}`) }), verify.Target{Site: "local"}, ""},
-		{"altered in transit", &verify.StepTask{Flow: altered, Step: "fetch"}, verify.Target{Site: "local"}, "bad_signature"},
+		{"altered in transit", &verify.StepTask{Flow: altered, Step: "fetch", Attempt: 1}, verify.Target{Site: "local"}, "bad_signature"},
 		{"below the threshold", task("there", 0, ""), verify.Target{Site: "pair"}, "below_threshold"},
-		{"unknown signer", &verify.StepTask{Flow: strangerRaw, Step: "fetch"}, verify.Target{Site: "local"}, "unknown_key"},
+		{"unknown signer", &verify.StepTask{Flow: strangerRaw, Step: "fetch", Attempt: 1}, verify.Target{Site: "local"}, "unknown_key"},
 		{"no such step", task("nope", 0, ""), verify.Target{Site: "local"}, "invalid_job"},
 		{"another site's step", task("there", 0, ""), verify.Target{Site: "local"}, "wrong_site"},
 		{"another node's step", task("pinned", 0, ""), verify.Target{Site: "local", Node: "n2"}, "wrong_node"},
-		{"another job ID", task("fetch", 0, ""), verify.Target{Site: "local", ID: envelope.StepJobID(flowID, "fetch", 1)}, "id_mismatch"},
+		{"another job ID", task("fetch", 0, ""), verify.Target{Site: "local", ID: envelope.StepJobID(flowID, "fetch", 0, 2)}, "id_mismatch"},
+		{"a run past the retries", with(task("fetch", 0, ""), func(s *verify.StepTask) { s.Attempt = 2 }), verify.Target{Site: "local"}, "invalid_job"},
+		{"run 0", with(task("fetch", 0, ""), func(s *verify.StepTask) { s.Attempt = 0 }), verify.Target{Site: "local"}, "invalid_job"},
 		{"item of a step without for_each", task("fetch", 1, ""), verify.Target{Site: "local"}, "invalid_job"},
 		{"item past the list", task("each", 2, `"c"`), verify.Target{Site: "local"}, "invalid_job"},
 		{"item value swapped", task("each", 0, `"rm -rf"`), verify.Target{Site: "local"}, "invalid_job"},
 		{"input from a step it does not depend on", with(task("fetch", 0, ""), func(s *verify.StepTask) { s.Inputs = json.RawMessage(`{"each":1}`) }), verify.Target{Site: "local"}, "invalid_job"},
 		{"inputs not an object", with(task("each", 0, `"a"`), func(s *verify.StepTask) { s.Inputs = json.RawMessage(`[1]`) }), verify.Target{Site: "local"}, "malformed"},
-		{"expired flow", &verify.StepTask{Flow: expiredRaw, Step: "fetch"}, verify.Target{Site: "local"}, "expired"},
+		{"expired flow", &verify.StepTask{Flow: expiredRaw, Step: "fetch", Attempt: 1}, verify.Target{Site: "local"}, "expired"},
 		{"a job, not a flow", &verify.StepTask{Flow: mustJob(t, l.Admin), Step: "fetch"}, verify.Target{Site: "local"}, "payload_type"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -90,7 +92,7 @@ func TestStepJob(t *testing.T) {
 				if err != nil {
 					t.Fatalf("refused: %v", err)
 				}
-				if c.ID != envelope.StepJobID(flowID, tc.task.Step, tc.task.Item) || step.FlowID != flowID || c.Owner != "root" || !strings.HasPrefix(c.Job.Script, "x := ") {
+				if c.ID != envelope.StepJobID(flowID, tc.task.Step, tc.task.Item, tc.task.Attempt) || step.FlowID != flowID || c.Owner != "root" || !strings.HasPrefix(c.Job.Script, "x := ") {
 					t.Errorf("checked %+v, step %+v", c, step)
 				}
 				return
