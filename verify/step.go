@@ -15,13 +15,13 @@ import (
 // what the step reads. Only Flow is signed; Step and Item are checked
 // against it, and Value too when the signed flow holds the list.
 type StepTask struct {
-	Flow  json.RawMessage `json:"flow"`
-	Step  string          `json:"step"`
-	Item  int             `json:"item"`
+	Flow json.RawMessage `json:"flow"`
+	Step string          `json:"step"`
+	Item int             `json:"item"`
 	// Attempt counts the step's runs from 1: a step may have its retries
 	// + 1, each its own job.
-	Attempt int `json:"attempt"`
-	Value json.RawMessage `json:"value,omitempty"`
+	Attempt int             `json:"attempt"`
+	Value   json.RawMessage `json:"value,omitempty"`
 	// Inputs are the outputs of the steps this one depends on, as coord
 	// gathered them. The flow says which steps the inputs come from (a
 	// step reads only what it depends on), not what they hold: outputs
@@ -51,13 +51,13 @@ func ParseStepTask(raw []byte) (task *StepTask, ok bool, err error) {
 
 // Step is one step of a checked flow.
 type Step struct {
-	FlowID string
-	Flow   *envelope.Flow
-	Name   string
+	FlowID  string
+	Flow    *envelope.Flow
+	Name    string
 	Item    int
 	Attempt int
 	Value   json.RawMessage
-	Inputs json.RawMessage
+	Inputs  json.RawMessage
 }
 
 // StepJob checks a step task like Job checks a job, and more: the flow's
