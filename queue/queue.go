@@ -270,6 +270,16 @@ func (r *Redis) QueueDepth(queues ...string) (map[string]int, error) {
 	return out, nil
 }
 
+// TaskState is asynq's state of task id on queue q: pending, scheduled,
+// active, retry, archived or completed.
+func (r *Redis) TaskState(q, id string) (string, error) {
+	info, err := asynq.NewInspectorFromRedisClient(r.rdb).GetTaskInfo(q, id)
+	if err != nil {
+		return "", err
+	}
+	return info.State.String(), nil
+}
+
 // InfoInt reads one integer field of a Redis INFO section (benchmarks:
 // total_commands_processed, connected_clients).
 func (r *Redis) InfoInt(ctx context.Context, section, field string) (int64, error) {

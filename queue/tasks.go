@@ -26,6 +26,9 @@ type Task struct {
 	MaxRetry int
 	// Timeout bounds one run (asynq cancels the handler's context).
 	Timeout time.Duration
+	// ProcessAt holds the task until then (a flow step's not_before):
+	// asynq schedules it, no one polls. Zero: at once.
+	ProcessAt time.Time
 
 	delay time.Duration // see EnqueueUnlessEnded
 }
@@ -36,6 +39,9 @@ type Task struct {
 // guard (Admit) is what keeps a finished job from running twice.
 func (r *Redis) Enqueue(ctx context.Context, t Task) (dup bool, err error) {
 	c := r.asynqClient()
+	if d := time.Until(t.ProcessAt); d > t.delay {
+		t.delay = d
+	}
 	task := asynq.NewTask(TaskType, t.Envelope,
 		asynq.TaskID(t.ID),
 		asynq.Queue(t.Queue),

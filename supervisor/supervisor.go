@@ -23,6 +23,7 @@ import (
 	"log/slog"
 	"net/http"
 	"runtime"
+	"slices"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -172,7 +173,8 @@ func (s *Supervisor) postBatch(w http.ResponseWriter, r *http.Request) {
 
 // candidate is an envelope that passed the checks that need no Redis.
 type candidate struct {
-	place string // coord's placement, for a job that pins no node
+	place string    // coord's placement, for a job that pins no node
+	hold  time.Time // a flow step's not_before
 	idx   int
 	raw   []byte
 	job   *envelope.Job
@@ -276,7 +278,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 			}
 			task := queue.Task{
 				ID: c.id, Envelope: c.raw, Queue: q, MaxRetry: c.job.MaxRetries,
-				Timeout: c.job.RunTimeout(),
+				Timeout: c.job.RunTimeout(), ProcessAt: c.hold,
 			}
 			var dup bool
 			var err error
@@ -355,8 +357,14 @@ func (s *Supervisor) count(out []job.Verdict) {
 
 // check runs every check that needs no Redis: the one verification every
 // service runs (verify.Job: decoding, site, time window, signatures and
-// policy), then script compilation.
+// policy; verify.StepJob for a step of a flow), then script compilation.
 func (s *Supervisor) check(ctx context.Context, raw []byte, now time.Time) (*candidate, job.Verdict) {
+	if task, isStep, err := verify.ParseStepTask(raw); isStep {
+		if err != nil {
+			return nil, rejected("", err)
+		}
+		return s.checkStep(ctx, raw, task, now)
+	}
 	id, c, err := verify.Job(ctx, s.p.Trust, raw, verify.Target{Site: s.p.Site}, now)
 	if verify.Retry(err) {
 		return nil, job.Verdict{ID: id, State: job.VerdictRejected, Reason: verify.ReasonUnavailable, Error: err.Error(), Retry: true}
@@ -368,4 +376,36 @@ func (s *Supervisor) check(ctx context.Context, raw []byte, now time.Time) (*can
 		return nil, rejected(id, err)
 	}
 	return &candidate{raw: raw, job: c.Job, id: id, claim: queue.Claim{Site: s.p.Site, Nonce: c.Job.Nonce, JobID: id, Until: c.Job.Expires}}, job.Verdict{}
+}
+
+// checkStep is check for a step of a flow. Its job ID is derived from the
+// flow, the step, the item and the run number, and is its own nonce: every
+// step of a flow shares the flow's nonce, and each of its runs is admitted
+// once. A step held by its not_before is scheduled for then.
+func (s *Supervisor) checkStep(ctx context.Context, raw []byte, task *verify.StepTask, now time.Time) (*candidate, job.Verdict) {
+	c, step, err := verify.StepJob(ctx, s.p.Trust, task, verify.Target{Site: s.p.Site}, now)
+	if verify.Retry(err) {
+		return nil, job.Verdict{State: job.VerdictRejected, Reason: verify.ReasonUnavailable, Error: err.Error(), Retry: true}
+	}
+	if err != nil {
+		return nil, rejected("", err)
+	}
+	if err := s.p.Scripts.Check(c.Job.Script); err != nil {
+		return nil, rejected(c.ID, err)
+	}
+	var hold time.Time
+	for _, st := range slices.Concat(step.Flow.Steps, derefStep(step.Flow.Finally)) {
+		if st.Name == step.Name {
+			hold = st.NotBefore
+		}
+	}
+	return &candidate{raw: raw, job: c.Job, id: c.ID, hold: hold,
+		claim: queue.Claim{Site: s.p.Site, Nonce: "step-" + c.ID, JobID: c.ID, Until: c.Job.Expires}}, job.Verdict{}
+}
+
+func derefStep(s *envelope.Step) []envelope.Step {
+	if s == nil {
+		return nil
+	}
+	return []envelope.Step{*s}
 }

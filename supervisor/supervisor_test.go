@@ -19,6 +19,7 @@ import (
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // trustClock is the clock of every newSupervisor's trust cache.
@@ -152,5 +153,50 @@ func TestSupervisor_HTTP(t *testing.T) {
 	stranger, _ := keys.Generate("x")
 	if code, body := post("/v1/jobs", string(signed(t, stranger, nil))); code != http.StatusServiceUnavailable || !strings.Contains(body, `"retry":true`) {
 		t.Errorf("POST with the ledger down = %d %s", code, body)
+	}
+}
+
+// TestSupervisor_Steps: a step of a flow is admitted once per run under its
+// derived job ID; one held by its not_before is scheduled for then; one of
+// another site's, or whose flow is not signed well enough, is refused.
+func TestSupervisor_Steps(t *testing.T) {
+	sup, rdb, admin, _ := newSupervisor(t)
+	ctx := context.Background()
+	fl := envelope.NewFlow("f", "s", time.Now())
+	fl.Steps = []envelope.Step{
+		{Name: "now", Script: `x := 1`},
+		{Name: "later", Script: `x := 2`, NotBefore: time.Now().Add(time.Hour).Truncate(time.Second)},
+		{Name: "there", Script: `x := 3`, Site: "other"},
+	}
+	env, err := fl.Sign(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := json.Marshal(env)
+	task := func(step string) []byte {
+		b, _ := json.Marshal(verify.StepTask{Flow: raw, Step: step, Attempt: 1})
+		return b
+	}
+	got := sup.Submit(ctx, [][]byte{task("now"), task("later"), task("there"), []byte(`{"flow":{},"shell":1}`)})
+	want := []struct{ state, reason string }{
+		{job.VerdictQueued, ""}, {job.VerdictQueued, ""},
+		{job.VerdictRejected, string(envelope.ReasonWrongSite)}, {job.VerdictRejected, string(envelope.ReasonMalformed)},
+	}
+	for i, w := range want {
+		if got[i].State != w.state || got[i].Reason != w.reason {
+			t.Errorf("verdict %d = %+v, want %s %s", i, got[i], w.state, w.reason)
+		}
+	}
+	nowID, laterID := envelope.StepJobID(env.ID(), "now", 0, 1), envelope.StepJobID(env.ID(), "later", 0, 1)
+	if got[0].ID != nowID || got[1].ID != laterID {
+		t.Errorf("verdict IDs %s %s, want the derived ones", got[0].ID, got[1].ID)
+	}
+	if v := sup.Submit(ctx, [][]byte{task("now")})[0]; v.State != job.VerdictDuplicate {
+		t.Errorf("the step again = %+v, want duplicate", v)
+	}
+	for id, state := range map[string]string{nowID: "pending", laterID: "scheduled"} {
+		if got, err := rdb.TaskState(queue.SiteQueue("s"), id); err != nil || got != state {
+			t.Errorf("task %s = %s, %v; want %s", id[:8], got, err, state)
+		}
 	}
 }
