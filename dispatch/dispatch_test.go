@@ -6,10 +6,12 @@ import (
 	"crypto/ed25519"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -26,6 +28,7 @@ import (
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // site is a dispatcher over a real Redis, with a registry of node keys.
@@ -131,10 +134,26 @@ func TestDispatch_NodesTakeTheirOwnWork(t *testing.T) {
 		s.enqueue("pin-b-"+string(rune('0'+i)), b.NodeID)
 		s.enqueue("site-"+string(rune('0'+i)), "")
 	}
-	testenv.WaitFor(t, 20*time.Second, "30 jobs to run", func() bool {
+	// Steps of a flow pinned to a node: the pin is read from the signed
+	// flow the task carries.
+	admin, _ := keys.Generate("a")
+	fl := envelope.NewFlow("f", "s", time.Now())
+	fl.Steps = []envelope.Step{{Name: "on_b", Script: "x := 1", Node: b.NodeID, ForEach: json.RawMessage(`[1,2,3,4,5]`)}}
+	fenv, err := fl.Sign(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fraw, _ := json.Marshal(fenv)
+	for i := range 5 {
+		st, _ := json.Marshal(verify.StepTask{Flow: fraw, Step: "on_b", Item: i, Attempt: 1, Value: json.RawMessage(strconv.Itoa(i + 1))})
+		if _, err := s.rdb.Enqueue(context.Background(), queue.Task{ID: fmt.Sprintf("pin-b-step-%d", i), Envelope: st, Queue: queue.SiteQueue("s"), MaxRetry: 3, Timeout: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testenv.WaitFor(t, 20*time.Second, "35 jobs to run", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
-		return len(ran) == 30
+		return len(ran) == 35
 	})
 	mu.Lock()
 	for id, node := range ran {

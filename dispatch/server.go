@@ -20,6 +20,7 @@ import (
 	"github.com/writ-fleet/writ/httpsig"
 	"github.com/writ-fleet/writ/internal/httpapi"
 	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // NodeKeyFunc returns the public key of a node registered to the site and
@@ -420,7 +421,16 @@ func (s *Server) Run(ctx context.Context) error {
 func (s *Server) handle(ctx context.Context, d queue.Delivery) error {
 	pin, prefer := "", ""
 	var resources bool
-	if env, err := envelope.Decode(d.Envelope); err == nil {
+	if task, isStep, _ := verify.ParseStepTask(d.Envelope); isStep {
+		// A step of a flow: its node and resources are the signed flow's.
+		if env, err := envelope.Decode(task.Flow); err == nil {
+			if fl, err := env.Flow(); err == nil {
+				if s := fl.Step(task.Step); s != nil {
+					pin, resources = s.Node, s.Resources != envelope.Resources{}
+				}
+			}
+		}
+	} else if env, err := envelope.Decode(d.Envelope); err == nil {
 		if spec, err := env.Job(); err == nil {
 			pin = spec.Node
 			resources = spec.Resources != envelope.Resources{}

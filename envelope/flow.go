@@ -262,6 +262,19 @@ func (s *Step) ForEachArg() (string, bool) {
 	return name, ok && name != ""
 }
 
+// Step returns the step called name (finally included), or nil.
+func (f *Flow) Step(name string) *Step {
+	for i := range f.Steps {
+		if f.Steps[i].Name == name {
+			return &f.Steps[i]
+		}
+	}
+	if f.Finally != nil && f.Finally.Name == name {
+		return f.Finally
+	}
+	return nil
+}
+
 // SiteOf is where step s runs.
 func (f *Flow) SiteOf(s *Step) string {
 	if s.Site != "" {

@@ -167,7 +167,7 @@ func (r *Run) deps(f *envelope.Flow, s *envelope.Step) (ready, skip bool) {
 		switch dr.State {
 		case StateSucceeded:
 		case StateFailed:
-			if !stepByName(f, d).ContinueOnFailure {
+			if !f.Step(d).ContinueOnFailure {
 				return false, true
 			}
 		case StateSkipped, StateCancelled:
@@ -241,7 +241,7 @@ func (r *Run) start(f *envelope.Flow, s *envelope.Step, sr *StepRun, now time.Ti
 // again: Ended returns it. A report for an item not running (a repeat, a
 // job of a cancelled flow ending late) changes nothing.
 func (r *Run) Ended(f *envelope.Flow, step string, item int, ok bool, output json.RawMessage, errMsg string, now time.Time) (again *Start) {
-	s := stepByName(f, step)
+	s := f.Step(step)
 	sr := r.Steps[step]
 	if f.Finally != nil && step == f.Finally.Name {
 		sr = r.Finally
@@ -428,18 +428,6 @@ func (r *Run) inputsOf(f *envelope.Flow, s *envelope.Step) json.RawMessage {
 	}
 	b, _ := json.Marshal(in)
 	return b
-}
-
-func stepByName(f *envelope.Flow, name string) *envelope.Step {
-	for i := range f.Steps {
-		if f.Steps[i].Name == name {
-			return &f.Steps[i]
-		}
-	}
-	if f.Finally != nil && f.Finally.Name == name {
-		return f.Finally
-	}
-	return nil
 }
 
 func isName(fn func() (string, bool)) bool { _, ok := fn(); return ok }

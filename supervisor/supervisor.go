@@ -23,7 +23,6 @@ import (
 	"log/slog"
 	"net/http"
 	"runtime"
-	"slices"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -393,19 +392,6 @@ func (s *Supervisor) checkStep(ctx context.Context, raw []byte, task *verify.Ste
 	if err := s.p.Scripts.Check(c.Job.Script); err != nil {
 		return nil, rejected(c.ID, err)
 	}
-	var hold time.Time
-	for _, st := range slices.Concat(step.Flow.Steps, derefStep(step.Flow.Finally)) {
-		if st.Name == step.Name {
-			hold = st.NotBefore
-		}
-	}
-	return &candidate{raw: raw, job: c.Job, id: c.ID, hold: hold,
+	return &candidate{raw: raw, job: c.Job, id: c.ID, hold: step.Flow.Step(step.Name).NotBefore,
 		claim: queue.Claim{Site: s.p.Site, Nonce: "step-" + c.ID, JobID: c.ID, Until: c.Job.Expires}}, job.Verdict{}
-}
-
-func derefStep(s *envelope.Step) []envelope.Step {
-	if s == nil {
-		return nil
-	}
-	return []envelope.Step{*s}
 }

@@ -81,15 +81,7 @@ func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, n
 		return nil, nil, envelope.Refuse(envelope.ReasonNoSignature, "flow envelope carries no signatures")
 	}
 	flowID := env.ID()
-	var s *envelope.Step
-	for i := range fl.Steps {
-		if fl.Steps[i].Name == task.Step {
-			s = &fl.Steps[i]
-		}
-	}
-	if fl.Finally != nil && fl.Finally.Name == task.Step {
-		s = fl.Finally
-	}
+	s := fl.Step(task.Step)
 	if s == nil {
 		return nil, nil, envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("flow %s has no step %q", flowID, task.Step))
 	}
