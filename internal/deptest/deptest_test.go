@@ -55,6 +55,7 @@ var rules = []struct {
 	{"runner", []string{module + "/coord", module + "/supervisor", module + "/identity"}, "no service imports another service"},
 	{"identity", []string{module + "/coord", module + "/supervisor", module + "/runner"}, "no service imports another service"},
 	{"job", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "job is data every side shares"},
+	{"flow", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/", module + "/verify"}, "a flow's document and progress are data: coord drives them, nothing in them reaches out"},
 	{"verify", []string{module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "the one verification needs only the envelope and the ledger's trust"},
 }
 
