@@ -242,3 +242,69 @@ func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn fu
 	}
 	return false, io.ErrUnexpectedEOF
 }
+
+// SubmitFlow posts a signed flow envelope. A flow coord refuses (below a
+// site's threshold, malformed, expired) is a *FlowRejectedError.
+func (c *Client) SubmitFlow(ctx context.Context, envelopeJSON []byte) (*FlowReply, error) {
+	return c.postFlow(ctx, "/v1/flows", envelopeJSON)
+}
+
+// Flow returns a flow's state, every step's progress and the outputs.
+func (c *Client) Flow(ctx context.Context, id string) (*FlowReply, error) {
+	var rep FlowReply
+	return &rep, c.get(ctx, c.url("/v1/flows/"+url.PathEscape(id)), &rep)
+}
+
+// Flows lists the caller's flows, newest first.
+func (c *Client) Flows(ctx context.Context) ([]FlowReply, error) {
+	var out []FlowReply
+	return out, c.get(ctx, c.url("/v1/flows"), &out)
+}
+
+// CancelFlow cancels a flow: nothing more of it starts.
+func (c *Client) CancelFlow(ctx context.Context, id string) (*FlowReply, error) {
+	return c.postFlow(ctx, "/v1/flows/"+url.PathEscape(id)+"/cancel", nil)
+}
+
+// FlowRejectedError is a flow coord refused, or a call it failed.
+type FlowRejectedError struct {
+	Status int
+	Reply  FlowReply
+}
+
+func (e *FlowRejectedError) Error() string {
+	if e.Reply.Reason != "" {
+		return fmt.Sprintf("flow %s: %s: %s", e.Reply.State, e.Reply.Reason, e.Reply.Error)
+	}
+	return fmt.Sprintf("coord: %s (HTTP %d)", e.Reply.Error, e.Status)
+}
+
+func (c *Client) postFlow(ctx context.Context, path string, body []byte) (*FlowReply, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url(path), bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.do(req, body)
+	if err != nil {
+		return nil, fmt.Errorf("coord %s: %w", c.BaseURL, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
+	var rep FlowReply
+	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusAccepted {
+		if err := json.Unmarshal(data, &rep); err != nil {
+			return nil, fmt.Errorf("coord: bad reply: %w", err)
+		}
+		return &rep, nil
+	}
+	if json.Unmarshal(data, &rep) != nil || rep.State == "" {
+		var eb httpapi.ErrorBody
+		json.Unmarshal(data, &eb)
+		rep = FlowReply{Reason: eb.Reason, Error: eb.Error}
+		if rep.Error == "" {
+			rep.Error = strings.TrimSpace(string(data))
+		}
+	}
+	return nil, &FlowRejectedError{Status: resp.StatusCode, Reply: rep}
+}

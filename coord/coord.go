@@ -179,6 +179,13 @@ func New(p Params) (*Coord, error) {
 func (c *Coord) applied(evs []job.Event) {
 	c.metrics.applied.Add(float64(len(evs)))
 	c.wake(evs)
+	// Steps of flows advance their flows; off the follower's path (a lost
+	// advance is the sweep's).
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		c.flowEnds(ctx, evs)
+	}()
 	// The other coords' waiters and streams hear of it too.
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -266,6 +273,22 @@ func (c *Coord) Run(ctx context.Context) error {
 	close(c.running)
 	g.Go(func() error {
 		c.leased(ctx, "deliver", func(ctx context.Context) { c.deliverer.run(ctx) })
+		return nil
+	})
+	g.Go(func() error {
+		// One coord at a time resumes flows a crash or a lost end left.
+		c.leased(ctx, "flows", func(ctx context.Context) {
+			t := time.NewTicker(flowSweepInterval)
+			defer t.Stop()
+			for {
+				c.sweepFlows(ctx)
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+			}
+		})
 		return nil
 	})
 	g.Go(func() error { return c.discover(ctx) })

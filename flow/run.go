@@ -236,17 +236,19 @@ func (r *Run) start(f *envelope.Flow, s *envelope.Step, sr *StepRun, now time.Ti
 	return starts, nil
 }
 
-// Ended records how a run of item item of step ended: ok with output, or
-// failed with errMsg. A failed run of a step with retries left is started
-// again: Ended returns it. A report for an item not running (a repeat, a
-// job of a cancelled flow ending late) changes nothing.
-func (r *Run) Ended(f *envelope.Flow, step string, item int, ok bool, output json.RawMessage, errMsg string, now time.Time) (again *Start) {
+// Ended records how run attempt (from 1; 0: the current one) of item item
+// of step ended: ok with output, or failed with errMsg. A failed run of a
+// step with retries left is started again: Ended returns it. A report for
+// an item not running, or for another run of it than the current one (a
+// repeat, a late end of a run already retried), changes nothing.
+func (r *Run) Ended(f *envelope.Flow, step string, item, attempt int, ok bool, output json.RawMessage, errMsg string, now time.Time) (again *Start) {
 	s := f.Step(step)
 	sr := r.Steps[step]
 	if f.Finally != nil && step == f.Finally.Name {
 		sr = r.Finally
 	}
-	if s == nil || sr == nil || item < 0 || item >= len(sr.Items) || sr.Items[item].State != StateRunning {
+	if s == nil || sr == nil || item < 0 || item >= len(sr.Items) || sr.Items[item].State != StateRunning ||
+		(attempt != 0 && attempt != sr.Items[item].Attempts) {
 		return nil
 	}
 	it := &sr.Items[item]
@@ -258,7 +260,7 @@ func (r *Run) Ended(f *envelope.Flow, step string, item int, ok bool, output jso
 	case it.Attempts <= s.Retries && (r.State == StateRunning || sr == r.Finally):
 		it.Attempts++
 		it.Error = errMsg
-		return &Start{Step: step, Item: item, Value: it.Value, Inputs: r.inputsOf(f, s), Attempt: it.Attempts}
+		return &Start{Step: step, Item: item, Value: it.Value, Inputs: r.InputsOf(f, s), Attempt: it.Attempts}
 	default:
 		it.State, it.Error = StateFailed, errMsg
 	}
@@ -406,7 +408,8 @@ func (r *Run) outcome(state string) map[string]any {
 	return o
 }
 
-func (r *Run) inputsOf(f *envelope.Flow, s *envelope.Step) json.RawMessage {
+// InputsOf is what step s reads as job.inputs now.
+func (r *Run) InputsOf(f *envelope.Flow, s *envelope.Step) json.RawMessage {
 	if f.Finally != nil && s.Name == f.Finally.Name {
 		state := StateSucceeded
 		if len(r.Failed) > 0 || r.Error != "" {

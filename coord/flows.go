@@ -1,0 +1,406 @@
+package coord
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"slices"
+	"time"
+
+	"github.com/go-chi/chi/v5"
+
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/flow"
+	"github.com/writ-fleet/writ/internal/httpapi"
+	"github.com/writ-fleet/writ/job"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/verify"
+)
+
+// coord runs flows: it keeps each flow's progress (flow.Run) in its Redis,
+// starts the jobs the DAG allows as step tasks through the same forwarders
+// as jobs, and advances the flow as their ends are applied. Every change
+// is a compare-and-set on the flow's version, and the jobs an update
+// starts are recorded with it, so a coord that dies mid-flow leaves a
+// flow that the next sweep resumes: a step whose job ended is advanced, one
+// whose job was never recorded is submitted again (its derived ID makes a
+// second submission a duplicate, never a second run).
+
+// FlowReply is what POST /v1/flows and GET /v1/flows/{id} answer.
+type FlowReply struct {
+	ID      string                     `json:"id"`
+	Name    string                     `json:"name"`
+	State   string                     `json:"state"`
+	Reason  string                     `json:"reason,omitempty"`
+	Error   string                     `json:"error,omitempty"`
+	Run     *flow.Run                  `json:"run,omitempty"`
+	Outputs map[string]json.RawMessage `json:"outputs,omitempty"`
+}
+
+// flowSweepInterval is how often the flow sweep runs.
+const flowSweepInterval = 10 * time.Second
+
+// stepEnd is one step job's end, as applied.
+type stepEnd struct {
+	ref    queue.StepRef
+	ok     bool
+	output json.RawMessage
+	err    string
+}
+
+func (c *Coord) postFlow(w http.ResponseWriter, r *http.Request) {
+	body, err := httpapi.ReadBody(r, envelope.MaxFlowBytes+envelope.MaxFlowBytes/2)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	refuse := func(id string, err error) {
+		httpapi.JSON(w, job.Status(job.Verdict{State: job.VerdictRejected, Reason: string(envelope.ReasonOf(err))}),
+			FlowReply{ID: id, State: job.VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()})
+	}
+	env, err := envelope.Decode(body)
+	if err != nil {
+		refuse("", err)
+		return
+	}
+	id := env.ID()
+	fl, err := env.Flow()
+	if err == nil {
+		err = fl.CheckTime(c.p.Now())
+	}
+	if err != nil {
+		refuse(id, err)
+		return
+	}
+	// Every site the flow runs on must accept its signatures before
+	// anything runs: a flow below one site's threshold starts nothing.
+	var users []string
+	for _, site := range flowSites(fl) {
+		snap, err := c.p.Trust.Get(r.Context(), site, keyIDs(env)...)
+		if err != nil {
+			httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "ledger unreachable (site %s): %v", site, err))
+			return
+		}
+		signers, err := snap.Authorize(env)
+		if err != nil {
+			refuse(id, fmt.Errorf("site %s: %w", site, err))
+			return
+		}
+		if users == nil {
+			users = signers
+		}
+	}
+	run, _ := json.Marshal(flow.NewRun(fl))
+	if _, err := c.p.Redis.CreateFlow(r.Context(), queue.FlowRecord{ID: id, Name: fl.Name, Envelope: body, Users: users, Submitted: c.p.Now(), Run: run}, c.p.Retention); err != nil {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "record flow: %v", err))
+		return
+	}
+	if err := c.advanceFlow(r.Context(), id, nil); err != nil {
+		// Recorded: the sweep starts it.
+		c.p.Log.Warn("flow recorded, not yet started (the sweep will)", "flow", id, "err", err)
+	}
+	rec, err := c.p.Redis.GetFlow(r.Context(), id)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	httpapi.JSON(w, http.StatusAccepted, flowReply(rec))
+}
+
+func (c *Coord) getFlow(w http.ResponseWriter, r *http.Request) {
+	rec, err := c.readableFlow(r)
+	if err != nil {
+		failFlow(w, err)
+		return
+	}
+	httpapi.JSON(w, http.StatusOK, flowReply(rec))
+}
+
+func (c *Coord) cancelFlow(w http.ResponseWriter, r *http.Request) {
+	rec, err := c.readableFlow(r)
+	if err == nil {
+		err = c.updateFlow(r.Context(), rec.ID, func(fl *envelope.Flow, run *flow.Run) []flow.Start {
+			run.Cancel(c.p.Now())
+			return nil
+		})
+	}
+	if err == nil {
+		rec, err = c.p.Redis.GetFlow(r.Context(), rec.ID)
+	}
+	if err != nil {
+		failFlow(w, err)
+		return
+	}
+	httpapi.JSON(w, http.StatusOK, flowReply(rec))
+}
+
+func (c *Coord) listFlows(w http.ResponseWriter, r *http.Request) {
+	p := principalOf(r.Context())
+	ids, err := c.p.Redis.ListFlows(r.Context(), p.user, 100)
+	if err != nil {
+		httpapi.Fail(w, err)
+		return
+	}
+	out := []FlowReply{}
+	for _, id := range ids {
+		if rec, err := c.p.Redis.GetFlow(r.Context(), id); err == nil {
+			rep := flowReply(rec)
+			rep.Run, rep.Outputs = nil, nil
+			out = append(out, rep)
+		}
+	}
+	httpapi.JSON(w, http.StatusOK, out)
+}
+
+// readableFlow is the flow of the request's {id}, if its caller signed it.
+func (c *Coord) readableFlow(r *http.Request) (*queue.FlowRecord, error) {
+	rec, err := c.p.Redis.GetFlow(r.Context(), chi.URLParam(r, "id"))
+	if err != nil {
+		return nil, err
+	}
+	if !slices.Contains(rec.Users, principalOf(r.Context()).user) {
+		return nil, queue.ErrNoFlow // another's flow is as unknown as a missing one
+	}
+	return rec, nil
+}
+
+func failFlow(w http.ResponseWriter, err error) {
+	if errors.Is(err, queue.ErrNoFlow) {
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusNotFound, Reason: "not_found", Msg: "no such flow"})
+		return
+	}
+	httpapi.Fail(w, err)
+}
+
+func flowReply(rec *queue.FlowRecord) FlowReply {
+	rep := FlowReply{ID: rec.ID, Name: rec.Name}
+	var run flow.Run
+	if json.Unmarshal(rec.Run, &run) == nil {
+		rep.State, rep.Run = run.State, &run
+		rep.Outputs = run.Outputs()
+		if run.Error != "" {
+			rep.Error = run.Error
+		}
+	}
+	return rep
+}
+
+// advanceFlow applies ends to flow id and starts what may start.
+func (c *Coord) advanceFlow(ctx context.Context, id string, ends []stepEnd) error {
+	return c.updateFlow(ctx, id, func(fl *envelope.Flow, run *flow.Run) []flow.Start {
+		now := c.p.Now()
+		var starts []flow.Start
+		for _, e := range ends {
+			if again := run.Ended(fl, e.ref.Step, e.ref.Item, e.ref.Attempt, e.ok, e.output, e.err, now); again != nil {
+				starts = append(starts, *again)
+			}
+		}
+		more, _ := run.Next(fl, now)
+		return append(starts, more...)
+	})
+}
+
+// updateFlow reads flow id, lets change update its progress and name the
+// jobs to start, writes it if no one else did meanwhile (else reads it
+// again), then submits those jobs.
+func (c *Coord) updateFlow(ctx context.Context, id string, change func(*envelope.Flow, *flow.Run) []flow.Start) error {
+	for try := 0; try < 20; try++ {
+		rec, err := c.p.Redis.GetFlow(ctx, id)
+		if err != nil {
+			return err
+		}
+		env, err := envelope.Decode(rec.Envelope)
+		if err != nil {
+			return err
+		}
+		fl, err := env.Flow()
+		if err != nil {
+			return err
+		}
+		var run flow.Run
+		if err := json.Unmarshal(rec.Run, &run); err != nil {
+			return fmt.Errorf("flow %s: progress: %w", id, err)
+		}
+		starts := change(fl, &run)
+		refs := make(map[string]queue.StepRef, len(starts))
+		for _, st := range starts {
+			refs[envelope.StepJobID(id, st.Step, st.Item, st.Attempt)] = queue.StepRef{Flow: id, Step: st.Step, Item: st.Item, Attempt: st.Attempt}
+		}
+		b, _ := json.Marshal(&run)
+		if _, err := c.p.Redis.UpdateFlow(ctx, id, rec.Version, b, refs, c.p.Retention); errors.Is(err, queue.ErrFlowConflict) {
+			continue
+		} else if err != nil {
+			return err
+		}
+		if run.Done() {
+			c.p.Log.Info("flow ended", "flow", id, "state", run.State)
+		}
+		return c.submitSteps(ctx, rec, fl, starts)
+	}
+	return fmt.Errorf("flow %s: too many concurrent updates", id)
+}
+
+// submitSteps sends started steps to their sites. A step its supervisor
+// refuses ends failed at once.
+func (c *Coord) submitSteps(ctx context.Context, rec *queue.FlowRecord, fl *envelope.Flow, starts []flow.Start) error {
+	var refused []stepEnd
+	var firstErr error
+	for _, st := range starts {
+		s := fl.Step(st.Step)
+		task, _ := json.Marshal(verify.StepTask{Flow: rec.Envelope, Step: st.Step, Item: st.Item, Attempt: st.Attempt, Value: st.Value, Inputs: st.Inputs})
+		id := envelope.StepJobID(rec.ID, st.Step, st.Item, st.Attempt)
+		site := fl.SiteOf(s)
+		name := fl.Name + "/" + st.Step
+		if len(s.ForEach) > 0 {
+			name = fmt.Sprintf("%s[%d]", name, st.Item)
+		}
+		sub := &submission{
+			rec:  queue.NewJobRecord{Job: job.Record{ID: id, Name: name, Site: site, Node: s.Node, SubmittedAt: c.p.Now(), Users: rec.Users}, Envelope: task},
+			done: make(chan job.Verdict, 1),
+		}
+		f, err := c.forwarderFor(ctx, site)
+		var v job.Verdict
+		if err == nil {
+			v, err = f.submit(ctx, sub)
+		}
+		switch {
+		case err != nil:
+			// Recorded with the flow: the sweep submits it again.
+			if firstErr == nil {
+				firstErr = fmt.Errorf("submit step %s: %w", id, err)
+			}
+		case v.State == job.VerdictRejected && !v.Retry:
+			refused = append(refused, stepEnd{ref: queue.StepRef{Flow: rec.ID, Step: st.Step, Item: st.Item, Attempt: st.Attempt},
+				err: fmt.Sprintf("refused by the supervisor of %s: %s: %s", site, v.Reason, v.Error)})
+		}
+	}
+	if len(refused) > 0 {
+		if err := c.advanceFlow(ctx, rec.ID, refused); err != nil && firstErr == nil {
+			firstErr = err
+		}
+	}
+	return firstErr
+}
+
+// flowEnds advances the flows whose step jobs evs ended.
+func (c *Coord) flowEnds(ctx context.Context, evs []job.Event) {
+	var ids []string
+	byID := map[string]job.Event{}
+	for _, ev := range evs {
+		if ev.Type.Terminal() {
+			ids = append(ids, ev.Job)
+			byID[ev.Job] = ev
+		}
+	}
+	if len(ids) == 0 {
+		return
+	}
+	refs, ok, err := c.p.Redis.FlowSteps(ctx, ids...)
+	if err != nil {
+		c.p.Log.Warn("look up flow steps (the sweep advances their flows)", "err", err)
+		return
+	}
+	perFlow := map[string][]stepEnd{}
+	for i, id := range ids {
+		if !ok[i] {
+			continue
+		}
+		ev := byID[id]
+		perFlow[refs[i].Flow] = append(perFlow[refs[i].Flow], stepEnd{ref: refs[i], ok: ev.Type == job.EventSucceeded, output: ev.Result, err: ev.Error})
+	}
+	for flowID, ends := range perFlow {
+		if err := c.advanceFlow(ctx, flowID, ends); err != nil {
+			c.p.Log.Warn("advance flow (the sweep will)", "flow", flowID, "err", err)
+		}
+	}
+}
+
+// sweepFlows resumes every flow that has not ended: the ends of its
+// running steps' jobs are applied (an end coord applied but did not pass
+// on, a coord killed in between), steps whose jobs coord has no record of
+// are submitted again, and what may start, starts.
+func (c *Coord) sweepFlows(ctx context.Context) {
+	ids, err := c.p.Redis.ListFlows(ctx, "", 1000)
+	if err != nil {
+		c.p.Log.Warn("flow sweep", "err", err)
+		return
+	}
+	for _, id := range ids {
+		rec, err := c.p.Redis.GetFlow(ctx, id)
+		if err != nil {
+			continue
+		}
+		var run flow.Run
+		if json.Unmarshal(rec.Run, &run) != nil || run.Done() {
+			continue
+		}
+		env, err := envelope.Decode(rec.Envelope)
+		if err != nil {
+			continue
+		}
+		fl, err := env.Flow()
+		if err != nil {
+			continue
+		}
+		var ends []stepEnd
+		var lost []flow.Start
+		for _, st := range run.Running(fl) {
+			jid := envelope.StepJobID(id, st.Step, st.Item, st.Attempt)
+			j, err := c.p.Redis.GetJob(ctx, jid)
+			switch {
+			case errors.Is(err, queue.ErrNoJob):
+				lost = append(lost, c.restart(fl, &run, st))
+			case err != nil:
+			case j.State.Terminal():
+				ends = append(ends, stepEnd{ref: queue.StepRef{Flow: id, Step: st.Step, Item: st.Item, Attempt: st.Attempt},
+					ok: j.State == job.StateSucceeded, output: j.Result, err: j.Error})
+			}
+		}
+		if len(lost) > 0 {
+			if err := c.submitSteps(ctx, rec, fl, lost); err != nil {
+				c.p.Log.Warn("flow sweep: submit", "flow", id, "err", err)
+			}
+		}
+		if err := c.advanceFlow(ctx, id, ends); err != nil {
+			c.p.Log.Warn("flow sweep: advance", "flow", id, "err", err)
+		}
+	}
+}
+
+// restart rebuilds the start of a running item whose job coord never
+// recorded: its value and inputs, as Next gave them.
+func (c *Coord) restart(fl *envelope.Flow, run *flow.Run, st flow.Start) flow.Start {
+	sr := run.Steps[st.Step]
+	if fl.Finally != nil && st.Step == fl.Finally.Name {
+		sr = run.Finally
+	}
+	st.Value = sr.Items[st.Item].Value
+	st.Inputs = run.InputsOf(fl, fl.Step(st.Step))
+	return st
+}
+
+// flowSites lists the sites a flow's steps run on.
+func flowSites(fl *envelope.Flow) []string {
+	var out []string
+	for i := range fl.Steps {
+		if s := fl.SiteOf(&fl.Steps[i]); !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	if fl.Finally != nil {
+		if s := fl.SiteOf(fl.Finally); !slices.Contains(out, s) {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func keyIDs(env *envelope.Envelope) []string {
+	out := make([]string, len(env.Signatures))
+	for i, s := range env.Signatures {
+		out[i] = s.KeyID
+	}
+	return out
+}

@@ -1,0 +1,121 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/writ-fleet/writ/coord"
+	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/flow"
+	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
+)
+
+// TestFleet_Flows: flows through real processes (coord, supervisor,
+// runner): a fan-out over an earlier step's output and a fan-in that
+// combines the items' outputs; a failing step that skips its dependent,
+// fails the flow and runs finally; a step that fails once and succeeds on
+// its retry; and a flow below its site's threshold, refused before
+// anything runs.
+func TestFleet_Flows(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t)
+	f.startAll()
+	ctx := context.Background()
+	cl := f.client()
+	submit := func(fl *envelope.Flow, signers ...*keys.Key) (*coord.FlowReply, error) {
+		t.Helper()
+		env, err := fl.Sign(signers[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range signers[1:] {
+			env.Sign(k.ID, k.Private)
+		}
+		raw, _ := json.Marshal(env)
+		return cl.SubmitFlow(ctx, raw)
+	}
+	wait := func(id string) *coord.FlowReply {
+		t.Helper()
+		var rep *coord.FlowReply
+		testenv.WaitFor(t, 2*time.Minute, "flow "+id[:8]+" to end", func() bool {
+			var err error
+			rep, err = cl.Flow(ctx, id)
+			return err == nil && (rep.State == flow.StateSucceeded || rep.State == flow.StateFailed || rep.State == flow.StateCancelled)
+		})
+		return rep
+	}
+
+	// Fan-out and fan-in.
+	fan := envelope.NewFlow("fan", "local", time.Now())
+	fan.Steps = []envelope.Step{
+		{Name: "fetch", Script: `job := import("job"); job.result(["a", "b", "c"])`},
+		{Name: "each", Script: `job := import("job"); job.result(job.item + "!")`, DependsOn: []string{"fetch"}, ForEach: json.RawMessage(`"fetch"`)},
+		{Name: "combine", Script: `text := import("text"); job := import("job"); job.result(text.join(job.inputs.each, "+"))`, DependsOn: []string{"each"}},
+	}
+	rep, err := submit(fan, f.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := wait(rep.ID)
+	if done.State != flow.StateSucceeded || string(done.Outputs["combine"]) != `"a!+b!+c!"` || string(done.Outputs["each"]) != `["a!","b!","c!"]` {
+		t.Fatalf("fan flow = %s, outputs %v, run %+v", done.State, done.Outputs, done.Run)
+	}
+	// Each step ran once: its job's record is there, under its derived ID.
+	for i := range 3 {
+		j, err := cl.Job(ctx, envelope.StepJobID(rep.ID, "each", i, 1), 0)
+		if err != nil || j.State != "succeeded" || j.Attempts != 1 {
+			t.Errorf("each[%d]'s job = %+v, %v", i, j, err)
+		}
+	}
+
+	// A failure: its dependent is skipped, finally runs and sees it.
+	bad := envelope.NewFlow("bad", "local", time.Now())
+	bad.Steps = []envelope.Step{
+		{Name: "flaky", Script: `job := import("job"); if job.attempt == 1 { job.fail("first time") }; job.result(job.attempt)`, Retries: 1},
+		{Name: "boom", Script: `job := import("job"); job.fail("boom")`},
+		{Name: "after", Script: `x := 1`, DependsOn: []string{"boom"}},
+	}
+	bad.Finally = &envelope.Step{Name: "report", Script: `job := import("job"); job.result(job.inputs.flow)`}
+	rep, err = submit(bad, f.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done = wait(rep.ID)
+	var outcome struct {
+		State  string
+		Failed []string
+		Steps  map[string]string
+	}
+	json.Unmarshal(done.Run.Finally.Out, &outcome)
+	switch {
+	case done.State != flow.StateFailed:
+		t.Errorf("bad flow = %s", done.State)
+	case done.Run.Steps["after"].State != flow.StateSkipped || done.Run.Steps["boom"].State != flow.StateFailed:
+		t.Errorf("steps = %+v", done.Run.Steps)
+	case done.Run.Steps["flaky"].State != flow.StateSucceeded || string(done.Outputs["flaky"]) != "2":
+		t.Errorf("the retried step = %+v, output %s", done.Run.Steps["flaky"], done.Outputs["flaky"])
+	case outcome.State != flow.StateFailed || len(outcome.Failed) != 1 || outcome.Failed[0] != "boom":
+		t.Errorf("finally saw %s", done.Run.Finally.Out)
+	case !strings.Contains(done.Run.Steps["boom"].Error, "boom"):
+		t.Errorf("boom's error = %q", done.Run.Steps["boom"].Error)
+	}
+
+	// Below the threshold: refused, nothing recorded, nothing run.
+	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "https://" + testenv.Addr(f.ports["supervisor:local"]),
+		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	two := envelope.NewFlow("two", "local", time.Now())
+	two.Steps = []envelope.Step{{Name: "x", Script: `x := 1`}}
+	var fre *coord.FlowRejectedError
+	testenv.WaitFor(t, 30*time.Second, "coord to see the new threshold", func() bool {
+		_, err := submit(two, f.admin)
+		return errors.As(err, &fre) && fre.Reply.Reason == string(envelope.ReasonBelowThreshold)
+	})
+}
