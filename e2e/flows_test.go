@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -118,4 +119,56 @@ func TestFleet_Flows(t *testing.T) {
 		_, err := submit(two, f.admin)
 		return errors.As(err, &fre) && fre.Reply.Reason == string(envelope.ReasonBelowThreshold)
 	})
+}
+
+// TestFleet_FlowCoordKilled: coord is killed -9 while a flow's fan-out
+// runs; a new coord resumes the flow, which completes with every step
+// completed once. A step held by not_before starts no earlier.
+func TestFleet_FlowCoordKilled(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t)
+	f.startAll()
+	ctx := context.Background()
+	cl := f.client()
+	hold := time.Now().Add(20 * time.Second).Truncate(time.Second)
+	fl := envelope.NewFlow("resume", "local", time.Now())
+	fl.Steps = []envelope.Step{
+		{Name: "slow", Script: `times := import("times"); job := import("job"); times.sleep(3 * times.second); job.result(job.item * 10)`, ForEach: json.RawMessage(`[1,2,3,4]`)},
+		{Name: "sum", Script: `job := import("job"); s := 0; for v in job.inputs.slow { s += v }; job.result(s)`, DependsOn: []string{"slow"}},
+		{Name: "held", Script: `job := import("job"); job.result("late")`, DependsOn: []string{"sum"}, NotBefore: hold},
+	}
+	env, err := fl.Sign(f.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := json.Marshal(env)
+	rep, err := cl.SubmitFlow(ctx, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Kill coord while the fan-out runs, before any of it ends.
+	time.Sleep(time.Second)
+	f.stop(f.procs["coord"], syscall.SIGKILL)
+	time.Sleep(4 * time.Second) // the fan-out ends while no coord is up
+	f.startCoord()
+
+	var done *coord.FlowReply
+	testenv.WaitFor(t, 2*time.Minute, "the flow to end after coord's restart", func() bool {
+		done, err = cl.Flow(ctx, rep.ID)
+		return err == nil && (done.State == flow.StateSucceeded || done.State == flow.StateFailed)
+	})
+	if done.State != flow.StateSucceeded || string(done.Outputs["sum"]) != "100" || string(done.Outputs["held"]) != `"late"` {
+		t.Fatalf("flow = %s, outputs %v, run %+v", done.State, done.Outputs, done.Run)
+	}
+	for step, n := range map[string]int{"slow": 4, "sum": 1, "held": 1} {
+		for i := range n {
+			j, err := cl.Job(ctx, envelope.StepJobID(rep.ID, step, i, 1), 0)
+			if err != nil || j.State != "succeeded" || j.Attempts != 1 {
+				t.Errorf("%s[%d]'s job = %+v, %v; want succeeded once", step, i, j, err)
+			}
+			if step == "held" && (j.StartedAt == nil || j.StartedAt.Before(hold)) {
+				t.Errorf("the held step started at %v, before its not_before %s", j.StartedAt, hold)
+			}
+		}
+	}
 }
