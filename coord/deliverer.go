@@ -10,6 +10,7 @@ import (
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // deliverer retries jobs whose supervisor could not be reached. Pending
@@ -74,10 +75,17 @@ func (d *deliverer) once(ctx context.Context) error {
 	}
 	bySite := map[string][]delivery{}
 	for _, p := range due {
-		env, err := envelope.Decode(p.Envelope)
 		var spec *envelope.Job
-		if err == nil {
-			spec, err = env.Job()
+		_, isStep, err := verify.ParseStepTask(p.Envelope)
+		if isStep {
+			// A step of a flow: the supervisor checks it (verify.StepJob);
+			// it carries no placement.
+			spec = &envelope.Job{}
+		} else {
+			var env *envelope.Envelope
+			if env, err = envelope.Decode(p.Envelope); err == nil {
+				spec, err = env.Job()
+			}
 		}
 		if err != nil {
 			// It decoded when accepted; a record that no longer does is

@@ -172,3 +172,53 @@ func TestFleet_FlowCoordKilled(t *testing.T) {
 		}
 	}
 }
+
+// TestFleet_FlowTwoSites: one flow whose steps run on two sites, the
+// second reading the first's output; the second site's supervisor comes up
+// only once its step waits for it in coord.
+func TestFleet_FlowTwoSites(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t)
+	f.startAll()
+	ctx := context.Background()
+	f.ports["supervisor:other"] = testenv.FreePort(t)
+	if err := f.lc.PutSite(ctx, ledger.Site{Name: "other", SupervisorURL: "https://" + testenv.Addr(f.ports["supervisor:other"]),
+		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	f.start("runner:o1", "runner", "--site", "other", "--node", "o1", "--redis", f.redis, "--ledger", f.ledger, "--listen", "",
+		"--concurrency", "2", "--trust-ttl", "1s", "--no-network", "--no-vm")
+	fl := envelope.NewFlow("two-sites", "local", time.Now())
+	fl.Steps = []envelope.Step{
+		{Name: "here", Script: `job := import("job"); job.result(job.site)`},
+		{Name: "there", Script: `job := import("job"); job.result(job.inputs.here + " then " + job.site)`, DependsOn: []string{"here"}, Site: "other"},
+	}
+	env, err := fl.Sign(f.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := json.Marshal(env)
+	cl := f.client()
+	var rep *coord.FlowReply
+	// coord learns of the new site from the ledger within its refresh.
+	testenv.WaitFor(t, 30*time.Second, "coord to take the flow", func() bool {
+		rep, err = cl.SubmitFlow(ctx, raw)
+		return err == nil
+	})
+	// The second site's supervisor is not up yet: its step waits in
+	// coord (pending), and is delivered once it is.
+	testenv.WaitFor(t, time.Minute, "the second site's step to wait", func() bool {
+		j, err := cl.Job(ctx, envelope.StepJobID(rep.ID, "there", 0, 1), 0)
+		return err == nil && j.State == "pending"
+	})
+	f.startSupervisor("other")
+	var done *coord.FlowReply
+	testenv.WaitFor(t, 2*time.Minute, "the flow to end", func() bool {
+		done, err = cl.Flow(ctx, rep.ID)
+		return err == nil && (done.State == flow.StateSucceeded || done.State == flow.StateFailed)
+	})
+	if done.State != flow.StateSucceeded || string(done.Outputs["there"]) != `"local then other"` {
+		b, _ := json.Marshal(done.Run)
+		t.Fatalf("flow = %s, run %s", done.State, b)
+	}
+}
