@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -105,6 +107,28 @@ func TestFleet_Flows(t *testing.T) {
 		t.Errorf("finally saw %s", done.Run.Finally.Out)
 	case !strings.Contains(done.Run.Steps["boom"].Error, "boom"):
 		t.Errorf("boom's error = %q", done.Run.Steps["boom"].Error)
+	}
+
+	// writ flow run: the example flow, its outputs as JSON on stdout.
+	cmd := exec.Command(writBin, "flow", "run", "../flow/testdata/example.yaml", "--site", "local", "--coord", f.coord, "--key", filepath.Join(f.dir, "admin.key"))
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var outputs struct {
+		Combine struct {
+			Doubled int
+			Items   []string
+		}
+	}
+	if err != nil || json.Unmarshal(out, &outputs) != nil || outputs.Combine.Doubled != 6 || strings.Join(outputs.Combine.Items, ",") != "a!,b!,c!" {
+		t.Errorf("writ flow run = %v\nstdout %s\nstderr %s", err, out, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "each") || !strings.Contains(stderr.String(), "succeeded 3/3") {
+		t.Errorf("writ flow run's progress:\n%s", stderr.String())
+	}
+	cmd = exec.Command(writBin, "flow", "run", "-", "--site", "local", "--coord", f.coord, "--key", filepath.Join(f.dir, "admin.key"))
+	if err := cmd.Run(); err == nil {
+		t.Error("writ flow run of a missing file succeeded")
 	}
 
 	// Below the threshold: refused, nothing recorded, nothing run.

@@ -4,10 +4,14 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
+	"slices"
+	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/flow"
 )
@@ -15,15 +19,18 @@ import (
 func flowCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "flow",
-		Short: "Sign flows: DAGs of steps, each a script run as a job, signed once",
+		Short: "Sign, run and follow flows: DAGs of steps, each a script run as a job, signed once",
 		Long: `A flow is a YAML document (flow/flow.schema.json): a name and a list of
 steps, each with a name and a script (a .tengo file beside the flow, or the
 source inline), args, depends_on, for_each (fan-out), retries, timeout,
 site/node/resources and continue_on_failure, and an optional finally step.
 writ flow sign embeds every script and signs the whole flow as one DSSE
-envelope; writ flow cosign adds a signature, for sites that need several.`,
+envelope; writ flow cosign adds a signature, for sites that need several;
+writ flow run signs, submits and follows one; get, ls, watch and cancel
+act on submitted flows.`,
 	}
 	cmd.AddCommand(flowSignCommand(), flowCosignCommand())
+	cmd.AddCommand(flowClientCommands()...)
 	return cmd
 }
 
@@ -120,4 +127,295 @@ func (c *flowCosignCmd) Run(_ context.Context, args []string) error {
 		out = args[0]
 	}
 	return writeEnvelope(out, env)
+}
+
+func flowClientCommands() []*cobra.Command {
+	return []*cobra.Command{flowRunCommand(), flowSubmitCommand(), flowGetCommand(), flowListCommand(), flowWatchCommand(), flowCancelCommand()}
+}
+
+type flowRunCmd struct {
+	flowSignCmd
+	coord string
+	quiet bool
+}
+
+func flowRunCommand() *cobra.Command {
+	c := &flowRunCmd{}
+	cmd := &cobra.Command{
+		Use:   "run FILE",
+		Short: "Sign a flow document, submit it and follow it to its end",
+		Long: `Sign the flow document FILE (as writ flow sign does), submit it to coord
+and follow it: each step's state and time on stderr as they change, then
+the outputs on stdout as one JSON object keyed by step name. The exit
+status is 1 if the flow failed, was cancelled or was refused.`,
+		Example: `  writ flow run deploy.yaml --site lab --arg name=web`,
+		Args:    cobra.ExactArgs(1),
+		RunE:    func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+	}
+	c.addSigning(cmd)
+	fl := cmd.Flags()
+	fl.StringArrayVar(&c.args, "arg", nil, "flow argument key=value (repeatable)")
+	fl.StringVar(&c.argsFile, "args-file", "", "JSON object file of flow arguments (--arg values override it)")
+	fl.DurationVar(&c.valid, "valid", envelope.DefaultFlowValidity, "how long the signed flow may be submitted; no step starts after it")
+	fl.BoolVarP(&c.quiet, "quiet", "q", false, "no progress on stderr")
+	coordFlag(cmd, &c.coord)
+	return cmd
+}
+
+// Run signs, submits and follows the flow.
+func (c *flowRunCmd) Run(ctx context.Context, args []string) error {
+	raw, err := c.parseArgs()
+	if err != nil {
+		return err
+	}
+	var over map[string]json.RawMessage
+	if raw != nil {
+		if err := json.Unmarshal(raw, &over); err != nil {
+			return err
+		}
+	}
+	fl, err := flow.Load(args[0], flow.Options{Site: c.site, Args: over, Valid: c.valid})
+	if err != nil {
+		return err
+	}
+	k, err := loadKey(c.key)
+	if err != nil {
+		return err
+	}
+	env, err := fl.Sign(k)
+	if err != nil {
+		return err
+	}
+	body, _ := json.Marshal(env)
+	cl, err := newCoordClient(c.coord, c.key, nil)
+	if err != nil {
+		return err
+	}
+	rep, err := cl.SubmitFlow(ctx, body)
+	if err != nil {
+		return err
+	}
+	var progress io.Writer = os.Stderr
+	if c.quiet {
+		progress = io.Discard
+	}
+	return followFlow(ctx, cl, rep.ID, progress)
+}
+
+type flowSubmitCmd struct{ coordFlags }
+
+func flowSubmitCommand() *cobra.Command {
+	c := &flowSubmitCmd{}
+	cmd := &cobra.Command{
+		Use:   "submit FILE",
+		Short: "Submit a signed flow envelope to coord (- reads stdin)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			data, err := readFileOrStdin(args[0])
+			if err != nil {
+				return err
+			}
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			rep, err := cl.SubmitFlow(cmd.Context(), data)
+			if err != nil {
+				return err
+			}
+			printJSON(map[string]string{"id": rep.ID, "state": rep.State})
+			return nil
+		},
+	}
+	c.add(cmd)
+	return cmd
+}
+
+type flowGetCmd struct{ coordFlags }
+
+func flowGetCommand() *cobra.Command {
+	c := &flowGetCmd{}
+	cmd := &cobra.Command{
+		Use:   "get ID",
+		Short: "Show a flow: its state, every step's state, attempts, output and error, as JSON",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			rep, err := cl.Flow(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			printJSON(rep)
+			return nil
+		},
+	}
+	c.add(cmd)
+	return cmd
+}
+
+type flowListCmd struct{ coordFlags }
+
+func flowListCommand() *cobra.Command {
+	c := &flowListCmd{}
+	cmd := &cobra.Command{
+		Use:   "ls",
+		Short: "List your flows, newest first",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			list, err := cl.Flows(cmd.Context())
+			if err != nil {
+				return err
+			}
+			for _, f := range list {
+				fmt.Printf("%s  %-10s %s\n", f.ID, f.State, f.Name)
+			}
+			return nil
+		},
+	}
+	c.add(cmd)
+	return cmd
+}
+
+type flowWatchCmd struct{ coordFlags }
+
+func flowWatchCommand() *cobra.Command {
+	c := &flowWatchCmd{}
+	cmd := &cobra.Command{
+		Use:   "watch ID",
+		Short: "Follow a flow until it ends: its steps on stderr, its outputs on stdout",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			return followFlow(cmd.Context(), cl, args[0], os.Stderr)
+		},
+	}
+	c.add(cmd)
+	return cmd
+}
+
+type flowCancelCmd struct{ coordFlags }
+
+func flowCancelCommand() *cobra.Command {
+	c := &flowCancelCmd{}
+	cmd := &cobra.Command{
+		Use:   "cancel ID",
+		Short: "Cancel a flow: nothing more of it starts",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			rep, err := cl.CancelFlow(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			printJSON(map[string]string{"id": rep.ID, "state": rep.State})
+			return nil
+		},
+	}
+	c.add(cmd)
+	return cmd
+}
+
+// flowPoll is how often a followed flow is read.
+const flowPoll = 500 * time.Millisecond
+
+// followFlow prints each step's state as it changes to progress, until the
+// flow ends; then its outputs as one JSON object on stdout. A flow that did
+// not succeed exits 1.
+func followFlow(ctx context.Context, cl *coord.Client, id string, progress io.Writer) error {
+	seen := map[string]string{}
+	start := time.Now()
+	for {
+		rep, err := cl.Flow(ctx, id)
+		if err != nil {
+			return err
+		}
+		if rep.Run != nil {
+			for _, line := range flowLines(rep.Run, seen, time.Since(start)) {
+				fmt.Fprintln(progress, line)
+			}
+		}
+		if rep.Run != nil && rep.Run.Done() {
+			fmt.Fprintf(progress, "flow %s %s after %s\n", id, rep.State, time.Since(start).Round(100*time.Millisecond))
+			out := rep.Outputs
+			if out == nil {
+				out = map[string]json.RawMessage{}
+			}
+			printJSON(out)
+			if rep.State != flow.StateSucceeded {
+				if rep.Error != "" {
+					fmt.Fprintln(os.Stderr, "writ: flow "+rep.State+": "+rep.Error)
+				}
+				return &exitError{code: 1}
+			}
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(flowPoll):
+		}
+	}
+}
+
+// flowLines are the progress lines of the steps whose state changed since
+// seen, which they update.
+func flowLines(run *flow.Run, seen map[string]string, since time.Duration) []string {
+	steps := make(map[string]*flow.StepRun, len(run.Steps)+1)
+	for name, sr := range run.Steps {
+		steps[name] = sr
+	}
+	if run.Finally != nil {
+		steps["(finally)"] = run.Finally
+	}
+	names := make([]string, 0, len(steps))
+	for name := range steps {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	var out []string
+	for _, name := range names {
+		sr := steps[name]
+		state := sr.State
+		if len(sr.Items) > 1 {
+			done := 0
+			for _, it := range sr.Items {
+				if it.State != flow.StateRunning {
+					done++
+				}
+			}
+			state = fmt.Sprintf("%s %d/%d", sr.State, done, len(sr.Items))
+		}
+		if seen[name] == state {
+			continue
+		}
+		seen[name] = state
+		line := fmt.Sprintf("  %-20s %-16s %6s", name, state, since.Round(100*time.Millisecond))
+		if sr.Error != "" {
+			line += "  " + sr.Error
+		}
+		out = append(out, line)
+	}
+	return out
+}
+
+// readFileOrStdin reads a flow envelope from path, or stdin for "-".
+func readFileOrStdin(path string) ([]byte, error) {
+	if path == "-" {
+		b, err := io.ReadAll(io.LimitReader(os.Stdin, 2*envelope.MaxFlowBytes))
+		return b, err
+	}
+	return os.ReadFile(path)
 }
