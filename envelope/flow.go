@@ -25,8 +25,10 @@ const (
 	MaxFlowSteps = 500
 	// MaxForEachItems bounds the items of one step's fan-out.
 	MaxForEachItems = 1000
-	// MaxFlowBytes bounds a flow's encoded payload.
-	MaxFlowBytes = 4 << 20
+	// MaxFlowBytes bounds a flow's encoded payload. Every step task
+	// carries the flow's envelope (so each runner checks the flow itself),
+	// so this bounds what one task of a fan-out costs Redis too.
+	MaxFlowBytes = 1 << 20
 	// MaxStepRetries bounds a step's retries.
 	MaxStepRetries = 10
 )

@@ -25,7 +25,7 @@ const (
 // MaxInputBytes bounds what one step reads as job.inputs: a fan-in over a
 // thousand outputs of a megabyte each must fail clearly, not take a coord's
 // memory or a runner's.
-const MaxInputBytes = 4 << 20
+const MaxInputBytes = 1 << 20
 
 // Run is a flow's progress: what coord keeps for it (as JSON) and updates
 // as its jobs end. It is a pure state machine: Next says what to start,
