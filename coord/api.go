@@ -49,6 +49,7 @@ func (c *Coord) Handler() http.Handler {
 		r.Get("/v1/jobs", c.listJobs)
 		r.Get("/v1/jobs/{id}", c.getJob)
 		r.Get("/v1/jobs/{id}/events", c.jobEvents)
+		r.Post("/v1/jobs/{id}/cancel", c.cancelJob)
 		r.Post("/v1/flows", c.postFlow)
 		r.Get("/v1/flows", c.listFlows)
 		r.Get("/v1/flows/{id}", c.getFlow)

@@ -308,3 +308,27 @@ func (c *Client) postFlow(ctx context.Context, path string, body []byte) (*FlowR
 	}
 	return nil, &FlowRejectedError{Status: resp.StatusCode, Reply: rep}
 }
+
+// CancelJob cancels a job: a queued one is removed, a running one stopped.
+func (c *Client) CancelJob(ctx context.Context, id string) (*CancelReply, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url("/v1/jobs/"+url.PathEscape(id)+"/cancel"), nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := c.do(req, nil)
+	if err != nil {
+		return nil, fmt.Errorf("coord %s: %w", c.BaseURL, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		var eb httpapi.ErrorBody
+		json.Unmarshal(data, &eb)
+		if eb.Error == "" {
+			eb.Error = strings.TrimSpace(string(data))
+		}
+		return nil, fmt.Errorf("coord: %s (HTTP %d)", eb.Error, resp.StatusCode)
+	}
+	var rep CancelReply
+	return &rep, json.Unmarshal(data, &rep)
+}

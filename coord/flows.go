@@ -1,11 +1,14 @@
 package coord
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/url"
 	"slices"
 	"time"
 
@@ -15,6 +18,7 @@ import (
 	"github.com/writ-fleet/writ/flow"
 	"github.com/writ-fleet/writ/internal/httpapi"
 	"github.com/writ-fleet/writ/job"
+	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/verify"
 )
@@ -127,6 +131,7 @@ func (c *Coord) cancelFlow(w http.ResponseWriter, r *http.Request) {
 		})
 	}
 	if err == nil {
+		c.cancelRunning(r.Context(), rec.ID)
 		rec, err = c.p.Redis.GetFlow(r.Context(), rec.ID)
 	}
 	if err != nil {
@@ -403,4 +408,101 @@ func keyIDs(env *envelope.Envelope) []string {
 		out[i] = s.KeyID
 	}
 	return out
+}
+
+// CancelReply is what POST /v1/jobs/{id}/cancel answers: what the site's
+// supervisor found (queued: removed, ended cancelled; running: told to
+// stop; ended; unknown).
+type CancelReply struct {
+	ID     string `json:"id"`
+	Result string `json:"result"`
+}
+
+// cancelJob cancels a job its caller signed (or a job of a site the caller
+// administers).
+func (c *Coord) cancelJob(w http.ResponseWriter, r *http.Request) {
+	id := chi.URLParam(r, "id")
+	p := principalOf(r.Context())
+	rec, err := c.p.Redis.GetJob(r.Context(), id)
+	if err == nil && !slices.Contains(rec.Users, p.user) && p.roles[rec.Site] != ledger.RoleAdmin && p.roles[ledger.AllSites] != ledger.RoleAdmin {
+		err = queue.ErrNoJob
+	}
+	if err != nil {
+		failJob(w, id, err)
+		return
+	}
+	if rec.State.Terminal() {
+		httpapi.JSON(w, http.StatusOK, CancelReply{ID: id, Result: "ended"})
+		return
+	}
+	res, err := c.cancelAt(r.Context(), rec.Site, id, rec.Node)
+	if err != nil {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "cancel: %v", err))
+		return
+	}
+	httpapi.JSON(w, http.StatusOK, CancelReply{ID: id, Result: res})
+}
+
+// cancelAt asks site's supervisor to cancel job id (on node's queue, if it
+// names one).
+func (c *Coord) cancelAt(ctx context.Context, site, id, node string) (string, error) {
+	base, err := c.supervisorURL(site)
+	if err != nil {
+		return "", err
+	}
+	u := base + "/v1/jobs/" + url.PathEscape(id) + "/cancel"
+	if node != "" {
+		u += "?node=" + url.QueryEscape(node)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, nil)
+	if err != nil {
+		return "", err
+	}
+	resp, err := c.p.HTTP.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("supervisor of site %s unreachable: %w", site, err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		return "", fmt.Errorf("supervisor of site %s answered HTTP %d: %s", site, resp.StatusCode, bytes.TrimSpace(data))
+	}
+	var rep CancelReply
+	if err := json.Unmarshal(data, &rep); err != nil {
+		return "", fmt.Errorf("supervisor of site %s: bad reply: %w", site, err)
+	}
+	return rep.Result, nil
+}
+
+// cancelRunning cancels the jobs of a cancelled flow that still run.
+func (c *Coord) cancelRunning(ctx context.Context, id string) {
+	rec, err := c.p.Redis.GetFlow(ctx, id)
+	if err != nil {
+		return
+	}
+	env, err := envelope.Decode(rec.Envelope)
+	if err != nil {
+		return
+	}
+	fl, err := env.Flow()
+	if err != nil {
+		return
+	}
+	var run flow.Run
+	if json.Unmarshal(rec.Run, &run) != nil {
+		return
+	}
+	for _, st := range run.Running(fl) {
+		s := fl.Step(st.Step)
+		jid := envelope.StepJobID(id, st.Step, st.Item, st.Attempt)
+		node := s.Node
+		if j, err := c.p.Redis.GetJob(ctx, jid); err == nil && j.Node != "" {
+			node = j.Node
+		}
+		if res, err := c.cancelAt(ctx, fl.SiteOf(s), jid, node); err != nil {
+			c.p.Log.Warn("cancel a step of a cancelled flow", "flow", id, "job", jid, "err", err)
+		} else {
+			c.p.Log.Info("step of a cancelled flow", "flow", id, "job", jid, "result", res)
+		}
+	}
 }

@@ -246,3 +246,91 @@ func TestFleet_FlowTwoSites(t *testing.T) {
 		t.Fatalf("flow = %s, run %s", done.State, b)
 	}
 }
+
+// TestFleet_Cancel: cancelling a running flow stops its running step
+// within 2 s and starts nothing else; writ job cancel stops a running job
+// and removes a queued one.
+func TestFleet_Cancel(t *testing.T) {
+	t.Parallel()
+	f := newFleet(t)
+	f.startSupervisor("local")
+	f.startCoord()
+	f.startRunner("n1", 1) // one slot: a second job waits queued
+	ctx := context.Background()
+	cl := f.client()
+	fl := envelope.NewFlow("cancel", "local", time.Now())
+	fl.Steps = []envelope.Step{
+		{Name: "long", Script: `times := import("times"); times.sleep(60 * times.second)`},
+		{Name: "next", Script: `x := 1`, DependsOn: []string{"long"}},
+	}
+	env, err := fl.Sign(f.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := json.Marshal(env)
+	rep, err := cl.SubmitFlow(ctx, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	longID := envelope.StepJobID(rep.ID, "long", 0, 1)
+	testenv.WaitFor(t, time.Minute, "the long step to run", func() bool {
+		j, err := cl.Job(ctx, longID, 0)
+		return err == nil && j.State == "running"
+	})
+	at := time.Now()
+	if _, err := cl.CancelFlow(ctx, rep.ID); err != nil {
+		t.Fatal(err)
+	}
+	testenv.WaitFor(t, 10*time.Second, "the long step to end", func() bool {
+		j, err := cl.Job(ctx, longID, 0)
+		return err == nil && j.State.Terminal()
+	})
+	took := time.Since(at)
+	j, _ := cl.Job(ctx, longID, 0)
+	if j.State != "failed" || j.Reason != "cancelled" || took > 2*time.Second {
+		t.Errorf("the cancelled step = %s %s after %s; want failed, cancelled, within 2 s", j.State, j.Reason, took)
+	}
+	testenv.WaitFor(t, 10*time.Second, "the flow to end cancelled", func() bool {
+		done, err := cl.Flow(ctx, rep.ID)
+		return err == nil && done.State == flow.StateCancelled
+	})
+	time.Sleep(2 * time.Second)
+	if _, err := cl.Job(ctx, envelope.StepJobID(rep.ID, "next", 0, 1), 0); err == nil {
+		t.Error("a step started after its flow was cancelled")
+	}
+
+	// writ job cancel: a running job, then the queued one behind it.
+	sign := func(script string) string {
+		j := envelope.NewJob("c", script, "local", time.Now())
+		e, _ := j.Sign(f.admin)
+		b, _ := json.Marshal(e)
+		r, err := cl.Submit(ctx, b)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r.ID
+	}
+	running := sign(`times := import("times"); times.sleep(60 * times.second)`)
+	testenv.WaitFor(t, 30*time.Second, "the job to run", func() bool {
+		j, err := cl.Job(ctx, running, 0)
+		return err == nil && j.State == "running"
+	})
+	queued := sign(`x := 1`)
+	testenv.WaitFor(t, 30*time.Second, "the second job to be queued", func() bool {
+		j, err := cl.Job(ctx, queued, 0)
+		return err == nil && j.State == "queued"
+	})
+	out := f.run("job", "cancel", queued, "--coord", f.coord, "--key", filepath.Join(f.dir, "admin.key"))
+	if !strings.Contains(out, `"queued"`) {
+		t.Errorf("writ job cancel of a queued job: %s", out)
+	}
+	if c, err := cl.CancelJob(ctx, running); err != nil || c.Result != "running" {
+		t.Errorf("cancel of a running job = %+v, %v", c, err)
+	}
+	for _, id := range []string{running, queued} {
+		testenv.WaitFor(t, 10*time.Second, "the cancelled job to end", func() bool {
+			j, err := cl.Job(ctx, id, 0)
+			return err == nil && j.State == "failed" && j.Reason == "cancelled"
+		})
+	}
+}

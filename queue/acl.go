@@ -21,8 +21,8 @@ const aclCommands = "-@all +@read +@write +@keyspace +@list +@hash +@set +@sorte
 // asynq:servers and asynq:workers, and its cancel channel is asynq:cancel.
 // coord touches only writ:coord:*; a supervisor its site's queue, the
 // node queues it places jobs on, its site's events and replay guard; a
-// runner the queues, its site's events and job ends, and nothing of the replay guard
-// or of coord.
+// runner the queues, its site's events and job ends, its site's
+// cancellations (read only), and nothing of the replay guard or of coord.
 func ACLRules(role, site string) string {
 	asynqKeys := []string{
 		"~asynq:{" + SiteQueue(site) + "}:*", "~asynq:{node:*}:*",
@@ -35,7 +35,7 @@ func ACLRules(role, site string) string {
 	case ACLSupervisor:
 		rules = append(asynqKeys, "~writ:site:"+site+":*", "&asynq:cancel")
 	case ACLRunner:
-		rules = append(asynqKeys, "~"+eventStream(site), "~"+endKey(site, "*"), "&asynq:cancel")
+		rules = append(asynqKeys, "~"+eventStream(site), "~"+endKey(site, "*"), "%R~"+cancelKey(site, "*"), "&asynq:cancel")
 	default:
 		return "-@all"
 	}

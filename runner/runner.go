@@ -250,9 +250,29 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	r.runTime.Observe(time.Since(start).Seconds())
 	stopFlush()
 	if runErr != nil {
+		if ctx.Err() != nil && r.cancelled(d.ID) {
+			// asynq's cancel ended the run: the job was cancelled, not
+			// this runner stopped.
+			return rep.finish(nil, fail(queue.ReasonCancelled, fmt.Errorf("cancelled while it ran: %w", runErr)))
+		}
 		return rep.finish(nil, classify(ctx, runErr))
 	}
 	return rep.finish(out.Result, nil)
+}
+
+// cancelled reports whether job id was cancelled (queue.CancelJob); a
+// queue that cannot tell (a dispatcher's) says no.
+func (r *Runner) cancelled(id string) bool {
+	cq, ok := r.p.Redis.(interface {
+		CancelRequested(ctx context.Context, site, id string) (bool, error)
+	})
+	if !ok {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	yes, err := cq.CancelRequested(ctx, r.p.Site, id)
+	return err == nil && yes
 }
 
 // verify checks the delivery as the supervisor did (verify.Job, or

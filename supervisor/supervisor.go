@@ -128,6 +128,7 @@ func (s *Supervisor) Handler() http.Handler {
 		r.Use(httpapi.RequirePeer(coord...))
 		r.Post("/v1/jobs", s.postJob)
 		r.Post("/v1/jobs/batch", s.postBatch)
+		r.Post("/v1/jobs/{id}/cancel", s.cancelJob)
 		r.Get("/v1/events", s.events.serve)
 	})
 	return r
@@ -141,6 +142,35 @@ func (s *Supervisor) postJob(w http.ResponseWriter, r *http.Request) {
 	}
 	v := s.Submit(r.Context(), [][]byte{body})[0]
 	httpapi.JSON(w, job.Status(v), v)
+}
+
+// CancelReply is what POST /v1/jobs/{id}/cancel answers.
+type CancelReply struct {
+	ID     string             `json:"id"`
+	Result queue.Cancellation `json:"result"`
+}
+
+// cancelJob cancels a job of the site (?node= names the node whose queue
+// may hold it, pinned or placed): a queued one is removed and ends
+// cancelled, a running one is stopped (see queue.CancelJob).
+func (s *Supervisor) cancelJob(w http.ResponseWriter, r *http.Request) {
+	id, node := chi.URLParam(r, "id"), r.URL.Query().Get("node")
+	if len(id) != 64 || (node != "" && !envelope.ValidNode(node)) {
+		httpapi.Fail(w, &httpapi.Error{Status: http.StatusBadRequest, Reason: "malformed", Msg: "a job ID (64 hex characters) and, optionally, a node ID"})
+		return
+	}
+	// A job is on the site queue, or, pinned or placed, on its node's.
+	queues := []string{queue.SiteQueue(s.p.Site)}
+	if node != "" && s.p.Dispatch == nil {
+		queues = append(queues, queue.NodeQueue(node))
+	}
+	res, err := s.p.Redis.CancelJob(r.Context(), s.p.Site, id, queues...)
+	if err != nil {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "cancel: %v", err))
+		return
+	}
+	s.p.Log.Info("job cancel", "job", id, "result", res)
+	httpapi.JSON(w, http.StatusOK, CancelReply{ID: id, Result: res})
 }
 
 func (s *Supervisor) postBatch(w http.ResponseWriter, r *http.Request) {

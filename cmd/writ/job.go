@@ -238,7 +238,7 @@ func jobCommand() *cobra.Command {
 		Use:   "job",
 		Short: "Sign, submit and follow jobs",
 	}
-	cmd.AddCommand(jobSignCommand(), jobCosignCommand(), jobSubmitCommand(), jobGetCommand(), jobListCommand(), jobWatchCommand())
+	cmd.AddCommand(jobSignCommand(), jobCosignCommand(), jobSubmitCommand(), jobGetCommand(), jobListCommand(), jobWatchCommand(), jobCancelCommand())
 	return cmd
 }
 
@@ -527,4 +527,29 @@ func prettyJSON(raw []byte) []byte {
 func printJSON(v any) {
 	b, _ := json.MarshalIndent(v, "", "  ")
 	fmt.Println(string(b))
+}
+
+type jobCancelCmd struct{ coordFlags }
+
+func jobCancelCommand() *cobra.Command {
+	c := &jobCancelCmd{}
+	cmd := &cobra.Command{
+		Use:   "cancel ID",
+		Short: "Cancel a job: a queued one is removed, a running one is stopped (it ends failed, reason cancelled)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			cl, err := c.client()
+			if err != nil {
+				return err
+			}
+			rep, err := cl.CancelJob(cmd.Context(), args[0])
+			if err != nil {
+				return err
+			}
+			printJSON(rep)
+			return nil
+		},
+	}
+	c.add(cmd)
+	return cmd
 }
