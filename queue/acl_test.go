@@ -131,8 +131,17 @@ func TestACL_RolesOverTLS(t *testing.T) {
 		t.Fatalf("coord records: %v", err)
 	}
 
+	// The supervisor cancels; the runner reads that, and cannot cancel.
+	if _, err := sup.CancelJob(ctx, "s", "gone", SiteQueue("s")); err != nil {
+		t.Fatalf("supervisor cancels: %v", err)
+	}
+	if yes, err := run.CancelRequested(ctx, "s", "gone"); err != nil || !yes {
+		t.Fatalf("runner reads a cancellation: %v, %v", yes, err)
+	}
+
 	// Each is refused the others' keys.
 	for name, try := range map[string]func() error{
+		"runner cancels": func() error { return run.rdb.Set(ctx, cancelKey("s", "x"), "1", time.Minute).Err() },
 		"runner claims a nonce":            func() error { _, err := run.Admit(ctx, claims); return err },
 		"runner reads coord's records":     func() error { _, err := run.GetJob(ctx, "j1"); return err },
 		"runner publishes to another site": func() error { return run.Publish(ctx, "t", job.Event{Job: "x", Type: job.EventSucceeded}) },
