@@ -15,16 +15,20 @@ import (
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/flow"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
+	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // TestFleet_Flows: flows through real processes (coord, supervisor,
 // runner): a fan-out over an earlier step's output and a fan-in that
 // combines the items' outputs; a failing step that skips its dependent,
 // fails the flow and runs finally; a step that fails once and succeeds on
-// its retry; and a flow below its site's threshold, refused before
-// anything runs.
+// its retry; writ flow run; a step task altered in Redis, refused by the
+// runner; and a flow below its site's threshold, refused before anything
+// runs.
 func TestFleet_Flows(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t)
@@ -130,6 +134,44 @@ func TestFleet_Flows(t *testing.T) {
 	if err := cmd.Run(); err == nil {
 		t.Error("writ flow run of a missing file succeeded")
 	}
+
+	// A step task altered in Redis (someone with the site's Redis password
+	// rewrote a script, and gave the task the ID derived for the altered
+	// flow) is refused by the runner: the flow's signatures do not cover it.
+	rdb, err := queue.Connect(f.redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	victim := envelope.NewFlow("victim", "local", time.Now())
+	victim.Steps = []envelope.Step{{Name: "x", Script: `job := import("job"); job.result("signed")`}}
+	venv, _ := victim.Sign(f.admin)
+	forged := *venv
+	forged.Payload = []byte(strings.Replace(string(venv.Payload), `job.result(\"signed\")`, `job.result(\"forged\")`, 1))
+	if string(forged.Payload) == string(venv.Payload) {
+		t.Fatal("the forgery did not apply")
+	}
+	forgedRaw, _ := json.Marshal(&forged)
+	forgedID := envelope.StepJobID(forged.ID(), "x", 0, 1)
+	task, _ := json.Marshal(verify.StepTask{Flow: forgedRaw, Step: "x", Attempt: 1})
+	if _, err := rdb.Enqueue(ctx, queue.Task{ID: forgedID, Envelope: task, Queue: queue.SiteQueue("local"), MaxRetry: 0, Timeout: time.Minute}); err != nil {
+		t.Fatal(err)
+	}
+	testenv.WaitFor(t, 30*time.Second, "the runner to refuse the forged step", func() bool {
+		evs, err := rdb.ReadEvents(ctx, "local", "0", 10000, 0)
+		if err != nil {
+			return false
+		}
+		for _, ev := range evs {
+			if ev.Job == forgedID && ev.Type.Terminal() {
+				if ev.Type != job.EventFailed || ev.Reason != string(envelope.ReasonBadSignature) {
+					t.Errorf("the forged step ended %s %s %s", ev.Type, ev.Reason, ev.Error)
+				}
+				return true
+			}
+		}
+		return false
+	})
 
 	// Below the threshold: refused, nothing recorded, nothing run.
 	if err := f.lc.PutSite(ctx, ledger.Site{Name: "local", SupervisorURL: "https://" + testenv.Addr(f.ports["supervisor:local"]),
