@@ -65,9 +65,11 @@ type Flow struct {
 
 // Step is one step of a flow: a script run as a job.
 type Step struct {
-	Name   string          `json:"name"`
-	Script string          `json:"script"`
-	Args   json.RawMessage `json:"args,omitempty"`
+	Name   string `json:"name"`
+	Script string `json:"script"`
+	// Args are the step's job.args, over the flow's args (a step reads
+	// both, its own winning).
+	Args json.RawMessage `json:"args,omitempty"`
 	// DependsOn names the steps that must succeed (or end, with
 	// ContinueOnFailure) first; their outputs are the step's
 	// job.inputs.NAME.

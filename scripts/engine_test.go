@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/flow"
 )
 
 func TestEngine_Run(t *testing.T) {
@@ -359,5 +361,31 @@ func TestEngine_StepInputs(t *testing.T) {
 	}
 	if _, err := e.Run(context.Background(), `x := 1`, Input{JobID: "j", Inputs: []byte(`[1]`)}); err == nil || !strings.Contains(err.Error(), "job inputs") {
 		t.Errorf("inputs that are not an object = %v", err)
+	}
+}
+
+// TestLibrary_Flows: the flows in scripts/lib load (schema, rules, the
+// scripts they name) and every step's script compiles.
+func TestLibrary_Flows(t *testing.T) {
+	e := New(Config{}, HostModules(Layers{}))
+	paths, _ := filepath.Glob("lib/*.yaml")
+	if len(paths) < 2 {
+		t.Fatalf("flows in lib: %v", paths)
+	}
+	for _, p := range paths {
+		fl, err := flow.Load(p, flow.Options{Site: "lab"})
+		if err != nil {
+			t.Errorf("%s: %v", p, err)
+			continue
+		}
+		steps := fl.Steps
+		if fl.Finally != nil {
+			steps = append(steps, *fl.Finally)
+		}
+		for _, s := range steps {
+			if err := e.Check(s.Script); err != nil {
+				t.Errorf("%s: step %s: %v", p, s.Name, err)
+			}
+		}
 	}
 }

@@ -127,7 +127,11 @@ func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, n
 	if len(name) > envelope.MaxNameLen {
 		name = name[:envelope.MaxNameLen]
 	}
-	spec := &envelope.Job{Name: name, Script: s.Script, Site: site, Node: s.Node, Args: s.Args, NotBefore: fl.SignedAt, Expires: fl.Expires,
+	args, err := stepArgs(fl.Args, s.Args)
+	if err != nil {
+		return nil, nil, err
+	}
+	spec := &envelope.Job{Name: name, Script: s.Script, Site: site, Node: s.Node, Args: args, NotBefore: fl.SignedAt, Expires: fl.Expires,
 		Nonce: fl.Nonce, Timeout: s.Timeout, MaxRetries: envelope.DefaultMaxRetries, Resources: s.Resources}
 	keyIDs := make([]string, len(env.Signatures))
 	for i, sig := range env.Signatures {
@@ -172,6 +176,32 @@ func checkItem(fl *envelope.Flow, s *envelope.Step, task *StepTask) error {
 		return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s item %d: the value carried is not the one the flow was signed with", s.Name, task.Item))
 	}
 	return nil
+}
+
+// stepArgs is what a step reads as job.args: the flow's args, overlaid by
+// the step's own.
+func stepArgs(flowArgs, own json.RawMessage) (json.RawMessage, error) {
+	if len(flowArgs) == 0 {
+		return own, nil
+	}
+	if len(own) == 0 {
+		return flowArgs, nil
+	}
+	var m, o map[string]json.RawMessage
+	if json.Unmarshal(flowArgs, &m) != nil || json.Unmarshal(own, &o) != nil {
+		return nil, envelope.Refuse(envelope.ReasonInvalidJob, "flow and step args must be JSON objects")
+	}
+	for k, v := range o {
+		m[k] = v
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > envelope.MaxArgsBytes {
+		return nil, envelope.Refuse(envelope.ReasonTooLarge, fmt.Sprintf("the flow's and the step's args together are %d bytes, the limit is %d", len(b), envelope.MaxArgsBytes))
+	}
+	return b, nil
 }
 
 func jsonEqual(a, b json.RawMessage) bool {
