@@ -348,3 +348,78 @@ func TestFleet_NodeReboot(t *testing.T) {
 		t.Errorf("boot-3 did not deliver boot-2's queued report:\n%s", tail(log, 3000))
 	}
 }
+
+// TestFleet_ServiceFlow: scripts/lib/deploy_service.yaml, run with writ
+// flow run, deploys a network, a volume and two VMs behind forwards on a
+// node, which serve from outside; teardown_service.yaml removes them.
+func TestFleet_ServiceFlow(t *testing.T) {
+	art := testenv.Guest(t)
+	testenv.RequireBinary(t, "mkfs.btrfs")
+	t.Parallel()
+
+	poolDir, mnt := tempPool(t)
+	node := testenv.NewNetNS(t)
+	f := newFleet(t)
+	vmDir := filepath.Join(f.dir, "vms")
+	t.Cleanup(func() { testenv.KillUnder(vmDir) })
+	f.startSupervisor("local")
+	f.startCoord()
+	f.start("runner:vm1", "runner", "--site", "local", "--node", "vm1", "--redis", f.redis, "--ledger", f.ledger, "--listen", "",
+		"--concurrency", "2", "--pool-file", filepath.Join(poolDir, "pool.img"), "--pool-size", "2G", "--pool-mount", mnt, "--image-allow", "127.0.0.1/32",
+		"--net-ns", testenv.NetNSPath(node), "--net-state", filepath.Join(f.dir, "net"), "--vm-dir", vmDir, "--vm-accel", "tcg")
+	disk := filepath.Join(f.dir, "disk.img")
+	if err := guest.WriteDisk(disk, guestPage, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	urls, sums := imageServer(t, map[string]string{"disk.img": disk, "vmlinuz": art.Kernel, "initrd.img": art.Initrd})
+	flowRun := func(file string, args ...string) []byte {
+		t.Helper()
+		cmd := exec.Command(writBin, append([]string{"flow", "run", "../scripts/lib/" + file, "--site", "local",
+			"--coord", f.coord, "--key", filepath.Join(f.dir, "admin.key")}, args...)...)
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("writ flow run %s: %v\n%s", file, err, stderr.String())
+		}
+		return out
+	}
+	out := flowRun("deploy_service.yaml",
+		"--arg", "image_url="+urls["disk.img"], "--arg", "image_sha256="+sums["disk.img"],
+		"--arg", "kernel_url="+urls["vmlinuz"], "--arg", "kernel_sha256="+sums["vmlinuz"],
+		"--arg", "initrd_url="+urls["initrd.img"], "--arg", "initrd_sha256="+sums["initrd.img"], "--arg", "cmdline="+guest.Cmdline)
+	var res struct {
+		Summary []struct {
+			VM      string
+			Address string
+		}
+	}
+	if err := json.Unmarshal(out, &res); err != nil || len(res.Summary) != 2 {
+		t.Fatalf("deploy_service outputs: %s (%v)", out, err)
+	}
+	outside := testenv.Uplink(t, node, "up0", netip.MustParsePrefix("192.0.2.1/24"), netip.MustParsePrefix("192.0.2.2/24"))
+	for _, port := range []string{"8081", "8082"} {
+		testenv.WaitFor(t, 2*time.Minute, "a VM to serve on "+port, func() bool {
+			page, err := testenv.HTTPGet(t, outside, "192.0.2.1:"+port, "/")
+			return err == nil && page == guestPage
+		})
+	}
+
+	flowRun("teardown_service.yaml")
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), "qemu") && strings.Contains(string(b), vmDir) {
+			t.Errorf("a VM process is left after the teardown: %s", strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	testenv.InNetNS(t, node, func() error {
+		h, err := network.New(network.Config{StateDir: filepath.Join(f.dir, "net")})
+		if err != nil {
+			return err
+		}
+		if nets, _ := h.Networks(t.Context()); len(nets) != 0 {
+			t.Errorf("networks after the teardown: %+v", nets)
+		}
+		return nil
+	})
+}
