@@ -103,6 +103,8 @@ type Coord struct {
 	runCtx      context.Context // guarded by mu; set by Run: forwarders and followers run under it
 	group       *errgroup.Group // guarded by mu; set by Run
 	running     chan struct{}   // closed once Run has set runCtx and group
+
+	flows flowLocal // this coord's locks and parsed copies of flows
 }
 
 type metrics struct {

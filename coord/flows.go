@@ -10,9 +10,11 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/flow"
@@ -125,9 +127,9 @@ func (c *Coord) getFlow(w http.ResponseWriter, r *http.Request) {
 func (c *Coord) cancelFlow(w http.ResponseWriter, r *http.Request) {
 	rec, err := c.readableFlow(r)
 	if err == nil {
-		err = c.updateFlow(r.Context(), rec.ID, func(fl *envelope.Flow, run *flow.Run) []flow.Start {
+		err = c.updateFlow(r.Context(), rec.ID, nil, func(fl *envelope.Flow, run *flow.Run) ([]flow.Start, bool) {
 			run.Cancel(c.p.Now())
-			return nil
+			return nil, true
 		})
 	}
 	if err == nil {
@@ -192,9 +194,38 @@ func flowReply(rec *queue.FlowRecord) FlowReply {
 	return rep
 }
 
-// advanceFlow applies ends to flow id and starts what may start.
+// advanceFlow applies ends to flow id and starts what may start. Ends that
+// arrive while an update of the flow is under way are applied together by
+// the next one (a fan-out's items end together: one update, not one
+// each).
 func (c *Coord) advanceFlow(ctx context.Context, id string, ends []stepEnd) error {
-	return c.updateFlow(ctx, id, func(fl *envelope.Flow, run *flow.Run) []flow.Start {
+	var commit func()
+	c.flows.mu.Lock()
+	if c.flows.pending == nil {
+		c.flows.pending = map[string][]stepEnd{}
+	}
+	c.flows.pending[id] = append(c.flows.pending[id], ends...)
+	c.flows.mu.Unlock()
+	return c.updateFlow(ctx, id, func() { commit() }, func(fl *envelope.Flow, run *flow.Run) ([]flow.Start, bool) {
+		// Under the flow's lock: take every end waiting for it. A retry
+		// after a conflict keeps those it took (they are in ends).
+		had := len(ends) > 0
+		c.flows.mu.Lock()
+		ends = append(ends[:0:0], c.flows.pending[id]...)
+		c.flows.mu.Unlock()
+		if had && len(ends) == 0 {
+			return nil, false // an update while this one waited applied them
+		}
+		taken := len(ends)
+		commit = func() {
+			c.flows.mu.Lock()
+			if rest := c.flows.pending[id][taken:]; len(rest) > 0 {
+				c.flows.pending[id] = rest
+			} else {
+				delete(c.flows.pending, id)
+			}
+			c.flows.mu.Unlock()
+		}
 		now := c.p.Now()
 		var starts []flow.Start
 		for _, e := range ends {
@@ -203,24 +234,97 @@ func (c *Coord) advanceFlow(ctx context.Context, id string, ends []stepEnd) erro
 			}
 		}
 		more, _ := run.Next(fl, now)
-		return append(starts, more...)
+		return append(starts, more...), true
 	})
+}
+
+// flowLocal is what one coord keeps of its flows: a lock per flow, so its
+// own updates of one flow (the ends of a fan-out arrive together) do not
+// race each other's compare-and-set, and the flows it parsed (a flow is
+// immutable: its ID is its payload's hash).
+type flowLocal struct {
+	mu      sync.Mutex
+	locks   map[string]*flowLock      // guarded by mu
+	parsed  map[string]*envelope.Flow // guarded by mu; bounded by maxParsedFlows
+	pending map[string][]stepEnd      // guarded by mu; ends not yet written, by flow
+}
+
+type flowLock struct {
+	sync.Mutex
+	users int // guarded by flowLocal.mu
+}
+
+const maxParsedFlows = 256
+
+func (l *flowLocal) lock(id string) func() {
+	l.mu.Lock()
+	if l.locks == nil {
+		l.locks = map[string]*flowLock{}
+	}
+	fl := l.locks[id]
+	if fl == nil {
+		fl = &flowLock{}
+		l.locks[id] = fl
+	}
+	fl.users++
+	l.mu.Unlock()
+	fl.Lock()
+	return func() {
+		fl.Unlock()
+		l.mu.Lock()
+		if fl.users--; fl.users == 0 {
+			delete(l.locks, id)
+		}
+		l.mu.Unlock()
+	}
+}
+
+// parse returns the flow of envelope raw, whose ID is id.
+func (l *flowLocal) parse(id string, raw []byte) (*envelope.Flow, error) {
+	l.mu.Lock()
+	fl := l.parsed[id]
+	l.mu.Unlock()
+	if fl != nil {
+		return fl, nil
+	}
+	env, err := envelope.Decode(raw)
+	if err != nil {
+		return nil, err
+	}
+	if env.ID() != id {
+		return nil, fmt.Errorf("flow %s: its record holds another envelope (%s)", id, env.ID())
+	}
+	if fl, err = env.Flow(); err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	if l.parsed == nil || len(l.parsed) >= maxParsedFlows {
+		l.parsed = map[string]*envelope.Flow{}
+	}
+	l.parsed[id] = fl
+	l.mu.Unlock()
+	return fl, nil
 }
 
 // updateFlow reads flow id, lets change update its progress and name the
 // jobs to start, writes it if no one else did meanwhile (else reads it
 // again), then submits those jobs.
-func (c *Coord) updateFlow(ctx context.Context, id string, change func(*envelope.Flow, *flow.Run) []flow.Start) error {
+// committed, if set, runs once the change is written, under the lock.
+// change returns false to write nothing.
+func (c *Coord) updateFlow(ctx context.Context, id string, committed func(), change func(*envelope.Flow, *flow.Run) ([]flow.Start, bool)) error {
+	unlock := c.flows.lock(id)
+	locked := true
+	defer func() {
+		if locked {
+			unlock()
+		}
+	}()
 	for try := 0; try < 20; try++ {
 		rec, err := c.p.Redis.GetFlow(ctx, id)
 		if err != nil {
 			return err
 		}
-		env, err := envelope.Decode(rec.Envelope)
-		if err != nil {
-			return err
-		}
-		fl, err := env.Flow()
+		fl, err := c.flows.parse(id, rec.Envelope)
 		if err != nil {
 			return err
 		}
@@ -228,7 +332,10 @@ func (c *Coord) updateFlow(ctx context.Context, id string, change func(*envelope
 		if err := json.Unmarshal(rec.Run, &run); err != nil {
 			return fmt.Errorf("flow %s: progress: %w", id, err)
 		}
-		starts := change(fl, &run)
+		starts, write := change(fl, &run)
+		if !write {
+			return nil
+		}
 		refs := make(map[string]queue.StepRef, len(starts))
 		for _, st := range starts {
 			refs[envelope.StepJobID(id, st.Step, st.Item, st.Attempt)] = queue.StepRef{Flow: id, Step: st.Step, Item: st.Item, Attempt: st.Attempt}
@@ -239,9 +346,16 @@ func (c *Coord) updateFlow(ctx context.Context, id string, change func(*envelope
 		} else if err != nil {
 			return err
 		}
+		if committed != nil {
+			committed()
+		}
 		if run.Done() {
 			c.p.Log.Info("flow ended", "flow", id, "state", run.State)
 		}
+		// Submitted outside the lock: a refused step advances the flow
+		// again.
+		unlock()
+		locked = false
 		return c.submitSteps(ctx, rec, fl, starts)
 	}
 	return fmt.Errorf("flow %s: too many concurrent updates", id)
@@ -250,37 +364,49 @@ func (c *Coord) updateFlow(ctx context.Context, id string, change func(*envelope
 // submitSteps sends started steps to their sites. A step its supervisor
 // refuses ends failed at once.
 func (c *Coord) submitSteps(ctx context.Context, rec *queue.FlowRecord, fl *envelope.Flow, starts []flow.Start) error {
-	var refused []stepEnd
-	var firstErr error
+	var (
+		mu       sync.Mutex
+		refused  []stepEnd
+		firstErr error
+	)
+	// Together, so the forwarder sends a fan-out in a few batches.
+	var g errgroup.Group
+	g.SetLimit(64)
 	for _, st := range starts {
-		s := fl.Step(st.Step)
-		task, _ := json.Marshal(verify.StepTask{Flow: rec.Envelope, Step: st.Step, Item: st.Item, Attempt: st.Attempt, Value: st.Value, Inputs: st.Inputs})
-		id := envelope.StepJobID(rec.ID, st.Step, st.Item, st.Attempt)
-		site := fl.SiteOf(s)
-		name := fl.Name + "/" + st.Step
-		if len(s.ForEach) > 0 {
-			name = fmt.Sprintf("%s[%d]", name, st.Item)
-		}
-		sub := &submission{
-			rec:  queue.NewJobRecord{Job: job.Record{ID: id, Name: name, Site: site, Node: s.Node, SubmittedAt: c.p.Now(), Users: rec.Users}, Envelope: task},
-			done: make(chan job.Verdict, 1),
-		}
-		f, err := c.forwarderFor(ctx, site)
-		var v job.Verdict
-		if err == nil {
-			v, err = f.submit(ctx, sub)
-		}
-		switch {
-		case err != nil:
-			// Recorded with the flow: the sweep submits it again.
-			if firstErr == nil {
-				firstErr = fmt.Errorf("submit step %s: %w", id, err)
+		g.Go(func() error {
+			s := fl.Step(st.Step)
+			task, _ := json.Marshal(verify.StepTask{Flow: rec.Envelope, Step: st.Step, Item: st.Item, Attempt: st.Attempt, Value: st.Value, Inputs: st.Inputs})
+			id := envelope.StepJobID(rec.ID, st.Step, st.Item, st.Attempt)
+			site := fl.SiteOf(s)
+			name := fl.Name + "/" + st.Step
+			if len(s.ForEach) > 0 {
+				name = fmt.Sprintf("%s[%d]", name, st.Item)
 			}
-		case v.State == job.VerdictRejected && !v.Retry:
-			refused = append(refused, stepEnd{ref: queue.StepRef{Flow: rec.ID, Step: st.Step, Item: st.Item, Attempt: st.Attempt},
-				err: fmt.Sprintf("refused by the supervisor of %s: %s: %s", site, v.Reason, v.Error)})
-		}
+			sub := &submission{
+				rec:  queue.NewJobRecord{Job: job.Record{ID: id, Name: name, Site: site, Node: s.Node, SubmittedAt: c.p.Now(), Users: rec.Users}, Envelope: task},
+				done: make(chan job.Verdict, 1),
+			}
+			f, err := c.forwarderFor(ctx, site)
+			var v job.Verdict
+			if err == nil {
+				v, err = f.submit(ctx, sub)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err != nil:
+				// Recorded with the flow: the sweep submits it again.
+				if firstErr == nil {
+					firstErr = fmt.Errorf("submit step %s: %w", id, err)
+				}
+			case v.State == job.VerdictRejected && !v.Retry:
+				refused = append(refused, stepEnd{ref: queue.StepRef{Flow: rec.ID, Step: st.Step, Item: st.Item, Attempt: st.Attempt},
+					err: fmt.Sprintf("refused by the supervisor of %s: %s: %s", site, v.Reason, v.Error)})
+			}
+			return nil
+		})
 	}
+	g.Wait()
 	if len(refused) > 0 {
 		if err := c.advanceFlow(ctx, rec.ID, refused); err != nil && firstErr == nil {
 			firstErr = err
@@ -316,6 +442,7 @@ func (c *Coord) flowEnds(ctx context.Context, evs []job.Event) {
 		perFlow[refs[i].Flow] = append(perFlow[refs[i].Flow], stepEnd{ref: refs[i], ok: ev.Type == job.EventSucceeded, output: ev.Result, err: ev.Error})
 	}
 	for flowID, ends := range perFlow {
+		c.p.Log.Debug("step ends", "flow", flowID, "ends", len(ends))
 		if err := c.advanceFlow(ctx, flowID, ends); err != nil {
 			c.p.Log.Warn("advance flow (the sweep will)", "flow", flowID, "err", err)
 		}
@@ -341,11 +468,7 @@ func (c *Coord) sweepFlows(ctx context.Context) {
 		if json.Unmarshal(rec.Run, &run) != nil || run.Done() {
 			continue
 		}
-		env, err := envelope.Decode(rec.Envelope)
-		if err != nil {
-			continue
-		}
-		fl, err := env.Flow()
+		fl, err := c.flows.parse(id, rec.Envelope)
 		if err != nil {
 			continue
 		}
@@ -480,11 +603,7 @@ func (c *Coord) cancelRunning(ctx context.Context, id string) {
 	if err != nil {
 		return
 	}
-	env, err := envelope.Decode(rec.Envelope)
-	if err != nil {
-		return
-	}
-	fl, err := env.Flow()
+	fl, err := c.flows.parse(id, rec.Envelope)
 	if err != nil {
 		return
 	}

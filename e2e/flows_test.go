@@ -290,14 +290,14 @@ func TestFleet_FlowTwoSites(t *testing.T) {
 }
 
 // TestFleet_Cancel: cancelling a running flow stops its running step
-// within 2 s and starts nothing else; writ job cancel stops a running job
-// and removes a queued one.
+// within 2 s and starts nothing else; writ job cancel stops a running job;
+// cancelling a flow whose step is held removes the step's task.
 func TestFleet_Cancel(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t)
 	f.startSupervisor("local")
 	f.startCoord()
-	f.startRunner("n1", 1) // one slot: a second job waits queued
+	f.startRunner("n1", 2)
 	ctx := context.Background()
 	cl := f.client()
 	fl := envelope.NewFlow("cancel", "local", time.Now())
@@ -341,7 +341,7 @@ func TestFleet_Cancel(t *testing.T) {
 		t.Error("a step started after its flow was cancelled")
 	}
 
-	// writ job cancel: a running job, then the queued one behind it.
+	// writ job cancel: a running job.
 	sign := func(script string) string {
 		j := envelope.NewJob("c", script, "local", time.Now())
 		e, _ := j.Sign(f.admin)
@@ -357,17 +357,27 @@ func TestFleet_Cancel(t *testing.T) {
 		j, err := cl.Job(ctx, running, 0)
 		return err == nil && j.State == "running"
 	})
-	queued := sign(`x := 1`)
-	testenv.WaitFor(t, 30*time.Second, "the second job to be queued", func() bool {
+	out := f.run("job", "cancel", running, "--coord", f.coord, "--key", filepath.Join(f.dir, "admin.key"))
+	if !strings.Contains(out, `"running"`) {
+		t.Errorf("writ job cancel of a running job: %s", out)
+	}
+	// A flow whose step is held (scheduled, not started): its cancel
+	// removes the step's task, which ends cancelled.
+	held := envelope.NewFlow("held", "local", time.Now())
+	held.Steps = []envelope.Step{{Name: "later", Script: `x := 1`, NotBefore: time.Now().Add(time.Hour)}}
+	henv, _ := held.Sign(f.admin)
+	hraw, _ := json.Marshal(henv)
+	hrep, err := cl.SubmitFlow(ctx, hraw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	queued := envelope.StepJobID(hrep.ID, "later", 0, 1)
+	testenv.WaitFor(t, 30*time.Second, "the held step to be queued", func() bool {
 		j, err := cl.Job(ctx, queued, 0)
 		return err == nil && j.State == "queued"
 	})
-	out := f.run("job", "cancel", queued, "--coord", f.coord, "--key", filepath.Join(f.dir, "admin.key"))
-	if !strings.Contains(out, `"queued"`) {
-		t.Errorf("writ job cancel of a queued job: %s", out)
-	}
-	if c, err := cl.CancelJob(ctx, running); err != nil || c.Result != "running" {
-		t.Errorf("cancel of a running job = %+v, %v", c, err)
+	if _, err := cl.CancelFlow(ctx, hrep.ID); err != nil {
+		t.Fatal(err)
 	}
 	for _, id := range []string{running, queued} {
 		testenv.WaitFor(t, 10*time.Second, "the cancelled job to end", func() bool {

@@ -257,7 +257,9 @@ func (r *Run) Ended(f *envelope.Flow, step string, item, attempt int, ok bool, o
 		it.State, it.Output, it.Error = StateSucceeded, output, ""
 	case r.State == StateCancelled:
 		it.State, it.Error = StateCancelled, errMsg
-	case it.Attempts <= s.Retries && (r.State == StateRunning || sr == r.Finally):
+	case it.Attempts <= s.Retries:
+		// A running step is let finish, its retries included, also once
+		// another step failed the flow (not once it was cancelled).
 		it.Attempts++
 		it.Error = errMsg
 		return &Start{Step: step, Item: item, Value: it.Value, Inputs: r.InputsOf(f, s), Attempt: it.Attempts}

@@ -51,6 +51,7 @@ var (
 	scaleJobs    = flag.Int("scale-jobs", 4000, "100 ms jobs in the scale-out run")
 	showStages   = flag.Bool("stages", false, "print where a job's time goes in the throughput run (clocks of one machine)")
 	profile      = flag.String("profile", "", "write a 10 s CPU profile of the fleet process taken during the throughput run")
+	flowSteps    = flag.Int("flow-steps", 200, "steps of the flow chain and items of the flow fan-out measured against single jobs (0 skips them)")
 )
 
 func main() {
@@ -103,7 +104,7 @@ func run() error {
 	base := 20000 + freePort()%20000
 	devDir := filepath.Join(dir, "dev")
 	cmd := exec.Command(bin, "dev", "--dir", devDir, "--redis", rp.URL(), "--base-port", fmt.Sprint(base),
-		"--concurrency", fmt.Sprint(*concurrency), "--log-level", "warn")
+		"--concurrency", fmt.Sprint(*concurrency), "--log-level", envOrDefault("WRIT_BENCH_LOG", "warn"))
 	logf, _ := os.Create(filepath.Join(dir, "dev.log"))
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Env = append(os.Environ(), "WRIT_PPROF=1")
@@ -174,6 +175,11 @@ func run() error {
 		return err
 	}
 	fmt.Printf("writ e2e:   throughput %8.0f jobs/s   at %d/s: p50 %s  p99 %s   CPU per job %s (the machine's, all processes)\n", e2eTput, *rate, e2eLat.p(50), e2eLat.p(99), e2eCPU.Round(time.Microsecond))
+	if *flowSteps > 0 {
+		if err := flowBench(cl, key, *flowSteps); err != nil {
+			return fmt.Errorf("flows: %w", err)
+		}
+	}
 	if *scaleRunners > 0 {
 		if err := scaleOut(bin, dir, rp.URL(), fmt.Sprintf("https://127.0.0.1:%d", base+1), caFile, cl, key); err != nil {
 			return fmt.Errorf("scale-out: %w", err)
@@ -364,7 +370,7 @@ const sleepScript = `job := import("job"); times := import("times"); times.sleep
 func scaleOut(bin, dir, redisURL, ledgerURL, caFile string, cl *coord.Client, k *keys.Key) error {
 	for i := 1; i < *scaleRunners; i++ {
 		cmd := exec.Command(bin, "runner", "--site", "local", "--node", fmt.Sprintf("bench-%d", i), "--redis", redisURL,
-			"--ledger", ledgerURL, "--ca", caFile, "--listen", "", "--concurrency", fmt.Sprint(*concurrency), "--log-level", "warn")
+			"--ledger", ledgerURL, "--ca", caFile, "--listen", "", "--concurrency", fmt.Sprint(*concurrency), "--log-level", envOrDefault("WRIT_BENCH_LOG", "warn"))
 		logf, _ := os.Create(filepath.Join(dir, fmt.Sprintf("runner-%d.log", i)))
 		cmd.Stdout, cmd.Stderr = logf, logf
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
