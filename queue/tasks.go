@@ -11,6 +11,7 @@ import (
 
 	"github.com/hibiken/asynq"
 	"github.com/redis/go-redis/v9"
+	"github.com/writ-fleet/writ/job"
 )
 
 // Task is one job to enqueue.
@@ -233,6 +234,24 @@ func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
 			}
 			if ended[0] {
 				log.Info("job already ended: acknowledged without running it again", "job", id, "attempt", retried+1)
+				return nil
+			}
+			// A cancelled run comes back at once: asynq's processor
+			// retries a task whose context was cancelled without waiting
+			// for its handler (asynq v0.26.0 processor.exec), so this copy
+			// can arrive before the cancelled run has reported its end. It
+			// is ended cancelled here (a no-op if that run's end came
+			// first) and not run.
+			cancelled, err := r.CancelRequested(ctx, cfg.Site, id)
+			if err != nil {
+				return err
+			}
+			if cancelled {
+				ev := job.Event{Job: id, Type: job.EventFailed, Reason: ReasonCancelled, Error: "cancelled", At: time.Now(), Attempt: retried + 1}
+				if err := r.Publish(ctx, cfg.Site, ev); err != nil {
+					return err
+				}
+				log.Info("job cancelled: acknowledged without running it again", "job", id, "attempt", retried+1)
 				return nil
 			}
 		}
