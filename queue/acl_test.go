@@ -141,7 +141,7 @@ func TestACL_RolesOverTLS(t *testing.T) {
 
 	// Each is refused the others' keys.
 	for name, try := range map[string]func() error{
-		"runner cancels": func() error { return run.rdb.Set(ctx, cancelKey("s", "x"), "1", time.Minute).Err() },
+		"runner cancels":                   func() error { return run.rdb.Set(ctx, cancelKey("s", "x"), "1", time.Minute).Err() },
 		"runner claims a nonce":            func() error { _, err := run.Admit(ctx, claims); return err },
 		"runner reads coord's records":     func() error { _, err := run.GetJob(ctx, "j1"); return err },
 		"runner publishes to another site": func() error { return run.Publish(ctx, "t", job.Event{Job: "x", Type: job.EventSucceeded}) },
