@@ -53,36 +53,47 @@ the flow signed with your key.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
+	c.addFlowFlags(cmd)
+	cmd.Flags().StringVarP(&c.out, "output", "o", "-", "where to write the envelope (- for stdout)")
+	return cmd
+}
+
+// addFlowFlags adds the flags that build a flow from its document.
+func (c *flowSignCmd) addFlowFlags(cmd *cobra.Command) {
 	c.addSigning(cmd)
 	fl := cmd.Flags()
 	fl.StringArrayVar(&c.args, "arg", nil, "flow argument key=value (repeatable, over the document's args); a value that is valid JSON is taken as JSON, else as a string")
 	fl.StringVar(&c.argsFile, "args-file", "", "JSON object file of flow arguments (--arg values override it)")
 	fl.DurationVar(&c.valid, "valid", envelope.DefaultFlowValidity, "how long the signed flow may be submitted; no step starts after it")
-	fl.StringVarP(&c.out, "output", "o", "-", "where to write the envelope (- for stdout)")
-	return cmd
 }
 
-// Run signs the flow document.
-func (c *flowSignCmd) Run(_ context.Context, args []string) error {
+// signFile loads the flow document at path, with the flags' args, and
+// signs it.
+func (c *flowSignCmd) signFile(path string) (*envelope.Envelope, error) {
 	raw, err := c.parseArgs()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var over map[string]json.RawMessage
 	if raw != nil {
 		if err := json.Unmarshal(raw, &over); err != nil {
-			return err
+			return nil, err
 		}
 	}
-	fl, err := flow.Load(args[0], flow.Options{Site: c.site, Args: over, Valid: c.valid})
+	fl, err := flow.Load(path, flow.Options{Site: c.site, Args: over, Valid: c.valid})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	k, err := loadKey(c.key)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	env, err := fl.Sign(k)
+	return fl.Sign(k)
+}
+
+// Run signs the flow document.
+func (c *flowSignCmd) Run(_ context.Context, args []string) error {
+	env, err := c.signFile(args[0])
 	if err != nil {
 		return err
 	}
@@ -106,27 +117,13 @@ func flowCosignCommand() *cobra.Command {
 
 // Run adds a signature, after checking what is signed is a valid flow.
 func (c *flowCosignCmd) Run(_ context.Context, args []string) error {
-	data, err := os.ReadFile(args[0])
-	if err != nil {
-		return err
-	}
-	env, err := envelope.Decode(data)
-	if err == nil {
-		_, err = env.Flow()
-	}
-	if err != nil {
-		return fmt.Errorf("%s: %w", args[0], err)
-	}
-	k, err := loadKey(c.key)
-	if err != nil {
-		return err
-	}
-	env.Sign(k.ID, k.Private)
-	out := c.out
-	if out == "" {
-		out = args[0]
-	}
-	return writeEnvelope(out, env)
+	return cosign(args[0], c.key, c.out, func(data []byte) (*envelope.Envelope, error) {
+		env, err := envelope.Decode(data)
+		if err == nil {
+			_, err = env.Flow()
+		}
+		return env, err
+	})
 }
 
 func flowClientCommands() []*cobra.Command {
@@ -152,37 +149,15 @@ status is 1 if the flow failed, was cancelled or was refused.`,
 		Args:    cobra.ExactArgs(1),
 		RunE:    func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
-	c.addSigning(cmd)
-	fl := cmd.Flags()
-	fl.StringArrayVar(&c.args, "arg", nil, "flow argument key=value (repeatable)")
-	fl.StringVar(&c.argsFile, "args-file", "", "JSON object file of flow arguments (--arg values override it)")
-	fl.DurationVar(&c.valid, "valid", envelope.DefaultFlowValidity, "how long the signed flow may be submitted; no step starts after it")
-	fl.BoolVarP(&c.quiet, "quiet", "q", false, "no progress on stderr")
+	c.addFlowFlags(cmd)
+	cmd.Flags().BoolVarP(&c.quiet, "quiet", "q", false, "no progress on stderr")
 	coordFlag(cmd, &c.coord)
 	return cmd
 }
 
 // Run signs, submits and follows the flow.
 func (c *flowRunCmd) Run(ctx context.Context, args []string) error {
-	raw, err := c.parseArgs()
-	if err != nil {
-		return err
-	}
-	var over map[string]json.RawMessage
-	if raw != nil {
-		if err := json.Unmarshal(raw, &over); err != nil {
-			return err
-		}
-	}
-	fl, err := flow.Load(args[0], flow.Options{Site: c.site, Args: over, Valid: c.valid})
-	if err != nil {
-		return err
-	}
-	k, err := loadKey(c.key)
-	if err != nil {
-		return err
-	}
-	env, err := fl.Sign(k)
+	env, err := c.signFile(args[0])
 	if err != nil {
 		return err
 	}

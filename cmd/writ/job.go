@@ -310,22 +310,31 @@ func jobCosignCommand() *cobra.Command {
 
 // Run adds a signature.
 func (c *jobCosignCmd) Run(_ context.Context, args []string) error {
-	data, err := os.ReadFile(args[0])
+	return cosign(args[0], c.key, c.out, func(data []byte) (*envelope.Envelope, error) {
+		env, _, err := envelope.Parse(data)
+		return env, err
+	})
+}
+
+// cosign adds the signature of the key at keyPath to the envelope file
+// path, after parse read it as what it must be, and writes it to out
+// (path itself if out is "").
+func cosign(path, keyPath, out string, parse func([]byte) (*envelope.Envelope, error)) error {
+	data, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	env, _, err := envelope.Parse(data)
+	env, err := parse(data)
 	if err != nil {
-		return fmt.Errorf("%s: %w", args[0], err)
+		return fmt.Errorf("%s: %w", path, err)
 	}
-	k, err := loadKey(c.key)
+	k, err := loadKey(keyPath)
 	if err != nil {
 		return err
 	}
 	env.Sign(k.ID, k.Private)
-	out := c.out
 	if out == "" {
-		out = args[0]
+		out = path
 	}
 	return writeEnvelope(out, env)
 }
