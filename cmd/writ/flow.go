@@ -206,29 +206,9 @@ func flowSubmitCommand() *cobra.Command {
 	return cmd
 }
 
-type flowGetCmd struct{ coordFlags }
-
 func flowGetCommand() *cobra.Command {
-	c := &flowGetCmd{}
-	cmd := &cobra.Command{
-		Use:   "get ID",
-		Short: "Show a flow: its state, every step's state, attempts, output and error, as JSON",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			rep, err := cl.Flow(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			printJSON(rep)
-			return nil
-		},
-	}
-	c.add(cmd)
-	return cmd
+	return coordIDCommand("get ID", "Show a flow: its state, every step's state, attempts, output and error, as JSON",
+		func(ctx context.Context, cl *coord.Client, id string) (any, error) { return cl.Flow(ctx, id) })
 }
 
 type flowListCmd struct{ coordFlags }
@@ -278,24 +258,35 @@ func flowWatchCommand() *cobra.Command {
 	return cmd
 }
 
-type flowCancelCmd struct{ coordFlags }
-
 func flowCancelCommand() *cobra.Command {
-	c := &flowCancelCmd{}
+	return coordIDCommand("cancel ID", "Cancel a flow: nothing more of it starts, and its running steps are stopped",
+		func(ctx context.Context, cl *coord.Client, id string) (any, error) {
+			rep, err := cl.CancelFlow(ctx, id)
+			if err != nil {
+				return nil, err
+			}
+			return map[string]string{"id": rep.ID, "state": rep.State}, nil
+		})
+}
+
+// coordIDCommand is a command that calls coord about one ID and prints
+// the answer as JSON.
+func coordIDCommand(use, short string, call func(context.Context, *coord.Client, string) (any, error)) *cobra.Command {
+	c := &coordFlags{}
 	cmd := &cobra.Command{
-		Use:   "cancel ID",
-		Short: "Cancel a flow: nothing more of it starts",
+		Use:   use,
+		Short: short,
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			cl, err := c.client()
 			if err != nil {
 				return err
 			}
-			rep, err := cl.CancelFlow(cmd.Context(), args[0])
+			out, err := call(cmd.Context(), cl, args[0])
 			if err != nil {
 				return err
 			}
-			printJSON(map[string]string{"id": rep.ID, "state": rep.State})
+			printJSON(out)
 			return nil
 		},
 	}

@@ -538,27 +538,7 @@ func printJSON(v any) {
 	fmt.Println(string(b))
 }
 
-type jobCancelCmd struct{ coordFlags }
-
 func jobCancelCommand() *cobra.Command {
-	c := &jobCancelCmd{}
-	cmd := &cobra.Command{
-		Use:   "cancel ID",
-		Short: "Cancel a job: a queued one is removed, a running one is stopped (it ends failed, reason cancelled)",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
-			cl, err := c.client()
-			if err != nil {
-				return err
-			}
-			rep, err := cl.CancelJob(cmd.Context(), args[0])
-			if err != nil {
-				return err
-			}
-			printJSON(rep)
-			return nil
-		},
-	}
-	c.add(cmd)
-	return cmd
+	return coordIDCommand("cancel ID", "Cancel a job: a queued one is removed, a running one is stopped (it ends failed, reason cancelled)",
+		func(ctx context.Context, cl *coord.Client, id string) (any, error) { return cl.CancelJob(ctx, id) })
 }
