@@ -341,7 +341,7 @@ func (c *Coord) updateFlow(ctx context.Context, id string, committed func(), cha
 			refs[envelope.StepJobID(id, st.Step, st.Item, st.Attempt)] = queue.StepRef{Flow: id, Step: st.Step, Item: st.Item, Attempt: st.Attempt}
 		}
 		b, _ := json.Marshal(&run)
-		if _, err := c.p.Redis.UpdateFlow(ctx, id, rec.Version, b, refs, c.p.Retention); errors.Is(err, queue.ErrFlowConflict) {
+		if _, err := c.p.Redis.UpdateFlow(ctx, id, rec.Version, b, run.Done(), refs, c.p.Retention); errors.Is(err, queue.ErrFlowConflict) {
 			continue
 		} else if err != nil {
 			return err
@@ -454,13 +454,17 @@ func (c *Coord) flowEnds(ctx context.Context, evs []job.Event) {
 // on, a coord killed in between), steps whose jobs coord has no record of
 // are submitted again, and what may start, starts.
 func (c *Coord) sweepFlows(ctx context.Context) {
-	ids, err := c.p.Redis.ListFlows(ctx, "", 1000)
+	ids, err := c.p.Redis.ActiveFlows(ctx, 1000)
 	if err != nil {
 		c.p.Log.Warn("flow sweep", "err", err)
 		return
 	}
 	for _, id := range ids {
 		rec, err := c.p.Redis.GetFlow(ctx, id)
+		if errors.Is(err, queue.ErrNoFlow) {
+			c.p.Redis.DropActiveFlow(ctx, id)
+			continue
+		}
 		if err != nil {
 			continue
 		}

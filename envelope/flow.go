@@ -31,6 +31,9 @@ const (
 	MaxFlowBytes = 1 << 20
 	// MaxStepRetries bounds a step's retries.
 	MaxStepRetries = 10
+	// MaxFlowSites bounds the sites one flow's steps run on (each is
+	// checked against its own policy before the flow starts).
+	MaxFlowSites = 16
 )
 
 // stepNameRe: a step's name is an identifier, so that a dependent reads its
@@ -145,6 +148,16 @@ func (f *Flow) Validate() error {
 	}
 	if err := objectArgs(f.Args, "flow args"); err != nil {
 		return err
+	}
+	sites := map[string]bool{}
+	for i := range f.Steps {
+		sites[f.SiteOf(&f.Steps[i])] = true
+	}
+	if f.Finally != nil {
+		sites[f.SiteOf(f.Finally)] = true
+	}
+	if len(sites) > MaxFlowSites {
+		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("flow: its steps run on %d sites, the limit is %d", len(sites), MaxFlowSites)}
 	}
 	byName := map[string]*Step{}
 	all := f.Steps

@@ -2,6 +2,7 @@ package envelope
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -87,6 +88,11 @@ func TestFlow_Refused(t *testing.T) {
 		{"no site", func(f *Flow) { f.Site = "" }, "names no site"},
 		{"args", func(f *Flow) { f.Steps[0].Args = json.RawMessage(`[1]`) }, "must be a JSON object"},
 		{"window", func(f *Flow) { f.Expires = f.SignedAt.Add(8 * 24 * time.Hour) }, "validity window"},
+		{"too many sites", func(f *Flow) {
+			for i := range 17 {
+				f.Steps = append(f.Steps, Step{Name: fmt.Sprintf("x%d", i), Script: "x := 1", Site: fmt.Sprintf("site-%d", i)})
+			}
+		}, "sites, the limit is 16"},
 		{"held past expiry", func(f *Flow) { f.Steps[0].NotBefore = f.Expires.Add(time.Hour) }, "not before the flow expires"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

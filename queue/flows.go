@@ -17,7 +17,8 @@ import (
 // never overwrite each other's step ends. Each step job's ID points back
 // at its flow, so a job's end finds the flow it advances.
 const (
-	flowsIndex = "writ:coord:flows"
+	flowsIndex  = "writ:coord:flows"
+	flowsActive = "writ:coord:flows:active" // flows that have not ended: what the sweep reads
 )
 
 func flowKey(id string) string        { return "writ:coord:flow:" + id }
@@ -63,6 +64,21 @@ for i = 2, #KEYS do redis.call('ZADD', KEYS[i], ARGV[2], ARGV[3]) end
 return 1
 `)
 
+// DropActiveFlow takes a flow whose record is gone (its retention passed)
+// out of the active index.
+func (r *Redis) DropActiveFlow(ctx context.Context, id string) error {
+	return r.rdb.ZRem(ctx, flowsActive, id).Err()
+}
+
+// ActiveFlows returns up to limit flows that have not ended, oldest first.
+func (r *Redis) ActiveFlows(ctx context.Context, limit int64) ([]string, error) {
+	ids, err := r.rdb.ZRange(ctx, flowsActive, 0, limit-1).Result()
+	if err != nil {
+		return nil, fmt.Errorf("queue: active flows: %w", err)
+	}
+	return ids, nil
+}
+
 // CreateFlow records a new flow (Version 0). It reports false, changing
 // nothing, when the flow is recorded already (a resubmission).
 func (r *Redis) CreateFlow(ctx context.Context, f FlowRecord, retention time.Duration) (bool, error) {
@@ -71,7 +87,7 @@ func (r *Redis) CreateFlow(ctx context.Context, f FlowRecord, retention time.Dur
 	}
 	users, _ := json.Marshal(f.Users)
 	fields := []any{"name", f.Name, "envelope", f.Envelope, "users", users, "submitted", f.Submitted.UTC().Format(timeFieldLayer), "run", f.Run, "version", 0}
-	keys := []string{flowKey(f.ID), flowsIndex}
+	keys := []string{flowKey(f.ID), flowsIndex, flowsActive}
 	for _, u := range f.Users {
 		keys = append(keys, userFlowsKey(u))
 	}
@@ -100,32 +116,42 @@ func (r *Redis) GetFlow(ctx context.Context, id string) (*FlowRecord, error) {
 }
 
 // updateFlow replaces a flow's progress if its version is still the one
-// read, and records the step jobs about to start; it returns the new
-// version, or -1 on a conflict, -2 if the flow is gone. KEYS: the record,
+// read, and records the step jobs about to start; a flow that ended
+// leaves the active index. It returns the new version, or -1 on a
+// conflict, -2 if the flow is gone. KEYS: the record, the active index,
 // then each new step job's key; ARGV: the version read, the progress,
-// retention (ms), then each step job's ref.
+// retention (ms), ended (1/0), the flow's ID, then each step job's ref.
 var updateFlow = redis.NewScript(`
 local v = redis.call('HGET', KEYS[1], 'version')
-if not v then return -2 end
+if not v then
+  redis.call('ZREM', KEYS[2], ARGV[5])
+  return -2
+end
 if v ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], 'run', ARGV[2])
 local nv = redis.call('HINCRBY', KEYS[1], 'version', 1)
-for i = 2, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 2], 'PX', ARGV[3]) end
+if ARGV[4] == '1' then redis.call('ZREM', KEYS[2], ARGV[5]) end
+for i = 3, #KEYS do redis.call('SET', KEYS[i], ARGV[i + 3], 'PX', ARGV[3]) end
 return nv
 `)
 
-// UpdateFlow writes progress run over version (as read), and points each
-// of steps' job IDs at the flow, in one step: a coord that dies after it
+// UpdateFlow writes progress run over version (as read), ended says it is
+// the flow's end, and points each of steps' job IDs at the flow, in one
+// step: a coord that dies after it
 // has the flow and its started steps recorded together, and the jobs are
 // submitted again by whoever resumes it (their derived IDs make that a
 // duplicate). ErrFlowConflict if another update came first, ErrNoFlow if
 // the flow is gone.
-func (r *Redis) UpdateFlow(ctx context.Context, id string, version int64, run []byte, steps map[string]StepRef, retention time.Duration) (int64, error) {
+func (r *Redis) UpdateFlow(ctx context.Context, id string, version int64, run []byte, ended bool, steps map[string]StepRef, retention time.Duration) (int64, error) {
 	if retention <= 0 {
 		retention = DefaultJobRetention
 	}
-	keys := []string{flowKey(id)}
-	args := []any{strconv.FormatInt(version, 10), run, retention.Milliseconds()}
+	keys := []string{flowKey(id), flowsActive}
+	done := "0"
+	if ended {
+		done = "1"
+	}
+	args := []any{strconv.FormatInt(version, 10), run, retention.Milliseconds(), done, id}
 	for jobID, ref := range steps {
 		b, _ := json.Marshal(ref)
 		keys = append(keys, flowStepKey(jobID))

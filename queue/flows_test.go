@@ -42,7 +42,7 @@ func TestFlows_Store(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range 2 {
 		wg.Go(func() {
-			_, err := r.UpdateFlow(ctx, "f1", 0, []byte(`{"state":"running","n":`+string(rune('0'+i))+`}`),
+			_, err := r.UpdateFlow(ctx, "f1", 0, []byte(`{"state":"running","n":`+string(rune('0'+i))+`}`), false,
 				map[string]StepRef{"job-" + string(rune('a'+i)): {Flow: "f1", Step: "s", Item: i, Attempt: 1}}, time.Hour)
 			switch {
 			case err == nil:
@@ -63,10 +63,16 @@ func TestFlows_Store(t *testing.T) {
 	if err != nil || ok[2] || ok[0] == ok[1] || got.Version != 1 {
 		t.Fatalf("FlowSteps = %+v %v %v; version %d", refs, ok, err, got.Version)
 	}
-	if v, err := r.UpdateFlow(ctx, "f1", 1, []byte(`{}`), nil, time.Hour); err != nil || v != 2 {
+	if ids, err := r.ActiveFlows(ctx, 10); err != nil || len(ids) != 1 {
+		t.Errorf("active flows = %v, %v", ids, err)
+	}
+	if v, err := r.UpdateFlow(ctx, "f1", 1, []byte(`{}`), true, nil, time.Hour); err != nil || v != 2 {
 		t.Errorf("update from the current version = %d, %v", v, err)
 	}
-	if _, err := r.UpdateFlow(ctx, "gone", 0, []byte(`{}`), nil, time.Hour); !errors.Is(err, ErrNoFlow) {
+	if ids, err := r.ActiveFlows(ctx, 10); err != nil || len(ids) != 0 {
+		t.Errorf("active flows after its end = %v, %v", ids, err)
+	}
+	if _, err := r.UpdateFlow(ctx, "gone", 0, []byte(`{}`), false, nil, time.Hour); !errors.Is(err, ErrNoFlow) {
 		t.Errorf("update of no flow = %v", err)
 	}
 	if ids, err := r.ListFlows(ctx, "alice", 10); err != nil || len(ids) != 1 || ids[0] != "f1" {
