@@ -182,12 +182,21 @@ func (c *Coord) applied(evs []job.Event) {
 	c.metrics.applied.Add(float64(len(evs)))
 	c.wake(evs)
 	// Steps of flows advance their flows; off the follower's path (a lost
-	// advance is the sweep's).
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		c.flowEnds(ctx, evs)
-	}()
+	// advance is the sweep's). The follower reuses evs once this returns:
+	// the ends go on a copy.
+	var ends []job.Event
+	for _, ev := range evs {
+		if ev.Type.Terminal() {
+			ends = append(ends, ev)
+		}
+	}
+	if len(ends) > 0 {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			c.flowEnds(ctx, ends)
+		}()
+	}
 	// The other coords' waiters and streams hear of it too.
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
