@@ -49,7 +49,7 @@ type Store struct {
 	// Prepared once: the uptime path runs for every report of every node,
 	// and parsing its SQL each time cost more than running it.
 	selBoot, updUptime, insBoot *sql.Stmt
-	uptimeOne                   *sql.Stmt // Dialect.ReportUptime, if set
+	uptimeOne                   *sql.Stmt    // Dialect.ReportUptime, if set
 	nonceSweep                  atomic.Int64 // the second expired nonces were last swept
 }
 
