@@ -151,7 +151,12 @@ func (c *Client) Jobs(ctx context.Context, f queue.ListFilter) (ListReply, error
 }
 
 func (c *Client) get(ctx context.Context, u string, out any) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	return c.call(ctx, http.MethodGet, u, out)
+}
+
+// call sends a bodiless request and decodes a 200 answer into out.
+func (c *Client) call(ctx context.Context, method, u string, out any) error {
+	req, err := http.NewRequestWithContext(ctx, method, u, nil)
 	if err != nil {
 		return err
 	}
@@ -311,24 +316,6 @@ func (c *Client) postFlow(ctx context.Context, path string, body []byte) (*FlowR
 
 // CancelJob cancels a job: a queued one is removed, a running one stopped.
 func (c *Client) CancelJob(ctx context.Context, id string) (*CancelReply, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url("/v1/jobs/"+url.PathEscape(id)+"/cancel"), nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := c.do(req, nil)
-	if err != nil {
-		return nil, fmt.Errorf("coord %s: %w", c.BaseURL, err)
-	}
-	defer resp.Body.Close()
-	data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if resp.StatusCode != http.StatusOK {
-		var eb httpapi.ErrorBody
-		json.Unmarshal(data, &eb)
-		if eb.Error == "" {
-			eb.Error = strings.TrimSpace(string(data))
-		}
-		return nil, fmt.Errorf("coord: %s (HTTP %d)", eb.Error, resp.StatusCode)
-	}
 	var rep CancelReply
-	return &rep, json.Unmarshal(data, &rep)
+	return &rep, c.call(ctx, http.MethodPost, c.url("/v1/jobs/"+url.PathEscape(id)+"/cancel"), &rep)
 }
