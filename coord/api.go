@@ -53,6 +53,7 @@ func (c *Coord) Handler() http.Handler {
 		r.Post("/v1/flows", c.postFlow)
 		r.Get("/v1/flows", c.listFlows)
 		r.Get("/v1/flows/{id}", c.getFlow)
+		r.Get("/v1/flows/{id}/events", c.flowEvents)
 		r.Post("/v1/flows/{id}/cancel", c.cancelFlow)
 	})
 	return r

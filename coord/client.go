@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/writ-fleet/writ/flow"
 	"github.com/writ-fleet/writ/httpsig"
 	"github.com/writ-fleet/writ/internal/httpapi"
 	"github.com/writ-fleet/writ/job"
@@ -201,7 +202,27 @@ func (c *Client) Watch(ctx context.Context, id string, fn func(job.Event) bool) 
 }
 
 func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn func(job.Event) bool) (bool, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("/v1/jobs/"+url.PathEscape(id)+"/events"), nil)
+	return c.stream(ctx, "/v1/jobs/"+url.PathEscape(id)+"/events", func(_, data string) bool {
+		var ev job.Event
+		if json.Unmarshal([]byte(data), &ev) != nil {
+			return false
+		}
+		if ev.Seq != "" && *lastID != "" && !seqAfter(ev.Seq, *lastID) {
+			return false // already seen before a reconnect
+		}
+		if ev.Seq != "" {
+			*lastID = ev.Seq
+		}
+		return !fn(ev) || ev.Type.Terminal()
+	})
+}
+
+// stream reads the server-sent events at path, calling fn with each
+// event's type and data until fn says the stream is over. It reports
+// whether it is over (fn said so, or coord refused the stream: err says
+// why) or broke (err), to be read again.
+func (c *Client) stream(ctx context.Context, path string, fn func(typ, data string) (over bool)) (bool, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url(path), nil)
 	if err != nil {
 		return false, err
 	}
@@ -218,26 +239,22 @@ func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn fu
 	}
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	var data strings.Builder
+	var (
+		data strings.Builder
+		typ  string
+	)
 	for sc.Scan() {
 		line := sc.Text()
 		switch {
+		case strings.HasPrefix(line, "event: "):
+			typ = line[len("event: "):]
 		case strings.HasPrefix(line, "data: "):
 			data.WriteString(line[len("data: "):])
 		case line == "" && data.Len() > 0:
-			var ev job.Event
-			err := json.Unmarshal([]byte(data.String()), &ev)
+			over := fn(typ, data.String())
 			data.Reset()
-			if err != nil {
-				continue
-			}
-			if ev.Seq != "" && *lastID != "" && !seqAfter(ev.Seq, *lastID) {
-				continue // already seen before a reconnect
-			}
-			if ev.Seq != "" {
-				*lastID = ev.Seq
-			}
-			if !fn(ev) || ev.Type.Terminal() {
+			typ = ""
+			if over {
 				return true, nil
 			}
 		}
@@ -246,6 +263,55 @@ func (c *Client) watchOnce(ctx context.Context, id string, lastID *string, fn fu
 		return false, err
 	}
 	return false, io.ErrUnexpectedEOF
+}
+
+// FlowStreamEvent is one event of a flow's stream: Flow for a "flow"
+// event, Step for a "step" one.
+type FlowStreamEvent struct {
+	Flow *FlowEvent
+	Step *flow.StepSummary
+}
+
+// WatchFlow calls fn with the flow's events (the flow as it is first)
+// until the flow ends, fn returns false, or ctx ends. A broken stream is
+// read again; it starts again from the flow as it is, so fn may see a
+// step's summary more than once.
+func (c *Client) WatchFlow(ctx context.Context, id string, fn func(FlowStreamEvent) bool) error {
+	for attempt := 0; ; attempt++ {
+		over, err := c.stream(ctx, "/v1/flows/"+url.PathEscape(id)+"/events", func(typ, data string) bool {
+			var ev FlowStreamEvent
+			switch typ {
+			case "flow":
+				ev.Flow = &FlowEvent{}
+				if json.Unmarshal([]byte(data), ev.Flow) != nil {
+					return false
+				}
+			case "step":
+				ev.Step = &flow.StepSummary{}
+				if json.Unmarshal([]byte(data), ev.Step) != nil {
+					return false
+				}
+			default:
+				return false // a type this client does not know
+			}
+			attempt = 0
+			return !fn(ev) || (ev.Flow != nil && flow.Ended(ev.Flow.State))
+		})
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if over {
+			return err
+		}
+		if attempt >= 5 {
+			return fmt.Errorf("watch flow %s: %w", id, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Duration(attempt+1) * 500 * time.Millisecond):
+		}
+	}
 }
 
 // SubmitFlow posts a signed flow envelope. A flow coord refuses (below a

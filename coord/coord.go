@@ -307,6 +307,9 @@ func (c *Coord) Run(ctx context.Context) error {
 		c.p.Redis.SubscribeApplied(ctx, func(m queue.AppliedMessage) {
 			if m.From != c.p.ID {
 				c.wake(m.Events)
+				for _, id := range m.Flows {
+					c.hub.publish(job.Event{Job: flowKey(id)})
+				}
 			}
 		})
 		return nil

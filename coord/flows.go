@@ -352,6 +352,7 @@ func (c *Coord) updateFlow(ctx context.Context, id string, committed func(), cha
 		if run.Done() {
 			c.p.Log.Info("flow ended", "flow", id, "state", run.State)
 		}
+		go c.flowChanged(id)
 		// Submitted outside the lock: a refused step advances the flow
 		// again.
 		unlock()

@@ -69,7 +69,23 @@ func TestFleet_Flows(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Its event stream, followed from the start: each step's summary as
+	// it changes, then the flow's end.
+	var events []coord.FlowStreamEvent
+	watched := make(chan error, 1)
+	go func() {
+		wctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+		defer cancel()
+		watched <- cl.WatchFlow(wctx, rep.ID, func(ev coord.FlowStreamEvent) bool {
+			events = append(events, ev)
+			return true
+		})
+	}()
 	done := wait(rep.ID)
+	if err := <-watched; err != nil {
+		t.Fatalf("watch the fan flow: %v", err)
+	}
+	checkFlowStream(t, events, map[string]int{"fetch": 1, "each": 3, "combine": 1}, flow.StateSucceeded)
 	if done.State != flow.StateSucceeded || string(done.Outputs["combine"]) != `"a!+b!+c!"` || string(done.Outputs["each"]) != `["a!","b!","c!"]` {
 		t.Fatalf("fan flow = %s, outputs %v, run %+v", done.State, done.Outputs, done.Run)
 	}
@@ -384,5 +400,39 @@ func TestFleet_Cancel(t *testing.T) {
 			j, err := cl.Job(ctx, id, 0)
 			return err == nil && j.State == "failed" && j.Reason == "cancelled"
 		})
+	}
+}
+
+// checkFlowStream checks a flow's events as WatchFlow gave them: every
+// step of items (step → its number of jobs) was last seen ended with
+// that many jobs ended, summaries of a step never go back, and the last
+// event is the flow's end in state.
+func checkFlowStream(t *testing.T, events []coord.FlowStreamEvent, items map[string]int, state string) {
+	t.Helper()
+	if len(events) == 0 {
+		t.Fatal("the flow's stream sent nothing")
+	}
+	last := events[len(events)-1]
+	if last.Flow == nil || last.Flow.State != state {
+		t.Errorf("the stream's last event = %+v (flow %+v), want the flow %s", last, last.Flow, state)
+	}
+	seen := map[string]flow.StepSummary{}
+	for _, ev := range events {
+		if ev.Step == nil {
+			continue
+		}
+		if old, ok := seen[ev.Step.Step]; ok && ev.Step.Ended < old.Ended {
+			t.Errorf("step %s went back: %+v after %+v", ev.Step.Step, *ev.Step, old)
+		}
+		seen[ev.Step.Step] = *ev.Step
+	}
+	for step, n := range items {
+		s, ok := seen[step]
+		if !ok || s.State != flow.StateSucceeded || s.Items != n || s.Ended != n || s.Start.IsZero() || s.End.Before(s.Start) {
+			t.Errorf("step %s last seen as %+v, want succeeded with %d jobs ended", step, s, n)
+		}
+	}
+	if len(seen) != len(items) {
+		t.Errorf("the stream named steps %v, want %v", seen, items)
 	}
 }

@@ -85,8 +85,11 @@ func NewRun(f *envelope.Flow) *Run {
 }
 
 // Done reports whether the flow has ended.
-func (r *Run) Done() bool {
-	return r.State == StateSucceeded || r.State == StateFailed || r.State == StateCancelled
+func (r *Run) Done() bool { return Ended(r.State) }
+
+// Ended reports whether a flow in state has ended.
+func Ended(state string) bool {
+	return state == StateSucceeded || state == StateFailed || state == StateCancelled
 }
 
 // Next marks the jobs that may start now as running and returns them: the
@@ -445,4 +448,50 @@ func forEachWhat(s *envelope.Step) string {
 		return "args." + name
 	}
 	return "the list"
+}
+
+// StepSummary is one step's progress in brief: what a flow's event stream
+// sends when it changes.
+type StepSummary struct {
+	Step    string    `json:"step"`
+	Finally bool      `json:"finally,omitempty"`
+	State   string    `json:"state"`
+	Items   int       `json:"items"`           // jobs of the step (a fan-out's elements)
+	Ended   int       `json:"ended"`           // of those, how many ended
+	Runs    int       `json:"runs"`            // runs started, retries included
+	Error   string    `json:"error,omitempty"` // at most MaxSummaryError bytes
+	Start   time.Time `json:"started_at,omitzero"`
+	End     time.Time `json:"ended_at,omitzero"`
+}
+
+// MaxSummaryError bounds the error a StepSummary carries.
+const MaxSummaryError = 1024
+
+// Summary is every step's StepSummary, in the flow's order, finally last.
+func (r *Run) Summary(f *envelope.Flow) []StepSummary {
+	order, _ := f.Order()
+	out := make([]StepSummary, 0, len(order)+1)
+	add := func(name string, sr *StepRun, finally bool) {
+		if sr == nil {
+			return
+		}
+		s := StepSummary{Step: name, Finally: finally, State: sr.State, Items: len(sr.Items), Error: sr.Error, Start: sr.Start, End: sr.End}
+		for _, it := range sr.Items {
+			s.Runs += it.Attempts
+			if it.State != StateRunning {
+				s.Ended++
+			}
+		}
+		if len(s.Error) > MaxSummaryError {
+			s.Error = s.Error[:MaxSummaryError] + "…"
+		}
+		out = append(out, s)
+	}
+	for _, s := range order {
+		add(s.Name, r.Steps[s.Name], false)
+	}
+	if f.Finally != nil {
+		add(f.Finally.Name, r.Finally, true)
+	}
+	return out
 }

@@ -280,3 +280,40 @@ func TestRun_HoldsAndBounds(t *testing.T) {
 		t.Errorf("expired flow: %+v, %s %q", starts, r5.State, r5.Error)
 	}
 }
+
+func TestRun_Summary(t *testing.T) {
+	f := newTestFlow(
+		envelope.Step{Name: "fetch"},
+		envelope.Step{Name: "each", DependsOn: []string{"fetch"}, ForEach: json.RawMessage(`[1,2,3]`), Retries: 1},
+	)
+	f.Finally = &envelope.Step{Name: "report", Script: "x := 1"}
+	if err := f.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	r := NewRun(f)
+	now := time.Now()
+	r.Next(f, now)
+	r.Ended(f, "fetch", 0, 1, true, list(1), "", now)
+	r.Next(f, now)
+	r.Ended(f, "each", 0, 1, true, nil, "", now)
+	r.Ended(f, "each", 1, 1, false, nil, strings.Repeat("x", 5000), now) // retried
+	got := r.Summary(f)
+	if len(got) != 3 || got[0].Step != "fetch" || got[1].Step != "each" || got[2].Step != "report" || !got[2].Finally {
+		t.Fatalf("summary = %+v", got)
+	}
+	if s := got[0]; s.State != StateSucceeded || s.Items != 1 || s.Ended != 1 || s.Runs != 1 {
+		t.Errorf("fetch = %+v", s)
+	}
+	if s := got[1]; s.State != StateRunning || s.Items != 3 || s.Ended != 1 || s.Runs != 4 {
+		t.Errorf("each = %+v", s)
+	}
+	if s := got[2]; s.State != StatePending || s.Items != 0 {
+		t.Errorf("report = %+v", s)
+	}
+	// A long error is cut.
+	r.Ended(f, "each", 1, 2, false, nil, strings.Repeat("y", 5000), now)
+	r.Ended(f, "each", 2, 1, true, nil, "", now)
+	if s := r.Summary(f)[1]; s.State != StateFailed || len(s.Error) > MaxSummaryError+len("…") {
+		t.Errorf("each after its failure = %s, error of %d bytes", s.State, len(s.Error))
+	}
+}

@@ -68,7 +68,16 @@ const maxAppliedMessage = 256 << 10
 // AppliedMessage is what coord publishes on appliedChannel.
 type AppliedMessage struct {
 	From   string      `json:"from"`
-	Events []job.Event `json:"events"`
+	Events []job.Event `json:"events,omitempty"`
+	// Flows are flows whose progress changed (their streams re-read them).
+	Flows []string `json:"flows,omitempty"`
+}
+
+// PublishFlows tells the other coords that the progress of flows ids
+// changed.
+func (r *Redis) PublishFlows(ctx context.Context, from string, ids []string) error {
+	b, _ := json.Marshal(AppliedMessage{From: from, Flows: ids})
+	return r.rdb.Publish(ctx, appliedChannel, b).Err()
 }
 
 // PublishApplied tells the other coords which events from applied, in

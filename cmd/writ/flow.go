@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"slices"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -294,87 +293,72 @@ func coordIDCommand(use, short string, call func(context.Context, *coord.Client,
 	return cmd
 }
 
-// flowPoll is how often a followed flow is read.
-const flowPoll = 500 * time.Millisecond
-
-// followFlow prints each step's state as it changes to progress, until the
-// flow ends; then its outputs as one JSON object on stdout. A flow that did
-// not succeed exits 1.
+// followFlow prints each step's state as it changes to progress (from
+// the flow's event stream), until the flow ends; then its outputs as one
+// JSON object on stdout. A flow that did not succeed exits 1.
 func followFlow(ctx context.Context, cl *coord.Client, id string, progress io.Writer) error {
 	seen := map[string]string{}
 	start := time.Now()
-	for {
-		rep, err := cl.Flow(ctx, id)
-		if err != nil {
-			return err
-		}
-		if rep.Run != nil {
-			for _, line := range flowLines(rep.Run, seen, time.Since(start)) {
+	var ended *coord.FlowEvent
+	err := cl.WatchFlow(ctx, id, func(ev coord.FlowStreamEvent) bool {
+		switch {
+		case ev.Step != nil:
+			if line, changed := stepLine(*ev.Step, seen, time.Since(start)); changed {
 				fmt.Fprintln(progress, line)
 			}
+		case ev.Flow != nil && flow.Ended(ev.Flow.State):
+			ended = ev.Flow
 		}
-		if rep.Run != nil && rep.Run.Done() {
-			fmt.Fprintf(progress, "flow %s %s after %s\n", id, rep.State, time.Since(start).Round(100*time.Millisecond))
-			out := rep.Outputs
-			if out == nil {
-				out = map[string]json.RawMessage{}
-			}
-			printJSON(out)
-			if rep.State != flow.StateSucceeded {
-				if rep.Error != "" {
-					fmt.Fprintln(os.Stderr, "writ: flow "+rep.State+": "+rep.Error)
-				}
-				return &exitError{code: 1}
-			}
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(flowPoll):
-		}
+		return true
+	})
+	if err != nil {
+		return err
 	}
+	if ended == nil {
+		return fmt.Errorf("flow %s: its stream ended before the flow did", id)
+	}
+	fmt.Fprintf(progress, "flow %s %s after %s\n", id, ended.State, time.Since(start).Round(100*time.Millisecond))
+	rep, err := cl.Flow(ctx, id)
+	if err != nil {
+		return err
+	}
+	out := rep.Outputs
+	if out == nil {
+		out = map[string]json.RawMessage{}
+	}
+	printJSON(out)
+	if rep.State != flow.StateSucceeded {
+		if rep.Error != "" {
+			fmt.Fprintln(os.Stderr, "writ: flow "+rep.State+": "+rep.Error)
+		}
+		return &exitError{code: 1}
+	}
+	return nil
 }
 
-// flowLines are the progress lines of the steps whose state changed since
-// seen, which they update.
-func flowLines(run *flow.Run, seen map[string]string, since time.Duration) []string {
-	steps := make(map[string]*flow.StepRun, len(run.Steps)+1)
-	for name, sr := range run.Steps {
-		steps[name] = sr
+// stepLine is the progress line of step s, and whether it differs from
+// the one seen last for the step (seen is updated).
+func stepLine(s flow.StepSummary, seen map[string]string, since time.Duration) (string, bool) {
+	name := s.Step
+	if s.Finally {
+		name += " (finally)"
 	}
-	if run.Finally != nil {
-		steps["(finally)"] = run.Finally
+	state := s.State
+	if s.Items > 1 {
+		state = fmt.Sprintf("%s %d/%d", s.State, s.Ended, s.Items)
 	}
-	names := make([]string, 0, len(steps))
-	for name := range steps {
-		names = append(names, name)
+	if s.Runs > s.Items && s.Items > 0 {
+		state += fmt.Sprintf(" (%d runs)", s.Runs)
 	}
-	slices.Sort(names)
-	var out []string
-	for _, name := range names {
-		sr := steps[name]
-		state := sr.State
-		if len(sr.Items) > 1 {
-			done := 0
-			for _, it := range sr.Items {
-				if it.State != flow.StateRunning {
-					done++
-				}
-			}
-			state = fmt.Sprintf("%s %d/%d", sr.State, done, len(sr.Items))
-		}
-		if seen[name] == state {
-			continue
-		}
-		seen[name] = state
-		line := fmt.Sprintf("  %-20s %-16s %6s", name, state, since.Round(100*time.Millisecond))
-		if sr.Error != "" {
-			line += "  " + sr.Error
-		}
-		out = append(out, line)
+	if seen[name] == state {
+		return "", false
 	}
-	return out
+	seen[name] = state
+	line := fmt.Sprintf("  %-20s %-16s %6s", name, state, since.Round(100*time.Millisecond))
+	if s.Error != "" {
+		line += "  " + s.Error
+	}
+	return line, true
 }
 
 // readFileOrStdin reads a flow envelope from path, or stdin for "-".
