@@ -53,7 +53,17 @@ type stepEnd struct {
 	ref    queue.StepRef
 	ok     bool
 	output json.RawMessage
+	proof  *envelope.OutputProof // the node's signature over output, if it signed
 	err    string
+}
+
+// proofOf is the output proof of step job run attempt that node ended
+// with sig (nil if it did not sign).
+func proofOf(attempt int, node string, sig []byte) *envelope.OutputProof {
+	if len(sig) == 0 {
+		return nil
+	}
+	return &envelope.OutputProof{Attempt: attempt, Node: node, Sig: sig}
 }
 
 func (c *Coord) postFlow(w http.ResponseWriter, r *http.Request) {
@@ -229,7 +239,7 @@ func (c *Coord) advanceFlow(ctx context.Context, id string, ends []stepEnd) erro
 		now := c.p.Now()
 		var starts []flow.Start
 		for _, e := range ends {
-			if again := run.Ended(fl, e.ref.Step, e.ref.Item, e.ref.Attempt, e.ok, e.output, e.err, now); again != nil {
+			if again := run.Ended(fl, e.ref.Step, e.ref.Item, e.ref.Attempt, e.ok, e.output, e.proof, e.err, now); again != nil {
 				starts = append(starts, *again)
 			}
 		}
@@ -376,7 +386,7 @@ func (c *Coord) submitSteps(ctx context.Context, rec *queue.FlowRecord, fl *enve
 	for _, st := range starts {
 		g.Go(func() error {
 			s := fl.Step(st.Step)
-			task, _ := json.Marshal(verify.StepTask{Flow: rec.Envelope, Step: st.Step, Item: st.Item, Attempt: st.Attempt, Value: st.Value, Inputs: st.Inputs})
+			task, _ := json.Marshal(verify.StepTask{Flow: rec.Envelope, Step: st.Step, Item: st.Item, Attempt: st.Attempt, Value: st.Value, Inputs: st.Inputs, Proofs: st.Proofs})
 			id := envelope.StepJobID(rec.ID, st.Step, st.Item, st.Attempt)
 			site := fl.SiteOf(s)
 			name := fl.Name + "/" + st.Step
@@ -440,7 +450,8 @@ func (c *Coord) flowEnds(ctx context.Context, evs []job.Event) {
 			continue
 		}
 		ev := byID[id]
-		perFlow[refs[i].Flow] = append(perFlow[refs[i].Flow], stepEnd{ref: refs[i], ok: ev.Type == job.EventSucceeded, output: ev.Result, err: ev.Error})
+		perFlow[refs[i].Flow] = append(perFlow[refs[i].Flow], stepEnd{ref: refs[i], ok: ev.Type == job.EventSucceeded, output: ev.Result,
+			proof: proofOf(refs[i].Attempt, ev.Node, ev.ResultSig), err: ev.Error})
 	}
 	for flowID, ends := range perFlow {
 		c.p.Log.Debug("step ends", "flow", flowID, "ends", len(ends))
@@ -488,7 +499,7 @@ func (c *Coord) sweepFlows(ctx context.Context) {
 			case err != nil:
 			case j.State.Terminal():
 				ends = append(ends, stepEnd{ref: queue.StepRef{Flow: id, Step: st.Step, Item: st.Item, Attempt: st.Attempt},
-					ok: j.State == job.StateSucceeded, output: j.Result, err: j.Error})
+					ok: j.State == job.StateSucceeded, output: j.Result, proof: proofOf(st.Attempt, j.Node, j.ResultSig), err: j.Error})
 			}
 		}
 		if len(lost) > 0 {
@@ -510,7 +521,7 @@ func (c *Coord) restart(fl *envelope.Flow, run *flow.Run, st flow.Start) flow.St
 		sr = run.Finally
 	}
 	st.Value = sr.Items[st.Item].Value
-	st.Inputs = run.InputsOf(fl, fl.Step(st.Step))
+	st.Inputs, st.Proofs = run.InputsOf(fl, fl.Step(st.Step))
 	return st
 }
 

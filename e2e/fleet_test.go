@@ -283,6 +283,35 @@ func (f *fleet) startRunner(node string, concurrency int) *proc {
 		"--ledger", f.ledger, "--listen", "", "--concurrency", strconv.Itoa(concurrency), "--trust-ttl", "1s", "--no-network", "--no-vm")
 }
 
+// registerNode registers a new node of site in the ledger, as writ node
+// does, and saves its key in the fleet's directory: the runner given it
+// (--node-key) signs the outputs of the flow steps it runs and takes only
+// signed inputs. It returns the key's path and the node's ID.
+func (f *fleet) registerNode(site string) (string, string) {
+	f.t.Helper()
+	ctx := context.Background()
+	tok, err := f.lc.CreateToken(ctx, site, 0)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	k, _ := keys.Generate("e2e-node")
+	pool, err := pki.LoadPool(filepath.Join(tlsDir, pki.CACertFile))
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	nc := ledger.NodeClient(f.ledger, k, e2eHTTP)
+	nc.Verify = &ledger.TrustVerifier{CA: pool}
+	if _, err := nc.Register(ctx, ledger.RegisterRequest{Site: site, Token: tok.Secret, PublicKey: k.AuthorizedKey()}); err != nil {
+		f.t.Fatal(err)
+	}
+	id := ledger.NodeID(k.Public)
+	path := filepath.Join(f.dir, "node-"+id+".key")
+	if err := k.Save(path); err != nil {
+		f.t.Fatal(err)
+	}
+	return path, id
+}
+
 // startAll starts the supervisor of site local, coord and one runner.
 func (f *fleet) startAll() {
 	f.startSupervisor("local")

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -261,15 +262,22 @@ func TestFleet_FlowCoordKilled(t *testing.T) {
 func TestFleet_FlowTwoSites(t *testing.T) {
 	t.Parallel()
 	f := newFleet(t)
-	f.startAll()
+	f.startSupervisor("local")
+	f.startCoord()
 	ctx := context.Background()
 	f.ports["supervisor:other"] = testenv.FreePort(t)
 	if err := f.lc.PutSite(ctx, ledger.Site{Name: "other", SupervisorURL: "https://" + testenv.Addr(f.ports["supervisor:other"]),
 		Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
 		t.Fatal(err)
 	}
-	f.start("runner:o1", "runner", "--site", "other", "--node", "o1", "--redis", f.redis, "--ledger", f.ledger, "--listen", "",
-		"--concurrency", "2", "--trust-ttl", "1s", "--no-network", "--no-vm")
+	// Both runners are registered nodes: each signs its steps' outputs,
+	// and takes only inputs a node of the producing step's site signed.
+	localKey, localNode := f.registerNode("local")
+	otherKey, _ := f.registerNode("other")
+	for name, a := range map[string][]string{"runner:local": {"--site", "local", "--node-key", localKey}, "runner:other": {"--site", "other", "--node-key", otherKey}} {
+		f.start(name, append([]string{"runner"}, append(a, "--redis", f.redis, "--ledger", f.ledger, "--listen", "",
+			"--concurrency", "2", "--trust-ttl", "1s", "--no-network", "--no-vm")...)...)
+	}
 	fl := envelope.NewFlow("two-sites", "local", time.Now())
 	fl.Steps = []envelope.Step{
 		{Name: "here", Script: `job := import("job"); job.result(job.site)`},
@@ -303,6 +311,51 @@ func TestFleet_FlowTwoSites(t *testing.T) {
 		b, _ := json.Marshal(done.Run)
 		t.Fatalf("flow = %s, run %s", done.State, b)
 	}
+	// "there" read "here"'s output as the local node signed it.
+	if p := done.Run.Steps["here"].Items[0].Proof; p == nil || p.Node != localNode {
+		t.Errorf("here's output proof = %+v, want one by %s", p, localNode)
+	}
+
+	// A step task whose input was changed in Redis, or carries none that
+	// a node signed, is refused by the other site's runner.
+	rdb, err := queue.Connect(f.redis)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rdb.Close()
+	forge := envelope.NewFlow("forge", "local", time.Now())
+	forge.Steps = []envelope.Step{
+		{Name: "here", Script: `job := import("job"); job.result("real")`},
+		{Name: "there", Script: `job := import("job"); job.result(job.inputs.here)`, DependsOn: []string{"here"}, Site: "other", Retries: 2},
+	}
+	fenv, _ := forge.Sign(f.admin)
+	fraw, _ := json.Marshal(fenv)
+	realProof := done.Run.Steps["here"].Items[0].Proof // another job's: it signs that job's ID
+	var ids []string
+	for attempt, proofs := range []map[string][]*envelope.OutputProof{nil, {"here": {realProof}}} {
+		id := envelope.StepJobID(fenv.ID(), "there", 0, attempt+1)
+		task, _ := json.Marshal(verify.StepTask{Flow: fraw, Step: "there", Attempt: attempt + 1, Inputs: json.RawMessage(`{"here":"forged"}`), Proofs: proofs})
+		if _, err := rdb.Enqueue(ctx, queue.Task{ID: id, Envelope: task, Queue: queue.SiteQueue("other"), MaxRetry: 0, Timeout: time.Minute}); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	testenv.WaitFor(t, 30*time.Second, "the runner to refuse the forged inputs", func() bool {
+		evs, err := rdb.ReadEvents(ctx, "other", "0", 10000, 0)
+		if err != nil {
+			return false
+		}
+		ended := 0
+		for _, ev := range evs {
+			if slices.Contains(ids, ev.Job) && ev.Type.Terminal() {
+				ended++
+				if ev.Type != job.EventFailed || ev.Reason != string(envelope.ReasonBadInput) {
+					t.Errorf("a forged input's step ended %s %s %s", ev.Type, ev.Reason, ev.Error)
+				}
+			}
+		}
+		return ended == len(ids)
+	})
 }
 
 // TestFleet_Cancel: cancelling a running flow stops its running step

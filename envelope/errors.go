@@ -28,6 +28,7 @@ const (
 	ReasonForbiddenImport Reason = "forbidden_import" // script imports a module outside the sandbox
 	ReasonTooComplex      Reason = "too_complex"      // script passes a compile limit (nesting, globals)
 	ReasonNoCapacity      Reason = "no_capacity"      // no node of the site has the resources the job needs
+	ReasonBadInput        Reason = "bad_input"        // a flow step's input is not what a node of its site signed
 )
 
 // Error is a refusal with a machine-readable reason and a message a person can

@@ -57,7 +57,9 @@ type Item struct {
 	Value    json.RawMessage `json:"value,omitempty"` // the for_each element
 	Attempts int             `json:"attempts"`
 	Output   json.RawMessage `json:"output,omitempty"`
-	Error    string          `json:"error,omitempty"`
+	// Proof is the signature of the node that made Output, if it signed.
+	Proof *envelope.OutputProof `json:"proof,omitempty"`
+	Error string                `json:"error,omitempty"`
 }
 
 // Start is a job to start: item Item of step Step, with what it reads.
@@ -66,6 +68,9 @@ type Start struct {
 	Item   int
 	Value  json.RawMessage // job.item, for a fan-out
 	Inputs json.RawMessage // job.inputs: the outputs of the steps it depends on (finally: the flow's outcome as "flow")
+	// Proofs are the nodes' signatures over Inputs: for each step it
+	// depends on, one per item (null where an item's node did not sign).
+	Proofs map[string][]*envelope.OutputProof
 	// NotBefore holds the job until then (asynq's ProcessAt).
 	NotBefore time.Time
 	// Attempt counts from 1.
@@ -184,22 +189,9 @@ func (r *Run) deps(f *envelope.Flow, s *envelope.Step) (ready, skip bool) {
 
 // start resolves step s's items and inputs and marks it running.
 func (r *Run) start(f *envelope.Flow, s *envelope.Step, sr *StepRun, now time.Time) ([]Start, error) {
-	in := map[string]json.RawMessage{}
-	size := 0
-	for _, d := range s.DependsOn {
-		out := r.Steps[d].Out
-		if len(out) == 0 {
-			out = json.RawMessage("null")
-		}
-		in[d] = out
-		size += len(out)
-	}
+	inputs, proofs, size := r.inputs(s)
 	if size > MaxInputBytes {
 		return nil, fmt.Errorf("its inputs are %d bytes, the limit is %d", size, MaxInputBytes)
-	}
-	var inputs json.RawMessage
-	if len(in) > 0 {
-		inputs, _ = json.Marshal(in)
 	}
 	values := []json.RawMessage{nil}
 	if len(s.ForEach) > 0 {
@@ -234,7 +226,7 @@ func (r *Run) start(f *envelope.Flow, s *envelope.Step, sr *StepRun, now time.Ti
 	starts := make([]Start, len(values))
 	for i, v := range values {
 		sr.Items[i] = Item{State: StateRunning, Value: v, Attempts: 1}
-		starts[i] = Start{Step: s.Name, Item: i, Value: v, Inputs: inputs, NotBefore: s.NotBefore, Attempt: 1}
+		starts[i] = Start{Step: s.Name, Item: i, Value: v, Inputs: inputs, Proofs: proofs, NotBefore: s.NotBefore, Attempt: 1}
 	}
 	return starts, nil
 }
@@ -244,7 +236,7 @@ func (r *Run) start(f *envelope.Flow, s *envelope.Step, sr *StepRun, now time.Ti
 // step with retries left is started again: Ended returns it. A report for
 // an item not running, or for another run of it than the current one (a
 // repeat, a late end of a run already retried), changes nothing.
-func (r *Run) Ended(f *envelope.Flow, step string, item, attempt int, ok bool, output json.RawMessage, errMsg string, now time.Time) (again *Start) {
+func (r *Run) Ended(f *envelope.Flow, step string, item, attempt int, ok bool, output json.RawMessage, proof *envelope.OutputProof, errMsg string, now time.Time) (again *Start) {
 	s := f.Step(step)
 	sr := r.Steps[step]
 	if f.Finally != nil && step == f.Finally.Name {
@@ -257,7 +249,7 @@ func (r *Run) Ended(f *envelope.Flow, step string, item, attempt int, ok bool, o
 	it := &sr.Items[item]
 	switch {
 	case ok:
-		it.State, it.Output, it.Error = StateSucceeded, output, ""
+		it.State, it.Output, it.Proof, it.Error = StateSucceeded, output, proof, ""
 	case r.State == StateCancelled:
 		it.State, it.Error = StateCancelled, errMsg
 	case it.Attempts <= s.Retries:
@@ -265,7 +257,9 @@ func (r *Run) Ended(f *envelope.Flow, step string, item, attempt int, ok bool, o
 		// another step failed the flow (not once it was cancelled).
 		it.Attempts++
 		it.Error = errMsg
-		return &Start{Step: step, Item: item, Value: it.Value, Inputs: r.InputsOf(f, s), Attempt: it.Attempts}
+		st := &Start{Step: step, Item: item, Value: it.Value, Attempt: it.Attempts}
+		st.Inputs, st.Proofs = r.InputsOf(f, s)
+		return st
 	default:
 		it.State, it.Error = StateFailed, errMsg
 	}
@@ -413,29 +407,51 @@ func (r *Run) outcome(state string) map[string]any {
 	return o
 }
 
-// InputsOf is what step s reads as job.inputs now.
-func (r *Run) InputsOf(f *envelope.Flow, s *envelope.Step) json.RawMessage {
+// InputsOf is what step s reads as job.inputs now, and the proofs of
+// those outputs.
+func (r *Run) InputsOf(f *envelope.Flow, s *envelope.Step) (inputs json.RawMessage, proofs map[string][]*envelope.OutputProof) {
 	if f.Finally != nil && s.Name == f.Finally.Name {
 		state := StateSucceeded
 		if len(r.Failed) > 0 || r.Error != "" {
 			state = StateFailed
 		}
 		b, _ := json.Marshal(map[string]any{"flow": r.outcome(state)})
-		return b
+		return b, nil
 	}
+	inputs, proofs, _ = r.inputs(s)
+	return inputs, proofs
+}
+
+// inputs is what step s reads as job.inputs (nil when it depends on no
+// step), the proofs of those outputs (nil when no node signed one), and
+// their size.
+func (r *Run) inputs(s *envelope.Step) (inputs json.RawMessage, proofs map[string][]*envelope.OutputProof, size int) {
 	if len(s.DependsOn) == 0 {
-		return nil
+		return nil, nil, 0
 	}
-	in := map[string]json.RawMessage{}
+	in := make(map[string]json.RawMessage, len(s.DependsOn))
+	signed := make(map[string][]*envelope.OutputProof, len(s.DependsOn))
+	some := false
 	for _, d := range s.DependsOn {
-		out := r.Steps[d].Out
+		dr := r.Steps[d]
+		out := dr.Out
 		if len(out) == 0 {
 			out = json.RawMessage("null")
 		}
 		in[d] = out
+		size += len(out)
+		ps := make([]*envelope.OutputProof, len(dr.Items))
+		for i := range dr.Items {
+			ps[i] = dr.Items[i].Proof
+			some = some || ps[i] != nil
+		}
+		signed[d] = ps
 	}
-	b, _ := json.Marshal(in)
-	return b
+	inputs, _ = json.Marshal(in)
+	if !some {
+		signed = nil
+	}
+	return inputs, signed, size
 }
 
 func isName(fn func() (string, bool)) bool { _, ok := fn(); return ok }

@@ -39,7 +39,7 @@ func simulate(t *testing.T, f *envelope.Flow, r *Run, now time.Time, run job) (*
 		if err != nil {
 			msg = err.Error()
 		}
-		if again := r.Ended(f, st.Step, st.Item, st.Attempt, err == nil, out, msg, now); again != nil {
+		if again := r.Ended(f, st.Step, st.Item, st.Attempt, err == nil, out, nil, msg, now); again != nil {
 			queue = append(queue, *again)
 			all = append(all, *again)
 		}
@@ -203,12 +203,12 @@ func TestRun_Cancel(t *testing.T) {
 	if more, _ := r.Next(f, now); len(more) != 0 {
 		t.Errorf("started after cancel: %+v", more)
 	}
-	r.Ended(f, "long", 0, 1, false, nil, "context canceled", now)
+	r.Ended(f, "long", 0, 1, false, nil, nil, "context canceled", now)
 	if more, _ := r.Next(f, now); len(more) != 0 || r.State != StateCancelled || r.Steps["long"].State != StateCancelled || r.Steps["next"].State != StateCancelled || r.Finally.State != StateCancelled {
 		t.Errorf("after the cancelled job ended: %s %+v, finally %+v, started %+v", r.State, r.Steps, r.Finally, more)
 	}
 	// A late success of a cancelled job, and a second report, change nothing.
-	if r.Ended(f, "long", 0, 1, true, list(1), "", now); r.Steps["long"].State != StateCancelled {
+	if r.Ended(f, "long", 0, 1, true, list(1), nil, "", now); r.Steps["long"].State != StateCancelled {
 		t.Errorf("a late report revived the step: %+v", r.Steps["long"])
 	}
 }
@@ -218,23 +218,23 @@ func TestRun_DuplicateEndIgnored(t *testing.T) {
 	r := NewRun(f)
 	now := time.Now()
 	r.Next(f, now)
-	r.Ended(f, "a", 0, 1, true, list(1), "", now)
+	r.Ended(f, "a", 0, 1, true, list(1), nil, "", now)
 	starts, _ := r.Next(f, now)
 	if len(starts) != 1 || starts[0].Step != "b" {
 		t.Fatalf("starts = %+v", starts)
 	}
 	// a's completion delivered again (a redelivered event) after b started.
-	if again := r.Ended(f, "a", 0, 1, false, nil, "late failure", now); again != nil || r.Steps["a"].State != StateSucceeded {
+	if again := r.Ended(f, "a", 0, 1, false, nil, nil, "late failure", now); again != nil || r.Steps["a"].State != StateSucceeded {
 		t.Errorf("a second end of a changed it: %+v", r.Steps["a"])
 	}
 	if more, _ := r.Next(f, now); len(more) != 0 {
 		t.Errorf("b started twice: %+v", more)
 	}
 	// Reports for steps or items that do not exist.
-	r.Ended(f, "nope", 0, 1, true, nil, "", now)
-	r.Ended(f, "b", 7, 1, true, nil, "", now)
-	r.Ended(f, "b", -1, 1, true, nil, "", now)
-	r.Ended(f, "b", 0, 2, true, nil, "", now) // a run that never started
+	r.Ended(f, "nope", 0, 1, true, nil, nil, "", now)
+	r.Ended(f, "b", 7, 1, true, nil, nil, "", now)
+	r.Ended(f, "b", -1, 1, true, nil, nil, "", now)
+	r.Ended(f, "b", 0, 2, true, nil, nil, "", now) // a run that never started
 	if r.Steps["b"].State != StateRunning {
 		t.Errorf("b = %+v", r.Steps["b"])
 	}
@@ -293,10 +293,10 @@ func TestRun_Summary(t *testing.T) {
 	r := NewRun(f)
 	now := time.Now()
 	r.Next(f, now)
-	r.Ended(f, "fetch", 0, 1, true, list(1), "", now)
+	r.Ended(f, "fetch", 0, 1, true, list(1), nil, "", now)
 	r.Next(f, now)
-	r.Ended(f, "each", 0, 1, true, nil, "", now)
-	r.Ended(f, "each", 1, 1, false, nil, strings.Repeat("x", 5000), now) // retried
+	r.Ended(f, "each", 0, 1, true, nil, nil, "", now)
+	r.Ended(f, "each", 1, 1, false, nil, nil, strings.Repeat("x", 5000), now) // retried
 	got := r.Summary(f)
 	if len(got) != 3 || got[0].Step != "fetch" || got[1].Step != "each" || got[2].Step != "report" || !got[2].Finally {
 		t.Fatalf("summary = %+v", got)
@@ -311,8 +311,8 @@ func TestRun_Summary(t *testing.T) {
 		t.Errorf("report = %+v", s)
 	}
 	// A long error is cut.
-	r.Ended(f, "each", 1, 2, false, nil, strings.Repeat("y", 5000), now)
-	r.Ended(f, "each", 2, 1, true, nil, "", now)
+	r.Ended(f, "each", 1, 2, false, nil, nil, strings.Repeat("y", 5000), now)
+	r.Ended(f, "each", 2, 1, true, nil, nil, "", now)
 	if s := r.Summary(f)[1]; s.State != StateFailed || len(s.Error) > MaxSummaryError+len("…") {
 		t.Errorf("each after its failure = %s, error of %d bytes", s.State, len(s.Error))
 	}

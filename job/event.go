@@ -43,4 +43,7 @@ type Event struct {
 	Reason  string          `json:"reason,omitempty"`
 	Error   string          `json:"error,omitempty"`
 	Result  json.RawMessage `json:"result,omitempty"`
+	// ResultSig is the node's signature over a flow step's result
+	// (envelope.SignOutput), on its succeeded event.
+	ResultSig []byte `json:"result_sig,omitempty"`
 }

@@ -70,4 +70,7 @@ type Record struct {
 	StartedAt   *time.Time      `json:"started_at,omitempty"`
 	FinishedAt  *time.Time      `json:"finished_at,omitempty"`
 	Result      json.RawMessage `json:"result,omitempty"`
+	// ResultSig is the signature of the node that ran it (Node) over a
+	// flow step's result.
+	ResultSig []byte `json:"result_sig,omitempty"`
 }

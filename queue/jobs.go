@@ -2,6 +2,7 @@ package queue
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -182,6 +183,9 @@ func (r *Redis) ApplyEvents(ctx context.Context, site string, events []job.Event
 			fields = append(fields, "error", ev.Error, "reason", ev.Reason)
 		case job.EventSucceeded:
 			fields = append(fields, "finished_at", at, "result", string(ev.Result), "error", "", "reason", "")
+			if len(ev.ResultSig) > 0 {
+				fields = append(fields, "node", ev.Node, "result_sig", base64.StdEncoding.EncodeToString(ev.ResultSig))
+			}
 		case job.EventFailed, job.EventRejected:
 			fields = append(fields, "finished_at", at, "error", ev.Error, "reason", ev.Reason)
 		}
@@ -269,6 +273,7 @@ func jobFromHash(m map[string]string) *job.Record {
 	if r := m["result"]; r != "" {
 		j.Result = json.RawMessage(r)
 	}
+	j.ResultSig, _ = base64.StdEncoding.DecodeString(m["result_sig"])
 	return j
 }
 

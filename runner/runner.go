@@ -25,6 +25,8 @@ import (
 	"github.com/writ-fleet/writ/envelope"
 	"github.com/writ-fleet/writ/internal/stack"
 	"github.com/writ-fleet/writ/job"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
 	"github.com/writ-fleet/writ/seal"
@@ -70,7 +72,17 @@ type Params struct {
 	// Secrets opens jobs' sealed secrets with this node's key; nil: a job
 	// with secrets is retried (another node may open them).
 	Secrets *seal.Opener
-	Now     func() time.Time // optional, time.Now
+	// Nodes looks up the nodes that signed a flow step's inputs
+	// (required: *ledger.NodeCache).
+	Nodes verify.NodeSource
+	// Key is this node's key (Node is its ID): it signs the outputs of the
+	// flow steps it runs, so the runners of their dependents can tell that
+	// neither Redis nor coord changed them. nil: outputs go unsigned.
+	Key *keys.Key
+	// UnsignedInputs lets a step read inputs no node signed (in a fleet
+	// of runners without node keys); signatures carried are still checked.
+	UnsignedInputs bool
+	Now            func() time.Time // optional, time.Now
 }
 
 // Scripts runs job scripts: *scripts.Sandbox, or *scripts.Engine in
@@ -93,8 +105,11 @@ func New(p Params) (*Runner, error) {
 	if !envelope.ValidSite(p.Site) || !envelope.ValidNode(p.Node) {
 		return nil, fmt.Errorf("runner: invalid site %q or node %q", p.Site, p.Node)
 	}
-	if p.Redis == nil || p.Trust == nil || p.Scripts == nil || p.Log == nil {
-		return nil, errors.New("runner: Redis, Trust, Scripts and Log are required")
+	if p.Redis == nil || p.Trust == nil || p.Nodes == nil || p.Scripts == nil || p.Log == nil {
+		return nil, errors.New("runner: Redis, Trust, Nodes, Scripts and Log are required")
+	}
+	if p.Key != nil && ledger.NodeID(p.Key.Public) != p.Node {
+		return nil, fmt.Errorf("runner: node %s is not the ID of its key (%s)", p.Node, ledger.NodeID(p.Key.Public))
 	}
 	if p.Concurrency == 0 {
 		p.Concurrency = DefaultConcurrency
@@ -222,8 +237,10 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	var inputs, item []byte
 	if step != nil {
 		// A flow's step: its run number is the flow's, and it reads its
-		// dependencies' outputs and its fan-out element.
+		// dependencies' outputs and its fan-out element; its output is
+		// signed.
 		attempt, inputs, item = step.Attempt, step.Inputs, step.Value
+		rep.sign = r.p.Key != nil
 	}
 	// Secrets are opened here, just before the run, and never reported:
 	// every event and error the run produces has their values redacted.
@@ -280,7 +297,7 @@ func (r *Runner) cancelled(id string) bool {
 // and the queue entry carries the envelope it names. A ledger it cannot
 // reach is retried; every refusal is final.
 func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*verify.Checked, *verify.Step, *failure) {
-	t := verify.Target{Site: r.p.Site, Node: r.p.Node, ID: d.ID}
+	t := verify.Target{Site: r.p.Site, Node: r.p.Node, ID: d.ID, Nodes: r.p.Nodes, UnsignedInputs: r.p.UnsignedInputs}
 	var c *verify.Checked
 	var step *verify.Step
 	task, isStep, err := verify.ParseStepTask(d.Envelope)
@@ -333,6 +350,7 @@ type reporter struct {
 	r       *Runner
 	d       queue.Delivery
 	secrets map[string]string // opened secrets: redacted from every event
+	sign    bool              // sign the result (a flow step's output) with the node's key
 
 	mu      sync.Mutex
 	pending []job.Event // guarded by mu
@@ -412,8 +430,19 @@ func (rep *reporter) finish(result []byte, f *failure) error {
 		// asynq keeps the error text in Redis, and the log keeps it too.
 		f.err = errors.New(seal.Redact(f.err.Error(), rep.secrets))
 	}
+	var sig []byte
+	if f == nil && rep.sign {
+		// Signed as it is reported: secrets redacted first.
+		if len(rep.secrets) > 0 && len(result) > 0 {
+			result = []byte(seal.Redact(string(result), rep.secrets))
+		}
+		var err error
+		if sig, err = envelope.SignOutput(r.p.Key.Private, rep.d.ID, result); err != nil {
+			f = fail("result_invalid", err)
+		}
+	}
 	if f == nil {
-		rep.emit(job.Event{Type: job.EventSucceeded, Node: r.p.Node, Attempt: rep.d.Attempt, Result: result})
+		rep.emit(job.Event{Type: job.EventSucceeded, Node: r.p.Node, Attempt: rep.d.Attempt, Result: result, ResultSig: sig})
 		rep.flush()
 		r.jobs.WithLabelValues(r.p.Site, "succeeded", "").Inc()
 		return nil

@@ -24,6 +24,9 @@ type fixture struct {
 	rdb    *queue.Redis
 	admin  *keys.Key
 	runner *Runner
+	ledger *testenv.Ledger
+	key    *keys.Key // the runner's node key
+	node   string    // its ID
 }
 
 func newFixture(tb testing.TB, concurrency int) *fixture {
@@ -35,12 +38,15 @@ func newFixture(tb testing.TB, concurrency int) *fixture {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { rdb.Close() })
-	r, err := New(Params{Site: "s", Node: "n1", Redis: rdb, Trust: &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}},
+	key := l.Node(tb, "s")
+	node := ledger.NodeID(key.Public)
+	lc := &ledger.Client{BaseURL: l.URL}
+	r, err := New(Params{Site: "s", Node: node, Key: key, Redis: rdb, Trust: &ledger.TrustCache{Client: lc}, Nodes: &ledger.NodeCache{Client: lc},
 		Scripts: scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})), Log: log, Concurrency: concurrency})
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return &fixture{rdb: rdb, admin: l.Admin, runner: r}
+	return &fixture{rdb: rdb, admin: l.Admin, runner: r, ledger: l, key: key, node: node}
 }
 
 func (f *fixture) enqueue(tb testing.TB, script, node string, mutate func(*envelope.Job)) string {
@@ -100,7 +106,7 @@ func TestRunner_Handle(t *testing.T) {
 	defer func() { cancel(); <-done }()
 
 	ok := f.enqueue(t, `job := import("job"); log := import("log"); log.info("hi"); job.result(job.node)`, "", nil)
-	pinned := f.enqueue(t, `job := import("job"); job.result("pinned")`, "n1", nil)
+	pinned := f.enqueue(t, `job := import("job"); job.result("pinned")`, f.node, nil)
 	other := f.enqueue(t, `job := import("job"); job.result(1)`, "", func(j *envelope.Job) { j.Site = "t" })
 	expired := f.enqueue(t, `x := 1`, "", func(j *envelope.Job) {
 		j.NotBefore, j.Expires = time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour)
@@ -121,7 +127,7 @@ func TestRunner_Handle(t *testing.T) {
 		reason string
 		result string
 	}{
-		{ok, job.EventSucceeded, "", `"n1"`},
+		{ok, job.EventSucceeded, "", `"` + f.node + `"`},
 		{pinned, job.EventSucceeded, "", `"pinned"`},
 		{other, job.EventFailed, "wrong_site", ""},
 		{expired, job.EventFailed, "expired", ""},
@@ -187,7 +193,30 @@ func TestRunner_Steps(t *testing.T) {
 		}
 		return id
 	}
-	ok := enqueue(signed, verify.StepTask{Step: "double", Item: 1, Attempt: 2, Value: json.RawMessage(`"y"`), Inputs: json.RawMessage(`{"fetch":21}`)}, "")
+	// fetch's output, as a node of the site signed it (run 1).
+	fetchID := envelope.StepJobID(env.ID(), "fetch", 0, 1)
+	proof := func(k *keys.Key, out string) map[string][]*envelope.OutputProof {
+		sig, err := envelope.SignOutput(k.Private, fetchID, []byte(out))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return map[string][]*envelope.OutputProof{"fetch": {{Attempt: 1, Node: ledger.NodeID(k.Public), Sig: sig}}}
+	}
+	peer := f.ledger.Node(t, "s") // another node of the site
+	stranger, _ := keys.Generate("stranger")
+	admin := &ledger.Client{BaseURL: f.ledger.URL, Key: f.admin}
+	if err := admin.PutSite(ctx, ledger.Site{Name: "t", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	foreign := f.ledger.Node(t, "t") // a node of another site
+	double := func(item int, value, inputs string, proofs map[string][]*envelope.OutputProof) string {
+		return enqueue(signed, verify.StepTask{Step: "double", Item: item, Attempt: 2, Value: json.RawMessage(value), Inputs: json.RawMessage(inputs), Proofs: proofs}, "")
+	}
+	ok := double(1, `"y"`, `{"fetch":21}`, proof(peer, "21"))
+	unsigned := double(0, `"x"`, `{"fetch":21}`, nil)
+	changed := enqueue(signed, verify.StepTask{Step: "double", Item: 0, Attempt: 1, Value: json.RawMessage(`"x"`), Inputs: json.RawMessage(`{"fetch":22}`), Proofs: proof(peer, "21")}, "")
+	byStranger := enqueue(signed, verify.StepTask{Step: "double", Item: 1, Attempt: 1, Value: json.RawMessage(`"y"`), Inputs: json.RawMessage(`{"fetch":21}`), Proofs: proof(stranger, "21")}, "")
+	byForeign := double(0, `"x"`, `{"fetch":21}`, proof(foreign, "21"))
 	var wire map[string]any
 	json.Unmarshal(signed, &wire)
 	payload, _ := base64.StdEncoding.DecodeString(wire["payload"].(string))
@@ -201,9 +230,16 @@ func TestRunner_Steps(t *testing.T) {
 	alteredID := enqueue(alteredRaw, verify.StepTask{Step: "fetch", Attempt: 1}, "")
 	swapped := enqueue(signed, verify.StepTask{Step: "fetch", Attempt: 1}, strings.Repeat("ab", 32))
 
-	got := f.terminal(t, []string{ok, altered, alteredID, swapped}, 30*time.Second)
+	got := f.terminal(t, []string{ok, unsigned, changed, byStranger, byForeign, altered, alteredID, swapped}, 30*time.Second)
 	if ev := got[ok]; ev.Type != job.EventSucceeded || string(ev.Result) != `[42,"y",2]` {
 		t.Errorf("step: %s %s %s", ev.Type, ev.Result, ev.Error)
+	} else if err := envelope.VerifyOutput(f.key.Public, ok, ev.Result, ev.ResultSig); err != nil || ev.Node != f.node {
+		t.Errorf("the step's output is not signed by its node (%s): %v", ev.Node, err)
+	}
+	for name, id := range map[string]string{"unsigned": unsigned, "changed": changed, "by a stranger": byStranger, "by another site's node": byForeign} {
+		if ev := got[id]; ev.Type != job.EventFailed || ev.Reason != "bad_input" {
+			t.Errorf("input %s: %s %s %s", name, ev.Type, ev.Reason, ev.Error)
+		}
 	}
 	if ev := got[altered]; ev.Type != job.EventFailed || ev.Reason != "bad_signature" {
 		t.Errorf("altered step: %s %s %s", ev.Type, ev.Reason, ev.Error)

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/keys"
+	"github.com/writ-fleet/writ/ledger"
 )
 
 // StepTask carries one job of a flow to the runner that executes it: the
@@ -23,10 +25,12 @@ type StepTask struct {
 	Attempt int             `json:"attempt"`
 	Value   json.RawMessage `json:"value,omitempty"`
 	// Inputs are the outputs of the steps this one depends on, as coord
-	// gathered them. The flow says which steps the inputs come from (a
-	// step reads only what it depends on), not what they hold: outputs
-	// are not yet signed by the nodes that made them (issue 16).
-	Inputs json.RawMessage `json:"inputs,omitempty"`
+	// gathered them. The flow says which steps they may come from; Proofs
+	// say what they hold: for each of those steps, one signature per item
+	// by the node that made its output (envelope.OutputProof), checked by
+	// the runner (Target.Nodes).
+	Inputs json.RawMessage                    `json:"inputs,omitempty"`
+	Proofs map[string][]*envelope.OutputProof `json:"proofs,omitempty"`
 }
 
 // ParseStepTask reads raw as a step task, if it is one (a JSON object with
@@ -105,20 +109,8 @@ func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, n
 	if err := fl.CheckTime(now); err != nil {
 		return nil, nil, err
 	}
-	if len(task.Inputs) > 0 {
-		var in map[string]json.RawMessage
-		if err := json.Unmarshal(task.Inputs, &in); err != nil || in == nil {
-			return nil, nil, envelope.Refuse(envelope.ReasonMalformed, "step inputs must be a JSON object")
-		}
-		deps := map[string]bool{}
-		for _, d := range s.DependsOn {
-			deps[d] = true
-		}
-		for name := range in {
-			if !deps[name] && !(s == fl.Finally && name == "flow") {
-				return nil, nil, envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s was given the input %q, but it depends on no such step", s.Name, name))
-			}
-		}
+	if err := checkInputs(ctx, trust, t, flowID, fl, s, task); err != nil {
+		return nil, nil, err
 	}
 	name := fl.Name + "/" + s.Name
 	if len(s.ForEach) > 0 {
@@ -164,8 +156,13 @@ func checkItem(fl *envelope.Flow, s *envelope.Step, task *StepTask) error {
 		_ = json.Unmarshal(fl.Args, &args)
 		_ = json.Unmarshal(args[name], &list)
 	default:
-		if _, fromStep := s.ForEachStep(); fromStep {
-			return nil // the list is an earlier step's output (not signed)
+		if src, fromStep := s.ForEachStep(); fromStep {
+			// The list is an earlier step's output: one of the inputs,
+			// whose signature checkInputs checks.
+			var in map[string]json.RawMessage
+			_ = json.Unmarshal(task.Inputs, &in)
+			_ = json.Unmarshal(in[src], &list)
+			break
 		}
 		_ = json.Unmarshal(s.ForEach, &list)
 	}
@@ -211,3 +208,134 @@ func jsonEqual(a, b json.RawMessage) bool {
 	}
 	return bytes.Equal(ca.Bytes(), cb.Bytes())
 }
+
+// checkInputs checks a step's inputs: each names a step it depends on
+// (finally reads the flow's outcome, "flow", which coord makes); with
+// t.Nodes, each element is what a node of the producing step's site signed
+// for that step's job of that item (unless t.UnsignedInputs and no
+// signature is carried), and a fan-out's outputs are all there when the
+// flow says how many there are.
+func checkInputs(ctx context.Context, trust TrustSource, t Target, flowID string, fl *envelope.Flow, s *envelope.Step, task *StepTask) error {
+	if len(task.Inputs) == 0 && len(task.Proofs) == 0 {
+		if len(s.DependsOn) > 0 && t.Nodes != nil {
+			return envelope.Refuse(envelope.ReasonBadInput, fmt.Sprintf("step %s depends on %v but was given no inputs", s.Name, s.DependsOn))
+		}
+		return nil
+	}
+	var in map[string]json.RawMessage
+	if err := json.Unmarshal(task.Inputs, &in); err != nil || in == nil {
+		return envelope.Refuse(envelope.ReasonMalformed, "step inputs must be a JSON object")
+	}
+	deps := map[string]bool{}
+	for _, d := range s.DependsOn {
+		deps[d] = true
+	}
+	for name := range in {
+		if !deps[name] && !(s == fl.Finally && name == "flow") {
+			return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s was given the input %q, but it depends on no such step", s.Name, name))
+		}
+	}
+	for name := range task.Proofs {
+		if !deps[name] {
+			return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s was given proofs for %q, but it depends on no such step", s.Name, name))
+		}
+	}
+	if t.Nodes == nil {
+		return nil
+	}
+	for _, d := range s.DependsOn {
+		raw, ok := in[d]
+		if !ok {
+			return envelope.Refuse(envelope.ReasonBadInput, fmt.Sprintf("step %s depends on %s but was not given its output", s.Name, d))
+		}
+		if err := checkInput(ctx, trust, t, flowID, fl, fl.Step(d), raw, task.Proofs[d], in); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// checkInput checks the output of dependency ds as given (raw) against
+// its proofs.
+func checkInput(ctx context.Context, trust TrustSource, t Target, flowID string, fl *envelope.Flow, ds *envelope.Step, raw json.RawMessage, proofs []*envelope.OutputProof, in map[string]json.RawMessage) error {
+	refuse := func(format string, a ...any) error {
+		return envelope.Refuse(envelope.ReasonBadInput, fmt.Sprintf("input %s: ", ds.Name)+fmt.Sprintf(format, a...))
+	}
+	outs := []json.RawMessage{raw}
+	if len(ds.ForEach) > 0 {
+		outs = nil
+		if err := json.Unmarshal(raw, &outs); err != nil || outs == nil {
+			return refuse("a fan-out's output must be a list")
+		}
+		if n, known := fanOutSize(fl, ds, in); known && n != len(outs) {
+			return refuse("%d outputs given, but the step fans out over %d items", len(outs), n)
+		}
+	}
+	if len(proofs) != 0 && len(proofs) != len(outs) {
+		return refuse("%d outputs but %d proofs", len(outs), len(proofs))
+	}
+	site := fl.SiteOf(ds)
+	for i, out := range outs {
+		var p *envelope.OutputProof
+		if len(proofs) > 0 {
+			p = proofs[i]
+		}
+		if p == nil {
+			switch {
+			case ds.ContinueOnFailure && isNull(out):
+				continue // an item that failed has no output, and its flow goes on
+			case t.UnsignedInputs:
+				continue
+			}
+			return refuse("item %d's output carries no node's signature", i)
+		}
+		if p.Attempt < 1 || p.Attempt > ds.Retries+1 {
+			return refuse("item %d: run %d of a step that runs at most %d times", i, p.Attempt, ds.Retries+1)
+		}
+		node, err := t.Nodes.Node(ctx, p.Node)
+		switch {
+		case ledger.NotFound(err):
+			return refuse("item %d was signed by node %q, which the ledger does not know", i, p.Node)
+		case err != nil:
+			return fmt.Errorf("%w: look up node %s: %v", ErrUnavailable, p.Node, err)
+		case node.Site != site:
+			return refuse("item %d was signed by node %s of site %q, but the step runs on %q", i, p.Node, node.Site, site)
+		case node.RevokedAt != nil:
+			return refuse("item %d was signed by node %s, which is revoked", i, p.Node)
+		}
+		if snap, err := trust.Get(ctx, site); err == nil && snap.NodeRevoked(p.Node) {
+			return refuse("item %d was signed by node %s, which is revoked", i, p.Node)
+		}
+		pub, _, err := keys.ParsePublic(node.PublicKey)
+		if err != nil || ledger.NodeID(pub) != p.Node {
+			return refuse("item %d: the ledger's key for node %s is not its own", i, p.Node)
+		}
+		if err := envelope.VerifyOutput(pub, envelope.StepJobID(flowID, ds.Name, i, p.Attempt), out, p.Sig); err != nil {
+			return refuse("item %d (run %d, node %s): %v: it was altered after the node made it", i, p.Attempt, p.Node, err)
+		}
+	}
+	return nil
+}
+
+// fanOutSize is how many items step ds fans out over, when the signed flow
+// says (a list in it or its args) or a proven input does (the step ds fans
+// out over is also a dependency of the reader).
+func fanOutSize(fl *envelope.Flow, ds *envelope.Step, in map[string]json.RawMessage) (int, bool) {
+	src := ds.ForEach
+	if name, ok := ds.ForEachArg(); ok {
+		var args map[string]json.RawMessage
+		_ = json.Unmarshal(fl.Args, &args)
+		src = args[name]
+	} else if name, ok := ds.ForEachStep(); ok {
+		if src, ok = in[name]; !ok {
+			return 0, false
+		}
+	}
+	var list []json.RawMessage
+	if err := json.Unmarshal(src, &list); err != nil {
+		return 0, false
+	}
+	return len(list), true
+}
+
+func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }

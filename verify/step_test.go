@@ -112,3 +112,87 @@ func mustJob(t *testing.T, k *keys.Key) json.RawMessage {
 	b, _ := json.Marshal(e)
 	return b
 }
+
+// TestStepJob_Inputs: a step reads its dependencies' outputs only as the
+// nodes of their sites signed them, each for its own item, all of them.
+func TestStepJob_Inputs(t *testing.T) {
+	l := testenv.NewLedger(t, ledger.Site{Name: "local", SupervisorURL: "http://127.0.0.1:1"})
+	ctx := context.Background()
+	lc := &ledger.Client{BaseURL: l.URL}
+	trust := &ledger.TrustCache{Client: lc}
+	nodes := &ledger.NodeCache{Client: lc}
+	node := l.Node(t, "local")
+	now := time.Now()
+	fl := envelope.NewFlow("f", "local", now)
+	fl.Args = json.RawMessage(`{"items":["a","b"]}`)
+	fl.Steps = []envelope.Step{
+		{Name: "list", Script: `x := 1`},
+		{Name: "each", Script: `x := 2`, ForEach: json.RawMessage(`"args.items"`), Retries: 1},
+		{Name: "sum", Script: `x := 3`, DependsOn: []string{"each"}},
+		{Name: "over", Script: `x := 4`, DependsOn: []string{"list"}, ForEach: json.RawMessage(`"list"`)},
+		{Name: "maybe", Script: `x := 5`, ForEach: json.RawMessage(`[1,2]`), ContinueOnFailure: true},
+		{Name: "after", Script: `x := 6`, DependsOn: []string{"maybe"}},
+	}
+	env, err := fl.Sign(l.Admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, _ := json.Marshal(env)
+	flowID := env.ID()
+	sign := func(step string, item, attempt int, out string) *envelope.OutputProof {
+		sig, err := envelope.SignOutput(node.Private, envelope.StepJobID(flowID, step, item, attempt), []byte(out))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return &envelope.OutputProof{Attempt: attempt, Node: ledger.NodeID(node.Public), Sig: sig}
+	}
+	a, b := sign("each", 0, 1, `"A"`), sign("each", 1, 2, `"B"`)
+	// A node revoked since it signed.
+	gone := l.Node(t, "local")
+	goneSig, _ := envelope.SignOutput(gone.Private, envelope.StepJobID(flowID, "each", 1, 1), []byte(`"B"`))
+	if _, err := (&ledger.Client{BaseURL: l.URL, Key: l.Admin}).RevokeNode(ctx, ledger.NodeID(gone.Public)); err != nil {
+		t.Fatal(err)
+	}
+	revoked := &envelope.OutputProof{Attempt: 1, Node: ledger.NodeID(gone.Public), Sig: goneSig}
+	list := sign("list", 0, 1, `["p","q"]`)
+	target := verify.Target{Site: "local", Nodes: nodes}
+	for _, tc := range []struct {
+		name   string
+		task   verify.StepTask
+		target verify.Target
+		want   string
+	}{
+		{"a fan-in", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A","B"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {a, b}}}, target, ""},
+		{"items swapped", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["B","A"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {b, a}}}, target, "bad_input"},
+		{"an item left out", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {a}}}, target, "bad_input"},
+		{"a proof left out", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A","B"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {a, nil}}}, target, "bad_input"},
+		{"no inputs at all", verify.StepTask{Step: "sum"}, target, "bad_input"},
+		{"by a revoked node", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A","B"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {a, revoked}}}, target, "bad_input"},
+		{"a run past the retries", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A","B"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {a, sign("each", 1, 3, `"B"`)}}}, target, "bad_input"},
+		{"unsigned, where allowed", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A","B"]}`)}, verify.Target{Site: "local", Nodes: nodes, UnsignedInputs: true}, ""},
+		{"a bad proof, where unsigned is allowed", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A","X"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {a, b}}},
+			verify.Target{Site: "local", Nodes: nodes, UnsignedInputs: true}, "bad_input"},
+		{"not checked without nodes (the supervisor)", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A","X"]}`)}, verify.Target{Site: "local"}, ""},
+		{"the item of a proven list", verify.StepTask{Step: "over", Item: 1, Value: json.RawMessage(`"q"`), Inputs: json.RawMessage(`{"list":["p","q"]}`),
+			Proofs: map[string][]*envelope.OutputProof{"list": {list}}}, target, ""},
+		{"another value than the proven list's", verify.StepTask{Step: "over", Item: 1, Value: json.RawMessage(`"rm"`), Inputs: json.RawMessage(`{"list":["p","q"]}`),
+			Proofs: map[string][]*envelope.OutputProof{"list": {list}}}, target, "invalid_job"},
+		{"a failed item of a step that continues", verify.StepTask{Step: "after", Inputs: json.RawMessage(`{"maybe":[null,"B"]}`),
+			Proofs: map[string][]*envelope.OutputProof{"maybe": {nil, sign("maybe", 1, 1, `"B"`)}}}, target, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			task := tc.task
+			task.Flow = raw
+			if task.Attempt == 0 {
+				task.Attempt = 1
+			}
+			_, _, err := verify.StepJob(ctx, trust, &task, tc.target, now)
+			if tc.want == "" && err != nil {
+				t.Fatalf("refused: %v", err)
+			}
+			if tc.want != "" && (err == nil || verify.Reason(err) != tc.want) {
+				t.Fatalf("StepJob = %v, want %s", err, tc.want)
+			}
+		})
+	}
+}

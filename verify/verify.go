@@ -55,6 +55,19 @@ type Target struct {
 	// ID, when set, is the job ID the carrier claims (a queue task's ID):
 	// an envelope with another ID was swapped in transit.
 	ID string
+	// Nodes, when set, has a flow step's inputs checked against the
+	// signatures of the nodes that made them (a runner sets it; the
+	// supervisor, which runs nothing, does not).
+	Nodes NodeSource
+	// UnsignedInputs accepts an input that no node signed (a runner of a
+	// fleet whose runners have no node keys); a signature carried is still
+	// checked.
+	UnsignedInputs bool
+}
+
+// NodeSource looks up a registered node (*ledger.NodeCache).
+type NodeSource interface {
+	Node(ctx context.Context, id string) (*ledger.Node, error)
 }
 
 // Checked is an accepted job.

@@ -298,7 +298,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	}
 	g.Go(func() error { return serve(gctx, lns["files"], http.FileServer(http.Dir(filesDir))) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, lns["runner"], rdbs[queue.ACLRunner], runnerParams{sec: secs["runner"], secrets: opener, ledgerURL: ledgerURL, site: devSite, node: nodeID, concurrency: c.concurrency, pool: pool, net: host, vms: vms})
+		return runRunner(gctx, c.log, lns["runner"], rdbs[queue.ACLRunner], runnerParams{sec: secs["runner"], secrets: opener, key: nodeKey, ledgerURL: ledgerURL, site: devSite, node: nodeID, concurrency: c.concurrency, pool: pool, net: host, vms: vms})
 	})
 
 	envFile := filepath.Join(dir, "env")

@@ -162,7 +162,7 @@ func (c *nodeCmd) Run(ctx context.Context, _ []string) error {
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return agent.Run(gctx) })
 	g.Go(func() error {
-		return runRunner(gctx, c.log, ln, q, runnerParams{sec: s, secrets: opener, ledgerURL: c.ledger, site: c.site, node: agent.ID(),
+		return runRunner(gctx, c.log, ln, q, runnerParams{sec: s, secrets: opener, key: agent.Key(), ledgerURL: c.ledger, site: c.site, node: agent.ID(),
 			concurrency: c.concurrency, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 	})
 	return g.Wait()

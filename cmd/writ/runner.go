@@ -91,6 +91,7 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return fmt.Errorf("--site %q is missing or not a valid site name", c.site)
 	}
 	var opener *seal.Opener
+	var key *keys.Key
 	if c.nodeKey != "" {
 		k, err := keys.Load(c.nodeKey)
 		if err != nil {
@@ -105,6 +106,7 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		if opener, err = seal.NewOpener(k); err != nil {
 			return err
 		}
+		key = k
 	}
 	if !envelope.ValidNode(c.node) {
 		return fmt.Errorf("--node %q is not a valid node ID", c.node)
@@ -135,13 +137,14 @@ func (c *runnerCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer closeLayers()
-	return runRunner(ctx, c.log, ln, rdb, runnerParams{sec: s, secrets: opener, ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
+	return runRunner(ctx, c.log, ln, rdb, runnerParams{sec: s, secrets: opener, key: key, ledgerURL: c.ledger, site: c.site, node: c.node, concurrency: c.concurrency, dequeuers: c.dequeuers, poll: c.poll, trustTTL: c.trustTTL, scriptMemory: c.scriptMemory, pool: pool, net: host, vms: vms})
 }
 
 // runnerParams are the runner's settings from flags.
 type runnerParams struct {
 	sec                    *sec
 	secrets                *seal.Opener // nil: this runner opens no secrets
+	key                    *keys.Key    // the node's key; nil: outputs go unsigned, unsigned inputs are taken
 	ledgerURL, site, node  string
 	concurrency, dequeuers int
 	poll, trustTTL         time.Duration
@@ -194,16 +197,23 @@ func runRunner(ctx context.Context, log *slog.Logger, ln net.Listener, rdb runne
 		return err
 	}
 	defer sandbox.Close()
+	if p.key == nil {
+		log.Warn("no node key: this runner signs no flow step's output and lets steps read outputs no node signed, so a coord or Redis could change what a step reads; give it --node-key (writ node does)", "svc", "runner")
+	}
+	lc := p.sec.ledgerClient(p.ledgerURL)
 	run, err := runner.New(runner.Params{
 		Site: p.site, Node: p.node, Redis: rdb,
-		Trust:        &ledger.TrustCache{Client: p.sec.ledgerClient(p.ledgerURL), TTL: p.trustTTL},
-		Scripts:      sandbox,
-		Log:          log.With("svc", "runner", "site", p.site, "node", p.node),
-		Metrics:      newRegistry(),
-		Concurrency:  p.concurrency,
-		Dequeuers:    p.dequeuers,
-		PollInterval: p.poll,
-		Secrets:      p.secrets,
+		Trust:          &ledger.TrustCache{Client: lc, TTL: p.trustTTL},
+		Nodes:          &ledger.NodeCache{Client: lc},
+		Key:            p.key,
+		UnsignedInputs: p.key == nil,
+		Scripts:        sandbox,
+		Log:            log.With("svc", "runner", "site", p.site, "node", p.node),
+		Metrics:        newRegistry(),
+		Concurrency:    p.concurrency,
+		Dequeuers:      p.dequeuers,
+		PollInterval:   p.poll,
+		Secrets:        p.secrets,
 	})
 	if err != nil {
 		return err

@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -23,6 +24,23 @@ type Ledger struct {
 	Admin *keys.Key
 	// Server can be closed to make the ledger unreachable.
 	Server *httptest.Server
+	// Store is the ledger's store.
+	Store ledger.Store
+}
+
+// Node registers a new node of site and returns its key (its ID is
+// ledger.NodeID of the key's public half).
+func (l *Ledger) Node(tb testing.TB, site string) *keys.Key {
+	tb.Helper()
+	k, err := keys.Generate("node")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	n := ledger.Node{ID: ledger.NodeID(k.Public), Site: site, PublicKey: k.AuthorizedKey(), RegisteredAt: time.Now().UTC()}
+	if _, err := l.Store.RegisterNode(context.Background(), n, ""); err != nil {
+		tb.Fatal(err)
+	}
+	return k
 }
 
 // NewLedger serves a ledger with user "root" (admin on "*") and the given
@@ -48,5 +66,5 @@ func NewLedger(tb testing.TB, site ledger.Site) *Ledger {
 	}
 	hs := httptest.NewServer(ledger.NewServer(store, slog.New(slog.NewTextHandler(io.Discard, nil)), prometheus.NewRegistry(), nil).Handler())
 	tb.Cleanup(hs.Close)
-	return &Ledger{URL: hs.URL, Admin: admin, Server: hs}
+	return &Ledger{URL: hs.URL, Admin: admin, Server: hs, Store: store}
 }
