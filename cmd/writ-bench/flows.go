@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
@@ -16,8 +17,9 @@ import (
 
 // flowBench measures what a flow adds per step: a chain of n steps against
 // n single jobs run one after another, and a fan-out of n items against n
-// single jobs run at once; every step and job the same no-op script.
-func flowBench(cl *coord.Client, k *keys.Key, n int) error {
+// single jobs run at once; every step and job the same no-op script. Each
+// is run runs times, alternating, and the median is compared.
+func flowBench(cl *coord.Client, k *keys.Key, n, runs int) error {
 	chain := envelope.NewFlow("bench-chain", "local", time.Now())
 	for i := range n {
 		s := envelope.Step{Name: fmt.Sprintf("s%d", i), Script: benchScript}
@@ -26,52 +28,66 @@ func flowBench(cl *coord.Client, k *keys.Key, n int) error {
 		}
 		chain.Steps = append(chain.Steps, s)
 	}
-	chainTime, err := runFlow(cl, k, chain)
-	if err != nil {
-		return fmt.Errorf("chain: %w", err)
-	}
-	raws, err := signAll(k, n)
-	if err != nil {
-		return err
-	}
-	start := time.Now()
-	for _, raw := range raws {
-		if _, err := oneJob(cl, raw); err != nil {
-			return err
-		}
-	}
-	seqTime := time.Since(start)
-
 	items := make([]int, n)
 	for i := range items {
 		items[i] = i
 	}
 	list, _ := json.Marshal(items)
-	fan := envelope.NewFlow("bench-fan", "local", time.Now())
-	fan.Steps = []envelope.Step{{Name: "each", Script: benchScript, ForEach: list}}
-	fanTime, err := runFlow(cl, k, fan)
-	if err != nil {
-		return fmt.Errorf("fan-out: %w", err)
-	}
-	if raws, err = signAll(k, n); err != nil {
-		return err
-	}
-	start = time.Now()
-	if _, err := runAll(cl, raws, n); err != nil {
-		return err
-	}
-	allTime := time.Since(start)
+	var chainT, seqT, fanT, allT []time.Duration
+	for run := range runs {
+		chain.Args = json.RawMessage(fmt.Sprintf(`{"run":%d}`, run)) // another flow each run
+		d, err := runFlow(cl, k, chain)
+		if err != nil {
+			return fmt.Errorf("chain: %w", err)
+		}
+		chainT = append(chainT, d)
+		raws, err := signAll(k, n)
+		if err != nil {
+			return err
+		}
+		start := time.Now()
+		for _, raw := range raws {
+			if _, err := oneJob(cl, raw); err != nil {
+				return err
+			}
+		}
+		seqT = append(seqT, time.Since(start))
 
+		fan := envelope.NewFlow("bench-fan", "local", time.Now())
+		fan.Steps = []envelope.Step{{Name: "each", Script: benchScript, ForEach: list}}
+		if d, err = runFlow(cl, k, fan); err != nil {
+			return fmt.Errorf("fan-out: %w", err)
+		}
+		fanT = append(fanT, d)
+		if raws, err = signAll(k, n); err != nil {
+			return err
+		}
+		start = time.Now()
+		if _, err := runAll(cl, raws, n); err != nil {
+			return err
+		}
+		allT = append(allT, time.Since(start))
+	}
 	per := func(d time.Duration) string { return (d / time.Duration(n)).Round(100 * time.Microsecond).String() }
-	fmt.Printf("flow chain of %d steps:   %8s (%s a step)   %d single jobs one after another: %8s (%s a job)   overhead a step: %s\n",
-		n, chainTime.Round(time.Millisecond), per(chainTime), n, seqTime.Round(time.Millisecond), per(seqTime), per(chainTime-seqTime))
-	fmt.Printf("flow fan-out of %d items: %8s (%s an item)   %d single jobs at once:          %8s (%s a job)   overhead an item: %s\n",
-		n, fanTime.Round(time.Millisecond), per(fanTime), n, allTime.Round(time.Millisecond), per(allTime), per(fanTime-allTime))
+	spread := func(ds []time.Duration) string {
+		s := slices.Clone(ds)
+		slices.Sort(s)
+		return fmt.Sprintf("%s (%s-%s)", s[len(s)/2].Round(time.Millisecond), s[0].Round(time.Millisecond), s[len(s)-1].Round(time.Millisecond))
+	}
+	median := func(ds []time.Duration) time.Duration {
+		s := slices.Clone(ds)
+		slices.Sort(s)
+		return s[len(s)/2]
+	}
+	fmt.Printf("flow chain of %d steps, median of %d (range): %s, %s a step; %d single jobs one after another: %s, %s a job; overhead a step: %s\n",
+		n, runs, spread(chainT), per(median(chainT)), n, spread(seqT), per(median(seqT)), per(median(chainT)-median(seqT)))
+	fmt.Printf("flow fan-out of %d items, median of %d (range): %s, %s an item; %d single jobs at once: %s, %s a job; overhead an item: %s\n",
+		n, runs, spread(fanT), per(median(fanT)), n, spread(allT), per(median(allT)), per(median(fanT)-median(allT)))
 	return nil
 }
 
-// runFlow submits fl and waits for it to succeed; it returns the time from
-// submission to the end coord reports.
+// runFlow submits fl and follows its event stream until it ends; it
+// returns the time from submission to the end coord reports.
 func runFlow(cl *coord.Client, k *keys.Key, fl *envelope.Flow) (time.Duration, error) {
 	env, err := fl.Sign(k)
 	if err != nil {
@@ -85,24 +101,25 @@ func runFlow(cl *coord.Client, k *keys.Key, fl *envelope.Flow) (time.Duration, e
 	if err != nil {
 		return 0, err
 	}
-	for {
-		f, err := cl.Flow(ctx, rep.ID)
-		if err != nil {
-			return 0, err
+	var end *coord.FlowEvent
+	var took time.Duration
+	err = cl.WatchFlow(ctx, rep.ID, func(ev coord.FlowStreamEvent) bool {
+		if ev.Flow != nil && flow.Ended(ev.Flow.State) {
+			end, took = ev.Flow, time.Since(start)
 		}
-		switch f.State {
-		case flow.StateSucceeded:
-			return time.Since(start), nil
-		case flow.StateFailed, flow.StateCancelled:
-			b, _ := json.Marshal(f.Run)
-			return 0, fmt.Errorf("flow %s %s: %s", rep.ID, f.State, strings.TrimSpace(string(b[:min(len(b), 2000)])))
-		}
-		select {
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
+		return true
+	})
+	switch {
+	case err != nil:
+		return 0, err
+	case end == nil:
+		return 0, fmt.Errorf("flow %s: the stream ended before the flow", rep.ID)
+	case end.State != flow.StateSucceeded:
+		f, _ := cl.Flow(ctx, rep.ID)
+		b, _ := json.Marshal(f.Run)
+		return 0, fmt.Errorf("flow %s %s: %s", rep.ID, end.State, strings.TrimSpace(string(b[:min(len(b), 2000)])))
 	}
+	return took, nil
 }
 
 func envOrDefault(k, def string) string {
