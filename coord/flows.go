@@ -256,6 +256,7 @@ type flowLocal struct {
 	mu      sync.Mutex
 	locks   map[string]*flowLock      // guarded by mu
 	parsed  map[string]*envelope.Flow // guarded by mu; bounded by maxParsedFlows
+	raw     map[string][]byte         // guarded by mu; the envelopes of parsed
 	pending map[string][]stepEnd      // guarded by mu; ends not yet written, by flow
 }
 
@@ -309,11 +310,29 @@ func (l *flowLocal) parse(id string, raw []byte) (*envelope.Flow, error) {
 	}
 	l.mu.Lock()
 	if l.parsed == nil || len(l.parsed) >= maxParsedFlows {
-		l.parsed = map[string]*envelope.Flow{}
+		l.parsed, l.raw = map[string]*envelope.Flow{}, map[string][]byte{}
 	}
-	l.parsed[id] = fl
+	l.parsed[id], l.raw[id] = fl, raw
 	l.mu.Unlock()
 	return fl, nil
+}
+
+// flowEnvelope is flow id's envelope, from the parsed flows or its record.
+func (c *Coord) flowEnvelope(ctx context.Context, id string) ([]byte, error) {
+	c.flows.mu.Lock()
+	raw := c.flows.raw[id]
+	c.flows.mu.Unlock()
+	if raw != nil {
+		return raw, nil
+	}
+	rec, err := c.p.Redis.GetFlow(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.flows.parse(id, rec.Envelope); err != nil {
+		return nil, err
+	}
+	return rec.Envelope, nil
 }
 
 // updateFlow reads flow id, lets change update its progress and name the
@@ -386,7 +405,9 @@ func (c *Coord) submitSteps(ctx context.Context, rec *queue.FlowRecord, fl *enve
 	for _, st := range starts {
 		g.Go(func() error {
 			s := fl.Step(st.Step)
-			task, _ := json.Marshal(verify.StepTask{Flow: rec.Envelope, Step: st.Step, Item: st.Item, Attempt: st.Attempt, Value: st.Value, Inputs: st.Inputs, Proofs: st.Proofs})
+			// Recorded naming the flow (its envelope is in the flow's record,
+			// once); post puts it back for the supervisor.
+			task, _ := verify.RefStepTask(verify.StepTask{Step: st.Step, Item: st.Item, Attempt: st.Attempt, Value: st.Value, Inputs: st.Inputs, Proofs: st.Proofs}, rec.ID)
 			id := envelope.StepJobID(rec.ID, st.Step, st.Item, st.Attempt)
 			site := fl.SiteOf(s)
 			name := fl.Name + "/" + st.Step

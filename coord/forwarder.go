@@ -15,6 +15,7 @@ import (
 
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/queue"
+	"github.com/writ-fleet/writ/verify"
 )
 
 // forwarder sends a site's submissions to its supervisor in batches. There
@@ -238,6 +239,64 @@ func (c *Coord) post(ctx context.Context, site string, raws [][]byte) ([]job.Ver
 	if err != nil {
 		return nil, err
 	}
+	// Flow steps are recorded naming their flow: each request carries a
+	// flow's envelope once, in its first step, and is split where the
+	// envelopes would make it too large for the supervisor.
+	var out []job.Verdict
+	var chunk [][]byte
+	size := 0
+	seen := map[string]bool{}
+	flush := func() error {
+		if len(chunk) == 0 {
+			return nil
+		}
+		vs, err := c.postBatch(ctx, site, base, chunk)
+		out = append(out, vs...)
+		chunk, size, seen = nil, 0, map[string]bool{}
+		return err
+	}
+	for _, raw := range raws {
+		item, placed := raw, ""
+		var p job.Placed
+		if json.Unmarshal(raw, &p) == nil && p.Place != "" && len(p.Envelope) > 0 {
+			item, placed = p.Envelope, p.Place
+		}
+		ref := verify.FlowRefOf(item)
+		var env []byte
+		if ref != "" {
+			if env, err = c.flowEnvelope(ctx, ref); err != nil {
+				return nil, fmt.Errorf("flow %s of a step for site %s: %w", ref, site, err)
+			}
+		}
+		cost := len(raw) + 1
+		if ref != "" && !seen[ref] {
+			cost += len(env)
+		}
+		if size+cost > batchBytes && len(chunk) > 0 {
+			if err := flush(); err != nil {
+				return nil, err
+			}
+		}
+		if ref != "" && !seen[ref] {
+			if item, err = verify.ExpandStepTask(item, env); err != nil {
+				return nil, err
+			}
+			if raw = item; placed != "" {
+				raw = job.PlacedItem(placed, item)
+			}
+			seen[ref] = true
+		}
+		chunk = append(chunk, raw)
+		size += len(raw) + 1
+	}
+	if err := flush(); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// postBatch sends one batch request to base, the site's supervisor.
+func (c *Coord) postBatch(ctx context.Context, site, base string, raws [][]byte) ([]job.Verdict, error) {
 	var body bytes.Buffer
 	body.WriteByte('[')
 	for i, raw := range raws {

@@ -35,7 +35,7 @@ func ACLRules(role, site string) string {
 	case ACLSupervisor:
 		rules = append(asynqKeys, "~writ:site:"+site+":*", "&asynq:cancel")
 	case ACLRunner:
-		rules = append(asynqKeys, "~"+eventStream(site), "~"+endKey(site, "*"), "%R~"+cancelKey(site, "*"), "&asynq:cancel")
+		rules = append(asynqKeys, "~"+eventStream(site), "~"+endKey(site, "*"), "%R~"+cancelKey(site, "*"), "%R~"+siteFlowKey(site, "*"), "&asynq:cancel")
 	default:
 		return "-@all"
 	}

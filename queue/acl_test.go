@@ -139,8 +139,19 @@ func TestACL_RolesOverTLS(t *testing.T) {
 		t.Fatalf("runner reads a cancellation: %v, %v", yes, err)
 	}
 
+	// The supervisor keeps a flow; the runner reads it, and cannot write one.
+	if err := sup.StoreSiteFlows(ctx, "s", map[string]SiteFlow{"f1": {Envelope: []byte("{}"), Expires: time.Now().Add(time.Hour)}}); err != nil {
+		t.Fatalf("supervisor keeps a flow: %v", err)
+	}
+	if b, err := run.SiteFlowEnvelope(ctx, "s", "f1"); err != nil || string(b) != "{}" {
+		t.Fatalf("runner reads a kept flow: %s, %v", b, err)
+	}
+
 	// Each is refused the others' keys.
 	for name, try := range map[string]func() error{
+		"runner keeps a flow": func() error {
+			return run.StoreSiteFlows(ctx, "s", map[string]SiteFlow{"f2": {Envelope: []byte("{}"), Expires: time.Now().Add(time.Hour)}})
+		},
 		"runner cancels":                   func() error { return run.rdb.Set(ctx, cancelKey("s", "x"), "1", time.Minute).Err() },
 		"runner claims a nonce":            func() error { _, err := run.Admit(ctx, claims); return err },
 		"runner reads coord's records":     func() error { _, err := run.GetJob(ctx, "j1"); return err },

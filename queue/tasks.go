@@ -213,6 +213,7 @@ func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
 	if cfg.Site == "" {
 		return errors.New("worker: Site is required")
 	}
+	flows := &flowCache{}
 	handler := asynq.HandlerFunc(func(ctx context.Context, t *asynq.Task) error {
 		id, _ := asynq.GetTaskID(ctx)
 		q, _ := asynq.GetQueueName(ctx)
@@ -255,7 +256,11 @@ func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
 				return nil
 			}
 		}
-		return h(ctx, Delivery{ID: id, Envelope: t.Payload(), Queue: q, Attempt: retried + 1, MaxRetry: maxRetry})
+		payload, err := r.expandFlow(ctx, flows, cfg.Site, t.Payload())
+		if err != nil {
+			return err // asynq retries; nothing ran
+		}
+		return h(ctx, Delivery{ID: id, Envelope: payload, Queue: q, Attempt: retried + 1, MaxRetry: maxRetry})
 	})
 	var servers []*asynq.Server
 	for i := 0; i < cfg.Dequeuers; i++ {

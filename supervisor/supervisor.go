@@ -23,6 +23,7 @@ import (
 	"log/slog"
 	"net/http"
 	"runtime"
+	"sync"
 	"time"
 
 	"github.com/go-chi/chi/v5"
@@ -63,6 +64,7 @@ type Params struct {
 // Supervisor serves one site.
 type Supervisor struct {
 	p        Params
+	kept     keptFlows // the flow envelopes this supervisor stored in the site's Redis
 	events   *eventServer
 	jobs     *prometheus.CounterVec
 	verifies *prometheus.CounterVec
@@ -204,6 +206,7 @@ func (s *Supervisor) postBatch(w http.ResponseWriter, r *http.Request) {
 type candidate struct {
 	place string    // coord's placement, for a job that pins no node
 	hold  time.Time // a flow step's not_before
+	flow  *flowCopy // a flow step's flow, kept once in the site's Redis (raw names it)
 	idx   int
 	raw   []byte
 	job   *envelope.Job
@@ -226,12 +229,15 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 	cands := make([]*candidate, len(raws))
 	now := s.p.Now()
 
-	// Stage 1: decode, verify and validate, in parallel (CPU-bound).
+	// Stage 1: decode, verify and validate, in parallel (CPU-bound). A
+	// batch carries each flow's envelope once: the other steps of the flow
+	// in it name the flow instead.
+	flows := batchFlows(raws)
 	var g errgroup.Group
 	g.SetLimit(runtime.GOMAXPROCS(0))
 	for i, raw := range raws {
 		g.Go(func() error {
-			c, v := s.check(ctx, raw, now)
+			c, v := s.check(ctx, raw, flows, now)
 			if c != nil && places[i] != "" && c.job.Node == "" {
 				if !envelope.ValidNode(places[i]) {
 					c, v = nil, rejected(c.id, envelope.Refuse(envelope.ReasonInvalidJob, "placement "+places[i]+" is not a node ID"))
@@ -275,11 +281,24 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 		return out
 	}
 
-	// Stage 3: enqueue what is new (or was claimed by an earlier attempt
-	// that did not finish), concurrently.
+	// Stage 3: keep the flows of the steps to enqueue (once each, before
+	// any task names them), then enqueue what is new (or was claimed by an
+	// earlier attempt that did not finish), concurrently.
+	skip := make([]bool, len(live))
+	if err := s.keepFlows(ctx, live, adm); err != nil {
+		for i, c := range live {
+			if c.flow != nil {
+				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+				skip[i] = true
+			}
+		}
+	}
 	var eg errgroup.Group
 	eg.SetLimit(32)
 	for i, c := range live {
+		if skip[i] {
+			continue
+		}
 		switch adm[i] {
 		case queue.AdmitReplay:
 			out[c.idx] = rejected(c.id, envelope.Refuse(envelope.ReasonReplayed, "nonce "+c.job.Nonce+" was already used by another job"))
@@ -387,12 +406,22 @@ func (s *Supervisor) count(out []job.Verdict) {
 // check runs every check that needs no Redis: the one verification every
 // service runs (verify.Job: decoding, site, time window, signatures and
 // policy; verify.StepJob for a step of a flow), then script compilation.
-func (s *Supervisor) check(ctx context.Context, raw []byte, now time.Time) (*candidate, job.Verdict) {
+func (s *Supervisor) check(ctx context.Context, raw []byte, flows map[string][]byte, now time.Time) (*candidate, job.Verdict) {
 	if task, isStep, err := verify.ParseStepTask(raw); isStep {
 		if err != nil {
 			return nil, rejected("", err)
 		}
-		return s.checkStep(ctx, raw, task, now)
+		if len(task.Flow) == 0 {
+			if task.Flow = flows[task.FlowRef]; task.Flow == nil {
+				// Not in this batch: one the site keeps (an earlier batch's).
+				if b, err := s.p.Redis.SiteFlowEnvelope(ctx, s.p.Site, task.FlowRef); err == nil {
+					task.Flow = b
+				} else if !errors.Is(err, queue.ErrNoFlow) {
+					return nil, job.Verdict{State: job.VerdictRejected, Reason: verify.ReasonUnavailable, Error: err.Error(), Retry: true}
+				}
+			}
+		}
+		return s.checkStep(ctx, task, now)
 	}
 	id, c, err := verify.Job(ctx, s.p.Trust, raw, verify.Target{Site: s.p.Site}, now)
 	if verify.Retry(err) {
@@ -411,7 +440,7 @@ func (s *Supervisor) check(ctx context.Context, raw []byte, now time.Time) (*can
 // flow, the step, the item and the run number, and is its own nonce: every
 // step of a flow shares the flow's nonce, and each of its runs is admitted
 // once. A step held by its not_before is scheduled for then.
-func (s *Supervisor) checkStep(ctx context.Context, raw []byte, task *verify.StepTask, now time.Time) (*candidate, job.Verdict) {
+func (s *Supervisor) checkStep(ctx context.Context, task *verify.StepTask, now time.Time) (*candidate, job.Verdict) {
 	c, step, err := verify.StepJob(ctx, s.p.Trust, task, verify.Target{Site: s.p.Site}, now)
 	if verify.Retry(err) {
 		return nil, job.Verdict{State: job.VerdictRejected, Reason: verify.ReasonUnavailable, Error: err.Error(), Retry: true}
@@ -422,6 +451,84 @@ func (s *Supervisor) checkStep(ctx context.Context, raw []byte, task *verify.Ste
 	if err := s.p.Scripts.Check(c.Job.Script); err != nil {
 		return nil, rejected(c.ID, err)
 	}
+	// Queued naming its flow by the ID its envelope hashes to (not the one
+	// it was sent with), which the site keeps once (stage 3).
+	raw, err := verify.RefStepTask(*task, step.FlowID)
+	if err != nil {
+		return nil, rejected(c.ID, err)
+	}
 	return &candidate{raw: raw, job: c.Job, id: c.ID, hold: step.Flow.Step(step.Name).NotBefore,
+		flow:  &flowCopy{id: step.FlowID, envelope: task.Flow, expires: step.Flow.Expires},
 		claim: queue.Claim{Site: s.p.Site, Nonce: "step-" + c.ID, JobID: c.ID, Until: c.Job.Expires}}, job.Verdict{}
+}
+
+// flowCopy is a flow envelope a step's task names.
+type flowCopy struct {
+	id       string
+	envelope []byte
+	expires  time.Time
+}
+
+// batchFlows indexes the flow envelopes a batch's step tasks carry, by ID.
+func batchFlows(raws [][]byte) map[string][]byte {
+	var out map[string][]byte
+	for _, raw := range raws {
+		task, isStep, err := verify.ParseStepTask(raw)
+		if !isStep || err != nil || len(task.Flow) == 0 {
+			continue
+		}
+		env, err := envelope.Decode(task.Flow)
+		if err != nil {
+			continue
+		}
+		if out == nil {
+			out = map[string][]byte{}
+		}
+		out[env.ID()] = task.Flow
+	}
+	return out
+}
+
+// keptFlows remembers, for a while, which flows this supervisor stored in
+// the site's Redis, so a fan-out's steps store their flow once.
+type keptFlows struct {
+	mu   sync.Mutex
+	byID map[string]time.Time // guarded by mu; when it was stored
+}
+
+// keptFor is how long a stored flow is taken as still there without
+// storing it again (a Redis that lost it, a failover, is caught up then).
+const keptFor = time.Minute
+
+// keepFlows stores the flows of the candidates that will be enqueued, each
+// once, before any of their tasks is.
+func (s *Supervisor) keepFlows(ctx context.Context, live []*candidate, adm []queue.Admission) error {
+	now := time.Now()
+	todo := map[string]queue.SiteFlow{}
+	s.kept.mu.Lock()
+	for i, c := range live {
+		if c.flow == nil || (adm[i] != queue.AdmitNew && adm[i] != queue.AdmitInFlight) {
+			continue
+		}
+		if at, ok := s.kept.byID[c.flow.id]; ok && now.Sub(at) < keptFor {
+			continue
+		}
+		todo[c.flow.id] = queue.SiteFlow{Envelope: c.flow.envelope, Expires: c.flow.expires}
+	}
+	s.kept.mu.Unlock()
+	if len(todo) == 0 {
+		return nil
+	}
+	if err := s.p.Redis.StoreSiteFlows(ctx, s.p.Site, todo); err != nil {
+		return err
+	}
+	s.kept.mu.Lock()
+	defer s.kept.mu.Unlock()
+	if s.kept.byID == nil || len(s.kept.byID) > 4096 {
+		s.kept.byID = map[string]time.Time{}
+	}
+	for id := range todo {
+		s.kept.byID[id] = now
+	}
+	return nil
 }

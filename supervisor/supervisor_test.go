@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -177,10 +178,16 @@ func TestSupervisor_Steps(t *testing.T) {
 		b, _ := json.Marshal(verify.StepTask{Flow: raw, Step: step, Attempt: 1})
 		return b
 	}
-	got := sup.Submit(ctx, [][]byte{task("now"), task("later"), task("there"), []byte(`{"flow":{},"shell":1}`)})
+	// A batch carries the flow once: its other steps name it.
+	byRef := func(step, ref string) []byte {
+		b, _ := verify.RefStepTask(verify.StepTask{Step: step, Attempt: 1}, ref)
+		return b
+	}
+	got := sup.Submit(ctx, [][]byte{task("now"), byRef("later", env.ID()), task("there"), []byte(`{"flow":{},"shell":1}`), byRef("now", strings.Repeat("0", 64))})
 	want := []struct{ state, reason string }{
 		{job.VerdictQueued, ""}, {job.VerdictQueued, ""},
 		{job.VerdictRejected, string(envelope.ReasonWrongSite)}, {job.VerdictRejected, string(envelope.ReasonMalformed)},
+		{job.VerdictRejected, string(envelope.ReasonMalformed)}, // a flow neither the batch nor the site has
 	}
 	for i, w := range want {
 		if got[i].State != w.state || got[i].Reason != w.reason {
@@ -198,5 +205,37 @@ func TestSupervisor_Steps(t *testing.T) {
 		if got, err := rdb.TaskState(queue.SiteQueue("s"), id); err != nil || got != state {
 			t.Errorf("task %s = %s, %v; want %s", id[:8], got, err, state)
 		}
+	}
+	// The site keeps the flow once; a later batch's step may name it.
+	if kept, err := rdb.SiteFlowEnvelope(ctx, "s", env.ID()); err != nil || !bytes.Equal(kept, raw) {
+		t.Errorf("kept flow = %d bytes, %v; want the envelope", len(kept), err)
+	}
+	if v := sup.Submit(ctx, [][]byte{byRef("now", env.ID())})[0]; v.State != job.VerdictDuplicate {
+		t.Errorf("the step again, by reference = %+v, want duplicate", v)
+	}
+	// A worker is handed the step with its flow back in, as signed.
+	wctx, cancel := context.WithCancel(ctx)
+	worked := make(chan struct{})
+	defer func() { cancel(); <-worked }() // before the Redis client closes (asynq's subscriber panics on a closed one)
+	got1 := make(chan queue.Delivery, 1)
+	go func() {
+		defer close(worked)
+		rdb.Work(wctx, queue.WorkerConfig{Site: "s", Queues: map[string]int{queue.SiteQueue("s"): 1}, Concurrency: 1, Log: slog.New(slog.NewTextHandler(io.Discard, nil))},
+			func(_ context.Context, d queue.Delivery) error {
+				select {
+				case got1 <- d:
+				default:
+				}
+				return nil
+			})
+	}()
+	select {
+	case d := <-got1:
+		task, ok, err := verify.ParseStepTask(d.Envelope)
+		if !ok || err != nil || task.FlowRef != "" || !bytes.Equal(task.Flow, raw) || d.ID != nowID {
+			t.Errorf("delivered %s: %s (%v)", d.ID[:8], d.Envelope[:min(len(d.Envelope), 200)], err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the step was not delivered")
 	}
 }

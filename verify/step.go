@@ -17,7 +17,11 @@ import (
 // what the step reads. Only Flow is signed; Step and Item are checked
 // against it, and Value too when the signed flow holds the list.
 type StepTask struct {
-	Flow json.RawMessage `json:"flow"`
+	Flow json.RawMessage `json:"flow,omitempty"`
+	// FlowRef, in place of Flow, names the flow by its ID: where a flow's
+	// steps are kept (coord's job records, a site's queue) the envelope is
+	// kept once, and put back in (ExpandStepTask) where it is sent or run.
+	FlowRef string `json:"flow_ref,omitempty"`
 	Step string          `json:"step"`
 	Item int             `json:"item"`
 	// Attempt counts the step's runs from 1: a step may have its retries
@@ -39,9 +43,10 @@ type StepTask struct {
 func ParseStepTask(raw []byte) (task *StepTask, ok bool, err error) {
 	var probe struct {
 		Flow        json.RawMessage `json:"flow"`
+		FlowRef     string          `json:"flow_ref"`
 		PayloadType *string         `json:"payloadType"`
 	}
-	if json.Unmarshal(raw, &probe) != nil || len(probe.Flow) == 0 || probe.PayloadType != nil {
+	if json.Unmarshal(raw, &probe) != nil || (len(probe.Flow) == 0 && probe.FlowRef == "") || probe.PayloadType != nil {
 		return nil, false, nil
 	}
 	dec := json.NewDecoder(bytes.NewReader(raw))
@@ -73,6 +78,9 @@ type Step struct {
 // it returns holds the step as a job (script, args, timeout, resources
 // from the signed flow) and the step itself.
 func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, now time.Time) (*Checked, *Step, error) {
+	if len(task.Flow) == 0 {
+		return nil, nil, envelope.Refuse(envelope.ReasonMalformed, fmt.Sprintf("the step task names flow %.64q but does not carry it (not found where it is kept: expired, or removed)", task.FlowRef))
+	}
 	env, err := envelope.Decode(task.Flow)
 	if err != nil {
 		return nil, nil, err
@@ -339,3 +347,31 @@ func fanOutSize(fl *envelope.Flow, ds *envelope.Step, in map[string]json.RawMess
 }
 
 func isNull(raw json.RawMessage) bool { return string(bytes.TrimSpace(raw)) == "null" }
+
+// FlowRefOf reports the flow a step task names instead of carrying it
+// ("" for any other payload).
+func FlowRefOf(raw []byte) string {
+	task, ok, err := ParseStepTask(raw)
+	if !ok || err != nil || len(task.Flow) > 0 {
+		return ""
+	}
+	return task.FlowRef
+}
+
+// ExpandStepTask returns step task raw carrying flow (the envelope its
+// FlowRef names) in place of the reference.
+func ExpandStepTask(raw, flow []byte) ([]byte, error) {
+	task, ok, err := ParseStepTask(raw)
+	if !ok || err != nil {
+		return nil, fmt.Errorf("not a step task: %v", err)
+	}
+	task.Flow, task.FlowRef = flow, ""
+	return json.Marshal(task)
+}
+
+// RefStepTask returns step task task naming its flow by id in place of
+// carrying it.
+func RefStepTask(task StepTask, id string) ([]byte, error) {
+	task.Flow, task.FlowRef = nil, id
+	return json.Marshal(task)
+}

@@ -53,6 +53,7 @@ var (
 	profile      = flag.String("profile", "", "write a 10 s CPU profile of the fleet process taken during the throughput run")
 	flowSteps    = flag.Int("flow-steps", 200, "steps of the flow chain and items of the flow fan-out measured against single jobs (0 skips them)")
 	flowRuns     = flag.Int("flow-runs", 5, "times the flow chain and fan-out are each run (the median is compared)")
+	flowKiB      = flag.Int("flow-kib", 512, "size of the flow whose fan-out's Redis cost is measured (0 skips it)")
 )
 
 func main() {
@@ -179,6 +180,11 @@ func run() error {
 	if *flowSteps > 0 {
 		if err := flowBench(cl, key, *flowSteps, max(*flowRuns, 1)); err != nil {
 			return fmt.Errorf("flows: %w", err)
+		}
+		if *flowKiB > 0 {
+			if err := flowRedisBench(cl, key, rp.Addr(), *flowSteps, *flowKiB); err != nil {
+				return fmt.Errorf("flow redis: %w", err)
+			}
 		}
 	}
 	if *scaleRunners > 0 {
