@@ -22,8 +22,8 @@ type StepTask struct {
 	// steps are kept (coord's job records, a site's queue) the envelope is
 	// kept once, and put back in (ExpandStepTask) where it is sent or run.
 	FlowRef string `json:"flow_ref,omitempty"`
-	Step string          `json:"step"`
-	Item int             `json:"item"`
+	Step    string `json:"step"`
+	Item    int    `json:"item"`
 	// Attempt counts the step's runs from 1: a step may have its retries
 	// + 1, each its own job.
 	Attempt int             `json:"attempt"`
