@@ -30,6 +30,10 @@ type Client struct {
 	NodeID  string    // the key's node ID (ledger.NodeID)
 	HTTP    *http.Client
 	Log     *slog.Logger
+
+	mu        sync.Mutex
+	running   map[string]context.CancelFunc // guarded by mu; the runs under way, by job ID
+	cancelled map[string]bool               // guarded by mu; jobs the dispatcher cancelled (at most maxCancelled)
 }
 
 func (c *Client) url(path string) string { return strings.TrimRight(c.BaseURL, "/") + path }
@@ -105,12 +109,19 @@ func (c *Client) Work(ctx context.Context, cfg queue.WorkerConfig, h queue.Handl
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, cfg.Concurrency)
 	run := func(d Delivery) {
+		if d.Cancel {
+			c.cancel(d.ID)
+			return
+		}
 		sem <- struct{}{}
 		wg.Add(1)
+		runCtx, stop := context.WithCancel(jobCtx)
+		c.started(d.ID, stop)
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			err := h(jobCtx, queue.Delivery{ID: d.ID, Envelope: d.Envelope, Queue: "dispatch", Attempt: d.Attempt, MaxRetry: d.MaxRetry})
+			defer c.ended(d.ID)
+			err := h(runCtx, queue.Delivery{ID: d.ID, Envelope: d.Envelope, Queue: "dispatch", Attempt: d.Attempt, MaxRetry: d.MaxRetry})
 			done := Done{Outcome: OutcomeOK}
 			switch {
 			case err == nil:
@@ -210,4 +221,52 @@ func (dr *deadlineReader) Read(p []byte) (int, error) {
 		dr.t.Stop()
 	}
 	return n, err
+}
+
+// maxCancelled bounds the cancelled job IDs a client remembers.
+const maxCancelled = 4096
+
+// started records a run's cancel func, so the dispatcher can stop it.
+func (c *Client) started(id string, stop context.CancelFunc) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.running == nil {
+		c.running = map[string]context.CancelFunc{}
+	}
+	c.running[id] = stop
+}
+
+// ended forgets a run's cancel func (and ends its context).
+func (c *Client) ended(id string) {
+	c.mu.Lock()
+	stop := c.running[id]
+	delete(c.running, id)
+	c.mu.Unlock()
+	if stop != nil {
+		stop()
+	}
+}
+
+// cancel stops job id's run, which the dispatcher said was cancelled.
+func (c *Client) cancel(id string) {
+	c.mu.Lock()
+	if c.cancelled == nil || len(c.cancelled) >= maxCancelled {
+		c.cancelled = map[string]bool{}
+	}
+	c.cancelled[id] = true
+	stop := c.running[id]
+	c.mu.Unlock()
+	if stop != nil {
+		c.Log.Info("the dispatcher cancelled a running job: stopping it", "job", id)
+		stop()
+	}
+}
+
+// CancelRequested reports whether the dispatcher said job id was
+// cancelled (the runner then reports its stopped run as cancelled, not as
+// a shutdown to retry).
+func (c *Client) CancelRequested(_ context.Context, _, id string) (bool, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.cancelled[id], nil
 }

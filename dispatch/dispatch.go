@@ -32,13 +32,19 @@ import (
 	"github.com/writ-fleet/writ/job"
 )
 
-// Delivery is one job sent to a node.
+// Delivery is one job sent to a node, or, with Cancel, word that a job
+// sent it was cancelled: the node stops its run.
 type Delivery struct {
 	ID       string          `json:"id"`
-	Envelope json.RawMessage `json:"envelope"`
-	Attempt  int             `json:"attempt"`
-	MaxRetry int             `json:"max_retry"`
+	Envelope json.RawMessage `json:"envelope,omitempty"`
+	Attempt  int             `json:"attempt,omitempty"`
+	MaxRetry int             `json:"max_retry,omitempty"`
+	Cancel   bool            `json:"cancel,omitempty"`
 }
+
+// CancelGrace is how long the dispatcher waits, once it told a node to
+// stop a cancelled job, for the node to report the run's end.
+const CancelGrace = 10 * time.Second
 
 // Report is a node's word on a job it was sent: events to publish, and
 // when it ended, Done.

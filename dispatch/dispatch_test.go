@@ -371,3 +371,59 @@ func TestDispatch_TwoDispatchersAgreeOnPause(t *testing.T) {
 	cancel() // b's node goes
 	testenv.WaitFor(t, 30*time.Second, "the queue paused again once no dispatcher has a node", paused)
 }
+
+// TestDispatch_CancelStopsTheNode: cancelling a job a node runs (the
+// supervisor's queue.CancelJob) ends the run on the node within seconds,
+// the node knows it was cancelled, and its report of the stopped run is
+// taken.
+func TestDispatch_CancelStopsTheNode(t *testing.T) {
+	s := newSite(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	n := s.node("n", true)
+	started := make(chan string, 1)
+	stopped := make(chan time.Time, 1)
+	worked := make(chan struct{})
+	go func() {
+		defer close(worked)
+		n.Work(ctx, queue.WorkerConfig{Concurrency: 1}, func(jctx context.Context, d queue.Delivery) error {
+			started <- d.ID
+			<-jctx.Done()
+			stopped <- time.Now()
+			if yes, _ := n.CancelRequested(jctx, "s", d.ID); !yes {
+				return errors.New("stopped, but not told it was cancelled")
+			}
+			n.Publish(context.Background(), "s", job.Event{Job: d.ID, Type: job.EventFailed, Reason: queue.ReasonCancelled, At: time.Now()})
+			return queue.NoRetry(errors.New("cancelled"))
+		})
+	}()
+	defer func() { cancel(); <-worked }()
+	testenv.WaitFor(t, 10*time.Second, "the node connected", func() bool { return s.srv.Connected() == 1 })
+	s.enqueue("long", "")
+	id := <-started
+	at := time.Now()
+	if res, err := s.rdb.CancelJob(ctx, "s", id, queue.SiteQueue("s")); err != nil || res != queue.CancelRunning {
+		t.Fatalf("cancel = %v, %v; want running", res, err)
+	}
+	select {
+	case end := <-stopped:
+		if d := end.Sub(at); d > 2*time.Second {
+			t.Errorf("the node stopped the run %s after the cancel", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the node's run was not stopped")
+	}
+	// The node's report of its stopped run reached the site's stream.
+	testenv.WaitFor(t, 10*time.Second, "the cancelled end on the site's stream", func() bool {
+		evs, _ := s.rdb.ReadEvents(ctx, "s", "0", 100, 0)
+		for _, ev := range evs {
+			if ev.Job == id && ev.Type == job.EventFailed && ev.Reason == queue.ReasonCancelled {
+				return true
+			}
+		}
+		return false
+	})
+	if yes, _ := n.CancelRequested(ctx, "s", "another"); yes {
+		t.Error("a job never cancelled counts as cancelled")
+	}
+}

@@ -68,6 +68,7 @@ type conn struct {
 }
 
 type pendingJob struct {
+	id     string
 	node   string
 	done   chan Done // buffered 1
 	gone   chan struct{}
@@ -206,7 +207,9 @@ func (s *Server) work(w http.ResponseWriter, r *http.Request) {
 		select {
 		case d := <-c.out:
 			if err := io.Encode(d); err != nil {
-				s.requeue(d.ID, "the node's stream broke before the job reached it")
+				if !d.Cancel {
+					s.requeue(d.ID, "the node's stream broke before the job reached it")
+				}
 				return
 			}
 			flusher.Flush()
@@ -245,7 +248,9 @@ func (s *Server) disconnect(c *conn) {
 	for {
 		select {
 		case d := <-c.out:
-			s.requeue(d.ID, "the node disconnected before the job reached it")
+			if !d.Cancel {
+				s.requeue(d.ID, "the node disconnected before the job reached it")
+			}
 		default:
 			s.Log.Info("node disconnected", "node", c.node)
 			return
@@ -466,7 +471,7 @@ func (s *Server) handle(ctx context.Context, d queue.Delivery) error {
 				return fmt.Errorf("no node took the job (pinned to %q): %w", pin, ctx.Err())
 			}
 		}
-		p := &pendingJob{node: c.node, done: make(chan Done, 1), gone: c.gone}
+		p := &pendingJob{id: d.ID, node: c.node, done: make(chan Done, 1), gone: c.gone}
 		s.pending[d.ID] = p
 		s.busy[c.node]++
 		s.mu.Unlock()
@@ -510,8 +515,38 @@ func (s *Server) await(ctx context.Context, p *pendingJob) error {
 		case <-grace:
 			return fmt.Errorf("runner_lost: node %s disconnected and did not report the job within %s", p.node, DisconnectGrace)
 		case <-ctx.Done():
+			s.stopCancelled(p)
 			return ctx.Err()
 		}
+	}
+}
+
+// stopCancelled, when the job whose hold ended was cancelled (not the
+// dispatcher stopping: asynq's cancel ends a running task's context),
+// tells its node to stop the run, and waits up to CancelGrace for the
+// node to report its end (its events are taken while it is pending).
+func (s *Server) stopCancelled(p *pendingJob) {
+	ctx, cancel := context.WithTimeout(context.Background(), CancelGrace)
+	defer cancel()
+	if yes, err := s.Redis.CancelRequested(ctx, s.Site, p.id); err != nil || !yes {
+		return
+	}
+	s.mu.Lock()
+	c := s.conns[p.node]
+	s.mu.Unlock()
+	if c == nil {
+		return // its stream is gone: the node's run ends with its DisconnectGrace
+	}
+	select {
+	case c.out <- Delivery{ID: p.id, Cancel: true}:
+	default:
+		s.Log.Warn("could not tell a node to stop a cancelled job: its stream is full", "job", p.id, "node", p.node)
+		return
+	}
+	s.Log.Info("told the node to stop a cancelled job", "job", p.id, "node", p.node)
+	select {
+	case <-p.done:
+	case <-ctx.Done():
 	}
 }
 
