@@ -182,16 +182,28 @@ func (c *Client) call(ctx context.Context, method, u string, out any) error {
 // job ends, fn returns false, or ctx ends. A broken stream is resumed.
 func (c *Client) Watch(ctx context.Context, id string, fn func(job.Event) bool) error {
 	lastID := ""
+	return follow(ctx, "watch job "+id, func(*bool) (bool, error) { return c.watchOnce(ctx, id, &lastID, fn) })
+}
+
+// follow reads a stream with once until it is over (once says so: the
+// stream ended as it should, or coord refused it, err says why), reading
+// it again with a growing pause when it breaks, at most 5 times in a row
+// without progress (once sets *progressed when an event came).
+func follow(ctx context.Context, what string, once func(progressed *bool) (over bool, err error)) error {
 	for attempt := 0; ; attempt++ {
-		ended, err := c.watchOnce(ctx, id, &lastID, fn)
+		progressed := false
+		over, err := once(&progressed)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if ended {
-			return err // nil, or coord's refusal (an unknown job, a 401)
+		if over {
+			return err
+		}
+		if progressed {
+			attempt = 0
 		}
 		if attempt >= 5 {
-			return fmt.Errorf("watch job %s: %w", id, err)
+			return fmt.Errorf("%s: %w", what, err)
 		}
 		select {
 		case <-ctx.Done():
@@ -277,8 +289,8 @@ type FlowStreamEvent struct {
 // read again; it starts again from the flow as it is, so fn may see a
 // step's summary more than once.
 func (c *Client) WatchFlow(ctx context.Context, id string, fn func(FlowStreamEvent) bool) error {
-	for attempt := 0; ; attempt++ {
-		over, err := c.stream(ctx, "/v1/flows/"+url.PathEscape(id)+"/events", func(typ, data string) bool {
+	return follow(ctx, "watch flow "+id, func(progressed *bool) (bool, error) {
+		return c.stream(ctx, "/v1/flows/"+url.PathEscape(id)+"/events", func(typ, data string) bool {
 			var ev FlowStreamEvent
 			switch typ {
 			case "flow":
@@ -294,24 +306,10 @@ func (c *Client) WatchFlow(ctx context.Context, id string, fn func(FlowStreamEve
 			default:
 				return false // a type this client does not know
 			}
-			attempt = 0
+			*progressed = true
 			return !fn(ev) || (ev.Flow != nil && flow.Ended(ev.Flow.State))
 		})
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		if over {
-			return err
-		}
-		if attempt >= 5 {
-			return fmt.Errorf("watch flow %s: %w", id, err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Duration(attempt+1) * 500 * time.Millisecond):
-		}
-	}
+	})
 }
 
 // SubmitFlow posts a signed flow envelope. A flow coord refuses (below a
