@@ -264,7 +264,12 @@ func (c *Coord) post(ctx context.Context, site string, raws [][]byte) ([]job.Ver
 		ref := verify.FlowRefOf(item)
 		var env []byte
 		if ref != "" {
-			if env, err = c.flowEnvelope(ctx, ref); err != nil {
+			switch env, err = c.flowEnvelope(ctx, ref); {
+			case errors.Is(err, queue.ErrNoFlow):
+				// The flow's record is gone (past its retention): the step
+				// goes as it is, and its supervisor refuses it, saying so.
+				ref = ""
+			case err != nil:
 				return nil, fmt.Errorf("flow %s of a step for site %s: %w", ref, site, err)
 			}
 		}

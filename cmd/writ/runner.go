@@ -78,7 +78,7 @@ its owner's volumes, networks and VMs; a site admin's sees all.`,
 	trustTTLFlag(cmd, &c.trustTTL)
 	scriptMemoryFlag(cmd, &c.scriptMemory)
 	c.tls.add(cmd)
-	cmd.Flags().StringVar(&c.nodeKey, "node-key", "", "this node's registered key (writ node makes one): it opens the secrets sealed to the node, and --node defaults to its ID")
+	cmd.Flags().StringVar(&c.nodeKey, "node-key", "", "this node's registered key (writ node makes one): it opens the secrets sealed to the node, signs the outputs of the flow steps it runs (without it, outputs go unsigned and steps here read unsigned inputs), and --node defaults to its ID")
 	c.pool.add(cmd)
 	c.net.add(cmd, "/var/lib/writ/net")
 	c.vm.add(cmd, "/var/lib/writ/vms")
