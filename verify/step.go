@@ -3,8 +3,10 @@ package verify
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
@@ -81,11 +83,7 @@ func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, n
 	if len(task.Flow) == 0 {
 		return nil, nil, envelope.Refuse(envelope.ReasonMalformed, fmt.Sprintf("the step task names flow %.64q but does not carry it (not found where it is kept: expired, or removed)", task.FlowRef))
 	}
-	env, err := envelope.Decode(task.Flow)
-	if err != nil {
-		return nil, nil, err
-	}
-	fl, err := env.Flow()
+	env, fl, err := decodeFlow(task.Flow)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -374,4 +372,51 @@ func ExpandStepTask(raw, flow []byte) ([]byte, error) {
 func RefStepTask(task StepTask, id string) ([]byte, error) {
 	task.Flow, task.FlowRef = nil, id
 	return json.Marshal(task)
+}
+
+// The steps of a fan-out carry (or are given back) the same flow: its
+// envelope is decoded once, and kept by the SHA-256 of its bytes, up to
+// maxDecodedBytes of payload. Only the decoding is kept: every step's
+// signatures are checked against the trust of the moment. What is kept
+// is shared: callers read a Step's Flow and a Checked's Envelope, never
+// change them.
+var decoded struct {
+	sync.Mutex
+	flows map[[32]byte]decodedFlow // guarded by Mutex
+	bytes int                      // guarded by Mutex
+}
+
+type decodedFlow struct {
+	env *envelope.Envelope
+	fl  *envelope.Flow
+}
+
+const maxDecodedBytes = 32 << 20
+
+// decodeFlow decodes a flow envelope and its flow, or returns the copy
+// decoded before.
+func decodeFlow(raw []byte) (*envelope.Envelope, *envelope.Flow, error) {
+	key := sha256.Sum256(raw)
+	decoded.Lock()
+	d, ok := decoded.flows[key]
+	decoded.Unlock()
+	if ok {
+		return d.env, d.fl, nil
+	}
+	env, err := envelope.Decode(raw)
+	if err != nil {
+		return nil, nil, err
+	}
+	fl, err := env.Flow()
+	if err != nil {
+		return nil, nil, err
+	}
+	decoded.Lock()
+	defer decoded.Unlock()
+	if decoded.flows == nil || decoded.bytes+len(env.Payload) > maxDecodedBytes {
+		decoded.flows, decoded.bytes = map[[32]byte]decodedFlow{}, 0
+	}
+	decoded.flows[key] = decodedFlow{env: env, fl: fl}
+	decoded.bytes += len(env.Payload)
+	return env, fl, nil
 }

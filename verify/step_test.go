@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -194,5 +195,29 @@ func TestStepJob_Inputs(t *testing.T) {
 				t.Fatalf("StepJob = %v, want %s", err, tc.want)
 			}
 		})
+	}
+}
+
+// BenchmarkStepJob: checking one step of a fan-out whose flow is padded to
+// about 700 KiB (every item's task carries or is given the same flow).
+func BenchmarkStepJob(b *testing.B) {
+	l := testenv.NewLedger(b, ledger.Site{Name: "local", SupervisorURL: "http://127.0.0.1:1"})
+	trust := &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}}
+	now := time.Now()
+	fl := envelope.NewFlow("f", "local", now)
+	fl.Args, _ = json.Marshal(map[string]string{"pad": strings.Repeat("x", 512<<10)})
+	fl.Steps = []envelope.Step{{Name: "each", Script: `x := 1`, ForEach: json.RawMessage(`[1,2,3]`)}}
+	env, err := fl.Sign(l.Admin)
+	if err != nil {
+		b.Fatal(err)
+	}
+	raw, _ := json.Marshal(env)
+	ctx := context.Background()
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		task := &verify.StepTask{Flow: raw, Step: "each", Item: i % 3, Attempt: 1, Value: json.RawMessage(strconv.Itoa(i%3 + 1))}
+		if _, _, err := verify.StepJob(ctx, trust, task, verify.Target{Site: "local"}, now); err != nil {
+			b.Fatal(err)
+		}
 	}
 }
