@@ -428,11 +428,9 @@ func (s *Server) handle(ctx context.Context, d queue.Delivery) error {
 	var resources bool
 	if task, isStep, _ := verify.ParseStepTask(d.Envelope); isStep {
 		// A step of a flow: its node and resources are the signed flow's.
-		if env, err := envelope.Decode(task.Flow); err == nil {
-			if fl, err := env.Flow(); err == nil {
-				if s := fl.Step(task.Step); s != nil {
-					pin, resources = s.Node, s.Resources != envelope.Resources{}
-				}
+		if _, fl, err := verify.DecodeFlow(task.Flow); err == nil {
+			if s := fl.Step(task.Step); s != nil {
+				pin, resources = s.Node, s.Resources != envelope.Resources{}
 			}
 		}
 	} else if env, err := envelope.Decode(d.Envelope); err == nil {

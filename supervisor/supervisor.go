@@ -477,7 +477,7 @@ func batchFlows(raws [][]byte) map[string][]byte {
 		if !isStep || err != nil || len(task.Flow) == 0 {
 			continue
 		}
-		env, err := envelope.Decode(task.Flow)
+		env, _, err := verify.DecodeFlow(task.Flow)
 		if err != nil {
 			continue
 		}

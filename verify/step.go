@@ -83,7 +83,7 @@ func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, n
 	if len(task.Flow) == 0 {
 		return nil, nil, envelope.Refuse(envelope.ReasonMalformed, fmt.Sprintf("the step task names flow %.64q but does not carry it (not found where it is kept: expired, or removed)", task.FlowRef))
 	}
-	env, fl, err := decodeFlow(task.Flow)
+	env, fl, err := DecodeFlow(task.Flow)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -393,9 +393,9 @@ type decodedFlow struct {
 
 const maxDecodedBytes = 32 << 20
 
-// decodeFlow decodes a flow envelope and its flow, or returns the copy
+// DecodeFlow decodes a flow envelope and its flow, or returns the copy
 // decoded before.
-func decodeFlow(raw []byte) (*envelope.Envelope, *envelope.Flow, error) {
+func DecodeFlow(raw []byte) (*envelope.Envelope, *envelope.Flow, error) {
 	key := sha256.Sum256(raw)
 	decoded.Lock()
 	d, ok := decoded.flows[key]
