@@ -93,8 +93,13 @@ func (c *Coord) flowEvents(w http.ResponseWriter, r *http.Request) {
 	// whether the stream is over (the flow ended, the client left).
 	update := func() bool {
 		if version >= 0 {
+			// The version first: a stream of a large flow that did not
+			// change reads a number, not the flow.
+			if v, err := c.p.Redis.FlowVersion(ctx, id); err != nil || v <= version {
+				return errors.Is(err, context.Canceled)
+			}
 			var err error
-			if rec, err = c.p.Redis.GetFlow(ctx, id); err != nil {
+			if rec, err = c.p.Redis.GetFlowProgress(ctx, id); err != nil {
 				return errors.Is(err, context.Canceled) // else: try again at the next check
 			}
 		}
@@ -102,7 +107,7 @@ func (c *Coord) flowEvents(w http.ResponseWriter, r *http.Request) {
 			return false
 		}
 		version = rec.Version
-		fl, err := c.flows.parse(id, rec.Envelope)
+		fl, err := c.flowOf(ctx, id)
 		var run flow.Run
 		if err == nil {
 			err = json.Unmarshal(rec.Run, &run)

@@ -117,7 +117,7 @@ func (c *Coord) postFlow(w http.ResponseWriter, r *http.Request) {
 		// Recorded: the sweep starts it.
 		c.p.Log.Warn("flow recorded, not yet started (the sweep will)", "flow", id, "err", err)
 	}
-	rec, err := c.p.Redis.GetFlow(r.Context(), id)
+	rec, err := c.p.Redis.GetFlowProgress(r.Context(), id)
 	if err != nil {
 		httpapi.Fail(w, err)
 		return
@@ -144,7 +144,7 @@ func (c *Coord) cancelFlow(w http.ResponseWriter, r *http.Request) {
 	}
 	if err == nil {
 		c.cancelRunning(r.Context(), rec.ID)
-		rec, err = c.p.Redis.GetFlow(r.Context(), rec.ID)
+		rec, err = c.p.Redis.GetFlowProgress(r.Context(), rec.ID)
 	}
 	if err != nil {
 		failFlow(w, err)
@@ -162,7 +162,7 @@ func (c *Coord) listFlows(w http.ResponseWriter, r *http.Request) {
 	}
 	out := []FlowReply{}
 	for _, id := range ids {
-		if rec, err := c.p.Redis.GetFlow(r.Context(), id); err == nil {
+		if rec, err := c.p.Redis.GetFlowProgress(r.Context(), id); err == nil {
 			rep := flowReply(rec)
 			rep.Run, rep.Outputs = nil, nil
 			out = append(out, rep)
@@ -173,7 +173,7 @@ func (c *Coord) listFlows(w http.ResponseWriter, r *http.Request) {
 
 // readableFlow is the flow of the request's {id}, if its caller signed it.
 func (c *Coord) readableFlow(r *http.Request) (*queue.FlowRecord, error) {
-	rec, err := c.p.Redis.GetFlow(r.Context(), chi.URLParam(r, "id"))
+	rec, err := c.p.Redis.GetFlowProgress(r.Context(), chi.URLParam(r, "id"))
 	if err != nil {
 		return nil, err
 	}
@@ -317,6 +317,21 @@ func (l *flowLocal) parse(id string, raw []byte) (*envelope.Flow, error) {
 	return fl, nil
 }
 
+// flowOf is flow id, parsed, from the parsed flows or its record.
+func (c *Coord) flowOf(ctx context.Context, id string) (*envelope.Flow, error) {
+	c.flows.mu.Lock()
+	fl := c.flows.parsed[id]
+	c.flows.mu.Unlock()
+	if fl != nil {
+		return fl, nil
+	}
+	raw, err := c.flowEnvelope(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return c.flows.parse(id, raw)
+}
+
 // flowEnvelope is flow id's envelope, from the parsed flows or its record.
 func (c *Coord) flowEnvelope(ctx context.Context, id string) ([]byte, error) {
 	c.flows.mu.Lock()
@@ -349,11 +364,11 @@ func (c *Coord) updateFlow(ctx context.Context, id string, committed func(), cha
 		}
 	}()
 	for try := 0; try < 20; try++ {
-		rec, err := c.p.Redis.GetFlow(ctx, id)
+		rec, err := c.p.Redis.GetFlowProgress(ctx, id)
 		if err != nil {
 			return err
 		}
-		fl, err := c.flows.parse(id, rec.Envelope)
+		fl, err := c.flowOf(ctx, id)
 		if err != nil {
 			return err
 		}
@@ -493,7 +508,7 @@ func (c *Coord) sweepFlows(ctx context.Context) {
 		return
 	}
 	for _, id := range ids {
-		rec, err := c.p.Redis.GetFlow(ctx, id)
+		rec, err := c.p.Redis.GetFlowProgress(ctx, id)
 		if errors.Is(err, queue.ErrNoFlow) {
 			c.p.Redis.DropActiveFlow(ctx, id)
 			continue
@@ -505,7 +520,7 @@ func (c *Coord) sweepFlows(ctx context.Context) {
 		if json.Unmarshal(rec.Run, &run) != nil || run.Done() {
 			continue
 		}
-		fl, err := c.flows.parse(id, rec.Envelope)
+		fl, err := c.flowOf(ctx, id)
 		if err != nil {
 			continue
 		}
@@ -636,11 +651,11 @@ func (c *Coord) cancelAt(ctx context.Context, site, id, node string) (string, er
 
 // cancelRunning cancels the jobs of a cancelled flow that still run.
 func (c *Coord) cancelRunning(ctx context.Context, id string) {
-	rec, err := c.p.Redis.GetFlow(ctx, id)
+	rec, err := c.p.Redis.GetFlowProgress(ctx, id)
 	if err != nil {
 		return
 	}
-	fl, err := c.flows.parse(id, rec.Envelope)
+	fl, err := c.flowOf(ctx, id)
 	if err != nil {
 		return
 	}

@@ -115,6 +115,38 @@ func (r *Redis) GetFlow(ctx context.Context, id string) (*FlowRecord, error) {
 	return f, nil
 }
 
+// GetFlowProgress is GetFlow without the envelope (Envelope is nil): what
+// an update or a stream reads, each time, of a flow whose envelope (up to
+// 1 MiB) it has.
+func (r *Redis) GetFlowProgress(ctx context.Context, id string) (*FlowRecord, error) {
+	v, err := r.rdb.HMGet(ctx, flowKey(id), "name", "users", "submitted", "run", "version").Result()
+	if err != nil {
+		return nil, fmt.Errorf("queue: flow %s: %w", id, err)
+	}
+	str := func(i int) string { s, _ := v[i].(string); return s }
+	if v[4] == nil {
+		return nil, fmt.Errorf("flow %s: %w", id, ErrNoFlow)
+	}
+	f := &FlowRecord{ID: id, Name: str(0), Run: []byte(str(3))}
+	_ = json.Unmarshal([]byte(str(1)), &f.Users)
+	f.Submitted, _ = time.Parse(timeFieldLayer, str(2))
+	f.Version, _ = strconv.ParseInt(str(4), 10, 64)
+	return f, nil
+}
+
+// FlowVersion returns flow id's version: how many updates it had
+// (ErrNoFlow if there is no such flow).
+func (r *Redis) FlowVersion(ctx context.Context, id string) (int64, error) {
+	v, err := r.rdb.HGet(ctx, flowKey(id), "version").Int64()
+	if errors.Is(err, redis.Nil) {
+		return 0, fmt.Errorf("flow %s: %w", id, ErrNoFlow)
+	}
+	if err != nil {
+		return 0, fmt.Errorf("queue: flow %s: %w", id, err)
+	}
+	return v, nil
+}
+
 // updateFlow replaces a flow's progress if its version is still the one
 // read, and records the step jobs about to start; a flow that ended
 // leaves the active index. It returns the new version, or -1 on a

@@ -36,6 +36,20 @@ func TestFlows_Store(t *testing.T) {
 	if _, err := r.GetFlow(ctx, "nope"); !errors.Is(err, ErrNoFlow) {
 		t.Errorf("GetFlow of none = %v", err)
 	}
+	// The progress alone: all but the envelope.
+	prog, err := r.GetFlowProgress(ctx, "f1")
+	if err != nil || prog.Envelope != nil || string(prog.Run) != string(got.Run) || prog.Version != 0 || prog.Users[0] != "alice" || prog.Name != "example" || !prog.Submitted.Equal(got.Submitted) {
+		t.Fatalf("GetFlowProgress = %+v, %v", prog, err)
+	}
+	if _, err := r.GetFlowProgress(ctx, "nope"); !errors.Is(err, ErrNoFlow) {
+		t.Errorf("GetFlowProgress of none = %v", err)
+	}
+	if v, err := r.FlowVersion(ctx, "f1"); err != nil || v != 0 {
+		t.Errorf("FlowVersion = %d, %v", v, err)
+	}
+	if _, err := r.FlowVersion(ctx, "nope"); !errors.Is(err, ErrNoFlow) {
+		t.Errorf("FlowVersion of none = %v", err)
+	}
 
 	// Two updates from version 0: one lands, one conflicts.
 	var wins, conflicts atomic.Int32
