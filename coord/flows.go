@@ -325,11 +325,11 @@ func (c *Coord) flowOf(ctx context.Context, id string) (*envelope.Flow, error) {
 	if fl != nil {
 		return fl, nil
 	}
-	raw, err := c.flowEnvelope(ctx, id)
+	rec, err := c.p.Redis.GetFlow(ctx, id)
 	if err != nil {
 		return nil, err
 	}
-	return c.flows.parse(id, raw)
+	return c.flows.parse(id, rec.Envelope)
 }
 
 // flowEnvelope is flow id's envelope, from the parsed flows or its record.

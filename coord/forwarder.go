@@ -256,12 +256,16 @@ func (c *Coord) post(ctx context.Context, site string, raws [][]byte) ([]job.Ver
 		return err
 	}
 	for _, raw := range raws {
-		item, placed := raw, ""
-		var p job.Placed
-		if json.Unmarshal(raw, &p) == nil && p.Place != "" && len(p.Envelope) > 0 {
-			item, placed = p.Envelope, p.Place
+		item, placed, ref := raw, "", ""
+		// Only a step naming its flow is decoded here: a job's envelope
+		// (its payload base64) cannot hold the member name.
+		if bytes.Contains(raw, []byte(`"flow_ref"`)) {
+			var p job.Placed
+			if json.Unmarshal(raw, &p) == nil && p.Place != "" && len(p.Envelope) > 0 {
+				item, placed = p.Envelope, p.Place
+			}
+			ref = verify.FlowRefOf(item)
 		}
-		ref := verify.FlowRefOf(item)
 		var env []byte
 		if ref != "" {
 			switch env, err = c.flowEnvelope(ctx, ref); {

@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -68,6 +69,11 @@ func (r *Redis) SiteFlowEnvelope(ctx context.Context, site, id string) ([]byte, 
 // carrying ("" for any other payload). The member names are
 // verify.StepTask's.
 func flowRefOf(payload []byte) (string, map[string]json.RawMessage) {
+	// Every delivery passes here: a job's envelope (its payload base64)
+	// cannot hold the member name, so it is not decoded.
+	if !bytes.Contains(payload, []byte(`"flow_ref"`)) {
+		return "", nil
+	}
 	var m map[string]json.RawMessage
 	if json.Unmarshal(payload, &m) != nil {
 		return "", nil
