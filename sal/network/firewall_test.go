@@ -16,7 +16,7 @@ import (
 // network namespaces plugged into writ bridges, "outside" is a namespace
 // behind an uplink, and TCP servers report the source address they see.
 func TestFirewall_Connectivity(t *testing.T) {
-	host := testenv.NetNS(t)
+	host := testenv.EnterHostNS(t)
 	ctx := context.Background()
 	h := newHost(t)
 	alpha := mustNetwork(t, h, "alpha", "10.61.0.0/24")
@@ -93,7 +93,7 @@ func TestFirewall_Connectivity(t *testing.T) {
 // that deleting a network removes exactly its rules, and that other
 // tables are never touched.
 func TestFirewall_Golden(t *testing.T) {
-	testenv.NetNS(t)
+	testenv.EnterHostNS(t)
 	ctx := context.Background()
 
 	// A foreign table, as another firewall manager would leave it.

@@ -31,7 +31,7 @@ func mustNetwork(t *testing.T, h *Host, name, subnet string) Network {
 }
 
 func TestHost_NetworksAndTaps(t *testing.T) {
-	testenv.NetNS(t)
+	testenv.EnterHostNS(t)
 	ctx := context.Background()
 	h := newHost(t)
 	var n Network
@@ -118,7 +118,7 @@ func TestHost_NetworksAndTaps(t *testing.T) {
 }
 
 func TestHost_Forwards(t *testing.T) {
-	testenv.NetNS(t)
+	testenv.EnterHostNS(t)
 	ctx := context.Background()
 	h := newHost(t)
 	mustNetwork(t, h, "a", "10.50.0.0/24")
@@ -177,7 +177,7 @@ func TestHost_Forwards(t *testing.T) {
 // back the same networks and the same ruleset, and addresses keep their
 // owners.
 func TestHost_Restore(t *testing.T) {
-	testenv.NetNS(t)
+	testenv.EnterHostNS(t)
 	ctx := context.Background()
 	dir := t.TempDir()
 	h, _ := New(Config{StateDir: dir})
@@ -233,7 +233,7 @@ func (f fakeOverlay) Prefix(_ context.Context, network string) (netip.Prefix, er
 // TestHost_Overlay: a network that names no IPv6 prefix gets the
 // overlay's, with the first address on the bridge and a masquerade6 rule.
 func TestHost_Overlay(t *testing.T) {
-	testenv.NetNS(t)
+	testenv.EnterHostNS(t)
 	ctx := context.Background()
 	h, _ := New(Config{StateDir: t.TempDir(), Overlay: fakeOverlay{"ov": netip.MustParsePrefix("fd12:3456:789a:1::/64")}})
 	n, err := h.EnsureNetwork(ctx, Spec{Name: "ov", Subnet: netip.MustParsePrefix("10.80.0.0/24")})

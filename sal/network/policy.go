@@ -53,9 +53,15 @@ func inPool(subnet netip.Prefix, pool []netip.Prefix) bool {
 }
 
 // hostOverlap returns what of the namespace's own addressing (an address
-// or a route not on a writ bridge) overlaps subnet, or "". Call it inside
-// Do.
+// or a route not on a writ bridge) overlaps subnet, of subnet's family, or
+// "". A default route (0.0.0.0/0 or ::/0, however netlink reports it: a nil
+// Dst or a zero-length one) overlaps everything and so means nothing here;
+// the node's addresses and its more specific routes do. Call it inside Do.
 func hostOverlap(subnet netip.Prefix, bridge string) (string, error) {
+	family := netlink.FAMILY_V4
+	if subnet.Addr().Is6() {
+		family = netlink.FAMILY_V6
+	}
 	links, err := netlink.LinkList()
 	if err != nil {
 		return "", fmt.Errorf("network: list links: %w", err)
@@ -65,7 +71,7 @@ func hostOverlap(subnet netip.Prefix, bridge string) (string, error) {
 		names[l.Attrs().Index] = l.Attrs().Name
 	}
 	ours := func(idx int) bool { return names[idx] == bridge || isWritBridge(names[idx]) }
-	addrs, err := netlink.AddrList(nil, netlink.FAMILY_V4)
+	addrs, err := netlink.AddrList(nil, family)
 	if err != nil {
 		return "", fmt.Errorf("network: list addresses: %w", err)
 	}
@@ -73,33 +79,48 @@ func hostOverlap(subnet netip.Prefix, bridge string) (string, error) {
 		if ours(a.LinkIndex) {
 			continue
 		}
-		ap, ok := netip.AddrFromSlice(a.IP.To4())
-		if !ok {
-			continue
-		}
-		ones, _ := a.Mask.Size()
-		if p := netip.PrefixFrom(ap, ones).Masked(); p.Overlaps(subnet) {
-			return fmt.Sprintf("address %s on %s", netip.PrefixFrom(ap, ones), names[a.LinkIndex]), nil
+		if p, ok := hostPrefix(a.IPNet); ok && p.Masked().Overlaps(subnet) {
+			return fmt.Sprintf("address %s on %s", p, names[a.LinkIndex]), nil
 		}
 	}
-	routes, err := netlink.RouteList(nil, netlink.FAMILY_V4)
+	routes, err := netlink.RouteList(nil, family)
 	if err != nil {
 		return "", fmt.Errorf("network: list routes: %w", err)
 	}
 	for _, r := range routes {
-		if r.Dst == nil || ours(r.LinkIndex) {
-			continue // the default route overlaps everything and means nothing here
-		}
-		ap, ok := netip.AddrFromSlice(r.Dst.IP.To4())
-		if !ok {
+		if ours(r.LinkIndex) {
 			continue
 		}
-		ones, _ := r.Dst.Mask.Size()
-		if p := netip.PrefixFrom(ap, ones).Masked(); p.Overlaps(subnet) {
+		p, ok := hostPrefix(r.Dst)
+		if !ok || p.Bits() == 0 {
+			continue // a default route: see above
+		}
+		if p = p.Masked(); p.Overlaps(subnet) {
 			return fmt.Sprintf("route %s via %s", p, names[r.LinkIndex]), nil
 		}
 	}
 	return "", nil
+}
+
+// hostPrefix converts a netlink address or route destination to a prefix
+// (an IPv4 one unmapped). It reports false for nil and malformed values.
+func hostPrefix(n *net.IPNet) (netip.Prefix, bool) {
+	if n == nil {
+		return netip.Prefix{}, false
+	}
+	ip := n.IP
+	if v4 := ip.To4(); v4 != nil {
+		ip = v4
+	}
+	a, ok := netip.AddrFromSlice(ip)
+	if !ok {
+		return netip.Prefix{}, false
+	}
+	ones, bits := n.Mask.Size()
+	if bits != a.BitLen() {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(a, ones), true
 }
 
 // isWritBridge reports whether name is a bridge writ made (BridgeName).

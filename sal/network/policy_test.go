@@ -18,7 +18,7 @@ import (
 // node's own addressing, forwards inside the port range and off ports a
 // process listens on, and WaitTCP inside writ's networks.
 func TestHost_Policy(t *testing.T) {
-	testenv.NetNS(t)
+	testenv.EnterHostNS(t)
 	ctx := context.Background()
 	h, err := New(Config{StateDir: t.TempDir(), AddressPool: []netip.Prefix{netip.MustParsePrefix("10.60.0.0/16"), netip.MustParsePrefix("10.99.0.0/16")}, ForwardPorts: PortRange{Min: 8000, Max: 8999}})
 	if err != nil {
@@ -82,5 +82,49 @@ func TestHost_Policy(t *testing.T) {
 	}
 	if r, err := ParsePortRange("1024-65535"); err != nil || r != DefaultForwardPorts {
 		t.Errorf("ParsePortRange(1024-65535) = %v, %v", r, err)
+	}
+}
+
+// TestHost_PolicyOrdinaryHost: on a namespace shaped like a real host
+// (default routes for both families, a docker bridge, a second NIC), the
+// default routes overlap nothing, while the host's addresses and its more
+// specific routes still do, for either family.
+func TestHost_PolicyOrdinaryHost(t *testing.T) {
+	testenv.EnterHostNS(t)
+	ctx := context.Background()
+	h, err := New(Config{StateDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, tc := range []struct {
+		subnet string
+		want   error
+	}{
+		{"10.89.0.0/24", nil},          // the README's network: only the default route covers it
+		{"10.250.1.0/24", ErrConflict}, // inside the second NIC's /16
+		{"10.250.0.0/16", ErrConflict}, // that /16 itself
+		{"10.0.0.0/8", ErrConflict},    // the whole pool covers the second NIC
+		{"172.17.1.0/24", ErrInvalid},  // docker's bridge: outside the pool anyway
+	} {
+		_, err := h.EnsureNetwork(ctx, Spec{Name: fmt.Sprintf("o%d", i), Subnet: netip.MustParsePrefix(tc.subnet)})
+		if tc.want == nil && err != nil || tc.want != nil && !errors.Is(err, tc.want) {
+			t.Errorf("EnsureNetwork(%s) = %v, want %v", tc.subnet, err, tc.want)
+		}
+	}
+	for _, tc := range []struct {
+		subnet string
+		clash  bool
+	}{
+		{"10.89.0.0/24", false},
+		{"198.51.100.0/25", true}, // the LAN: the host's address
+		{"172.17.5.0/24", true},   // docker0's address and route
+		{"fd42:0:0:1::/64", true}, // the IPv6 LAN
+		{"fd42::/48", true},       // covers it
+		{"fd99:1::/64", false},    // only ::/0 covers it
+	} {
+		clash, err := hostOverlap(netip.MustParsePrefix(tc.subnet), "")
+		if err != nil || (clash != "") != tc.clash {
+			t.Errorf("hostOverlap(%s) = %q, %v, want a clash: %v", tc.subnet, clash, err, tc.clash)
+		}
 	}
 }
