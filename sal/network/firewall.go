@@ -167,7 +167,7 @@ func accept() []expr.Any { return []expr.Any{&expr.Verdict{Kind: expr.VerdictAcc
 func drop() []expr.Any   { return []expr.Any{&expr.Verdict{Kind: expr.VerdictDrop}} }
 
 // applyFirewall makes writ's table match the networks, in the current
-// network namespace. When the kernel already holds exactly that table it
+// network namespace; with no networks there is no table. When the kernel already holds exactly that table it
 // sends nothing (rule handles stay as they are). Otherwise it deletes and
 // re-creates the table in one netlink batch, which the kernel applies
 // atomically: no packet ever sees a half-built ruleset.
@@ -191,6 +191,14 @@ func applyFirewall(nets []Network) error {
 	}
 	if exists {
 		c.DelTable(writTable)
+	}
+	if len(nets) == 0 {
+		// The last network went: take the table with it, leaving the host
+		// as writ found it (no empty table behind).
+		if err := c.Flush(); err != nil {
+			return fmt.Errorf("network: delete nftables table %s: %w", TableName, err)
+		}
+		return nil
 	}
 	c.AddTable(writTable)
 	for _, cs := range want {

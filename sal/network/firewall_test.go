@@ -156,7 +156,12 @@ func TestFirewall_Golden(t *testing.T) {
 	if err := h.DeleteNetwork(ctx, "alpha"); err != nil {
 		t.Fatal(err)
 	}
-	testenv.Golden(t, "ruleset-empty.golden", mustRuleset(t, h))
+	if got := mustRuleset(t, h); got != "" {
+		t.Errorf("after the last network went the ruleset is\n%s\nwant none", got)
+	}
+	if _, err := c.ListTableOfFamily(TableName, nftables.TableFamilyINet); err == nil {
+		t.Errorf("table inet %s is left behind, empty, after its last network went", TableName)
+	}
 	if _, err := c.ListTableOfFamily("other", nftables.TableFamilyINet); err != nil {
 		t.Errorf("the foreign table is gone: %v", err)
 	}
