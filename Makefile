@@ -10,7 +10,7 @@ DEV_DIR ?= .dev
 # qemu-system-x86 runs VMs; busybox-static and apt's kernel package make the
 # test and demo guest (internal/guest); the ledger tests run on PostgreSQL too;
 # ovmf, systemd-boot-efi, binutils (objcopy) and ipxe-qemu build and boot the node image (efi).
-APT_PACKAGES := redis-server openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql ovmf systemd-boot-efi binutils ipxe-qemu gcc libc6-dev
+APT_PACKAGES := redis-server curl openssh-client btrfs-progs qemu-system-x86 busybox-static postgresql ovmf systemd-boot-efi binutils ipxe-qemu gcc libc6-dev
 
 .PHONY: help build static image test test-short dev bench bench-scale bench-image bench-vm bench-ledger bench-ledger-pg chaos guest fuzz lint generate tidy deps check-clean clean
 

@@ -103,7 +103,7 @@ func TestFleet_Hostile(t *testing.T) {
 	t.Parallel()
 
 	poolDir, mnt := tempPool(t)
-	node := testenv.NewNetNS(t)
+	node := testenv.HostNS(t)
 	f := newFleet(t)
 	vmDir := filepath.Join(f.dir, "vms")
 	t.Cleanup(func() { testenv.KillUnder(vmDir) })

@@ -42,6 +42,15 @@ func newHostNet(t *testing.T) *hostNet {
 		if err := netlink.LinkAdd(br); err != nil {
 			return err
 		}
+		// The LAN's gateway, for both families: every host routes by
+		// default through it, as a real one does.
+		for _, a := range []string{lanGateway + "/24", lanGateway6 + "/64"} {
+			addr, _ := netlink.ParseAddr(a)
+			addr.Flags = 0x02 // IFA_F_NODAD
+			if err := netlink.AddrAdd(br, addr); err != nil {
+				return err
+			}
+		}
 		return netlink.LinkSetUp(br)
 	}); err != nil {
 		t.Fatalf("LAN bridge: %v", err)
@@ -49,10 +58,32 @@ func newHostNet(t *testing.T) *hostNet {
 	return &hostNet{t: t, sw: sw, hosts: map[string]netns.NsHandle{}, addrs: map[string]string{}}
 }
 
-// host plugs a host with address 10.77.0.N into the LAN.
+// The LAN's gateway addresses (on the switch's bridge).
+const (
+	lanGateway  = "10.77.0.254"
+	lanGateway6 = "fd77::fe"
+)
+
+// host plugs a host with addresses 10.77.0.N and fd77::N into the LAN,
+// with default routes for both families through the LAN's gateway.
 func (h *hostNet) host(name string, n int) string {
 	addr := fmt.Sprintf("10.77.0.%d", n)
-	h.hosts[name] = testenv.PlugGuest(h.t, h.sw, "v-"+name, "lan", netip.MustParsePrefix(addr+"/24"), netip.Addr{})
+	ns := testenv.PlugGuest(h.t, h.sw, "v-"+name, "lan", netip.MustParsePrefix(addr+"/24"), netip.MustParseAddr(lanGateway))
+	if err := testenv.InNetNS(h.t, ns, func() error {
+		eth0, err := netlink.LinkByName("eth0")
+		if err != nil {
+			return err
+		}
+		a, _ := netlink.ParseAddr(fmt.Sprintf("fd77::%x/64", n))
+		a.Flags = 0x02 // IFA_F_NODAD
+		if err := netlink.AddrAdd(eth0, a); err != nil {
+			return err
+		}
+		return netlink.RouteAdd(&netlink.Route{LinkIndex: eth0.Attrs().Index, Gw: net.ParseIP(lanGateway6)})
+	}); err != nil {
+		h.t.Fatalf("host %s: IPv6: %v", name, err)
+	}
+	h.hosts[name] = ns
 	h.addrs[name] = addr
 	return addr
 }

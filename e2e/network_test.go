@@ -22,7 +22,7 @@ import (
 func TestFleet_NetworkScript(t *testing.T) {
 	testenv.RequireRoot(t)
 	t.Parallel()
-	node := testenv.NewNetNS(t)
+	node := testenv.HostNS(t)
 	f := newFleet(t)
 	f.startSupervisor("local")
 	f.startCoord()
@@ -78,7 +78,7 @@ func TestFleet_NetworkScript(t *testing.T) {
 func TestDev_Network(t *testing.T) {
 	testenv.RequireRoot(t)
 	t.Parallel()
-	node := testenv.NewNetNS(t)
+	node := testenv.HostNS(t)
 	dir := t.TempDir()
 	cmd := exec.Command(writBin, "dev", "--dir", filepath.Join(dir, "dev"), "--base-port", "0", "--no-pool",
 		"--net-ns", testenv.NetNSPath(node), "--sample", "../scripts/lib/network.tengo",

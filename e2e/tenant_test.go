@@ -38,7 +38,7 @@ func TestFleet_Tenants(t *testing.T) {
 	f.startSupervisor("local")
 	f.startCoord()
 	poolDir, mnt := tempPool(t)
-	node := testenv.NewNetNS(t)
+	node := testenv.HostNS(t)
 	f.start("runner:t1", "runner", "--no-vm", "--site", "local", "--node", "t1", "--redis", f.redis, "--ledger", f.ledger, "--listen", "",
 		"--pool-file", filepath.Join(poolDir, "pool.img"), "--pool-size", "1G", "--pool-mount", mnt,
 		"--net-ns", testenv.NetNSPath(node), "--net-state", filepath.Join(f.dir, "net"))

@@ -62,7 +62,7 @@ func TestFleet_DeployVM(t *testing.T) {
 	t.Parallel()
 
 	poolDir, mnt := tempPool(t)
-	node := testenv.NewNetNS(t)
+	node := testenv.HostNS(t)
 	f := newFleet(t)
 	vmDir := filepath.Join(f.dir, "vms")
 	t.Cleanup(func() { testenv.KillUnder(vmDir) }) // runs before the fleet stops
@@ -236,7 +236,7 @@ func TestFleet_NodeReboot(t *testing.T) {
 	t.Parallel()
 
 	poolDir, mnt := tempPool(t)
-	node := testenv.NewNetNS(t)
+	node := testenv.HostNS(t)
 	f := newFleet(t)
 	vmDir := filepath.Join(f.dir, "vms")
 	t.Cleanup(func() { testenv.KillUnder(vmDir) })
@@ -358,7 +358,7 @@ func TestFleet_ServiceFlow(t *testing.T) {
 	t.Parallel()
 
 	poolDir, mnt := tempPool(t)
-	node := testenv.NewNetNS(t)
+	node := testenv.HostNS(t)
 	f := newFleet(t)
 	vmDir := filepath.Join(f.dir, "vms")
 	t.Cleanup(func() { testenv.KillUnder(vmDir) })

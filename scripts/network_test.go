@@ -15,7 +15,7 @@ import (
 // TestNetworkModule_NetworkScript runs scripts/lib/network.tengo against a
 // real network Host inside a throwaway network namespace.
 func TestNetworkModule_NetworkScript(t *testing.T) {
-	ns := testenv.NewNetNS(t)
+	ns := testenv.HostNS(t)
 	src, err := os.ReadFile("lib/network.tengo")
 	if err != nil {
 		t.Fatal(err)

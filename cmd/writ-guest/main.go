@@ -1,7 +1,7 @@
 // Command writ-guest builds the demo VM guest (Debian's cloud kernel and a
 // busybox initramfs that serves HTTP; see internal/guest) into a directory
-// that `writ dev` serves over HTTP, and prints the `writ run` command that
-// deploys it.
+// that `writ dev` serves over HTTP, writes the deploy command's arguments
+// into DIR/guest.json (for `writ run --args-file`), and prints the command.
 //
 //	go run ./cmd/writ-guest --dir .dev/files --base-url http://127.0.0.1:7706
 package main
@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -18,6 +19,10 @@ import (
 
 	"github.com/writ-fleet/writ/internal/guest"
 )
+
+// ArgsFile is the name, in --dir, of the JSON object of the deploy
+// command's arguments (image, kernel and initrd URLs and sums, cmdline).
+const ArgsFile = "guest.json"
 
 func main() {
 	dir := flag.String("dir", ".dev/files", "where to put disk.img, vmlinuz and initrd.img")
@@ -55,18 +60,27 @@ func run(dir, base, page string) error {
 		}
 		sums[f] = s
 	}
-	fmt.Printf(`Demo guest ready in %s. Deploy it (with writ dev running, as root):
-
+	// The deploy command's arguments, as a file writ run --args-file reads,
+	// so the README's walkthrough runs as written (no sums to copy).
+	args, err := json.MarshalIndent(map[string]string{
+		"image_url": base + "/disk.img", "image_sha256": sums["disk.img"],
+		"kernel_url": base + "/vmlinuz", "kernel_sha256": sums["vmlinuz"],
+		"initrd_url": base + "/initrd.img", "initrd_sha256": sums["initrd.img"],
+		"cmdline": guest.Cmdline,
+	}, "", "  ")
+	if err != nil {
+		return err
+	}
+	argsFile := filepath.Join(dir, ArgsFile)
+	if err := os.WriteFile(argsFile, append(args, '\n'), 0o644); err != nil {
+		return err
+	}
+	fmt.Printf(`Demo guest ready in %s; its deploy arguments are in %s. Deploy it (with writ dev running, as root):
   . .dev/env && bin/writ run scripts/lib/deploy_vm.tengo --timeout 5m \
-    --arg name=demo --arg forwards=8080:80 \
-    --arg image_url=%s/disk.img --arg image_sha256=%s \
-    --arg kernel_url=%s/vmlinuz --arg kernel_sha256=%s \
-    --arg initrd_url=%s/initrd.img --arg initrd_sha256=%s \
-    --arg cmdline='%s'
-
+    --args-file %s --arg name=demo --arg forwards=8080:80
 Then: curl http://NODE-ADDRESS:8080/   (an address of this machine other than 127.0.0.1)
 Remove it: bin/writ run scripts/lib/destroy_vm.tengo --arg name=demo
-`, dir, base, sums["disk.img"], base, sums["vmlinuz"], base, sums["initrd.img"], guest.Cmdline)
+`, dir, argsFile, argsFile)
 	return nil
 }
 

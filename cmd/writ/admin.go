@@ -17,7 +17,7 @@ import (
 type adminFlags struct{ ledger, key string }
 
 func (f *adminFlags) add(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&f.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, or several ledger processes' URLs separated by commas (default $WRIT_LEDGER)")
+	cmd.Flags().StringVar(&f.ledger, "ledger", envOr(envLedger, serviceURL(defaultLedgerAddr)), "ledger URL, or several ledger processes' URLs separated by commas (default $WRIT_LEDGER)")
 	cmd.Flags().StringVar(&f.key, "key", "", "an admin's signing key (default $WRIT_KEY)")
 }
 
@@ -188,7 +188,7 @@ func siteSetCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:     "set NAME",
 		Short:   "Create or update a site",
-		Example: `  writ site set lab --supervisor http://10.0.0.5:7703 --threshold 2 --roles admin,deployer`,
+		Example: `  writ site set lab --supervisor https://10.0.1.1:7703 --threshold 2 --roles admin,deployer`,
 		Args:    cobra.ExactArgs(1),
 		RunE:    func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}

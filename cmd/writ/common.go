@@ -97,6 +97,10 @@ func defaultNodeID() string {
 	return strings.Trim(nodeSanitize.ReplaceAllString(h, "-"), "-._")
 }
 
+// serviceURL is the default URL of a service at addr: HTTPS, as every
+// fleet but an --insecure-http one on loopback talks.
+func serviceURL(addr string) string { return "https://" + addr }
+
 func httpURL(addr string) string {
 	if strings.HasPrefix(addr, "http://") || strings.HasPrefix(addr, "https://") {
 		return addr

@@ -38,7 +38,7 @@ stateless apart from Redis: restart it, or run several behind a load balancer.`,
 	}
 	cmd.Flags().StringVar(&c.listen, "listen", defaultCoordAddr, "address to serve the coord API on")
 	c.redis.add(cmd, "coord's Redis")
-	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, or the URLs of several ledger processes separated by commas (a call goes to the next when one is down)")
+	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, serviceURL(defaultLedgerAddr)), "ledger URL, or the URLs of several ledger processes separated by commas (a call goes to the next when one is down)")
 	c.tls.add(cmd)
 	cmd.Flags().IntVar(&c.streams, "streams-per-user", coord.DefaultStreamsPerUser, "event streams and waiting requests one user may hold open at once")
 	cmd.Flags().StringVar(&c.placement, "placement", coord.PlaceSpread, "where jobs that state resources (--cpu/--memory) and pin no node go: spread (most free node) or binpack (fullest node that fits)")

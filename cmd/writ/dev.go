@@ -302,8 +302,10 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 	})
 
 	envFile := filepath.Join(dir, "env")
-	env := fmt.Sprintf("export %s=%s\nexport %s=%s\nexport %s=%s\nexport %s=%s\n",
-		envCoord, coordURL, envKey, keyPath, envSite, devSite, envLedger, ledgerURL)
+	// WRIT_NODE names writ dev's node for commands that take one
+	// (writ vm ls "$WRIT_NODE"); no writ command reads it by itself.
+	env := fmt.Sprintf("export %s=%s\nexport %s=%s\nexport %s=%s\nexport %s=%s\nexport WRIT_NODE=%s\n",
+		envCoord, coordURL, envKey, keyPath, envSite, devSite, envLedger, ledgerURL, nodeID)
 	if caPath != "" {
 		env += fmt.Sprintf("export %s=%s\n", envCA, caPath)
 	}

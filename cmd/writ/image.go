@@ -38,7 +38,8 @@ USB stick) and boot.ipxe (for writ image serve). The kernel is --kernel with
 The site configuration baked in can be overridden on the kernel command
 line: writ.ledger=URL writ.site=NAME writ.token=SECRET writ.redis=URL.`,
 		Example: `  make static      # bin/writ-static: writ linked statically, as /init must be
-  writ image build --writ bin/writ-static --writ bin/writ-static --ledger http://10.0.0.1:7701 --site lab --token writ-enroll-… --redis redis://10.0.1.1:6379/0`,
+  writ image build --writ bin/writ-static --out image --site-ca ca.crt \
+      --ledger https://10.0.0.1:7701 --site lab --token writ-enroll-… --supervisor https://10.0.1.1:7703`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}

@@ -44,7 +44,7 @@ func (f *signFlags) add(cmd *cobra.Command) {
 	fl.StringArrayVar(&f.args, "arg", nil, "job argument key=value (repeatable); a value that is valid JSON is taken as JSON, else as a string")
 	fl.StringVar(&f.argsFile, "args-file", "", "JSON object file of job arguments (--arg values override it)")
 	fl.StringArrayVar(&f.secrets, "secret", nil, "secret NAME=VALUE or NAME=@FILE (repeatable): sealed to the key of the --node, or of every node of the --site (from the ledger), so only the runner that executes the job opens it; the script reads job.secrets.NAME. @FILE keeps the value out of the process list")
-	fl.StringVar(&f.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, for the node keys --secret seals to (default $WRIT_LEDGER)")
+	fl.StringVar(&f.ledger, "ledger", envOr(envLedger, serviceURL(defaultLedgerAddr)), "ledger URL, for the node keys --secret seals to (default $WRIT_LEDGER)")
 	fl.DurationVar(&f.timeout, "timeout", envelope.DefaultTimeout, "how long one run may take")
 	fl.DurationVar(&f.valid, "valid", envelope.DefaultValidity, "how long the signed job may be submitted and run")
 	fl.IntVar(&f.maxRetries, "max-retries", envelope.DefaultMaxRetries, "retries after infrastructure failures")
@@ -200,7 +200,7 @@ func baseName(p string) string {
 }
 
 func coordFlag(cmd *cobra.Command, dst *string) {
-	cmd.Flags().StringVar(dst, "coord", envOr(envCoord, httpURL(defaultCoordAddr)), "coord URL (default $WRIT_COORD)")
+	cmd.Flags().StringVar(dst, "coord", envOr(envCoord, serviceURL(defaultCoordAddr)), "coord URL (default $WRIT_COORD)")
 }
 
 // coordFlags are what a command reading from coord needs: its address and
@@ -339,21 +339,27 @@ func cosign(path, keyPath, out string, parse func([]byte) (*envelope.Envelope, e
 	return writeEnvelope(out, env)
 }
 
-type jobSubmitCmd struct{ coordFlags }
+type jobSubmitCmd struct {
+	coordFlags
+	quiet bool
+}
 
 func jobSubmitCommand() *cobra.Command {
 	c := &jobSubmitCmd{}
 	cmd := &cobra.Command{
 		Use:   "submit FILE",
 		Short: "Submit a signed job envelope to coord (- reads stdin)",
-		Args:  cobra.ExactArgs(1),
-		RunE:  func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
+		Example: `  writ job submit j.json              # {"id": "...", "state": "queued"}
+  id=$(writ job submit -q j.json)     # the job's ID alone, for scripts`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
 	c.coordFlags.add(cmd)
+	cmd.Flags().BoolVarP(&c.quiet, "quiet", "q", false, "print only the job's ID (a refusal still fails with its reason)")
 	return cmd
 }
 
-// Run submits the envelope and prints {id, state}.
+// Run submits the envelope and prints {id, state} (the ID alone with -q).
 func (c *jobSubmitCmd) Run(ctx context.Context, args []string) error {
 	var data []byte
 	var err error
@@ -370,6 +376,10 @@ func (c *jobSubmitCmd) Run(ctx context.Context, args []string) error {
 		return err
 	}
 	rep, err := cl.Submit(ctx, data)
+	if c.quiet && err == nil {
+		fmt.Println(rep.ID)
+		return nil
+	}
 	printJSON(rep)
 	return err
 }

@@ -39,7 +39,7 @@ func ledgerInitCommand() *cobra.Command {
 		Short: "Create the ledger store with its first admin (and optionally a first site)",
 		Example: `  writ key gen
   writ ledger init --db /var/lib/writ/ledger.db --admin-key ~/.config/writ/key.pub \
-      --site local --supervisor http://127.0.0.1:7703`,
+      --site lab --supervisor https://10.0.1.1:7703`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
@@ -47,7 +47,7 @@ func ledgerInitCommand() *cobra.Command {
 	cmd.Flags().StringVar(&c.adminName, "admin-name", "admin", "name of the first admin user")
 	cmd.Flags().StringVar(&c.adminKey, "admin-key", "", "the first admin's public key file (OpenSSH .pub) (required)")
 	cmd.Flags().StringVar(&c.site, "site", "", "also create this site")
-	cmd.Flags().StringVar(&c.supervisorURL, "supervisor", httpURL(defaultSupervisorAddr), "supervisor URL of --site")
+	cmd.Flags().StringVar(&c.supervisorURL, "supervisor", serviceURL(defaultSupervisorAddr), "supervisor URL of --site")
 	cmd.Flags().IntVar(&c.threshold, "threshold", 1, "signatures from distinct users that --site requires")
 	return cmd
 }

@@ -60,9 +60,16 @@ the ledger counts every boot, those it never heard of live included. A
 node that registered once starts reporting and running jobs at once,
 whether or not the ledger answers.
 
-As root the runner also manages networks and VMs (state under --state-dir),
-like writ runner. writ node ls and writ node info show the registered nodes.`,
-		Example: `  writ node --ledger http://10.0.0.1:7701 --site lab --token writ-enroll-… --redis redis://10.0.1.1:6379/0`,
+As root the runner also manages this machine's networks and VMs (state
+under --state-dir), like writ runner; --no-network --no-vm leave them alone.
+Two nodes on one machine need a --state-dir each (each is its own key and
+identity), and at most one of them may manage the networks and VMs.
+writ node ls and writ node info show the registered nodes.`,
+		Example: `  WRIT_TOKEN=writ-enroll-… writ node --site lab --ledger https://10.0.0.1:7701 \
+      --supervisor https://10.0.1.1:7703 --ca ca.crt          # a dispatched site: no Redis credential
+  WRIT_REDIS_PASSWORD=… writ node --site lab --ledger https://10.0.0.1:7701 --ca ca.crt \
+      --redis rediss://runner@10.0.1.1:6379/0                 # a site without a dispatcher
+  writ node --site lab --state-dir /var/lib/writ/node2 --no-network --no-vm …   # a second node here`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c.log = newLogger(cmd)
@@ -70,7 +77,7 @@ like writ runner. writ node ls and writ node info show the registered nodes.`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, or several ledger processes' URLs separated by commas (default $WRIT_LEDGER)")
+	fl.StringVar(&c.ledger, "ledger", envOr(envLedger, serviceURL(defaultLedgerAddr)), "ledger URL, or several ledger processes' URLs separated by commas (default $WRIT_LEDGER)")
 	fl.StringVar(&c.site, "site", os.Getenv(envSite), "the site this node belongs to (default $WRIT_SITE)")
 	fl.StringVar(&c.token, "token", os.Getenv("WRIT_TOKEN"), "the site's enrollment token (default $WRIT_TOKEN); needed until the node is registered")
 	fl.StringVar(&c.stateDir, "state-dir", "/var/lib/writ/node", "where the node key (and, as root, network and VM state) live; must survive reboots")

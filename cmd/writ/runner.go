@@ -70,7 +70,7 @@ its owner's volumes, networks and VMs; a site admin's sees all.`,
 	cmd.Flags().StringVar(&c.site, "site", "", "the site whose jobs to run (required)")
 	cmd.Flags().StringVar(&c.node, "node", defaultNodeID(), "this node's ID (its own queue is node:<ID>)")
 	c.redis.add(cmd, "the site's Redis")
-	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, or the URLs of several ledger processes separated by commas (a call goes to the next when one is down)")
+	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, serviceURL(defaultLedgerAddr)), "ledger URL, or the URLs of several ledger processes separated by commas (a call goes to the next when one is down)")
 	cmd.Flags().StringVar(&c.listen, "listen", defaultRunnerAddr, `address for /healthz, /readyz and /metrics ("" to turn off)`)
 	cmd.Flags().IntVar(&c.concurrency, "concurrency", runner.DefaultConcurrency, "jobs run at once")
 	cmd.Flags().DurationVar(&c.poll, "poll", queue.DefaultPollInterval, "how often an idle dequeuer asks Redis for work (lower: less idle latency, more idle Redis load)")

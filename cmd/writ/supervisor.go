@@ -48,7 +48,7 @@ also serves the site's job events to coord (GET /v1/events).`,
 	cmd.Flags().StringVar(&c.site, "site", "", "the site this supervisor serves (required)")
 	cmd.Flags().StringVar(&c.listen, "listen", defaultSupervisorAddr, "address to serve the supervisor API on")
 	c.redis.add(cmd, "the site's Redis")
-	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, httpURL(defaultLedgerAddr)), "ledger URL, or the URLs of several ledger processes separated by commas (a call goes to the next when one is down)")
+	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, serviceURL(defaultLedgerAddr)), "ledger URL, or the URLs of several ledger processes separated by commas (a call goes to the next when one is down)")
 	trustTTLFlag(cmd, &c.trustTTL)
 	c.tls.add(cmd)
 	cmd.Flags().BoolVar(&c.dispatch, "dispatch", false, "dispatch the site's jobs to its nodes over their own signed streams (writ node --supervisor): nodes then hold no Redis credential and cost the site's Redis nothing while idle")

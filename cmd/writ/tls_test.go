@@ -69,6 +69,7 @@ func TestRedisConf(t *testing.T) {
 	old := caFile
 	defer func() { caFile = old }()
 	dir := t.TempDir()
+	t.Chdir(dir) // --dir is given relative to it
 	ca, _ := pki.InitCA(filepath.Join(dir, "ca"), "ca")
 	ca.IssueFiles(pki.Request{Name: "redis-lab"}, filepath.Join(dir, "r.crt"), filepath.Join(dir, "r.key"))
 	pw := filepath.Join(dir, "pw")
@@ -78,7 +79,7 @@ func TestRedisConf(t *testing.T) {
 		stdout := os.Stdout
 		os.Stdout = w
 		root.SetArgs(append([]string{"redis", "conf", "--ca", filepath.Join(dir, "ca", pki.CACertFile), "--site", "lab", "--passwords", pw,
-			"--tls-cert", filepath.Join(dir, "r.crt"), "--tls-key", filepath.Join(dir, "r.key")}, extra...))
+			"--tls-cert", filepath.Join(dir, "r.crt"), "--tls-key", filepath.Join(dir, "r.key"), "--roles", "supervisor,runner", "--dir", "data"}, extra...))
 		err := root.ExecuteContext(context.Background())
 		w.Close()
 		os.Stdout = stdout
@@ -90,6 +91,11 @@ func TestRedisConf(t *testing.T) {
 		return string(b[:n])
 	}
 	conf := run()
+	// The data directory is written as an absolute path: a server started
+	// from another working directory finds its jobs again.
+	if abs := filepath.Join(dir, "data"); !strings.Contains(conf, "dir \""+abs+"\"") {
+		t.Errorf("the configuration names no absolute dir %s:\n%s", abs, conf)
+	}
 	for _, role := range []string{"supervisor", "runner"} {
 		fi, err := os.Stat(filepath.Join(pw, role))
 		if err != nil || fi.Mode().Perm() != 0o600 {

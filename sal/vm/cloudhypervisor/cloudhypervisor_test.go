@@ -223,7 +223,7 @@ func TestReal_Lifecycle(t *testing.T) {
 	}
 	art := testenv.Guest(t)
 	ctx := context.Background()
-	node := testenv.NewNetNS(t)
+	node := testenv.HostNS(t)
 	host, err := network.New(network.Config{StateDir: t.TempDir(), NetNS: testenv.NetNSPath(node)})
 	if err != nil {
 		t.Fatal(err)

@@ -48,7 +48,7 @@ func newRig(t testing.TB) *rig {
 func newRigWith(t testing.TB, b *Backend) *rig {
 	art := testenv.Guest(t)
 	r := &rig{t: t, art: art, ctx: context.Background(), dir: t.TempDir()}
-	r.node = testenv.NewNetNS(t)
+	r.node = testenv.HostNS(t)
 	var err error
 	if r.host, err = network.New(network.Config{StateDir: t.TempDir(), NetNS: testenv.NetNSPath(r.node)}); err != nil {
 		t.Fatal(err)
