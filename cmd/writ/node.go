@@ -70,7 +70,7 @@ writ node ls and writ node info show the registered nodes.`,
   WRIT_REDIS_PASSWORD=… writ node --site lab --ledger https://10.0.0.1:7701 --ca ca.crt \
       --redis rediss://runner@10.0.1.1:6379/0                 # a site without a dispatcher
   writ node --site lab --state-dir /var/lib/writ/node2 --no-network --no-vm …   # a second node here`,
-		Args:    cobra.NoArgs,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c.log = newLogger(cmd)
 			return c.Run(cmd.Context(), args)
