@@ -78,7 +78,7 @@ chaos: deps ## the chaos suite: CHAOS_JOBS signed jobs through kill -9 of every 
 
 fuzz: ## fuzz the script engine (compile, and run in the sandbox) and the envelope scanner, FUZZ_EXECS each; crashers land in testdata/fuzz
 	$(GO) test -run '^$$' -fuzz '^FuzzCheck$$' -fuzztime $(FUZZ_EXECS)x ./scripts
-	$(GO) test -run '^$$' -fuzz '^FuzzRun$$' -fuzztime $(FUZZ_EXECS)x ./scripts
+	$(GO) test -run '^$$' -fuzz '^FuzzRun$$' -fuzztime $(FUZZ_EXECS)x ./scripts/sandbox
 	$(GO) test -run '^$$' -fuzz '^FuzzMembers$$' -fuzztime $(FUZZ_EXECS)x ./envelope
 
 guest: deps build ## build the demo VM guest into .dev/files (served by make dev) and print the deploy command

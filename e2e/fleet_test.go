@@ -87,7 +87,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	// Others may search it, so a root runner's sandboxes can run writ as
-	// nobody (scripts.SandboxUser).
+	// nobody (sandbox.User).
 	if err := os.Chmod(dir, 0o755); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)

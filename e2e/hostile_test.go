@@ -33,7 +33,7 @@ import (
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
-	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/scripts/sandbox"
 )
 
 // Limits the hostile corpus runs under, and what the test holds the
@@ -267,8 +267,8 @@ func TestFleet_Hostile(t *testing.T) {
 
 	t.Logf("%d hostile scripts; runner RSS peak %d MiB (bound %d MiB); sandbox RSS peak %d MiB (script limit %d MiB)",
 		len(cases), mem.runnerPeak>>20, runnerRSSMargin>>20, mem.sandboxPeak>>20, hostileScriptMemory>>20)
-	if len(mem.sandboxUIDs) != 1 || !mem.sandboxUIDs[strconv.Itoa(scripts.NobodyID)] {
-		t.Errorf("the sandboxes ran as UIDs %v, want only nobody (%d)", mem.sandboxUIDs, scripts.NobodyID)
+	if len(mem.sandboxUIDs) != 1 || !mem.sandboxUIDs[strconv.Itoa(sandbox.NobodyID)] {
+		t.Errorf("the sandboxes ran as UIDs %v, want only nobody (%d)", mem.sandboxUIDs, sandbox.NobodyID)
 	}
 	if mem.runnerPeak > runnerRSSMargin {
 		t.Errorf("the runner's RSS reached %d MiB, over its bound of %d MiB", mem.runnerPeak>>20, runnerRSSMargin>>20)

@@ -58,7 +58,7 @@ type Params struct {
 	Node    string             // required: this node's ID
 	Redis   Queue              // required: the site's Redis, or its dispatcher
 	Trust   verify.TrustSource // required: *ledger.TrustCache
-	Scripts Scripts            // required: a *scripts.Sandbox (or an Engine, in tests)
+	Scripts Scripts            // required: a *sandbox.Pool (or a *scripts.Engine, in tests)
 	Log     *slog.Logger       // required
 	Metrics *prometheus.Registry
 	// Concurrency is how many jobs run at once; zero means DefaultConcurrency.
@@ -85,7 +85,7 @@ type Params struct {
 	Now            func() time.Time // optional, time.Now
 }
 
-// Scripts runs job scripts: *scripts.Sandbox, or *scripts.Engine in
+// Scripts runs job scripts: *sandbox.Pool (package scripts/sandbox), or *scripts.Engine in
 // process (tests).
 type Scripts interface {
 	Run(ctx context.Context, script string, in scripts.Input) (scripts.Output, error)

@@ -17,6 +17,7 @@ import (
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/scripts/host"
 	"github.com/writ-fleet/writ/verify"
 )
 
@@ -42,7 +43,7 @@ func newFixture(tb testing.TB, concurrency int) *fixture {
 	node := ledger.NodeID(key.Public)
 	lc := &ledger.Client{BaseURL: l.URL}
 	r, err := New(Params{Site: "s", Node: node, Key: key, Redis: rdb, Trust: &ledger.TrustCache{Client: lc}, Nodes: &ledger.NodeCache{Client: lc},
-		Scripts: scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})), Log: log, Concurrency: concurrency})
+		Scripts: scripts.New(scripts.Config{}, host.Modules(host.Layers{})), Log: log, Concurrency: concurrency})
 	if err != nil {
 		tb.Fatal(err)
 	}

@@ -35,10 +35,10 @@ func (e *TooLargeError) Error() string {
 	return fmt.Sprintf("encoded value is larger than the limit of %d bytes", e.Limit)
 }
 
-// encodeJSON writes o as JSON, at most max bytes. Maps are written with
+// EncodeJSON writes o as JSON, at most max bytes. Maps are written with
 // sorted keys; Undefined is null; an error value is {"error": value}; times
 // are RFC 3339 strings; bytes are base64.
-func encodeJSON(o tengo.Object, max int) ([]byte, error) {
+func EncodeJSON(o tengo.Object, max int) ([]byte, error) {
 	e := &encoder{max: max, path: map[tengo.Object]bool{}}
 	if err := e.value(o, 0); err != nil {
 		return nil, err

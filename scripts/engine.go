@@ -1,23 +1,24 @@
-// Package scripts runs job scripts: Tengo programs in a sandbox.
+// Package scripts is the Tengo engine job scripts run on: compiling (with
+// the compile limits and the allowed imports), running under limits, and
+// writ's own "job" and "log" modules.
 //
-// # Sandbox
+// # What a script may do
 //
 // A script may import only the modules the Engine registers: Tengo's standard
 // library without "os" (with "fmt" printing to the job log and "times.sleep"
 // honouring the deadline), writ's "job" and "log" modules, and any modules
-// the runner adds (the system abstraction layers). It has no file, process or
-// network access except through those modules. Each run has a wall-clock
-// deadline (the job's timeout), an allocation cap (Config.MaxAllocs objects,
-// with strings and byte slices capped at Config.MaxValueBytes each), and
-// bounded log and result sizes.
+// the runner adds (the host layers: package scripts/host). It has no file,
+// process or network access except through those modules. Each run has a
+// wall-clock deadline (the job's timeout), an allocation cap
+// (Config.MaxAllocs objects, with strings and byte slices capped at
+// Config.MaxValueBytes each), and bounded log and result sizes.
 //
-// The runner runs scripts in a Sandbox: a pool of processes (SandboxMain),
-// one job at a time each, with a memory limit in bytes, so that what Tengo
-// cannot bound in process (a builtin that recurses on a value containing
-// itself, one that allocates gigabytes at once) ends that process only. The
-// host-layer modules' calls go back to the runner (wire.go), which makes
-// them as the job's owner (tenant.go). The Engine itself, in process, is
-// what the supervisor compiles with and what a sandbox process runs.
+// The Engine, in process, is what the supervisor checks scripts with
+// (with CheckModules: the host modules by name only, so it links no host
+// layer) and what a sandbox process runs. The runner runs scripts in
+// package scripts/sandbox's pool of processes, so that what Tengo cannot
+// bound in process ends that process only; the host modules' calls a
+// sandboxed run makes go back to the runner (Input.Host, Run.CallHost).
 //
 // # Caching
 //
@@ -136,8 +137,25 @@ var valueLimitOnce sync.Once
 // stdlibNames are the Tengo standard modules a script may import.
 var stdlibNames = []string{"base64", "enum", "fmt", "hex", "json", "math", "rand", "text", "times"}
 
+// HostModuleNames are the import names of the node's host-layer modules
+// (package scripts/host, which holds it to this list).
+var HostModuleNames = []string{"storage", "net", "vm"}
+
+// CheckModules are the host modules as a checking engine needs them
+// (the supervisor's): importable by name, with nothing in them. A script
+// compiles against them exactly as against the real ones, since Tengo
+// looks a module's members up only when the script runs.
+func CheckModules() map[string]Module {
+	m := map[string]Module{}
+	for _, n := range HostModuleNames {
+		m[n] = nil
+	}
+	return m
+}
+
 // New returns an Engine with the standard sandbox modules plus extra
-// (import name → module). extra may be nil.
+// (import name → module). extra may be nil; a nil module is importable
+// and empty (CheckModules).
 func New(cfg Config, extra map[string]Module) *Engine {
 	cfg = cfg.withDefaults()
 	// Tengo reads these limits from package variables, unsynchronized,
@@ -163,6 +181,25 @@ func New(cfg Config, extra map[string]Module) *Engine {
 	}
 	sort.Strings(e.allowed)
 	return e
+}
+
+// Config returns the engine's configuration, defaults filled in.
+func (e *Engine) Config() Config { return e.cfg }
+
+// Module returns the host module registered under name, or nil (for an
+// unknown name and for "job", which is not a host module).
+func (e *Engine) Module(name string) Module {
+	if name == "job" {
+		return nil
+	}
+	return e.modules[name]
+}
+
+// HostRun is a run context for host-layer calls made on a sandboxed run's
+// behalf: the runner's side of the sandbox calls the modules it names
+// with it (Module), and reads ModuleErr after each call.
+func (e *Engine) HostRun(ctx context.Context, in Input) *Run {
+	return &Run{engine: e, ctx: ctx, in: in}
 }
 
 // Allowed returns the module names scripts may import.
@@ -272,6 +309,10 @@ func (e *Engine) compile(script string) (inst *instance, err error) {
 			mods.Add(name, jobImport{rc: rc})
 			continue
 		}
+		if m == nil { // CheckModules: importable, with nothing in it
+			mods.AddBuiltinModule(name, map[string]tengo.Object{})
+			continue
+		}
 		mods.AddBuiltinModule(name, m(rc))
 	}
 	guard := &importGuard{modules: mods}
@@ -347,13 +388,16 @@ type Input struct {
 	// also caps it); zero means the sandbox's cap.
 	MaxMemory int64
 
-	host hostCaller // in a sandbox process: where host-layer calls go
+	// Host, when set, is where this run's host-layer calls go instead of
+	// the modules' own layers: in a sandbox process, the runner
+	// (package scripts/sandbox).
+	Host HostCaller
 }
 
-// hostCaller runs a host-layer function elsewhere (the runner, for a
-// sandbox process).
-type hostCaller interface {
-	call(rc *Run, module, name string, args []tengo.Object) (tengo.Object, error)
+// HostCaller runs a host-layer function elsewhere (the runner, for a
+// sandbox process). A module function calls it through Run.CallHost.
+type HostCaller interface {
+	Call(rc *Run, module, name string, args []tengo.Object) (tengo.Object, error)
 }
 
 // Output is what a successful run produced.
@@ -363,8 +407,16 @@ type Output struct {
 }
 
 // Errors a run can end with besides compile errors (see Check) and errors
-// returned by modules.
+// returned by modules. The last three are a sandbox process's (package
+// scripts/sandbox); they are here so that whoever classifies a run's end
+// needs this package alone.
 var (
+	// ErrMemoryLimit: the run held more memory than its limit.
+	ErrMemoryLimit = errors.New("script exceeded its memory limit and was stopped")
+	// ErrStackOverflow: the engine ran out of stack; the child died of it.
+	ErrStackOverflow = errors.New("script overflowed the engine's stack and was stopped (a value that contains itself was compared, copied or printed, or values nest too deep)")
+	// ErrSandbox: the sandbox process died or broke the protocol.
+	ErrSandbox = errors.New("the sandbox process running the script failed")
 	// ErrTimeout: the run passed its deadline and was stopped.
 	ErrTimeout = errors.New("script ran past its timeout and was stopped")
 	// ErrAllocLimit: the run allocated more objects than the cap allows.
@@ -427,7 +479,7 @@ func (e *Engine) Run(ctx context.Context, script string, in Input) (Output, erro
 	switch {
 	case runErr == nil:
 	case errors.Is(runErr, context.DeadlineExceeded):
-		return Output{}, fmt.Errorf("%w (timeout %s)", ErrTimeout, deadlineOf(ctx))
+		return Output{}, fmt.Errorf("%w (timeout %s)", ErrTimeout, DeadlineOf(ctx))
 	case ctx.Err() != nil:
 		return Output{}, ctx.Err()
 	case errors.Is(runErr, tengo.ErrObjectAllocLimit):
@@ -466,7 +518,9 @@ func (inst *instance) run(ctx context.Context) (err error, reusable bool) {
 	return inst.vm.Run(), false
 }
 
-func deadlineOf(ctx context.Context) string {
+// DeadlineOf is the job's timeout as the context that runs it names it
+// (WithTimeout), for messages.
+func DeadlineOf(ctx context.Context) string {
 	if v, ok := ctx.Value(timeoutKey{}).(string); ok {
 		return v
 	}
@@ -478,5 +532,11 @@ type timeoutKey struct{}
 // WithTimeout returns a context that expires after the job's timeout d and
 // remembers d for the error message of a run it stops.
 func WithTimeout(ctx context.Context, d time.Duration) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(context.WithValue(ctx, timeoutKey{}, d.String()), d)
+	return WithTimeoutNamed(ctx, d, d.String())
+}
+
+// WithTimeoutNamed is WithTimeout for what is left of a timeout: it
+// expires after d and names the job's whole timeout, limit.
+func WithTimeoutNamed(ctx context.Context, d time.Duration, limit string) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithValue(ctx, timeoutKey{}, limit), d)
 }

@@ -247,7 +247,7 @@ func TestLibrary_Hello(t *testing.T) {
 // binary for the CLI's own jobs) compiles in the sandbox with the host
 // modules.
 func TestLibrary_Compiles(t *testing.T) {
-	e := New(Config{}, HostModules(Layers{}))
+	e := New(Config{}, CheckModules())
 	entries, err := library.ReadDir("lib")
 	if err != nil || len(entries) == 0 {
 		t.Fatalf("library = %d entries, %v", len(entries), err)
@@ -367,7 +367,7 @@ func TestEngine_StepInputs(t *testing.T) {
 // TestLibrary_Flows: the flows in scripts/lib load (schema, rules, the
 // scripts they name) and every step's script compiles.
 func TestLibrary_Flows(t *testing.T) {
-	e := New(Config{}, HostModules(Layers{}))
+	e := New(Config{}, CheckModules())
 	paths, _ := filepath.Glob("lib/*.yaml")
 	if len(paths) < 2 {
 		t.Fatalf("flows in lib: %v", paths)

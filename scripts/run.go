@@ -58,6 +58,20 @@ func (rc *Run) Context() context.Context {
 	return rc.ctx
 }
 
+// ModuleErr is the error a module stopped the run with (Fail), or nil.
+func (rc *Run) ModuleErr() error { return rc.moduleErr }
+
+// CallHost sends a host-layer call to the run's Input.Host, when it has
+// one (a sandboxed run): handled reports whether it did. A module function
+// calls it first and acts on its own layer only when it was not handled.
+func (rc *Run) CallHost(module, name string, args []tengo.Object) (obj tengo.Object, handled bool, err error) {
+	if rc.in.Host == nil {
+		return nil, false, nil
+	}
+	obj, err = rc.in.Host.Call(rc, module, name, args)
+	return obj, true, err
+}
+
 // Input returns what the run knows about its job.
 func (rc *Run) Input() Input { return rc.in }
 
@@ -159,7 +173,7 @@ func (rc *Run) setResult(args ...tengo.Object) (tengo.Object, error) {
 		return nil, tengo.ErrWrongNumArguments
 	}
 	max := rc.engine.cfg.MaxResultBytes
-	b, err := encodeJSON(args[0], max)
+	b, err := EncodeJSON(args[0], max)
 	var big *TooLargeError
 	switch {
 	case errors.As(err, &big):
@@ -173,8 +187,8 @@ func (rc *Run) setResult(args ...tengo.Object) (tengo.Object, error) {
 	return tengo.UndefinedValue, nil
 }
 
-// argsValue converts any JSON value to Tengo; integers stay integers.
-func argsValue(raw []byte) (tengo.Object, error) {
+// ValueOf converts any JSON value to Tengo; integers stay integers.
+func ValueOf(raw []byte) (tengo.Object, error) {
 	dec := json.NewDecoder(bytes.NewReader(raw))
 	dec.UseNumber()
 	var v any
@@ -353,7 +367,7 @@ func sandboxOverrides(module string, rc *Run) map[string]tengo.Object {
 				if len(args) != 1 {
 					return nil, tengo.ErrWrongNumArguments
 				}
-				b, err := encodeJSON(args[0], rc.engine.cfg.MaxValueBytes)
+				b, err := EncodeJSON(args[0], rc.engine.cfg.MaxValueBytes)
 				if err != nil {
 					return &tengo.Error{Value: &tengo.String{Value: "json.encode: " + err.Error()}}, nil
 				}

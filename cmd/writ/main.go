@@ -14,15 +14,15 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/scripts/sandbox"
 )
 
 // version is stamped by the Makefile with -ldflags "-X main.version=...".
 var version = "dev"
 
 func main() {
-	if scripts.IsSandbox() {
-		// A runner started this process to run scripts (scripts.Sandbox):
+	if sandbox.IsChild() {
+		// A runner started this process to run scripts (sandbox.Pool):
 		// no flags, no commands, only the protocol on stdin and stdout.
 		os.Exit(sandboxMain())
 	}
@@ -48,9 +48,9 @@ func main() {
 // sandboxMain is a sandbox process's body; its memory cap comes in its
 // environment.
 func sandboxMain() int {
-	n, err := strconv.ParseInt(os.Getenv(scripts.SandboxEnv), 10, 64)
+	n, err := strconv.ParseInt(os.Getenv(sandbox.Env), 10, 64)
 	if err == nil {
-		err = scripts.SandboxMain(os.Stdin, os.Stdout, n)
+		err = sandbox.Main(os.Stdin, os.Stdout, n)
 	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "writ sandbox:", err)

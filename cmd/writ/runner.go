@@ -26,7 +26,8 @@ import (
 	"github.com/writ-fleet/writ/sal/vm"
 	"github.com/writ-fleet/writ/sal/vm/cloudhypervisor"
 	"github.com/writ-fleet/writ/sal/vm/qemu"
-	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/scripts/host"
+	"github.com/writ-fleet/writ/scripts/sandbox"
 	"github.com/writ-fleet/writ/seal"
 )
 
@@ -160,9 +161,9 @@ func scriptMemoryFlag(cmd *cobra.Command, v *string) {
 }
 
 // newSandbox starts the runner's sandbox processes: this executable,
-// started as a sandbox (scripts.IsSandbox), one per concurrent job.
-func newSandbox(log *slog.Logger, p runnerParams) (*scripts.Sandbox, error) {
-	memory := int64(scripts.DefaultMaxMemory)
+// started as a sandbox (sandbox.IsChild), one per concurrent job.
+func newSandbox(log *slog.Logger, p runnerParams) (*sandbox.Pool, error) {
+	memory := int64(sandbox.DefaultMaxMemory)
 	if p.scriptMemory != "" {
 		n, err := parseSizeFlag(p.scriptMemory, "--script-memory")
 		if err != nil {
@@ -177,16 +178,16 @@ func newSandbox(log *slog.Logger, p runnerParams) (*scripts.Sandbox, error) {
 	if err != nil {
 		return nil, fmt.Errorf("find this executable to start script sandboxes: %w", err)
 	}
-	user, why := scripts.SandboxUser(exe)
+	user, why := sandbox.User(exe)
 	if why != "" {
 		log.Warn("script sandboxes run as root: they would run as nobody, but "+why, "svc", "sandbox")
 	}
-	return scripts.NewSandbox(scripts.SandboxConfig{
+	return sandbox.New(sandbox.Config{
 		User:      user,
 		Command:   func() *exec.Cmd { return exec.Command(exe) },
 		Size:      p.concurrency,
 		MaxMemory: memory,
-		Modules:   scripts.HostModules(scripts.Layers{Storage: p.pool, Network: p.net, VMs: p.vms}),
+		Modules:   host.Modules(host.Layers{Storage: p.pool, Network: p.net, VMs: p.vms}),
 		Log:       log.With("svc", "sandbox"),
 	})
 }

@@ -81,7 +81,7 @@ func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *
 		Coord:    coordNames,
 		Trust:    trust,
 		Redis:    rdb,
-		Scripts:  scripts.New(scripts.Config{}, scripts.HostModules(scripts.Layers{})),
+		Scripts:  scripts.New(scripts.Config{}, scripts.CheckModules()),
 		Log:      log.With("svc", "supervisor", "site", site),
 		Metrics:  newRegistry(),
 	})

@@ -37,11 +37,14 @@ func listPackages(t *testing.T) []pkg {
 
 // rules: a package (prefix) must not depend on these (prefixes), directly or
 // through others.
+// A rule's pkg covers its subpackages unless it ends in "=" (that package
+// alone).
 var rules = []struct {
 	pkg    string
 	banned []string
 	why    string
 }{
+	{"scripts=", []string{module + "/sal/", module + "/scripts/host", module + "/scripts/sandbox"}, "the engine compiles and runs Tengo; what a script may do on a node is scripts/host's, the processes scripts/sandbox's"},
 	{"sal/", []string{module + "/queue", module + "/coord", module + "/supervisor", module + "/runner"}, "host layers know nothing of queues or services"},
 	{"scripts", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner"}, "the sandbox knows nothing of trust or transport"},
 	{"envelope", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts"}, "the envelope is a leaf every side shares"},
@@ -52,6 +55,7 @@ var rules = []struct {
 	// verdicts, the one verification) lives in job and verify.
 	{"coord", []string{module + "/supervisor", module + "/runner", module + "/identity", module + "/scripts", module + "/sal/"}, "no service imports another service, and coord runs no scripts"},
 	{"supervisor", []string{module + "/coord", module + "/runner", module + "/identity"}, "no service imports another service"},
+	{"supervisor", []string{module + "/sal/", module + "/scripts/host", module + "/scripts/sandbox"}, "the supervisor only compiles scripts: it links no host layer"},
 	{"runner", []string{module + "/coord", module + "/supervisor", module + "/identity"}, "no service imports another service"},
 	{"identity", []string{module + "/coord", module + "/supervisor", module + "/runner"}, "no service imports another service"},
 	{"job", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "job is data every side shares"},
@@ -59,34 +63,46 @@ var rules = []struct {
 	{"verify", []string{module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "the one verification needs only the envelope and the ledger's trust"},
 }
 
-// heavy are modules coord must not link: it routes and records jobs, and
-// runs no script or host layer (a coord that imported the supervisor once
-// pulled all of these in).
-var heavy = []string{"github.com/d5/tengo", "github.com/google/nftables", "github.com/vishvananda/netlink", "github.com/containerd/btrfs", "github.com/diskfs/go-diskfs"}
+// hostLibraries are the modules of the node's host layers.
+var hostLibraries = []string{"github.com/google/nftables", "github.com/vishvananda/netlink", "github.com/containerd/btrfs", "github.com/diskfs/go-diskfs"}
 
-func TestCoordIsLight(t *testing.T) {
+// light are the services that must not link the host layers' libraries:
+// coord routes and records jobs and runs no script (a coord that imported
+// the supervisor once pulled all of these in); the supervisor compiles
+// scripts but runs none on a node.
+var light = map[string][]string{
+	"coord":      append([]string{"github.com/d5/tengo"}, hostLibraries...),
+	"supervisor": hostLibraries,
+}
+
+func TestServicesAreLight(t *testing.T) {
+	found := 0
 	for _, p := range listPackages(t) {
-		if p.ImportPath != module+"/coord" {
+		rel := strings.TrimPrefix(p.ImportPath, module+"/")
+		banned, ok := light[rel]
+		if !ok {
 			continue
 		}
+		found++
 		for _, d := range p.Deps {
-			for _, h := range heavy {
+			for _, h := range banned {
 				if strings.HasPrefix(d, h) {
-					t.Errorf("coord depends on %s", d)
+					t.Errorf("%s depends on %s", rel, d)
 				}
 			}
 		}
-		return
 	}
-	t.Fatal("package coord not found")
+	if found != len(light) {
+		t.Fatalf("found %d of the %d light packages", found, len(light))
+	}
 }
 
 func TestLayering(t *testing.T) {
 	for _, p := range listPackages(t) {
 		rel := strings.TrimPrefix(strings.TrimPrefix(p.ImportPath, module), "/")
 		for _, r := range rules {
-			name := strings.TrimSuffix(r.pkg, "/")
-			if rel != name && !strings.HasPrefix(rel, name+"/") {
+			name, exact := strings.CutSuffix(strings.TrimSuffix(r.pkg, "/"), "=")
+			if rel != name && (exact || !strings.HasPrefix(rel, name+"/")) {
 				continue
 			}
 			for _, d := range p.Deps {

@@ -1,10 +1,11 @@
-package scripts
+package host
 
 import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"github.com/writ-fleet/writ/scripts"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -46,7 +47,7 @@ func TestVMModule_Confined(t *testing.T) {
 	fake := storage.NewFake(1 << 30)
 	fake.ImageAllow = storage.ImagePolicy{Ranges: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}
 	vms := &recordingVMs{}
-	e := New(Config{}, HostModules(Layers{Storage: fake, VMs: vms}))
+	e := scripts.New(scripts.Config{}, Modules(Layers{Storage: fake, VMs: vms}))
 	run := func(kernel, disk string) string {
 		t.Helper()
 		script := fmt.Sprintf(`storage := import("storage"); vm := import("vm"); job := import("job")
@@ -56,9 +57,9 @@ kernel := %s
 disk := %s
 r := vm.create({name: "v", kernel: kernel, disks: [disk]})
 job.result(is_error(r) ? string(r.value) : "created")`, hs.URL, sha, kernel, disk)
-		out, err := e.Run(context.Background(), script, Input{JobID: "j", Owner: "alice", Attempt: 1})
+		out, err := e.Run(context.Background(), script, scripts.Input{JobID: "j", Owner: "alice", Attempt: 1})
 		if err != nil {
-			t.Fatalf("Run = %v", err)
+			t.Fatalf("scripts.Run = %v", err)
 		}
 		return string(out.Result)
 	}

@@ -1,9 +1,10 @@
-package scripts
+package host
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/scripts"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -18,7 +19,7 @@ import (
 // # Tenants
 //
 // Every volume (with its snapshots), clone, network (with its addresses
-// and forwards) and VM a job makes belongs to the job's owner (Input.Owner:
+// and forwards) and VM a job makes belongs to the job's owner (scripts.Input.Owner:
 // the user of the first signature that counted, see verify.Checked). Names
 // are the owner's own: alice's "data" and bob's "data" are two volumes. On
 // the host a resource's name carries its owner, as the length of the
@@ -43,7 +44,7 @@ type tenant struct {
 	admin bool
 }
 
-func tenantOf(rc *Run) (tenant, error) {
+func tenantOf(rc *scripts.Run) (tenant, error) {
 	in := rc.Input()
 	if in.Owner == "" {
 		return tenant{}, errNoOwner
@@ -132,7 +133,7 @@ type ownedVolume struct {
 
 // tenantStorage is the storage pool as one run's tenant sees it.
 type tenantStorage struct {
-	rc *Run
+	rc *scripts.Run
 	s  Storage
 }
 
@@ -294,7 +295,7 @@ type ownedNetwork struct {
 
 // tenantNetwork is the network layer as one run's tenant sees it.
 type tenantNetwork struct {
-	rc *Run
+	rc *scripts.Run
 	n  Network
 }
 
@@ -437,7 +438,7 @@ const maxNICs = 16
 
 // tenantVMs is the VM layer as one run's tenant sees it.
 type tenantVMs struct {
-	rc *Run
+	rc *scripts.Run
 	v  VMs
 }
 

@@ -1,4 +1,4 @@
-package scripts
+package sandbox
 
 import (
 	"bufio"
@@ -19,9 +19,10 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/scripts"
 )
 
-// Sandbox runs scripts in a pool of sandbox processes, one job at a time
+// Pool runs scripts in a pool of sandbox processes, one job at a time
 // each, so that nothing a script does — however much it allocates, however
 // it makes Tengo itself fail — reaches the runner. A child has a data
 // (heap) limit in bytes, a smaller stack, a lower priority, no host layers
@@ -30,13 +31,13 @@ import (
 // deadline. A child that dies, is killed or holds too much memory after a
 // run is replaced by a fresh one.
 //
-// A root runner's children run as nobody when they can (SandboxUser), so
+// A root runner's children run as nobody when they can (User), so
 // even code that escaped Tengo could not read the node's key or the pool.
 //
 // It is safe for concurrent use; at most Size jobs run at once.
-type Sandbox struct {
-	cfg  SandboxConfig
-	host *Engine // the runner's side: host modules and log limits
+type Pool struct {
+	cfg  Config
+	host *scripts.Engine // the runner's side: host modules and log limits
 
 	idle   chan *child
 	mu     sync.Mutex
@@ -45,10 +46,10 @@ type Sandbox struct {
 	spawns sync.WaitGroup
 }
 
-// SandboxConfig sets a Sandbox up.
-type SandboxConfig struct {
-	// Command returns the command that starts one sandbox process (writ
-	// sandbox, or a test binary); Start sets its stdio and environment.
+// Config sets a Pool up.
+type Config struct {
+	// Command returns the command that starts one sandbox process (the writ
+	// binary, which becomes one when Env is set, or a test binary); Start sets its stdio and environment.
 	Command func() *exec.Cmd
 	// Size is how many processes are kept started. Default 4.
 	Size int
@@ -57,24 +58,14 @@ type SandboxConfig struct {
 	MaxMemory int64
 	// Modules are the host layers' modules; their calls run here, in the
 	// runner.
-	Modules map[string]Module
+	Modules map[string]scripts.Module
 	// Engine sets the log and result limits the runner holds a child to.
-	Engine Config
+	Engine scripts.Config
 	// User, when set, is the user and group the processes run as (the
-	// runner must be root). See SandboxUser.
+	// runner must be root). See User.
 	User *syscall.Credential
 	Log  *slog.Logger
 }
-
-// Errors of a run in a sandbox, besides the Engine's.
-var (
-	// ErrMemoryLimit: the run held more memory than its limit.
-	ErrMemoryLimit = errors.New("script exceeded its memory limit and was stopped")
-	// ErrStackOverflow: the engine ran out of stack; the child died of it.
-	ErrStackOverflow = errors.New("script overflowed the engine's stack and was stopped (a value that contains itself was compared, copied or printed, or values nest too deep)")
-	// ErrSandbox: the sandbox process died or broke the protocol.
-	ErrSandbox = errors.New("the sandbox process running the script failed")
-)
 
 // Bounds of the runner's side.
 const (
@@ -87,10 +78,10 @@ const (
 	stderrHead = 8 << 10
 )
 
-// NewSandbox starts a Sandbox's processes. Close stops them.
-func NewSandbox(cfg SandboxConfig) (*Sandbox, error) {
+// New starts a Pool's processes. Close stops them.
+func New(cfg Config) (*Pool, error) {
 	if cfg.Command == nil {
-		return nil, errors.New("scripts: SandboxConfig.Command is required")
+		return nil, errors.New("sandbox: Config.Command is required")
 	}
 	if cfg.Size <= 0 {
 		cfg.Size = 4
@@ -101,9 +92,9 @@ func NewSandbox(cfg SandboxConfig) (*Sandbox, error) {
 	if cfg.Log == nil {
 		cfg.Log = slog.New(slog.DiscardHandler)
 	}
-	s := &Sandbox{
+	s := &Pool{
 		cfg:  cfg,
-		host: New(cfg.Engine, cfg.Modules),
+		host: scripts.New(cfg.Engine, cfg.Modules),
 		idle: make(chan *child, cfg.Size),
 		all:  make(map[*child]bool),
 	}
@@ -119,7 +110,7 @@ func NewSandbox(cfg SandboxConfig) (*Sandbox, error) {
 }
 
 // Close kills the sandbox processes and waits for them.
-func (s *Sandbox) Close() {
+func (s *Pool) Close() {
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
@@ -147,18 +138,18 @@ func (s *Sandbox) Close() {
 	}
 }
 
-// Run runs script for one job in a sandbox process; see Engine.Run for
-// what it returns. Besides the Engine's errors it returns ErrMemoryLimit,
-// ErrStackOverflow and ErrSandbox.
-func (s *Sandbox) Run(ctx context.Context, script string, in Input) (Output, error) {
+// Run runs script for one job in a sandbox process; see scripts.Engine.Run for
+// what it returns. Besides the Engine's errors it returns scripts.ErrMemoryLimit,
+// scripts.ErrStackOverflow and scripts.ErrSandbox.
+func (s *Pool) Run(ctx context.Context, script string, in scripts.Input) (scripts.Output, error) {
 	var c *child
 	select {
 	case c = <-s.idle:
 	case <-ctx.Done():
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
-			return Output{}, fmt.Errorf("%w (timeout %s): no sandbox process was free", ErrTimeout, deadlineOf(ctx))
+			return scripts.Output{}, fmt.Errorf("%w (timeout %s): no sandbox process was free", scripts.ErrTimeout, scripts.DeadlineOf(ctx))
 		}
-		return Output{}, ctx.Err()
+		return scripts.Output{}, ctx.Err()
 	}
 	out, err, healthy := s.runIn(ctx, c, script, in)
 	if healthy {
@@ -170,15 +161,15 @@ func (s *Sandbox) Run(ctx context.Context, script string, in Input) (Output, err
 }
 
 // NobodyID is the user and group ID sandbox processes of a root runner run
-// as when they can (SandboxUser).
+// as when they can (User).
 const NobodyID = 65534
 
-// SandboxUser returns the credential a root runner's sandbox processes
+// User returns the credential a root runner's sandbox processes
 // should run as: nobody, with no groups, when exe can be executed by
 // nobody (every directory above it searchable, the file readable and
 // executable by others). Otherwise it returns nil and why: the processes
 // then run as the runner's user. A non-root runner gets nil and no reason.
-func SandboxUser(exe string) (*syscall.Credential, string) {
+func User(exe string) (*syscall.Credential, string) {
 	if os.Geteuid() != 0 {
 		return nil, ""
 	}
@@ -219,7 +210,7 @@ func blockingPipe() (r, w *os.File, err error) {
 
 // replace kills c and starts another in its place, retrying while
 // starting fails.
-func (s *Sandbox) replace(c *child) {
+func (s *Pool) replace(c *child) {
 	c.kill()
 	s.mu.Lock()
 	delete(s.all, c)
@@ -262,9 +253,9 @@ type child struct {
 	once   sync.Once
 }
 
-func (s *Sandbox) start() (*child, error) {
+func (s *Pool) start() (*child, error) {
 	cmd := s.cfg.Command()
-	cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d", SandboxEnv, s.cfg.MaxMemory))
+	cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d", Env, s.cfg.MaxMemory))
 	// A child dies with the runner, and keeps out of the runner's
 	// process group (a terminal's ^C is the runner's to handle).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true, Credential: s.cfg.User}
@@ -316,8 +307,8 @@ func (c *child) kill() {
 }
 
 // runIn runs one job in c. healthy says c may run another.
-func (s *Sandbox) runIn(ctx context.Context, c *child, script string, in Input) (out Output, err error, healthy bool) {
-	f := &frame{Op: "run", Script: script, Limit: deadlineOf(ctx), Memory: in.MaxMemory,
+func (s *Pool) runIn(ctx context.Context, c *child, script string, in scripts.Input) (out scripts.Output, err error, healthy bool) {
+	f := &frame{Op: "run", Script: script, Limit: scripts.DeadlineOf(ctx), Memory: in.MaxMemory,
 		Input: &wireInput{JobID: in.JobID, Name: in.Name, Site: in.Site, Node: in.Node, Args: in.Args, Attempt: in.Attempt, Secrets: in.Secrets,
 			Inputs: in.Inputs, Item: in.Item}}
 	if f.Memory <= 0 || f.Memory > s.cfg.MaxMemory {
@@ -352,22 +343,22 @@ func (s *Sandbox) runIn(ctx context.Context, c *child, script string, in Input) 
 	}()
 
 	if err := writeFrame(c.w, f); err != nil {
-		return Output{}, s.died(ctx, c, err), false
+		return scripts.Output{}, s.died(ctx, c, err), false
 	}
-	host := &Run{engine: s.host, ctx: ctx, in: in}
+	host := s.host.HostRun(ctx, in)
 	mods := map[string]map[string]tengo.Object{}
 	logBytes := 0
 	for {
 		fr, err := readFrame(c.r)
 		if err != nil {
-			return Output{}, s.died(ctx, c, err), false
+			return scripts.Output{}, s.died(ctx, c, err), false
 		}
 		switch fr.Op {
 		case "log":
 			// The child holds its runs to the log budget; a child that
 			// does not is cut off here.
 			logBytes += len(fr.Line)
-			if logBytes <= s.host.cfg.MaxLogBytes+DefaultMaxLogLine && in.Log != nil {
+			if logBytes <= s.host.Config().MaxLogBytes+scripts.DefaultMaxLogLine && in.Log != nil {
 				in.Log(fr.Level, fr.Line)
 			}
 		case "over":
@@ -378,61 +369,61 @@ func (s *Sandbox) runIn(ctx context.Context, c *child, script string, in Input) 
 			case <-c.exited:
 			case <-time.After(5 * time.Second):
 			}
-			return Output{}, &stopped{msg: fmt.Sprintf("%v: the run held more than %s", ErrMemoryLimit, sizeText(f.Memory)), is: ErrMemoryLimit}, false
+			return scripts.Output{}, &stopped{msg: fmt.Sprintf("%v: the run held more than %s", scripts.ErrMemoryLimit, sizeText(f.Memory)), is: scripts.ErrMemoryLimit}, false
 		case "call":
 			ret := s.hostCall(host, mods, fr)
 			if err := writeFrame(c.w, ret); err != nil {
-				return Output{}, s.died(ctx, c, err), false
+				return scripts.Output{}, s.died(ctx, c, err), false
 			}
 		case "done":
-			if len(fr.Result) > s.host.cfg.MaxResultBytes+64 {
-				return Output{}, fmt.Errorf("%w: its result is over the limit", ErrSandbox), false
+			if len(fr.Result) > s.host.Config().MaxResultBytes+64 {
+				return scripts.Output{}, fmt.Errorf("%w: its result is over the limit", scripts.ErrSandbox), false
 			}
 			if err := s.stopError(ctx, host, fr); err != nil {
-				return Output{}, err, fr.Held <= retireHeld
+				return scripts.Output{}, err, fr.Held <= retireHeld
 			}
-			return Output{Result: fr.Result}, nil, fr.Held <= retireHeld
+			return scripts.Output{Result: fr.Result}, nil, fr.Held <= retireHeld
 		default:
-			return Output{}, s.died(ctx, c, fmt.Errorf("unexpected frame %q", fr.Op)), false
+			return scripts.Output{}, s.died(ctx, c, fmt.Errorf("unexpected frame %q", fr.Op)), false
 		}
 	}
 }
 
 // stopError is the error a done frame reports, nil for success.
-func (s *Sandbox) stopError(ctx context.Context, host *Run, f *frame) error {
+func (s *Pool) stopError(ctx context.Context, host *scripts.Run, f *frame) error {
 	switch f.Kind {
 	case stopOK:
 		return nil
 	case stopTimeout:
-		return &stopped{msg: f.Err, is: ErrTimeout}
+		return &stopped{msg: f.Err, is: scripts.ErrTimeout}
 	case stopAllocs:
-		return &stopped{msg: f.Err, is: ErrAllocLimit}
+		return &stopped{msg: f.Err, is: scripts.ErrAllocLimit}
 	case stopMemory:
-		return &stopped{msg: f.Err, is: ErrMemoryLimit}
+		return &stopped{msg: f.Err, is: scripts.ErrMemoryLimit}
 	case stopCycle:
-		return &stopped{msg: f.Err, is: ErrCycle}
+		return &stopped{msg: f.Err, is: scripts.ErrCycle}
 	case stopResult:
-		return &stopped{msg: f.Err, is: ErrResultTooLarge}
+		return &stopped{msg: f.Err, is: scripts.ErrResultTooLarge}
 	case stopRefused:
 		return envelope.Refuse(envelope.Reason(f.Reason), f.Err)
 	case stopHost:
-		if host.moduleErr != nil {
-			return host.moduleErr
+		if host.ModuleErr() != nil {
+			return host.ModuleErr()
 		}
-		return &RuntimeError{Msg: "a host call failed"}
+		return &scripts.RuntimeError{Msg: "a host call failed"}
 	}
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
-	return &RuntimeError{Msg: f.Err}
+	return &scripts.RuntimeError{Msg: f.Err}
 }
 
 // hostCall runs the host-layer function a child asked for, as the job.
-func (s *Sandbox) hostCall(host *Run, mods map[string]map[string]tengo.Object, f *frame) *frame {
+func (s *Pool) hostCall(host *scripts.Run, mods map[string]map[string]tengo.Object, f *frame) *frame {
 	m, ok := mods[f.Module]
 	if !ok {
-		mod := s.host.modules[f.Module]
-		if mod == nil || f.Module == "job" {
+		mod := s.host.Module(f.Module)
+		if mod == nil {
 			return &frame{Op: "ret", Err: fmt.Sprintf("no host module %q", f.Module)}
 		}
 		m = mod(host)
@@ -450,10 +441,10 @@ func (s *Sandbox) hostCall(host *Run, mods map[string]map[string]tengo.Object, f
 		}
 		args[i] = o
 	}
-	before := host.moduleErr
+	before := host.ModuleErr()
 	ret, err := fn.Value(args...)
 	if err != nil {
-		return &frame{Op: "ret", Err: err.Error(), Failed: host.moduleErr != nil && host.moduleErr != before}
+		return &frame{Op: "ret", Err: err.Error(), Failed: host.ModuleErr() != nil && host.ModuleErr() != before}
 	}
 	if ret == nil {
 		ret = tengo.UndefinedValue
@@ -467,7 +458,7 @@ func (s *Sandbox) hostCall(host *Run, mods map[string]map[string]tengo.Object, f
 
 // died explains a child that stopped answering: killed at the deadline,
 // out of memory, out of stack, or otherwise broken.
-func (s *Sandbox) died(ctx context.Context, c *child, cause error) error {
+func (s *Pool) died(ctx context.Context, c *child, cause error) error {
 	c.kill()
 	select {
 	case <-c.exited:
@@ -477,19 +468,19 @@ func (s *Sandbox) died(ctx context.Context, c *child, cause error) error {
 	s.cfg.Log.Warn("sandbox process died", "err", cause, "stderr", lastLines(tail, 3))
 	switch {
 	case errors.Is(ctx.Err(), context.DeadlineExceeded):
-		return fmt.Errorf("%w (timeout %s; the script did not stop at its deadline and its sandbox was killed)", ErrTimeout, deadlineOf(ctx))
+		return fmt.Errorf("%w (timeout %s; the script did not stop at its deadline and its sandbox was killed)", scripts.ErrTimeout, scripts.DeadlineOf(ctx))
 	case ctx.Err() != nil:
 		return ctx.Err()
 	case strings.Contains(tail, "out of memory") || strings.Contains(tail, "cannot allocate memory") || strings.Contains(tail, "failed to allocate"):
-		return fmt.Errorf("%w: one operation allocated past the sandbox's limit of %d MiB", ErrMemoryLimit, s.cfg.MaxMemory>>20)
+		return fmt.Errorf("%w: one operation allocated past the sandbox's limit of %d MiB", scripts.ErrMemoryLimit, s.cfg.MaxMemory>>20)
 	case strings.Contains(tail, "stack overflow") || strings.Contains(tail, "stack exceeds"):
-		return ErrStackOverflow
+		return scripts.ErrStackOverflow
 	}
 	msg := cause.Error()
 	if l := lastLines(tail, 1); l != "" {
 		msg = l
 	}
-	return fmt.Errorf("%w: %s", ErrSandbox, msg)
+	return fmt.Errorf("%w: %s", scripts.ErrSandbox, msg)
 }
 
 // stopped is a stop the child reported: its message, matching its sentinel.

@@ -1,6 +1,6 @@
 //go:build race
 
-package scripts
+package sandbox
 
 // raceOverhead is what the race detector's own mappings add to a sandbox
 // process's data: under -race the data limit grows by this much (the

@@ -1,6 +1,6 @@
 //go:build !race
 
-package scripts
+package sandbox
 
 // raceOverhead: see race_on.go.
 const raceOverhead = 0

@@ -1,9 +1,10 @@
-package scripts
+package host
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/writ-fleet/writ/scripts"
 	"os"
 	"strings"
 	"testing"
@@ -16,7 +17,7 @@ import (
 // real network Host inside a throwaway network namespace.
 func TestNetworkModule_NetworkScript(t *testing.T) {
 	ns := testenv.HostNS(t)
-	src, err := os.ReadFile("lib/network.tengo")
+	src, err := os.ReadFile("../lib/network.tengo")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -24,11 +25,11 @@ func TestNetworkModule_NetworkScript(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := New(Config{}, HostModules(Layers{Network: h}))
+	e := scripts.New(scripts.Config{}, Modules(Layers{Network: h}))
 	// Scripts run on goroutines of their own: the Host enters the test's
 	// namespace itself for every change.
-	run := func(args string) (Output, error) {
-		return e.Run(context.Background(), string(src), Input{JobID: "j", Owner: "alice", Args: []byte(args)})
+	run := func(args string) (scripts.Output, error) {
+		return e.Run(context.Background(), string(src), scripts.Input{JobID: "j", Owner: "alice", Args: []byte(args)})
 	}
 	var res struct {
 		Network  string `json:"network"`
@@ -73,10 +74,10 @@ func TestNetworkModule_NetworkScript(t *testing.T) {
 
 func TestNetworkModule_NoNetwork(t *testing.T) {
 	// A runner without the layer cannot run the job at all: the run stops
-	// with ErrTransient, so the job is retried (elsewhere, or later).
-	e := New(Config{}, HostModules(Layers{}))
-	_, err := e.Run(context.Background(), `net := import("net"); job := import("job"); v := net.networks(); job.result("went on")`, Input{})
-	if !errors.Is(err, ErrTransient) || !strings.Contains(err.Error(), "no network layer") {
-		t.Fatalf("Run = %v, want ErrTransient naming the missing layer", err)
+	// with scripts.ErrTransient, so the job is retried (elsewhere, or later).
+	e := scripts.New(scripts.Config{}, Modules(Layers{}))
+	_, err := e.Run(context.Background(), `net := import("net"); job := import("job"); v := net.networks(); job.result("went on")`, scripts.Input{})
+	if !errors.Is(err, scripts.ErrTransient) || !strings.Contains(err.Error(), "no network layer") {
+		t.Fatalf("scripts.Run = %v, want scripts.ErrTransient naming the missing layer", err)
 	}
 }

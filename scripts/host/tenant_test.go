@@ -1,8 +1,9 @@
-package scripts
+package host
 
 import (
 	"context"
 	"encoding/json"
+	"github.com/writ-fleet/writ/scripts"
 	"strings"
 	"testing"
 
@@ -63,13 +64,13 @@ func TestTenant_HostName(t *testing.T) {
 // change only their own; an admin sees both and acts for one by name.
 func TestTenant_Storage(t *testing.T) {
 	fake := storage.NewFake(1 << 30)
-	e := New(Config{}, HostModules(Layers{Storage: fake}))
+	e := scripts.New(scripts.Config{}, Modules(Layers{Storage: fake}))
 	run := func(owner string, admin bool, script string) string {
 		t.Helper()
 		out, err := e.Run(context.Background(), `storage := import("storage"); job := import("job")
-`+script, Input{JobID: "j", Owner: owner, Admin: admin})
+`+script, scripts.Input{JobID: "j", Owner: owner, Admin: admin})
 		if err != nil {
-			t.Fatalf("%s: Run = %v", owner, err)
+			t.Fatalf("%s: scripts.Run = %v", owner, err)
 		}
 		return string(out.Result)
 	}

@@ -1,4 +1,4 @@
-package scripts
+package sandbox
 
 import (
 	"bufio"
@@ -16,6 +16,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/scripts"
+	"github.com/writ-fleet/writ/scripts/host"
 )
 
 // Sizes of a sandbox process.
@@ -48,12 +50,13 @@ const (
 // limit.
 var errMemory = errors.New("memory limit")
 
-// SandboxMain is the body of a sandbox process (writ sandbox): it limits
+// Main is the body of a sandbox process (writ, started by a Pool with
+// Env set): it limits
 // its own resources, then runs the jobs the runner sends on r, one at a
 // time, until r ends. maxMemory is the runner's memory cap for one run
 // (the process's data limit is twice that plus its own overhead). It returns
 // only on a protocol error or the end of r.
-func SandboxMain(r io.Reader, w io.Writer, maxMemory int64) error {
+func Main(r io.Reader, w io.Writer, maxMemory int64) error {
 	if maxMemory <= 0 {
 		maxMemory = DefaultMaxMemory
 	}
@@ -70,7 +73,7 @@ func SandboxMain(r io.Reader, w io.Writer, maxMemory int64) error {
 	debug.SetGCPercent(childGCPercent)
 	// Same module names as the runner's, so scripts compile alike; every
 	// host-layer call goes to the runner (Input.host).
-	e := New(Config{CacheSize: childCache}, HostModules(Layers{}))
+	e := scripts.New(scripts.Config{CacheSize: childCache}, host.Modules(host.Layers{}))
 	c := &childConn{r: bufio.NewReaderSize(r, 64<<10), w: bufio.NewWriterSize(w, 64<<10)}
 	for {
 		f, err := readFrame(c.r)
@@ -121,13 +124,12 @@ type childConn struct {
 }
 
 // run runs one job and returns its done frame.
-func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
+func (c *childConn) run(e *scripts.Engine, f *frame, maxMemory int64) *frame {
 	limit := f.Memory
 	if limit <= 0 || limit > maxMemory {
 		limit = maxMemory
 	}
-	base := context.WithValue(context.Background(), timeoutKey{}, f.Limit)
-	ctx, cancelTimeout := context.WithTimeout(base, f.Timeout)
+	ctx, cancelTimeout := scripts.WithTimeoutNamed(context.Background(), f.Timeout, f.Limit)
 	defer cancelTimeout()
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -135,7 +137,7 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 	// The collector works harder as the heap nears the run's limit, so
 	// the watch sees it in time.
 	debug.SetMemoryLimit(heapLive() + limit + limit/8)
-	overMsg := fmt.Sprintf("%v: the run held more than %s", ErrMemoryLimit, sizeText(limit))
+	overMsg := fmt.Sprintf("%v: the run held more than %s", scripts.ErrMemoryLimit, sizeText(limit))
 	var overSent sync.WaitGroup
 	stopWatch := watchMemory(limit, func() {
 		cancel(errMemory)
@@ -148,29 +150,29 @@ func (c *childConn) run(e *Engine, f *frame, maxMemory int64) *frame {
 		overSent.Go(func() { _ = c.send(&frame{Op: "over", Err: overMsg}) })
 	})
 	in := f.Input
-	out, err := e.Run(ctx, f.Script, Input{
+	out, err := e.Run(ctx, f.Script, scripts.Input{
 		JobID: in.JobID, Name: in.Name, Site: in.Site, Node: in.Node, Args: in.Args, Attempt: in.Attempt, Secrets: in.Secrets,
 		Inputs: in.Inputs, Item: in.Item,
 		Log:  c.log,
-		host: c,
+		Host: c,
 	})
 	stopWatch()
 	overSent.Wait()
 	done := &frame{Op: "done", Result: out.Result}
-	var re *RuntimeError
+	var re *scripts.RuntimeError
 	var hs *hostStop
 	var ee *envelope.Error
 	switch {
 	case err == nil:
 	case errors.Is(context.Cause(ctx), errMemory):
 		done.Kind, done.Err = stopMemory, overMsg
-	case errors.Is(err, ErrTimeout):
+	case errors.Is(err, scripts.ErrTimeout):
 		done.Kind, done.Err = stopTimeout, err.Error()
-	case errors.Is(err, ErrAllocLimit):
+	case errors.Is(err, scripts.ErrAllocLimit):
 		done.Kind, done.Err = stopAllocs, err.Error()
-	case errors.Is(err, ErrCycle):
+	case errors.Is(err, scripts.ErrCycle):
 		done.Kind, done.Err = stopCycle, err.Error()
-	case errors.Is(err, ErrResultTooLarge):
+	case errors.Is(err, scripts.ErrResultTooLarge):
 		done.Kind, done.Err = stopResult, err.Error()
 	case errors.As(err, &hs):
 		done.Kind = stopHost
@@ -218,7 +220,7 @@ type hostStop struct{ msg string }
 func (h *hostStop) Error() string { return h.msg }
 
 // call runs a host-layer function in the runner.
-func (c *childConn) call(rc *Run, module, name string, args []tengo.Object) (tengo.Object, error) {
+func (c *childConn) Call(rc *scripts.Run, module, name string, args []tengo.Object) (tengo.Object, error) {
 	if c.broken != nil {
 		return nil, rc.Fail(&hostStop{msg: "sandbox: lost the runner: " + c.broken.Error()})
 	}
@@ -324,9 +326,9 @@ func heapLive() int64 {
 	return int64(s[0].Value.Uint64())
 }
 
-// IsSandbox reports whether this process was started as a sandbox process
-// (SandboxEnv set), for a main or a TestMain to call SandboxMain.
-func IsSandbox() bool { return os.Getenv(SandboxEnv) != "" }
+// IsChild reports whether this process was started as a sandbox process
+// (Env set), for a main or a TestMain to call Main.
+func IsChild() bool { return os.Getenv(Env) != "" }
 
-// SandboxEnv is set in a sandbox process's environment to its memory cap.
-const SandboxEnv = "WRIT_SANDBOX_MEMORY"
+// Env is set in a sandbox process's environment to its memory cap.
+const Env = "WRIT_SANDBOX_MEMORY"

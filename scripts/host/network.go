@@ -1,9 +1,10 @@
-package scripts
+package host
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/scripts"
 	"net/netip"
 	"strconv"
 	"time"
@@ -46,8 +47,8 @@ var _ Network = (*network.Host)(nil)
 //
 // Failures come back as error values, for the script to check with
 // is_error(); a script that wants its job to fail calls job.fail.
-func NetworkModule(layer Network) Module {
-	return func(rc *Run) map[string]tengo.Object {
+func NetworkModule(layer Network) scripts.Module {
+	return func(rc *scripts.Run) map[string]tengo.Object {
 		var unavailable error
 		if layer == nil {
 			unavailable = errors.New("this runner has no network layer (run it as root, without --no-network)")

@@ -1,10 +1,11 @@
-package scripts
+package host
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/scripts"
 	"net/netip"
 	"time"
 
@@ -62,7 +63,7 @@ func toSpec(o tengo.Object) (vm.Spec, error) {
 	if !ok {
 		return vm.Spec{}, errors.New("vm.create takes a map: {name, cpus, memory, kernel, initrd, cmdline, disks, nics, ssh_keys}")
 	}
-	raw, err := encodeJSON(m, maxSpecBytes) // bounded: a spec that contains itself must not recurse forever
+	raw, err := scripts.EncodeJSON(m, maxSpecBytes) // bounded: a spec that contains itself must not recurse forever
 	if err != nil {
 		return vm.Spec{}, fmt.Errorf("vm spec: %w", err)
 	}
@@ -141,8 +142,8 @@ func toSpec(o tengo.Object) (vm.Spec, error) {
 // of files, the node's storage pool: a volume or clone, or a cached image
 // (storage.clone(...).disk, storage.image(...).path). The hypervisor runs
 // as root, so a host path (/dev/sda, the node key) is refused.
-func VMModule(layer VMs, storageLayer Storage) Module {
-	return func(rc *Run) map[string]tengo.Object {
+func VMModule(layer VMs, storageLayer Storage) scripts.Module {
+	return func(rc *scripts.Run) map[string]tengo.Object {
 		var unavailable error
 		if layer == nil {
 			unavailable = errors.New("this runner has no VM layer (run it as root with a hypervisor, without --no-vm)")

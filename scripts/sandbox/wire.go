@@ -1,4 +1,4 @@
-package scripts
+package sandbox
 
 import (
 	"bufio"
@@ -11,6 +11,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/d5/tengo/v2"
+	"github.com/writ-fleet/writ/scripts"
 )
 
 // The sandbox protocol: the runner and each sandbox process exchange
@@ -217,7 +218,7 @@ func (w *wirer) conv(o tengo.Object, depth int) (*value, error) {
 
 func (w *wirer) list(key any, elems []tengo.Object, depth int) (*value, error) {
 	if w.onPath[key] {
-		return nil, ErrCycle
+		return nil, scripts.ErrCycle
 	}
 	w.onPath[key] = true
 	defer delete(w.onPath, key)
@@ -234,7 +235,7 @@ func (w *wirer) list(key any, elems []tengo.Object, depth int) (*value, error) {
 
 func (w *wirer) dict(key any, m map[string]tengo.Object, depth int) (*value, error) {
 	if w.onPath[key] {
-		return nil, ErrCycle
+		return nil, scripts.ErrCycle
 	}
 	w.onPath[key] = true
 	defer delete(w.onPath, key)

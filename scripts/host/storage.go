@@ -1,10 +1,11 @@
-package scripts
+package host
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/scripts"
 
 	"github.com/d5/tengo/v2"
 
@@ -61,8 +62,8 @@ const maxRead = 1 << 20
 //
 // Failures come back as error values, for the script to check with
 // is_error(); a script that wants its job to fail calls job.fail.
-func StorageModule(layer Storage) Module {
-	return func(rc *Run) map[string]tengo.Object {
+func StorageModule(layer Storage) scripts.Module {
+	return func(rc *scripts.Run) map[string]tengo.Object {
 		var unavailable error
 		if layer == nil {
 			unavailable = errors.New("this runner has no storage pool (start it with --pool or --pool-file)")
@@ -166,18 +167,18 @@ func toObject(v any) (tengo.Object, error) {
 	if err != nil {
 		return nil, err
 	}
-	return argsValue(raw)
+	return scripts.ValueOf(raw)
 }
 
 // hostFunc is a module function over a host layer: it checks the number
 // of arguments (a script bug, so a run error), reports fn's failure as an
 // error value the script can check with is_error, and converts fn's result
 // to Tengo. A runner without the layer (unavailable) stops the run with an
-// error wrapping ErrTransient: the node cannot do this job, another run
+// error wrapping scripts.ErrTransient: the node cannot do this job, another run
 // (on another node of the site, or this one once it has the layer) may, so
 // the runner retries it up to the job's max_retries.
-func hostFunc(rc *Run, module, name string, minArgs, maxArgs int, unavailable error, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
-	return Func(name, func(args ...tengo.Object) (tengo.Object, error) {
+func hostFunc(rc *scripts.Run, module, name string, minArgs, maxArgs int, unavailable error, fn func(ctx context.Context, args []tengo.Object) (any, error)) tengo.Object {
+	return scripts.Func(name, func(args ...tengo.Object) (tengo.Object, error) {
 		if len(args) < minArgs || len(args) > maxArgs {
 			want := fmt.Sprint(minArgs)
 			if maxArgs > minArgs {
@@ -185,11 +186,11 @@ func hostFunc(rc *Run, module, name string, minArgs, maxArgs int, unavailable er
 			}
 			return nil, fmt.Errorf("%s.%s takes %s arguments, got %d", module, name, want, len(args))
 		}
-		if rc.in.host != nil {
-			return rc.in.host.call(rc, module, name, args)
+		if obj, handled, err := rc.CallHost(module, name, args); handled {
+			return obj, err
 		}
 		if unavailable != nil {
-			return nil, rc.Fail(fmt.Errorf("%w: %s.%s: %v", ErrTransient, module, name, unavailable))
+			return nil, rc.Fail(fmt.Errorf("%w: %s.%s: %v", scripts.ErrTransient, module, name, unavailable))
 		}
 		v, err := fn(rc.Context(), args)
 		if err != nil {
@@ -211,8 +212,9 @@ type Layers struct {
 	VMs     VMs
 }
 
-// HostModules returns the modules of the node's host layers.
-func HostModules(l Layers) map[string]Module {
+// Modules returns the modules of the node's host layers, under
+// scripts.HostModuleNames.
+func Modules(l Layers) map[string]scripts.Module {
 	if p, ok := l.Storage.(*storage.Pool); ok && p == nil {
 		l.Storage = nil
 	}
@@ -222,5 +224,5 @@ func HostModules(l Layers) map[string]Module {
 	if m, ok := l.VMs.(*vm.Machines); ok && m == nil {
 		l.VMs = nil
 	}
-	return map[string]Module{"storage": StorageModule(l.Storage), "net": NetworkModule(l.Network), "vm": VMModule(l.VMs, l.Storage)}
+	return map[string]scripts.Module{"storage": StorageModule(l.Storage), "net": NetworkModule(l.Network), "vm": VMModule(l.VMs, l.Storage)}
 }

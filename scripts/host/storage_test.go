@@ -1,11 +1,13 @@
-package scripts
+package host
 
 import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/writ-fleet/writ/scripts"
 	"net/netip"
 	"os"
+	"sort"
 	"strings"
 	"testing"
 
@@ -15,15 +17,15 @@ import (
 // TestStorageModule_VolumeScript runs scripts/lib/volume.tengo against the
 // in-memory storage fake.
 func TestStorageModule_VolumeScript(t *testing.T) {
-	src, err := os.ReadFile("lib/volume.tengo")
+	src, err := os.ReadFile("../lib/volume.tengo")
 	if err != nil {
 		t.Fatal(err)
 	}
 	fake := storage.NewFake(1 << 30)
 	fake.ImageAllow = storage.ImagePolicy{Ranges: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}}
-	e := New(Config{}, HostModules(Layers{Storage: fake}))
-	run := func(args string) (Output, error) {
-		return e.Run(context.Background(), string(src), Input{JobID: "j", Owner: "alice", Args: []byte(args)})
+	e := scripts.New(scripts.Config{}, Modules(Layers{Storage: fake}))
+	run := func(args string) (scripts.Output, error) {
+		return e.Run(context.Background(), string(src), scripts.Input{JobID: "j", Owner: "alice", Args: []byte(args)})
 	}
 	out, err := run(`{"name":"data","size":"64M","content":"hi there"}`)
 	if err != nil {
@@ -58,10 +60,26 @@ func TestStorageModule_VolumeScript(t *testing.T) {
 
 func TestStorageModule_NoPool(t *testing.T) {
 	// A runner without the layer cannot run the job at all: the run stops
-	// with ErrTransient, so the job is retried (elsewhere, or later).
-	e := New(Config{}, HostModules(Layers{}))
-	_, err := e.Run(context.Background(), `storage := import("storage"); job := import("job"); v := storage.volume("x", "1G"); job.result("went on")`, Input{})
-	if !errors.Is(err, ErrTransient) || !strings.Contains(err.Error(), "no storage pool") {
-		t.Fatalf("Run = %v, want ErrTransient naming the missing layer", err)
+	// with scripts.ErrTransient, so the job is retried (elsewhere, or later).
+	e := scripts.New(scripts.Config{}, Modules(Layers{}))
+	_, err := e.Run(context.Background(), `storage := import("storage"); job := import("job"); v := storage.volume("x", "1G"); job.result("went on")`, scripts.Input{})
+	if !errors.Is(err, scripts.ErrTransient) || !strings.Contains(err.Error(), "no storage pool") {
+		t.Fatalf("scripts.Run = %v, want scripts.ErrTransient naming the missing layer", err)
+	}
+}
+
+// TestModules_Names: the host modules are registered under exactly
+// scripts.HostModuleNames, the names a checking engine (the supervisor's,
+// scripts.CheckModules) lets scripts import.
+func TestModules_Names(t *testing.T) {
+	var got []string
+	for name := range Modules(Layers{}) {
+		got = append(got, name)
+	}
+	sort.Strings(got)
+	want := append([]string(nil), scripts.HostModuleNames...)
+	sort.Strings(want)
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Errorf("Modules() names = %v, want scripts.HostModuleNames %v", got, want)
 	}
 }
