@@ -83,31 +83,22 @@ func (c *Coord) postFlow(w http.ResponseWriter, r *http.Request) {
 	}
 	id := env.ID()
 	fl, err := env.Flow()
-	if err == nil {
-		err = fl.CheckTime(c.p.Now())
-	}
 	if err != nil {
 		refuse(id, err)
 		return
 	}
 	// Every site the flow runs on must accept its signatures before
-	// anything runs: a flow below one site's threshold starts nothing.
-	var users []string
-	for _, site := range flowSites(fl) {
-		snap, err := c.p.Trust.Get(r.Context(), site, keyIDs(env)...)
-		if err != nil {
-			httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "ledger unreachable (site %s): %v", site, err))
-			return
-		}
-		signers, err := snap.Authorize(env)
-		if err != nil {
-			refuse(id, fmt.Errorf("site %s: %w", site, err))
-			return
-		}
-		if users == nil {
-			users = signers
-		}
+	// anything runs (verify.Flow, as the supervisor and runner judge its
+	// steps): a flow below one site's threshold starts nothing.
+	checked, err := verify.Flow(r.Context(), c.p.Trust, env, fl, c.p.Now())
+	if verify.Retry(err) {
+		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "%v", err))
+		return
+	} else if err != nil {
+		refuse(id, err)
+		return
 	}
+	users := checked.Signers
 	run, _ := json.Marshal(flow.NewRun(fl))
 	if _, err := c.p.Redis.CreateFlow(r.Context(), queue.FlowRecord{ID: id, Name: fl.Name, Envelope: body, Users: users, Submitted: c.p.Now(), Run: run}, c.p.Retention); err != nil {
 		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "record flow: %v", err))
@@ -559,30 +550,6 @@ func (c *Coord) restart(fl *envelope.Flow, run *flow.Run, st flow.Start) flow.St
 	st.Value = sr.Items[st.Item].Value
 	st.Inputs, st.Proofs = run.InputsOf(fl, fl.Step(st.Step))
 	return st
-}
-
-// flowSites lists the sites a flow's steps run on.
-func flowSites(fl *envelope.Flow) []string {
-	var out []string
-	for i := range fl.Steps {
-		if s := fl.SiteOf(&fl.Steps[i]); !slices.Contains(out, s) {
-			out = append(out, s)
-		}
-	}
-	if fl.Finally != nil {
-		if s := fl.SiteOf(fl.Finally); !slices.Contains(out, s) {
-			out = append(out, s)
-		}
-	}
-	return out
-}
-
-func keyIDs(env *envelope.Envelope) []string {
-	out := make([]string, len(env.Signatures))
-	for i, s := range env.Signatures {
-		out[i] = s.KeyID
-	}
-	return out
 }
 
 // CancelReply is what POST /v1/jobs/{id}/cancel answers: what the site's

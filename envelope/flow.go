@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -298,6 +299,24 @@ func (f *Flow) SiteOf(s *Step) string {
 		return s.Site
 	}
 	return f.Site
+}
+
+// Sites returns the sites the flow's steps (finally included) run on, in
+// the order the steps first name them.
+func (f *Flow) Sites() []string {
+	var out []string
+	add := func(s *Step) {
+		if site := f.SiteOf(s); !slices.Contains(out, site) {
+			out = append(out, site)
+		}
+	}
+	for i := range f.Steps {
+		add(&f.Steps[i])
+	}
+	if f.Finally != nil {
+		add(f.Finally)
+	}
+	return out
 }
 
 // Order returns the steps (not finally) in an order that puts every step

@@ -5,13 +5,12 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
-	"github.com/writ-fleet/writ/keys"
-	"github.com/writ-fleet/writ/ledger"
 )
 
 // StepTask carries one job of a flow to the runner that executes it: the
@@ -298,23 +297,12 @@ func checkInput(ctx context.Context, trust TrustSource, t Target, flowID string,
 		if p.Attempt < 1 || p.Attempt > ds.Retries+1 {
 			return refuse("item %d: run %d of a step that runs at most %d times", i, p.Attempt, ds.Retries+1)
 		}
-		node, err := t.Nodes.Node(ctx, p.Node)
+		pub, err := SiteNode(ctx, t.Nodes, trust, site, p.Node)
 		switch {
-		case ledger.NotFound(err):
-			return refuse("item %d was signed by node %q, which the ledger does not know", i, p.Node)
+		case errors.Is(err, ErrNotSiteNode):
+			return refuse("item %d was signed by a node that may not act for site %q: %v", i, site, err)
 		case err != nil:
-			return fmt.Errorf("%w: look up node %s: %v", ErrUnavailable, p.Node, err)
-		case node.Site != site:
-			return refuse("item %d was signed by node %s of site %q, but the step runs on %q", i, p.Node, node.Site, site)
-		case node.RevokedAt != nil:
-			return refuse("item %d was signed by node %s, which is revoked", i, p.Node)
-		}
-		if snap, err := trust.Get(ctx, site); err == nil && snap.NodeRevoked(p.Node) {
-			return refuse("item %d was signed by node %s, which is revoked", i, p.Node)
-		}
-		pub, _, err := keys.ParsePublic(node.PublicKey)
-		if err != nil || ledger.NodeID(pub) != p.Node {
-			return refuse("item %d: the ledger's key for node %s is not its own", i, p.Node)
+			return err
 		}
 		if err := envelope.VerifyOutput(pub, envelope.StepJobID(flowID, ds.Name, i, p.Attempt), out, p.Sig); err != nil {
 			return refuse("item %d (run %d, node %s): %v: it was altered after the node made it", i, p.Attempt, p.Node, err)

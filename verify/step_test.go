@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -219,5 +220,60 @@ func BenchmarkStepJob(b *testing.B) {
 		if _, _, err := verify.StepJob(ctx, trust, task, verify.Target{Site: "local"}, now); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestFlow: coord's one check of a submitted flow: every site its steps
+// run on must accept the signatures; an unknown site is wrong_site, as for
+// a job (not "unavailable"); an expired or unsigned flow is refused; a
+// ledger that cannot be reached judges nothing.
+func TestFlow(t *testing.T) {
+	l := testenv.NewLedger(t, ledger.Site{Name: "local", SupervisorURL: "http://127.0.0.1:1"})
+	admin := &ledger.Client{BaseURL: l.URL, Key: l.Admin}
+	ctx := context.Background()
+	if err := admin.PutSite(ctx, ledger.Site{Name: "pair", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 2}}); err != nil {
+		t.Fatal(err)
+	}
+	trust := &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}}
+	now := time.Now()
+	flowOn := func(sites ...string) *envelope.Flow {
+		fl := envelope.NewFlow("f", "local", now)
+		for i, s := range sites {
+			fl.Steps = append(fl.Steps, envelope.Step{Name: fmt.Sprintf("s%d", i), Script: `x := 1`, Site: s})
+		}
+		return fl
+	}
+	sign := func(fl *envelope.Flow) *envelope.Envelope {
+		env, err := fl.Sign(l.Admin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return env
+	}
+	expired := flowOn("local")
+	expired.SignedAt, expired.Expires = now.Add(-2*time.Hour), now.Add(-time.Hour)
+	unsigned := sign(flowOn("local"))
+	unsigned.Signatures = nil
+	for _, tc := range []struct {
+		name string
+		env  *envelope.Envelope
+		want envelope.Reason
+	}{
+		{"one site", sign(flowOn("local")), ""},
+		{"an unknown site", sign(flowOn("local", "nowhere")), envelope.ReasonWrongSite},
+		{"below a site's threshold", sign(flowOn("local", "pair")), envelope.ReasonBelowThreshold},
+		{"expired", sign(expired), envelope.ReasonExpired},
+		{"unsigned", unsigned, envelope.ReasonNoSignature},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := verify.Flow(ctx, trust, tc.env, nil, now)
+			if got := envelope.ReasonOf(err); got != tc.want || tc.want == "" && (err != nil || c.Signers[0] != "root") {
+				t.Errorf("Flow = %v (reason %q), want reason %q", err, got, tc.want)
+			}
+		})
+	}
+	down := &ledger.TrustCache{Client: &ledger.Client{BaseURL: "http://127.0.0.1:1"}}
+	if _, err := verify.Flow(ctx, down, sign(flowOn("local")), nil, now); !verify.Retry(err) {
+		t.Errorf("Flow with the ledger down = %v, want ErrUnavailable", err)
 	}
 }

@@ -188,3 +188,56 @@ func Reason(err error) string {
 
 // Retry reports whether a Job error means "not judged, try again later".
 func Retry(err error) bool { return errors.Is(err, ErrUnavailable) }
+
+// CheckedFlow is an accepted flow.
+type CheckedFlow struct {
+	ID   string
+	Flow *envelope.Flow
+	// Signers are the distinct users whose signatures counted at the
+	// flow's first site, in the order of their first such signature.
+	Signers []string
+}
+
+// Flow is the one check of a submitted flow (coord's, before anything of
+// it runs; each step is judged again by StepJob at its site): a flow
+// envelope with signatures, within its validity window, whose signatures
+// satisfy the policy of every site its steps run on. fl is env's flow as
+// env.Flow returned it (nil: Flow decodes it). A site the ledger does not
+// know is wrong_site, as for a job; a ledger that cannot be reached
+// returns an error wrapping ErrUnavailable.
+func Flow(ctx context.Context, trust TrustSource, env *envelope.Envelope, fl *envelope.Flow, now time.Time) (*CheckedFlow, error) {
+	if fl == nil {
+		var err error
+		if fl, err = env.Flow(); err != nil {
+			return nil, err
+		}
+	}
+	if len(env.Signatures) == 0 {
+		return nil, envelope.Refuse(envelope.ReasonNoSignature, "envelope carries no signatures")
+	}
+	if err := fl.CheckTime(now); err != nil {
+		return nil, err
+	}
+	keyIDs := make([]string, len(env.Signatures))
+	for i, s := range env.Signatures {
+		keyIDs[i] = s.KeyID
+	}
+	out := &CheckedFlow{ID: env.ID(), Flow: fl}
+	for _, site := range fl.Sites() {
+		snap, err := trust.Get(ctx, site, keyIDs...)
+		if ledger.NotFound(err) {
+			return nil, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w: site %s: %v", ErrUnavailable, site, err)
+		}
+		signers, err := snap.Authorize(env)
+		if err != nil {
+			return nil, fmt.Errorf("site %s: %w", site, err)
+		}
+		if out.Signers == nil {
+			out.Signers = signers
+		}
+	}
+	return out, nil
+}

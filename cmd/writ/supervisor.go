@@ -13,11 +13,11 @@ import (
 
 	"github.com/writ-fleet/writ/dispatch"
 	"github.com/writ-fleet/writ/envelope"
-	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/scripts"
 	"github.com/writ-fleet/writ/supervisor"
+	"github.com/writ-fleet/writ/verify"
 )
 
 type supervisorCmd struct {
@@ -109,16 +109,6 @@ func newDispatcher(rdb *queue.Redis, lc *ledger.Client, trust *ledger.TrustCache
 			return err == nil && t.NodeRevoked(id)
 		},
 		NodeKey: func(ctx context.Context, id string) (ed25519.PublicKey, error) {
-			n, err := lc.Node(ctx, id)
-			switch {
-			case err != nil:
-				return nil, err
-			case n.Site != site:
-				return nil, fmt.Errorf("node %s belongs to site %s", id, n.Site)
-			case n.RevokedAt != nil:
-				return nil, fmt.Errorf("node %s is revoked", id)
-			}
-			pub, _, err := keys.ParsePublic(n.PublicKey)
-			return pub, err
+			return verify.SiteNode(ctx, lc, trust, site, id)
 		}}
 }

@@ -12,6 +12,8 @@ import (
 	"sort"
 	"strings"
 	"sync"
+
+	"github.com/writ-fleet/writ/sal/internal/poolfile"
 )
 
 // Fake is an in-memory stand-in for a Pool with the same contract (see
@@ -358,7 +360,7 @@ func (f *Fake) EnsureClone(_ context.Context, sha, name string, limit int64) (Vo
 
 // Holds is Pool.Holds for the fake's paths: a file of one of its volumes
 // (/fake/volumes/NAME/…) or images (/fake/images/SHA256/disk.img).
-func (f *Fake) Holds(path string) (real, volume string, err error) {
+func (f *Fake) Holds(path string) (file File, volume string, err error) {
 	clean := filepath.Clean(path)
 	parts := strings.Split(strings.TrimPrefix(clean, "/fake/"), "/")
 	f.mu.Lock()
@@ -366,9 +368,9 @@ func (f *Fake) Holds(path string) (real, volume string, err error) {
 	switch {
 	case !strings.HasPrefix(clean, "/fake/"):
 	case len(parts) >= 3 && parts[0] == "volumes" && f.vols[parts[1]] != nil:
-		return clean, parts[1], nil
+		return poolfile.Make(clean), parts[1], nil
 	case len(parts) == 3 && parts[0] == "images" && f.images[parts[1]] != nil && parts[2] == ImageFile:
-		return clean, "", nil
+		return poolfile.Make(clean), "", nil
 	}
-	return "", "", fmt.Errorf("%q is not in a volume or a cached image: %w", path, ErrNotInPool)
+	return File{}, "", fmt.Errorf("%q is not in a volume or a cached image: %w", path, ErrNotInPool)
 }

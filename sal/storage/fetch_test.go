@@ -169,7 +169,7 @@ func TestPool_Holds(t *testing.T) {
 	if err := os.Symlink("/etc/shadow", link); err != nil {
 		t.Fatal(err)
 	}
-	if got, vol, err := p.Holds(filepath.Join(v.Path, "disk.img")); err != nil || got != filepath.Join(v.Path, "disk.img") || vol != v.Name {
+	if got, vol, err := p.Holds(filepath.Join(v.Path, "disk.img")); err != nil || got.Path() != filepath.Join(v.Path, "disk.img") || vol != v.Name {
 		t.Errorf("Holds(a volume's file) = %q, %q, %v", got, vol, err)
 	}
 	for _, bad := range []string{"/etc/passwd", "/dev/sda", "/dev/null", link, filepath.Join(v.Path, "..", "..", "..", "etc", "passwd"), p.mnt, filepath.Join(p.mnt, "volumes")} {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/sal/internal/poolfile"
 	"log/slog"
 	"net"
 	"os"
@@ -598,4 +599,43 @@ func (m *Machines) check(ctx context.Context, name string, recovering bool) erro
 	}
 	r.Restarts++
 	return m.save(r)
+}
+
+// specRecord is a Spec as vm.json holds it: File has no decoder (nothing
+// outside sal may make one from a string), so a record's paths, which
+// Machines wrote itself, become Files here.
+type specRecord struct {
+	Name      string `json:"name"`
+	CPUs      int    `json:"cpus"`
+	MemoryMiB int    `json:"memory_mib"`
+	Kernel    string `json:"kernel"`
+	Initrd    string `json:"initrd"`
+	Cmdline   string `json:"cmdline"`
+	Firmware  string `json:"firmware"`
+	Disks     []struct {
+		Path     string `json:"path"`
+		ReadOnly bool   `json:"read_only"`
+	} `json:"disks"`
+	NICs      []NIC     `json:"nics"`
+	CloudInit CloudInit `json:"cloud_init"`
+}
+
+// UnmarshalJSON reads a record written by save.
+func (r *record) UnmarshalJSON(data []byte) error {
+	type plain record // record's fields without this method
+	var raw struct {
+		plain
+		Spec specRecord `json:"spec"`
+	}
+	if err := json.Unmarshal(data, &raw); err != nil {
+		return err
+	}
+	*r = record(raw.plain)
+	s := raw.Spec
+	r.Spec = Spec{Name: s.Name, CPUs: s.CPUs, MemoryMiB: s.MemoryMiB, Kernel: poolfile.Make(s.Kernel), Initrd: poolfile.Make(s.Initrd),
+		Cmdline: s.Cmdline, Firmware: poolfile.Make(s.Firmware), NICs: s.NICs, CloudInit: s.CloudInit}
+	for _, d := range s.Disks {
+		r.Spec.Disks = append(r.Spec.Disks, Disk{Path: poolfile.Make(d.Path), ReadOnly: d.ReadOnly})
+	}
+	return nil
 }

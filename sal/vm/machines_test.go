@@ -2,8 +2,10 @@ package vm
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/sal/internal/poolfile"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -67,7 +69,7 @@ func newMachines(t *testing.T, b Backend) *Machines {
 func spec(t *testing.T, name string) Spec {
 	k := filepath.Join(t.TempDir(), "vmlinuz")
 	os.WriteFile(k, []byte("kernel"), 0o644)
-	return Spec{Name: name, Kernel: k}
+	return Spec{Name: name, Kernel: poolfile.Make(k)}
 }
 
 func TestMachines_CreateValidates(t *testing.T) {
@@ -80,11 +82,11 @@ func TestMachines_CreateValidates(t *testing.T) {
 		want string
 	}{
 		{"bad name", func(s *Spec) { s.Name = "Bad/Name" }, "name"},
-		{"no kernel or firmware", func(s *Spec) { s.Kernel = "" }, "give a kernel"},
-		{"missing kernel", func(s *Spec) { s.Kernel = "/nonexistent/vmlinuz" }, "does not exist"},
+		{"no kernel or firmware", func(s *Spec) { s.Kernel = File{} }, "give a kernel"},
+		{"missing kernel", func(s *Spec) { s.Kernel = poolfile.Make("/nonexistent/vmlinuz") }, "does not exist"},
 		{"too many cpus", func(s *Spec) { s.CPUs = 1000 }, "cpus"},
 		{"too little memory", func(s *Spec) { s.MemoryMiB = 8 }, "memory"},
-		{"missing disk", func(s *Spec) { s.Disks = []Disk{{Path: "/nonexistent.img"}} }, "disk"},
+		{"missing disk", func(s *Spec) { s.Disks = []Disk{{Path: poolfile.Make("/nonexistent.img")}} }, "disk"},
 		{"NIC without a tap", func(s *Spec) { s.NICs = []NIC{{MAC: "02:00:00:00:00:01"}} }, "tap"},
 		{"a host interface as tap", func(s *Spec) { s.NICs = []NIC{{Tap: "lo", MAC: "02:00:00:00:00:01"}} }, "not a tap writ attached"},
 		{"options in the tap", func(s *Spec) { s.NICs = []NIC{{Tap: "wt0123456789ab,script=/x", MAC: "02:00:00:00:00:01"}} }, "not a tap writ attached"},
@@ -379,5 +381,29 @@ func TestMachines_StopReaps(t *testing.T) {
 	if _, err := os.Stat(fmt.Sprintf("/proc/%d", info.Pid)); err == nil {
 		data, _ := os.ReadFile(fmt.Sprintf("/proc/%d/stat", info.Pid))
 		t.Errorf("pid %d is still there after Stop: %s", info.Pid, data)
+	}
+}
+
+// TestSpec_FilesOnlyFromThePool: a VM's files are vm.File, which nothing
+// outside sal/ can make from a string: decoding a spec with a host path
+// fails, while a record Machines wrote reads back with its paths.
+func TestSpec_FilesOnlyFromThePool(t *testing.T) {
+	for _, doc := range []string{`{"kernel": "/dev/sda"}`, `{"disks": [{"path": "/etc/shadow"}]}`, `{"firmware": "/boot/efi.img"}`} {
+		var s Spec
+		if err := json.Unmarshal([]byte(doc), &s); err == nil {
+			t.Errorf("json.Unmarshal(%s) into a Spec = nil error, %+v: a path became a File", doc, s)
+		}
+	}
+	in := record{Spec: Spec{Name: "a", Kernel: poolfile.Make("/pool/images/x/disk.img"), Disks: []Disk{{Path: poolfile.Make("/pool/volumes/v/disk.img"), ReadOnly: true}}}}
+	data, err := json.Marshal(&in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out record
+	if err := json.Unmarshal(data, &out); err != nil {
+		t.Fatal(err)
+	}
+	if out.Spec.Kernel.Path() != "/pool/images/x/disk.img" || len(out.Spec.Disks) != 1 || out.Spec.Disks[0].Path.Path() != "/pool/volumes/v/disk.img" || !out.Spec.Disks[0].ReadOnly {
+		t.Errorf("record read back = %+v", out.Spec)
 	}
 }

@@ -32,7 +32,16 @@ import (
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/writ-fleet/writ/sal/internal/poolfile"
 )
+
+// File is a file of the node's storage pool: a VM's disks, kernel,
+// initrd and firmware are Files, which outside sal/ only
+// storage.Pool.Holds makes (after resolving the path to a regular file of
+// a volume or a cached image), so no caller can hand the hypervisor, which
+// runs as root, a host path such as /dev/sda.
+type File = poolfile.File
 
 // Errors callers can test for with errors.Is.
 var (
@@ -78,8 +87,8 @@ func (s *State) UnmarshalText(b []byte) error {
 // Disk is a raw disk image attached to the VM, in order (the first is the
 // guest's vda).
 type Disk struct {
-	Path     string `json:"path"`
-	ReadOnly bool   `json:"read_only,omitempty"`
+	Path     File `json:"path"`
+	ReadOnly bool `json:"read_only,omitempty"`
 }
 
 // NIC is a network interface: a tap made by the network layer, the
@@ -99,11 +108,11 @@ type Spec struct {
 	CPUs      int `json:"cpus"`
 	MemoryMiB int `json:"memory_mib"`
 	// Direct kernel boot: Kernel (and optionally Initrd and Cmdline).
-	Kernel  string `json:"kernel,omitempty"`
-	Initrd  string `json:"initrd,omitempty"`
+	Kernel  File   `json:"kernel,omitzero"`
+	Initrd  File   `json:"initrd,omitzero"`
 	Cmdline string `json:"cmdline,omitempty"`
 	// Firmware boot (an EFI or BIOS image) when Kernel is empty.
-	Firmware  string    `json:"firmware,omitempty"`
+	Firmware  File      `json:"firmware,omitzero"`
 	Disks     []Disk    `json:"disks"`
 	NICs      []NIC     `json:"nics"`
 	CloudInit CloudInit `json:"cloud_init"`
@@ -162,16 +171,16 @@ func (s Spec) validate() error {
 		return fmt.Errorf("%w: cpus %d must be 1 to %d", ErrInvalid, s.CPUs, MaxCPUs)
 	case s.MemoryMiB < MinMemoryMiB:
 		return fmt.Errorf("%w: memory %d MiB is below %d MiB", ErrInvalid, s.MemoryMiB, MinMemoryMiB)
-	case s.Kernel == "" && s.Firmware == "":
+	case s.Kernel.IsZero() && s.Firmware.IsZero():
 		return fmt.Errorf("%w: give a kernel (direct boot) or a firmware image", ErrInvalid)
 	}
-	for _, f := range []string{s.Kernel, s.Initrd, s.Firmware} {
-		if f != "" && !fileExists(f) {
+	for _, f := range []File{s.Kernel, s.Initrd, s.Firmware} {
+		if !f.IsZero() && !fileExists(f.Path()) {
 			return fmt.Errorf("%w: %s does not exist", ErrInvalid, f)
 		}
 	}
 	for _, d := range s.Disks {
-		if !fileExists(d.Path) {
+		if !fileExists(d.Path.Path()) {
 			return fmt.Errorf("%w: disk %s does not exist", ErrInvalid, d.Path)
 		}
 	}

@@ -35,7 +35,7 @@ type Storage interface {
 	// Holds resolves a path to a file of the pool's volumes (and names
 	// the volume) or images, or fails with storage.ErrNotInPool (see
 	// storage.Pool.Holds).
-	Holds(path string) (real, volume string, err error)
+	Holds(path string) (file storage.File, volume string, err error)
 }
 
 var _ Storage = (*storage.Pool)(nil)

@@ -270,21 +270,21 @@ func (w tenantStorage) EnsureClone(ctx context.Context, sha, name string, limit 
 // Holds is the pool's Holds, but a file of a volume only when the tenant
 // may see the volume. Cached images are everyone's: they are named by
 // their content.
-func (w tenantStorage) Holds(path string) (string, error) {
+func (w tenantStorage) Holds(path string) (storage.File, error) {
 	t, err := tenantOf(w.rc)
 	if err != nil {
-		return "", err
+		return storage.File{}, err
 	}
-	real, vol, err := w.s.Holds(path)
+	f, vol, err := w.s.Holds(path)
 	if err != nil {
-		return "", err
+		return storage.File{}, err
 	}
 	if vol != "" {
 		if _, ok := t.visible(vol); !ok {
-			return "", fmt.Errorf("%q is not in one of your volumes: %w", path, storage.ErrNotInPool)
+			return storage.File{}, fmt.Errorf("%q is not in one of your volumes: %w", path, storage.ErrNotInPool)
 		}
 	}
-	return real, nil
+	return f, nil
 }
 
 // ownedNetwork is a network as a tenant sees it.

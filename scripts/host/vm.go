@@ -57,21 +57,30 @@ type vmSpec struct {
 // maxSpecBytes bounds a VM spec as JSON (user data included).
 const maxSpecBytes = 256 << 10
 
+// vmFiles are the paths a script's spec names for a VM's files, before
+// confine resolves them into the pool (vm.File, which only the pool makes).
+type vmFiles struct {
+	kernel, initrd, firmware string
+	disks                    []string // one per spec.Disks
+}
+
 // toSpec converts a script's spec map to a vm.Spec, naming what is wrong.
-func toSpec(o tengo.Object) (vm.Spec, error) {
+// The spec's files are left empty: they come back as paths, for confine.
+func toSpec(o tengo.Object) (vm.Spec, vmFiles, error) {
 	m, ok := o.(*tengo.Map)
 	if !ok {
-		return vm.Spec{}, errors.New("vm.create takes a map: {name, cpus, memory, kernel, initrd, cmdline, disks, nics, ssh_keys}")
+		return vm.Spec{}, vmFiles{}, errors.New("vm.create takes a map: {name, cpus, memory, kernel, initrd, cmdline, disks, nics, ssh_keys}")
 	}
 	raw, err := scripts.EncodeJSON(m, maxSpecBytes) // bounded: a spec that contains itself must not recurse forever
 	if err != nil {
-		return vm.Spec{}, fmt.Errorf("vm spec: %w", err)
+		return vm.Spec{}, vmFiles{}, fmt.Errorf("vm spec: %w", err)
 	}
 	var s vmSpec
 	if err := json.Unmarshal(raw, &s); err != nil {
-		return vm.Spec{}, fmt.Errorf("vm spec: %w", err)
+		return vm.Spec{}, vmFiles{}, fmt.Errorf("vm spec: %w", err)
 	}
-	spec := vm.Spec{Name: s.Name, CPUs: s.CPUs, Kernel: s.Kernel, Initrd: s.Initrd, Cmdline: s.Cmdline, Firmware: s.Firmware,
+	files := vmFiles{kernel: s.Kernel, initrd: s.Initrd, firmware: s.Firmware}
+	spec := vm.Spec{Name: s.Name, CPUs: s.CPUs, Cmdline: s.Cmdline,
 		CloudInit: vm.CloudInit{Hostname: s.Hostname, SSHKeys: s.SSHKeys, UserData: s.UserData}}
 	switch mem := s.Memory.(type) {
 	case nil:
@@ -80,22 +89,24 @@ func toSpec(o tengo.Object) (vm.Spec, error) {
 	case string:
 		b, err := size.Parse(mem)
 		if err != nil {
-			return vm.Spec{}, fmt.Errorf("memory: %w", err)
+			return vm.Spec{}, vmFiles{}, fmt.Errorf("memory: %w", err)
 		}
 		spec.MemoryMiB = int(b >> 20)
 	default:
-		return vm.Spec{}, fmt.Errorf("memory: want \"512M\" or a number of MiB")
+		return vm.Spec{}, vmFiles{}, fmt.Errorf("memory: want \"512M\" or a number of MiB")
 	}
 	for _, d := range s.Disks {
 		switch x := d.(type) {
 		case string:
-			spec.Disks = append(spec.Disks, vm.Disk{Path: x})
+			spec.Disks = append(spec.Disks, vm.Disk{})
+			files.disks = append(files.disks, x)
 		case map[string]any:
 			p, _ := x["path"].(string)
 			ro, _ := x["read_only"].(bool)
-			spec.Disks = append(spec.Disks, vm.Disk{Path: p, ReadOnly: ro})
+			spec.Disks = append(spec.Disks, vm.Disk{ReadOnly: ro})
+			files.disks = append(files.disks, p)
 		default:
-			return vm.Spec{}, fmt.Errorf("disks: want paths or {path, read_only}")
+			return vm.Spec{}, vmFiles{}, fmt.Errorf("disks: want paths or {path, read_only}")
 		}
 	}
 	for i, n := range s.NICs {
@@ -106,21 +117,21 @@ func toSpec(o tengo.Object) (vm.Spec, error) {
 			} else if a, err := netip.ParseAddr(n.Address); err == nil {
 				sub, err := netip.ParsePrefix(n.Subnet)
 				if err != nil {
-					return vm.Spec{}, fmt.Errorf("nic %d: address %s needs a subnet", i, n.Address)
+					return vm.Spec{}, vmFiles{}, fmt.Errorf("nic %d: address %s needs a subnet", i, n.Address)
 				}
 				nic.Address = netip.PrefixFrom(a, sub.Bits())
 			} else {
-				return vm.Spec{}, fmt.Errorf("nic %d: address %q", i, n.Address)
+				return vm.Spec{}, vmFiles{}, fmt.Errorf("nic %d: address %q", i, n.Address)
 			}
 		}
 		if n.Gateway != "" {
 			if nic.Gateway, err = netip.ParseAddr(n.Gateway); err != nil {
-				return vm.Spec{}, fmt.Errorf("nic %d: gateway %q", i, n.Gateway)
+				return vm.Spec{}, vmFiles{}, fmt.Errorf("nic %d: gateway %q", i, n.Gateway)
 			}
 		}
 		spec.NICs = append(spec.NICs, nic)
 	}
-	return spec, nil
+	return spec, files, nil
 }
 
 // VMModule returns the "vm" module over vms. With nil vms (a runner
@@ -158,11 +169,11 @@ func VMModule(layer VMs, storageLayer Storage) scripts.Module {
 		}
 		return map[string]tengo.Object{
 			"create": call("create", 1, 1, func(ctx context.Context, a []tengo.Object) (any, error) {
-				spec, err := toSpec(a[0])
+				spec, paths, err := toSpec(a[0])
 				if err != nil {
 					return nil, err
 				}
-				if err := confine(&spec, files); err != nil {
+				if err := confine(&spec, paths, files); err != nil {
 					return nil, err
 				}
 				return vms.Create(ctx, spec)
@@ -205,30 +216,37 @@ func VMModule(layer VMs, storageLayer Storage) scripts.Module {
 	}
 }
 
-// confine resolves every file of spec to a file of the node's storage pool,
-// or refuses it.
-func confine(spec *vm.Spec, files *tenantStorage) error {
-	check := func(what string, p *string) error {
-		if *p == "" {
-			return nil
+// confine resolves every file the script named to a file of the node's
+// storage pool (a vm.File, which only the pool makes), or refuses it.
+func confine(spec *vm.Spec, paths vmFiles, files *tenantStorage) error {
+	resolve := func(what, p string) (vm.File, error) {
+		if p == "" {
+			return vm.File{}, nil
 		}
 		if files == nil {
-			return fmt.Errorf("vm %s %q: this runner has no storage pool, and a VM's files must come from it", what, *p)
+			return vm.File{}, fmt.Errorf("vm %s %q: this runner has no storage pool, and a VM's files must come from it", what, p)
 		}
-		real, err := files.Holds(*p)
+		f, err := files.Holds(p)
 		if err != nil {
-			return fmt.Errorf("vm %s: %w (use storage.clone(...).disk or storage.image(...).path)", what, err)
+			return vm.File{}, fmt.Errorf("vm %s: %w (use storage.clone(...).disk or storage.image(...).path)", what, err)
 		}
-		*p = real
-		return nil
+		return f, nil
 	}
-	for what, p := range map[string]*string{"kernel": &spec.Kernel, "initrd": &spec.Initrd, "firmware": &spec.Firmware} {
-		if err := check(what, p); err != nil {
-			return err
+	var err error
+	if spec.Kernel, err = resolve("kernel", paths.kernel); err != nil {
+		return err
+	}
+	if spec.Initrd, err = resolve("initrd", paths.initrd); err != nil {
+		return err
+	}
+	if spec.Firmware, err = resolve("firmware", paths.firmware); err != nil {
+		return err
+	}
+	for i, p := range paths.disks {
+		if p == "" {
+			return fmt.Errorf("vm disk %d: a disk needs a path", i)
 		}
-	}
-	for i := range spec.Disks {
-		if err := check(fmt.Sprintf("disk %d", i), &spec.Disks[i].Path); err != nil {
+		if spec.Disks[i].Path, err = resolve(fmt.Sprintf("disk %d", i), p); err != nil {
 			return err
 		}
 	}

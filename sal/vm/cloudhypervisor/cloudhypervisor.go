@@ -80,20 +80,20 @@ func BuildConfig(l vm.Launch) VmConfig {
 		Serial:  &SerialConfig{Mode: ConsoleModeFile, File: ptr(l.Console)},
 		Console: &ConsoleConfig{Mode: ConsoleModeOff},
 	}
-	if s.Kernel != "" {
-		cfg.Payload = PayloadConfig{Kernel: ptr(s.Kernel)}
-		if s.Initrd != "" {
-			cfg.Payload.Initramfs = ptr(s.Initrd)
+	if !s.Kernel.IsZero() {
+		cfg.Payload = PayloadConfig{Kernel: ptr(s.Kernel.Path())}
+		if !s.Initrd.IsZero() {
+			cfg.Payload.Initramfs = ptr(s.Initrd.Path())
 		}
 		if s.Cmdline != "" {
 			cfg.Payload.Cmdline = ptr(s.Cmdline)
 		}
 	} else {
-		cfg.Payload = PayloadConfig{Firmware: ptr(s.Firmware)}
+		cfg.Payload = PayloadConfig{Firmware: ptr(s.Firmware.Path())}
 	}
 	disks := []DiskConfig{}
 	for _, d := range s.Disks {
-		disks = append(disks, DiskConfig{Path: ptr(d.Path), Readonly: ptr(d.ReadOnly)})
+		disks = append(disks, DiskConfig{Path: ptr(d.Path.Path()), Readonly: ptr(d.ReadOnly)})
 	}
 	disks = append(disks, DiskConfig{Path: ptr(l.Seed), Readonly: ptr(true)})
 	cfg.Disks = &disks

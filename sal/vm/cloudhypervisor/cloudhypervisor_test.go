@@ -2,6 +2,7 @@ package cloudhypervisor
 
 import (
 	"context"
+	"github.com/writ-fleet/writ/sal/internal/poolfile"
 	"net/http"
 	"net/netip"
 	"os"
@@ -58,8 +59,8 @@ func testSpec(t *testing.T, name string) vm.Spec {
 	for _, f := range []string{"vmlinuz", "initrd", "disk.img"} {
 		os.WriteFile(filepath.Join(dir, f), []byte(f), 0o644)
 	}
-	return vm.Spec{Name: name, CPUs: 2, MemoryMiB: 512, Kernel: filepath.Join(dir, "vmlinuz"), Initrd: filepath.Join(dir, "initrd"),
-		Cmdline: "console=ttyS0", Disks: []vm.Disk{{Path: filepath.Join(dir, "disk.img")}}}
+	return vm.Spec{Name: name, CPUs: 2, MemoryMiB: 512, Kernel: poolfile.Make(filepath.Join(dir, "vmlinuz")), Initrd: poolfile.Make(filepath.Join(dir, "initrd")),
+		Cmdline: "console=ttyS0", Disks: []vm.Disk{{Path: poolfile.Make(filepath.Join(dir, "disk.img"))}}}
 }
 
 func requests(t *testing.T, dir string) []string {
@@ -242,7 +243,7 @@ func TestReal_Lifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	m, _ := vm.New(vm.Config{Dir: t.TempDir(), Backend: b, Exec: host.Do, StopGrace: 2 * time.Second})
-	spec := vm.Spec{Name: "real", Kernel: art.Kernel, Initrd: art.Initrd, Cmdline: guest.Cmdline, Disks: []vm.Disk{{Path: disk}},
+	spec := vm.Spec{Name: "real", Kernel: poolfile.Make(art.Kernel), Initrd: poolfile.Make(art.Initrd), Cmdline: guest.Cmdline, Disks: []vm.Disk{{Path: poolfile.Make(disk)}},
 		NICs: []vm.NIC{{Tap: nic.Tap, MAC: nic.MAC, Address: netip.PrefixFrom(nic.Addr, 24), Gateway: nic.Gateway}}}
 	if _, err := m.Create(ctx, spec); err != nil {
 		t.Fatal(err)

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"fmt"
+	"github.com/writ-fleet/writ/sal/internal/poolfile"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -31,8 +32,8 @@ func BenchmarkDeploy(b *testing.B) {
 					b.Fatal(err)
 				}
 				t1 := time.Now()
-				spec := vm.Spec{Name: name, CPUs: 1, MemoryMiB: 256, Kernel: r.art.Kernel, Initrd: r.art.Initrd, Cmdline: guest.Cmdline,
-					Disks: []vm.Disk{{Path: r.disk}},
+				spec := vm.Spec{Name: name, CPUs: 1, MemoryMiB: 256, Kernel: poolfile.Make(r.art.Kernel), Initrd: poolfile.Make(r.art.Initrd), Cmdline: guest.Cmdline,
+					Disks: []vm.Disk{{Path: poolfile.Make(r.disk)}},
 					NICs:  []vm.NIC{{Tap: nic.Tap, MAC: nic.MAC, Address: netip.PrefixFrom(nic.Addr, 24), Gateway: nic.Gateway}}}
 				if mode == "writ" {
 					if _, err := r.m.Create(r.ctx, spec); err != nil {

@@ -128,19 +128,19 @@ func (b *Backend) Args(l vm.Launch, accel string) []string {
 		"-pidfile", filepath.Join(l.Dir, "qemu.pid"),
 		"-daemonize",
 	)
-	if s.Kernel != "" {
-		args = append(args, "-kernel", s.Kernel)
-		if s.Initrd != "" {
-			args = append(args, "-initrd", s.Initrd)
+	if !s.Kernel.IsZero() {
+		args = append(args, "-kernel", s.Kernel.Path())
+		if !s.Initrd.IsZero() {
+			args = append(args, "-initrd", s.Initrd.Path())
 		}
 		if s.Cmdline != "" {
 			args = append(args, "-append", s.Cmdline)
 		}
 	} else {
-		args = append(args, "-bios", s.Firmware)
+		args = append(args, "-bios", s.Firmware.Path())
 	}
 	for _, d := range s.Disks {
-		opt := "file=" + qemuEscape(d.Path) + ",if=virtio,format=raw"
+		opt := "file=" + qemuEscape(d.Path.Path()) + ",if=virtio,format=raw"
 		if d.ReadOnly {
 			opt += ",readonly=on"
 		}

@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"github.com/writ-fleet/writ/sal/internal/poolfile"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -90,8 +91,8 @@ func (r *rig) spec(name, cmdline string) vm.Spec {
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	return vm.Spec{Name: name, CPUs: 1, MemoryMiB: 256, Kernel: r.art.Kernel, Initrd: r.art.Initrd, Cmdline: cmdline,
-		Disks: []vm.Disk{{Path: r.disk}},
+	return vm.Spec{Name: name, CPUs: 1, MemoryMiB: 256, Kernel: poolfile.Make(r.art.Kernel), Initrd: poolfile.Make(r.art.Initrd), Cmdline: cmdline,
+		Disks: []vm.Disk{{Path: poolfile.Make(r.disk)}},
 		NICs:  []vm.NIC{{Tap: nic.Tap, MAC: nic.MAC, Address: netip.PrefixFrom(nic.Addr, nic.Prefix.Bits()), Gateway: nic.Gateway}}}
 }
 
