@@ -2,6 +2,7 @@ package coord
 
 import (
 	"context"
+	"github.com/writ-fleet/writ/job"
 	"log/slog"
 	"strings"
 	"testing"
@@ -66,7 +67,7 @@ func TestCoord_ChooseSite(t *testing.T) {
 		t.Errorf("any site with 2 CPUs = %s/%s, %v; want wide and its node", site, node, err)
 	}
 	_, _, err = choose("", envelope.Resources{CPU: 64})
-	if envelope.ReasonOf(err) != envelope.ReasonNoCapacity || !strings.Contains(err.Error(), "strict:") || !strings.Contains(err.Error(), "has no registered nodes") {
+	if envelope.ReasonOf(err) != job.ReasonNoCapacity || !strings.Contains(err.Error(), "strict:") || !strings.Contains(err.Error(), "has no registered nodes") {
 		t.Errorf("any site with 64 CPUs = %v, want no_capacity with a reason per site", err)
 	}
 }

@@ -24,10 +24,10 @@ const MaxWait = 5 * time.Minute
 
 // SubmitReply is the body of POST /v1/jobs.
 type SubmitReply struct {
-	ID     string `json:"id,omitempty"`
-	State  string `json:"state"`
-	Reason string `json:"reason,omitempty"`
-	Error  string `json:"error,omitempty"`
+	ID     string     `json:"id,omitempty"`
+	State  string     `json:"state"`
+	Reason job.Reason `json:"reason,omitempty"`
+	Error  string     `json:"error,omitempty"`
 }
 
 // ListReply is the body of GET /v1/jobs.
@@ -60,7 +60,7 @@ func (c *Coord) Handler() http.Handler {
 }
 
 func (c *Coord) reply(w http.ResponseWriter, status int, rep SubmitReply) {
-	c.metrics.submitted.WithLabelValues(rep.State, rep.Reason).Inc()
+	c.metrics.submitted.WithLabelValues(rep.State, string(rep.Reason)).Inc()
 	httpapi.JSON(w, status, rep)
 }
 
@@ -69,7 +69,7 @@ func (c *Coord) reply(w http.ResponseWriter, status int, rep SubmitReply) {
 // stranger's envelopes leave nothing behind, and a copy with a bad
 // signature cannot make the real job look refused.
 func (c *Coord) refuse(w http.ResponseWriter, r *http.Request, id string, spec *envelope.Job, users []string, err error) {
-	v := job.Verdict{ID: id, State: job.VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
+	v := job.Verdict{ID: id, State: job.VerdictRejected, Reason: envelope.ReasonOf(err), Error: err.Error()}
 	if id != "" && len(users) > 0 && spec != nil {
 		rec := job.Record{ID: id, State: job.StateRejected, Reason: v.Reason, Error: v.Error, SubmittedAt: c.p.Now(), Users: users}
 		rec.Name, rec.Site, rec.Node = spec.Name, spec.Site, spec.Node
@@ -91,7 +91,7 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 	if err != nil {
 		var he *httpapi.Error
 		if errors.As(err, &he) && he.Status == http.StatusRequestEntityTooLarge {
-			c.refuse(w, r, "", nil, nil, envelope.Refuse(envelope.ReasonTooLarge, he.Msg))
+			c.refuse(w, r, "", nil, nil, envelope.Refuse(job.ReasonTooLarge, he.Msg))
 			return
 		}
 		httpapi.Fail(w, err)
@@ -136,7 +136,7 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 		httpapi.Fail(w, httpapi.Errorf(http.StatusServiceUnavailable, "ledger unreachable: %v", err))
 		return
 	} else if !ok {
-		c.refuse(w, r, id, spec, users, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger"))
+		c.refuse(w, r, id, spec, users, envelope.Refuse(job.ReasonWrongSite, "site "+site+" is not registered in the ledger"))
 		return
 	}
 	// Submit and wait: subscribe before the job can produce events, so
@@ -167,7 +167,7 @@ func (c *Coord) postJob(w http.ResponseWriter, r *http.Request) {
 	if spec.Node == "" && !spec.AnySite && (spec.Resources != envelope.Resources{}) {
 		node, err := c.placer.place(r.Context(), site, id, spec.Resources)
 		if err != nil {
-			c.refuse(w, r, id, spec, users, envelope.Refuse(envelope.ReasonNoCapacity, err.Error()))
+			c.refuse(w, r, id, spec, users, envelope.Refuse(job.ReasonNoCapacity, err.Error()))
 			return
 		}
 		sub.place, sub.rec.Job.Node = node, node

@@ -136,7 +136,7 @@ func TestCoord_WhoReadsWhat(t *testing.T) {
 	// forged, leave no record; the real job then runs.
 	strangerJob := sign(stranger, "strangers")
 	var re *RejectedError
-	if _, err := as(bob).Submit(ctx, strangerJob); !errors.As(err, &re) || re.Reply.Reason != string(envelope.ReasonUnknownKey) {
+	if _, err := as(bob).Submit(ctx, strangerJob); !errors.As(err, &re) || re.Reply.Reason != job.ReasonUnknownKey {
 		t.Fatalf("stranger's envelope = %v", err)
 	}
 	if _, err := as(l.Admin).Job(ctx, re.Reply.ID, 0); err == nil {

@@ -114,7 +114,7 @@ func submitReply(status int, data []byte) (SubmitReply, error) {
 		if eb.Error == "" {
 			eb.Error = strings.TrimSpace(string(data))
 		}
-		return SubmitReply{}, &RejectedError{Status: status, Reply: SubmitReply{State: "rejected", Reason: eb.Reason, Error: eb.Error}}
+		return SubmitReply{}, &RejectedError{Status: status, Reply: SubmitReply{State: "rejected", Reason: job.Reason(eb.Reason), Error: eb.Error}}
 	}
 	if status != http.StatusAccepted {
 		return rep, &RejectedError{Status: status, Reply: rep}
@@ -370,7 +370,7 @@ func (c *Client) postFlow(ctx context.Context, path string, body []byte) (*FlowR
 	if json.Unmarshal(data, &rep) != nil || rep.State == "" {
 		var eb httpapi.ErrorBody
 		json.Unmarshal(data, &eb)
-		rep = FlowReply{Reason: eb.Reason, Error: eb.Error}
+		rep = FlowReply{Reason: job.Reason(eb.Reason), Error: eb.Error}
 		if rep.Error == "" {
 			rep.Error = strings.TrimSpace(string(data))
 		}

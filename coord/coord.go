@@ -20,8 +20,8 @@
 // what it uses, and run under Coord.Run (which writes down the shutdown
 // order): forwarder (one per site, batches submissions to the supervisor),
 // follower (one per site, applies the site's events to job records),
-// deliverer (retries pending deliveries), and hub (wakes waiters when their
-// job changes).
+// deliverer (retries pending deliveries), the flow engine (runs flows:
+// flowengine.go), and hub (wakes waiters when their job changes).
 package coord
 
 import (
@@ -104,7 +104,7 @@ type Coord struct {
 	group       *errgroup.Group // guarded by mu; set by Run
 	running     chan struct{}   // closed once Run has set runCtx and group
 
-	flows flowLocal // this coord's locks and parsed copies of flows
+	flows *flowEngine // runs flows
 }
 
 type metrics struct {
@@ -173,6 +173,8 @@ func New(p Params) (*Coord, error) {
 	c.deliverer = &deliverer{p: delivererParams{redis: p.Redis, post: c.post, now: p.Now, log: p.Log}}
 	c.placer = newPlacer(p.Ledger, p.Placement, p.Now)
 	c.auth = newAuth(p.Ledger, p.Now, p.StreamsPerUser)
+	c.flows = newFlowEngine(flowEngineParams{redis: p.Redis, submit: c.submitTo, notify: c.notifyFlows, leased: c.leased,
+		log: p.Log, now: p.Now, retention: p.Retention})
 	return c, nil
 }
 
@@ -183,20 +185,8 @@ func (c *Coord) applied(evs []job.Event) {
 	c.wake(evs)
 	// Steps of flows advance their flows; off the follower's path (a lost
 	// advance is the sweep's). The follower reuses evs once this returns:
-	// the ends go on a copy.
-	var ends []job.Event
-	for _, ev := range evs {
-		if ev.Type.Terminal() {
-			ends = append(ends, ev)
-		}
-	}
-	if len(ends) > 0 {
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-			defer cancel()
-			c.flowEnds(ctx, ends)
-		}()
-	}
+	// ended copies the ends.
+	c.flows.ended(evs)
 	// The other coords' waiters and streams hear of it too.
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
@@ -268,14 +258,16 @@ func (c *Coord) leased(ctx context.Context, name string, fn func(context.Context
 
 // Run runs the background duties until ctx ends or one fails: site
 // discovery (which starts a follower per site), a forwarder per site
-// (started by the first job for it), and the deliverer.
+// (started by the first job for it), the deliverer and the flow engine.
 //
 // Shutdown order, once ctx ends: the HTTP server (outside Coord) stops
 // taking requests; each forwarder finishes the batches in flight and
 // records what is still waiting as pending, so it is delivered later by
 // the deliverer of this or another coord (nothing handed over is lost); the
 // followers stop reading (their cursors are in Redis: a restart resumes
-// there); the deliverer stops between rounds. Run returns when all have.
+// there); the deliverer stops between rounds; the flow engine stops
+// applying step ends (those still queued are the next sweep's: the jobs'
+// records hold them). Run returns when all have.
 func (c *Coord) Run(ctx context.Context) error {
 	g, ctx := errgroup.WithContext(ctx)
 	c.mu.Lock()
@@ -286,22 +278,7 @@ func (c *Coord) Run(ctx context.Context) error {
 		c.leased(ctx, "deliver", func(ctx context.Context) { c.deliverer.run(ctx) })
 		return nil
 	})
-	g.Go(func() error {
-		// One coord at a time resumes flows a crash or a lost end left.
-		c.leased(ctx, "flows", func(ctx context.Context) {
-			t := time.NewTicker(flowSweepInterval)
-			defer t.Stop()
-			for {
-				c.sweepFlows(ctx)
-				select {
-				case <-ctx.Done():
-					return
-				case <-t.C:
-				}
-			}
-		})
-		return nil
-	})
+	g.Go(func() error { return c.flows.run(ctx) })
 	g.Go(func() error { return c.discover(ctx) })
 	g.Go(func() error {
 		c.p.Redis.SubscribeApplied(ctx, func(m queue.AppliedMessage) {
@@ -386,6 +363,15 @@ func (c *Coord) supervisorURL(site string) (string, error) {
 		return "", fmt.Errorf("site %s is not known to the ledger", site)
 	}
 	return s.SupervisorURL, nil
+}
+
+// submitTo hands sub to site's forwarder and waits for its verdict.
+func (c *Coord) submitTo(ctx context.Context, site string, sub *submission) (job.Verdict, error) {
+	f, err := c.forwarderFor(ctx, site)
+	if err != nil {
+		return job.Verdict{}, err
+	}
+	return f.submit(ctx, sub)
 }
 
 // forwarderFor returns the site's forwarder, starting it under Run on

@@ -147,7 +147,7 @@ func TestCoord_Submit(t *testing.T) {
 		t.Errorf("rejected job record = %+v, %v", j, err)
 	}
 	_, err = cl.Submit(ctx, sign("nowhere", "unknown-site"))
-	if !errors.As(err, &re) || re.Reply.Reason != string(envelope.ReasonWrongSite) {
+	if !errors.As(err, &re) || re.Reply.Reason != job.ReasonWrongSite {
 		t.Errorf("unknown site = %v", err)
 	}
 	// A site created right after coord missed it works at once: coord
@@ -163,7 +163,7 @@ func TestCoord_Submit(t *testing.T) {
 	j := envelope.NewJob("stranger", "x := 1", "s", time.Now())
 	env, _ := j.Sign(stranger)
 	raw, _ := json.Marshal(env)
-	if _, err := cl.Submit(ctx, raw); !errors.As(err, &re) || re.Reply.Reason != string(envelope.ReasonUnknownKey) {
+	if _, err := cl.Submit(ctx, raw); !errors.As(err, &re) || re.Reply.Reason != job.ReasonUnknownKey {
 		t.Errorf("unknown key = %v", err)
 	}
 

@@ -64,7 +64,7 @@ func (d *deliverer) once(ctx context.Context) error {
 		raw []byte // the envelope, or its placed batch item
 	}
 	var errs []error
-	drop := func(id string, state job.State, reason, msg string) {
+	drop := func(id string, state job.State, reason job.Reason, msg string) {
 		if err := d.p.redis.ResolvePending(ctx, id, state, reason, msg); err != nil {
 			errs = append(errs, fmt.Errorf("resolve pending job %s: %w", id, err))
 			return
@@ -90,7 +90,7 @@ func (d *deliverer) once(ctx context.Context) error {
 		if err != nil {
 			// It decoded when accepted; a record that no longer does is
 			// dropped rather than retried forever.
-			drop(p.ID, job.StateRejected, string(envelope.ReasonOf(err)), err.Error())
+			drop(p.ID, job.StateRejected, envelope.ReasonOf(err), err.Error())
 			continue
 		}
 		rec, err := d.p.redis.GetJob(ctx, p.ID)

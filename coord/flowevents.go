@@ -38,13 +38,13 @@ const flowStreamCheck = 2 * time.Second
 // has it).
 func flowKey(id string) string { return "flow/" + id }
 
-// flowChanged wakes the streams of the flows ids, here and at the other
-// coords.
-func (c *Coord) flowChanged(ids ...string) {
+// notifyFlows wakes the streams of the flows ids, here and at the other
+// coords (the flow engine's notify).
+func (c *Coord) notifyFlows(ctx context.Context, ids []string) {
 	for _, id := range ids {
 		c.hub.publish(job.Event{Job: flowKey(id)})
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	if err := c.p.Redis.PublishFlows(ctx, c.p.ID, ids); err != nil {
 		c.p.Log.Debug("tell the other coords of a flow's change (their streams re-read within 2 s)", "err", err)
@@ -107,7 +107,7 @@ func (c *Coord) flowEvents(w http.ResponseWriter, r *http.Request) {
 			return false
 		}
 		version = rec.Version
-		fl, err := c.flowOf(ctx, id)
+		fl, err := c.flows.flowOf(ctx, id)
 		var run flow.Run
 		if err == nil {
 			err = json.Unmarshal(rec.Run, &run)

@@ -202,7 +202,7 @@ func (f *forwarder) record(batch []*submission, verdicts []job.Verdict, postErr 
 	if _, rerr := f.p.redis.CreateJobs(ctx, recs, f.p.retention); rerr != nil {
 		f.p.log.Error("record jobs", "site", f.p.site, "err", rerr)
 		for _, s := range batch {
-			s.done <- job.Verdict{ID: s.rec.Job.ID, State: job.VerdictRejected, Reason: "unavailable", Error: "coord could not record the job: " + rerr.Error(), Retry: true}
+			s.done <- job.Verdict{ID: s.rec.Job.ID, State: job.VerdictRejected, Reason: job.ReasonRedisUnavailable, Error: "coord could not record the job: " + rerr.Error(), Retry: true}
 		}
 		return
 	}
@@ -217,7 +217,7 @@ func (f *forwarder) record(batch []*submission, verdicts []job.Verdict, postErr 
 
 // recordState maps a supervisor verdict (or a failure to reach it) to the
 // state coord records.
-func recordState(v job.Verdict, postErr error) (job.State, string, string) {
+func recordState(v job.Verdict, postErr error) (job.State, job.Reason, string) {
 	switch {
 	case postErr != nil || v.Retry:
 		msg := v.Error
@@ -268,7 +268,7 @@ func (c *Coord) post(ctx context.Context, site string, raws [][]byte) ([]job.Ver
 		}
 		var env []byte
 		if ref != "" {
-			switch env, err = c.flowEnvelope(ctx, ref); {
+			switch env, err = c.flows.flowEnvelope(ctx, ref); {
 			case errors.Is(err, queue.ErrNoFlow):
 				// The flow's record is gone (past its retention): the step
 				// goes as it is, and its supervisor refuses it, saying so.

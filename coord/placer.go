@@ -3,6 +3,7 @@ package coord
 import (
 	"context"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"sort"
 	"strings"
 	"sync"
@@ -199,9 +200,9 @@ func (c *Coord) chooseSite(ctx context.Context, env *envelope.Envelope, spec *en
 		capacity = true
 		why = append(why, name+": "+err.Error())
 	}
-	reason := envelope.ReasonBelowThreshold
+	reason := job.ReasonBelowThreshold
 	if capacity {
-		reason = envelope.ReasonNoCapacity
+		reason = job.ReasonNoCapacity
 	}
 	if len(names) == 0 {
 		why = append(why, "the ledger has no sites")

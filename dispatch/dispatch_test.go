@@ -393,7 +393,7 @@ func TestDispatch_CancelStopsTheNode(t *testing.T) {
 			if yes, _ := n.CancelRequested(jctx, "s", d.ID); !yes {
 				return errors.New("stopped, but not told it was cancelled")
 			}
-			n.Publish(context.Background(), "s", job.Event{Job: d.ID, Type: job.EventFailed, Reason: queue.ReasonCancelled, At: time.Now()})
+			n.Publish(context.Background(), "s", job.Event{Job: d.ID, Type: job.EventFailed, Reason: job.ReasonCancelled, At: time.Now()})
 			return queue.NoRetry(errors.New("cancelled"))
 		})
 	}()
@@ -417,7 +417,7 @@ func TestDispatch_CancelStopsTheNode(t *testing.T) {
 	testenv.WaitFor(t, 10*time.Second, "the cancelled end on the site's stream", func() bool {
 		evs, _ := s.rdb.ReadEvents(ctx, "s", "0", 100, 0)
 		for _, ev := range evs {
-			if ev.Job == id && ev.Type == job.EventFailed && ev.Reason == queue.ReasonCancelled {
+			if ev.Job == id && ev.Type == job.EventFailed && ev.Reason == job.ReasonCancelled {
 				return true
 			}
 		}

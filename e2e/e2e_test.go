@@ -182,7 +182,7 @@ func TestFleet_Rejections(t *testing.T) {
 	testenv.WaitFor(t, 10*time.Second, "the revocation to reach the supervisor", func() bool {
 		_, err := f.client().Submit(ctx, rawEnvelope(t, mkJob(nil), revoked))
 		var re *coord.RejectedError
-		return errors.As(err, &re) && re.Reply.Reason == string(envelope.ReasonRevokedKey)
+		return errors.As(err, &re) && re.Reply.Reason == job.ReasonRevokedKey
 	})
 
 	replayed := mkJob(nil)
@@ -213,29 +213,29 @@ func TestFleet_Rejections(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		raw    []byte
-		reason envelope.Reason
+		reason job.Reason
 		msg    string
 		noID   bool
 	}{
-		{"bad signature", tampered, envelope.ReasonBadSignature, "does not verify", false},
-		{"unknown key", rawEnvelope(t, mkJob(nil), stranger), envelope.ReasonUnknownKey, "not registered", false},
-		{"revoked key", rawEnvelope(t, mkJob(nil), revoked), envelope.ReasonRevokedKey, "revoked", false},
+		{"bad signature", tampered, job.ReasonBadSignature, "does not verify", false},
+		{"unknown key", rawEnvelope(t, mkJob(nil), stranger), job.ReasonUnknownKey, "not registered", false},
+		{"revoked key", rawEnvelope(t, mkJob(nil), revoked), job.ReasonRevokedKey, "revoked", false},
 		{"expired", rawEnvelope(t, mkJob(func(j *envelope.Job) {
 			j.NotBefore, j.Expires = now.Add(-2*time.Hour), now.Add(-time.Hour)
-		}), f.admin), envelope.ReasonExpired, "expired at", false},
+		}), f.admin), job.ReasonExpired, "expired at", false},
 		{"not yet valid", rawEnvelope(t, mkJob(func(j *envelope.Job) {
 			j.NotBefore, j.Expires = now.Add(time.Hour), now.Add(2*time.Hour)
-		}), f.admin), envelope.ReasonNotYetValid, "not valid before", false},
-		{"replayed nonce", rawEnvelope(t, &replay, f.admin), envelope.ReasonReplayed, "already used", false},
-		{"wrong site", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Site = "elsewhere" }), f.admin), envelope.ReasonWrongSite, "not registered", false},
-		{"below threshold", multi(a), envelope.ReasonBelowThreshold, "requires signatures from 2 distinct users; got 1", false},
-		{"does not compile", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = "x := (" }), f.admin), envelope.ReasonScriptInvalid, "does not compile", false},
-		{"forbidden import", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = `os := import("os"); os.exit(1)` }), f.admin), envelope.ReasonForbiddenImport, `"os"`, false},
-		{"oversized script", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = "x := 1\n" + strings.Repeat("// pad\n", envelope.MaxScriptBytes/7+1) }), f.admin), envelope.ReasonTooLarge, "script is", false},
+		}), f.admin), job.ReasonNotYetValid, "not valid before", false},
+		{"replayed nonce", rawEnvelope(t, &replay, f.admin), job.ReasonReplayed, "already used", false},
+		{"wrong site", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Site = "elsewhere" }), f.admin), job.ReasonWrongSite, "not registered", false},
+		{"below threshold", multi(a), job.ReasonBelowThreshold, "requires signatures from 2 distinct users; got 1", false},
+		{"does not compile", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = "x := (" }), f.admin), job.ReasonScriptInvalid, "does not compile", false},
+		{"forbidden import", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = `os := import("os"); os.exit(1)` }), f.admin), job.ReasonForbiddenImport, `"os"`, false},
+		{"oversized script", rawEnvelope(t, mkJob(func(j *envelope.Job) { j.Script = "x := 1\n" + strings.Repeat("// pad\n", envelope.MaxScriptBytes/7+1) }), f.admin), job.ReasonTooLarge, "script is", false},
 		{"oversized args", rawEnvelope(t, mkJob(func(j *envelope.Job) {
 			j.Args = json.RawMessage(`{"a":"` + strings.Repeat("x", envelope.MaxArgsBytes) + `"}`)
-		}), f.admin), envelope.ReasonTooLarge, "args are", false},
-		{"malformed JSON", []byte(`{"payloadType": "application/vnd.writ.job.v1+json", "payload": `), envelope.ReasonMalformed, "not valid DSSE JSON", true},
+		}), f.admin), job.ReasonTooLarge, "args are", false},
+		{"malformed JSON", []byte(`{"payloadType": "application/vnd.writ.job.v1+json", "payload": `), job.ReasonMalformed, "not valid DSSE JSON", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := f.client().Submit(ctx, tc.raw)
@@ -243,7 +243,7 @@ func TestFleet_Rejections(t *testing.T) {
 			if !errors.As(err, &re) {
 				t.Fatalf("Submit = %v, want a rejection", err)
 			}
-			if re.Reply.Reason != string(tc.reason) || !strings.Contains(re.Reply.Error, tc.msg) {
+			if re.Reply.Reason != tc.reason || !strings.Contains(re.Reply.Error, tc.msg) {
 				t.Fatalf("rejection = %s: %s; want %s mentioning %q", re.Reply.Reason, re.Reply.Error, tc.reason, tc.msg)
 			}
 			if tc.noID {
@@ -257,13 +257,13 @@ func TestFleet_Rejections(t *testing.T) {
 			// a replay) has one; what coord refused before its signatures
 			// counted is answered and forgotten.
 			j, err := f.client().Job(ctx, re.Reply.ID, 0)
-			if err != nil && strings.Contains(err.Error(), "404") && tc.reason != envelope.ReasonScriptInvalid {
+			if err != nil && strings.Contains(err.Error(), "404") && tc.reason != job.ReasonScriptInvalid {
 				return
 			}
 			if err != nil {
 				t.Fatal(err)
 			}
-			if j.State != job.StateRejected || j.Reason != string(tc.reason) || j.StartedAt != nil {
+			if j.State != job.StateRejected || j.Reason != tc.reason || j.StartedAt != nil {
 				t.Errorf("job state = %s reason %s started %v; want rejected %s, never started", j.State, j.Reason, j.StartedAt, tc.reason)
 			}
 		})
@@ -644,7 +644,7 @@ func TestFleet_DSSEInterop(t *testing.T) {
 	variant := []byte(strings.Replace(string(payload("variant")), `"script":`, `"Script":"x := 1","script":`, 1))
 	_, err := f.client().Submit(ctx, testenv.SSLibSign(t, f.admin, envelope.PayloadType, variant, ""))
 	var re *coord.RejectedError
-	if !errors.As(err, &re) || re.Reply.Reason != string(envelope.ReasonMalformed) || !strings.Contains(re.Reply.Error, "case-sensitive") {
+	if !errors.As(err, &re) || re.Reply.Reason != job.ReasonMalformed || !strings.Contains(re.Reply.Error, "case-sensitive") {
 		t.Errorf("case-variant payload = %v, want refused malformed", err)
 	}
 }

@@ -181,7 +181,7 @@ func TestFleet_Flows(t *testing.T) {
 		}
 		for _, ev := range evs {
 			if ev.Job == forgedID && ev.Type.Terminal() {
-				if ev.Type != job.EventFailed || ev.Reason != string(envelope.ReasonBadSignature) {
+				if ev.Type != job.EventFailed || ev.Reason != job.ReasonBadSignature {
 					t.Errorf("the forged step ended %s %s %s", ev.Type, ev.Reason, ev.Error)
 				}
 				return true
@@ -200,7 +200,7 @@ func TestFleet_Flows(t *testing.T) {
 	var fre *coord.FlowRejectedError
 	testenv.WaitFor(t, 30*time.Second, "coord to see the new threshold", func() bool {
 		_, err := submit(two, f.admin)
-		return errors.As(err, &fre) && fre.Reply.Reason == string(envelope.ReasonBelowThreshold)
+		return errors.As(err, &fre) && fre.Reply.Reason == job.ReasonBelowThreshold
 	})
 }
 
@@ -349,7 +349,7 @@ func TestFleet_FlowTwoSites(t *testing.T) {
 		for _, ev := range evs {
 			if slices.Contains(ids, ev.Job) && ev.Type.Terminal() {
 				ended++
-				if ev.Type != job.EventFailed || ev.Reason != string(envelope.ReasonBadInput) {
+				if ev.Type != job.EventFailed || ev.Reason != job.ReasonBadInput {
 					t.Errorf("a forged input's step ended %s %s %s", ev.Type, ev.Reason, ev.Error)
 				}
 			}

@@ -244,7 +244,7 @@ func TestFleet_Hostile(t *testing.T) {
 				timeout = 2 * time.Minute
 			}
 			j := submit(mallory, c.name, c.script, args, timeout)
-			if j.State == job.StateSucceeded || !slices.Contains(strings.Split(c.reason, "|"), j.Reason) || !strings.Contains(j.Error, c.msg) {
+			if j.State == job.StateSucceeded || !slices.Contains(strings.Split(c.reason, "|"), string(j.Reason)) || !strings.Contains(j.Error, c.msg) {
 				t.Errorf("%s (%s): %s %s %q; want reason %s mentioning %q", c.name, c.what, j.State, j.Reason, j.Error, c.reason, c.msg)
 			}
 			if strings.Contains(j.Error, sums["vmlinuz"]) {

@@ -26,6 +26,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"strconv"
 )
 
@@ -127,10 +128,10 @@ func (e *Envelope) MarshalJSON() ([]byte, error) {
 // payloadType or signatures.
 func Decode(data []byte) (*Envelope, error) {
 	if len(data) > MaxEnvelopeBytes {
-		return nil, &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("envelope is %d bytes, the limit is %d", len(data), MaxEnvelopeBytes)}
+		return nil, &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("envelope is %d bytes, the limit is %d", len(data), MaxEnvelopeBytes)}
 	}
 	malformed := func(msg string, err error) error {
-		return &Error{Reason: ReasonMalformed, Msg: msg + ": " + err.Error()}
+		return &Error{Reason: job.ReasonMalformed, Msg: msg + ": " + err.Error()}
 	}
 	top, err := members(data, false)
 	if err != nil {
@@ -144,7 +145,7 @@ func Decode(data []byte) (*Envelope, error) {
 		return nil, malformed("envelope", err)
 	}
 	if w.PayloadType == "" {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "envelope has no payloadType"}
+		return nil, &Error{Reason: job.ReasonMalformed, Msg: "envelope has no payloadType"}
 	}
 	var sigs []json.RawMessage
 	if raw, ok := lookup(top, "signatures"); ok {
@@ -153,7 +154,7 @@ func Decode(data []byte) (*Envelope, error) {
 		}
 	}
 	if len(sigs) > MaxSignatures {
-		return nil, &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("envelope has %d signatures, the limit is %d", len(sigs), MaxSignatures)}
+		return nil, &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("envelope has %d signatures, the limit is %d", len(sigs), MaxSignatures)}
 	}
 	payload, err := decodeBase64(w.Payload)
 	if err != nil {
@@ -173,11 +174,11 @@ func Decode(data []byte) (*Envelope, error) {
 			return nil, malformed(fmt.Sprintf("signature %d", i), err)
 		}
 		if len(s.KeyID) > MaxKeyIDLen {
-			return nil, &Error{Reason: ReasonMalformed, Msg: fmt.Sprintf("signature %d: key id is longer than %d bytes", i, MaxKeyIDLen)}
+			return nil, &Error{Reason: job.ReasonMalformed, Msg: fmt.Sprintf("signature %d: key id is longer than %d bytes", i, MaxKeyIDLen)}
 		}
 		sig, err := decodeBase64(s.Sig)
 		if err != nil {
-			return nil, &Error{Reason: ReasonMalformed, Msg: fmt.Sprintf("signature %d: not base64: %v", i, err)}
+			return nil, &Error{Reason: job.ReasonMalformed, Msg: fmt.Sprintf("signature %d: not base64: %v", i, err)}
 		}
 		e.Signatures = append(e.Signatures, Signature{KeyID: s.KeyID, Sig: sig})
 	}

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"github.com/writ-fleet/writ/job"
 	"os"
 	"path/filepath"
 	"strings"
@@ -165,11 +166,11 @@ func TestJob_CheckTime(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		at   time.Time
-		want Reason
+		want job.Reason
 	}{
 		{"valid", now, ""},
-		{"not yet valid", now.Add(-2 * ClockSkew), ReasonNotYetValid},
-		{"expired", now.Add(DefaultValidity + time.Second), ReasonExpired},
+		{"not yet valid", now.Add(-2 * ClockSkew), job.ReasonNotYetValid},
+		{"expired", now.Add(DefaultValidity + time.Second), job.ReasonExpired},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			if got := ReasonOf(j.CheckTime(tc.at)); got != tc.want {
@@ -194,31 +195,31 @@ func TestParse_Rejects(t *testing.T) {
 	for _, tc := range []struct {
 		name    string
 		data    []byte
-		want    Reason
+		want    job.Reason
 		wantMsg string
 	}{
-		{"not json", []byte("{"), ReasonMalformed, "not valid DSSE JSON"},
-		{"envelope key twice", []byte(`{"payloadType":"x","payload":"","payloadType":"y","signatures":[]}`), ReasonMalformed, "twice"},
-		{"signature key twice", []byte(`{"payloadType":"x","payload":"","signatures":[{"keyid":"a","sig":"","sig":"AA=="}]}`), ReasonMalformed, "twice"},
-		{"envelope not an object", []byte(`[1]`), ReasonMalformed, "not a JSON object"},
-		{"trailing data", []byte(`{"payloadType":"x","payload":"","signatures":[]} {}`), ReasonMalformed, "trailing"},
-		{"bad base64", []byte(`{"payloadType":"x","payload":"!!!","signatures":[]}`), ReasonMalformed, "not base64"},
-		{"wrong type", []byte(`{"payloadType":"text/plain","payload":"aGk=","signatures":[]}`), ReasonPayloadType, "payloadType"},
-		{"too big", bytes.Repeat([]byte(" "), MaxEnvelopeBytes+1), ReasonTooLarge, "limit"},
-		{"big script", sign(func(j *Job) { j.Script = strings.Repeat("x", MaxScriptBytes+1) }), ReasonTooLarge, "script is"},
-		{"big args", sign(func(j *Job) { j.Args = json.RawMessage(`{"a":"` + strings.Repeat("x", MaxArgsBytes) + `"}`) }), ReasonTooLarge, "args are"},
-		{"args not object", sign(func(j *Job) { j.Args = json.RawMessage(`[1]`) }), ReasonInvalidJob, "JSON object"},
-		{"no site", sign(func(j *Job) { j.Site = "" }), ReasonInvalidJob, "neither a site"},
-		{"bad site", sign(func(j *Job) { j.Site = "../x" }), ReasonInvalidJob, "site"},
-		{"long window", sign(func(j *Job) { j.Expires = j.NotBefore.Add(MaxValidity + time.Hour) }), ReasonInvalidJob, "validity window"},
-		{"short nonce", sign(func(j *Job) { j.Nonce = "abc" }), ReasonInvalidJob, "nonce"},
-		{"retries", sign(func(j *Job) { j.MaxRetries = 99 }), ReasonInvalidJob, "max_retries"},
+		{"not json", []byte("{"), job.ReasonMalformed, "not valid DSSE JSON"},
+		{"envelope key twice", []byte(`{"payloadType":"x","payload":"","payloadType":"y","signatures":[]}`), job.ReasonMalformed, "twice"},
+		{"signature key twice", []byte(`{"payloadType":"x","payload":"","signatures":[{"keyid":"a","sig":"","sig":"AA=="}]}`), job.ReasonMalformed, "twice"},
+		{"envelope not an object", []byte(`[1]`), job.ReasonMalformed, "not a JSON object"},
+		{"trailing data", []byte(`{"payloadType":"x","payload":"","signatures":[]} {}`), job.ReasonMalformed, "trailing"},
+		{"bad base64", []byte(`{"payloadType":"x","payload":"!!!","signatures":[]}`), job.ReasonMalformed, "not base64"},
+		{"wrong type", []byte(`{"payloadType":"text/plain","payload":"aGk=","signatures":[]}`), job.ReasonPayloadType, "payloadType"},
+		{"too big", bytes.Repeat([]byte(" "), MaxEnvelopeBytes+1), job.ReasonTooLarge, "limit"},
+		{"big script", sign(func(j *Job) { j.Script = strings.Repeat("x", MaxScriptBytes+1) }), job.ReasonTooLarge, "script is"},
+		{"big args", sign(func(j *Job) { j.Args = json.RawMessage(`{"a":"` + strings.Repeat("x", MaxArgsBytes) + `"}`) }), job.ReasonTooLarge, "args are"},
+		{"args not object", sign(func(j *Job) { j.Args = json.RawMessage(`[1]`) }), job.ReasonInvalidJob, "JSON object"},
+		{"no site", sign(func(j *Job) { j.Site = "" }), job.ReasonInvalidJob, "neither a site"},
+		{"bad site", sign(func(j *Job) { j.Site = "../x" }), job.ReasonInvalidJob, "site"},
+		{"long window", sign(func(j *Job) { j.Expires = j.NotBefore.Add(MaxValidity + time.Hour) }), job.ReasonInvalidJob, "validity window"},
+		{"short nonce", sign(func(j *Job) { j.Nonce = "abc" }), job.ReasonInvalidJob, "nonce"},
+		{"retries", sign(func(j *Job) { j.MaxRetries = 99 }), job.ReasonInvalidJob, "max_retries"},
 		{"no signatures", func() []byte {
 			j := NewJob("t", "x := 1", "local", now)
 			p, _ := json.Marshal(j)
 			raw, _ := json.Marshal(New(PayloadType, p))
 			return raw
-		}(), ReasonNoSignature, "no signatures"},
+		}(), job.ReasonNoSignature, "no signatures"},
 		{"too many signatures", func() []byte {
 			j := NewJob("t", "x := 1", "local", now)
 			p, _ := json.Marshal(j)
@@ -228,20 +229,20 @@ func TestParse_Rejects(t *testing.T) {
 			}
 			raw, _ := json.Marshal(e)
 			return raw
-		}(), ReasonTooLarge, "signatures"},
+		}(), job.ReasonTooLarge, "signatures"},
 		{"unknown job field", func() []byte {
 			p := []byte(`{"name":"t","script":"x","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0,"evil":1}`)
 			e := New(PayloadType, p)
 			e.Sign(k.ID, k.Private)
 			raw, _ := json.Marshal(e)
 			return raw
-		}(), ReasonMalformed, "unknown key"},
-		{"job key twice", signPayload(`{"name":"t","script":"x := 1","script":"x := 2","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "twice"},
-		{"job key case variant", signPayload(`{"name":"t","script":"x := 1","Script":"x := 2","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "case-sensitive"},
-		{"job key upper case only", signPayload(`{"name":"t","SCRIPT":"x := 1","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "case-sensitive"},
-		{"args key twice", signPayload(`{"name":"t","script":"x := 1","site":"local","args":{"who":"a","n":{"x":1},"who":"b"},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "twice"},
-		{"resources case variant", signPayload(`{"name":"t","script":"x := 1","site":"local","resources":{"CPU":2},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "case-sensitive"},
-		{"args too deep", signPayload(`{"name":"t","script":"x := 1","site":"local","args":{"a":` + strings.Repeat("[", maxJSONDepth) + strings.Repeat("]", maxJSONDepth) + `},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), ReasonMalformed, "levels deep"},
+		}(), job.ReasonMalformed, "unknown key"},
+		{"job key twice", signPayload(`{"name":"t","script":"x := 1","script":"x := 2","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), job.ReasonMalformed, "twice"},
+		{"job key case variant", signPayload(`{"name":"t","script":"x := 1","Script":"x := 2","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), job.ReasonMalformed, "case-sensitive"},
+		{"job key upper case only", signPayload(`{"name":"t","SCRIPT":"x := 1","site":"local","nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), job.ReasonMalformed, "case-sensitive"},
+		{"args key twice", signPayload(`{"name":"t","script":"x := 1","site":"local","args":{"who":"a","n":{"x":1},"who":"b"},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), job.ReasonMalformed, "twice"},
+		{"resources case variant", signPayload(`{"name":"t","script":"x := 1","site":"local","resources":{"CPU":2},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), job.ReasonMalformed, "case-sensitive"},
+		{"args too deep", signPayload(`{"name":"t","script":"x := 1","site":"local","args":{"a":` + strings.Repeat("[", maxJSONDepth) + strings.Repeat("]", maxJSONDepth) + `},"nonce":"abcdefgh","not_before":"2020-01-01T00:00:00Z","expires":"2020-01-02T00:00:00Z","max_retries":0}`), job.ReasonMalformed, "levels deep"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, _, err := Parse(tc.data)
@@ -279,7 +280,7 @@ func TestParse_Limits(t *testing.T) {
 	if _, _, err := Parse(signPayload(payload(inside))); err != nil {
 		t.Errorf("args %d levels deep: %v, want accepted", maxJSONDepth, err)
 	}
-	if _, _, err := Parse(signPayload(payload(outside))); ReasonOf(err) != ReasonMalformed {
+	if _, _, err := Parse(signPayload(payload(outside))); ReasonOf(err) != job.ReasonMalformed {
 		t.Errorf("args %d levels deep: %v, want malformed", maxJSONDepth+1, err)
 	}
 	// Members DSSE does not define are ignored, at the top and in signatures.

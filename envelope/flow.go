@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"reflect"
 	"regexp"
 	"slices"
@@ -123,7 +124,7 @@ func NewFlow(name, site string, now time.Time) *Flow {
 // window.
 func (f *Flow) Validate() error {
 	bad := func(format string, a ...any) error {
-		return &Error{Reason: ReasonInvalidJob, Msg: "flow: " + fmt.Sprintf(format, a...)}
+		return &Error{Reason: job.ReasonInvalidJob, Msg: "flow: " + fmt.Sprintf(format, a...)}
 	}
 	switch {
 	case f.Name == "":
@@ -135,7 +136,7 @@ func (f *Flow) Validate() error {
 	case len(f.Steps) == 0:
 		return bad("it has no steps")
 	case len(f.Steps)+b2i(f.Finally != nil) > MaxFlowSteps:
-		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("flow: %d steps, the limit is %d", len(f.Steps)+b2i(f.Finally != nil), MaxFlowSteps)}
+		return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("flow: %d steps, the limit is %d", len(f.Steps)+b2i(f.Finally != nil), MaxFlowSteps)}
 	case !nonceRe.MatchString(f.Nonce):
 		return bad("nonce must be 8-128 characters of [A-Za-z0-9_-]")
 	case f.SignedAt.IsZero() || f.Expires.IsZero():
@@ -158,7 +159,7 @@ func (f *Flow) Validate() error {
 		sites[f.SiteOf(f.Finally)] = true
 	}
 	if len(sites) > MaxFlowSites {
-		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("flow: its steps run on %d sites, the limit is %d", len(sites), MaxFlowSites)}
+		return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("flow: its steps run on %d sites, the limit is %d", len(sites), MaxFlowSites)}
 	}
 	byName := map[string]*Step{}
 	all := f.Steps
@@ -217,15 +218,15 @@ func (f *Flow) Validate() error {
 
 func (f *Flow) validateStep(s *Step) error {
 	bad := func(format string, a ...any) error {
-		return &Error{Reason: ReasonInvalidJob, Msg: "flow: step " + s.Name + ": " + fmt.Sprintf(format, a...)}
+		return &Error{Reason: job.ReasonInvalidJob, Msg: "flow: step " + s.Name + ": " + fmt.Sprintf(format, a...)}
 	}
 	switch {
 	case s.Script == "":
 		return bad("script is empty")
 	case len(s.Script) > MaxScriptBytes:
-		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("flow: step %s: script is %d bytes, the limit is %d", s.Name, len(s.Script), MaxScriptBytes)}
+		return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("flow: step %s: script is %d bytes, the limit is %d", s.Name, len(s.Script), MaxScriptBytes)}
 	case len(s.Args) > MaxArgsBytes:
-		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("flow: step %s: args are %d bytes, the limit is %d", s.Name, len(s.Args), MaxArgsBytes)}
+		return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("flow: step %s: args are %d bytes, the limit is %d", s.Name, len(s.Args), MaxArgsBytes)}
 	case s.Retries < 0 || s.Retries > MaxStepRetries:
 		return bad("retries %d is out of range (0 to %d)", s.Retries, MaxStepRetries)
 	case s.Timeout < 0 || time.Duration(s.Timeout) > MaxTimeout:
@@ -252,7 +253,7 @@ func (f *Flow) validateStep(s *Step) error {
 		case isStep || isArg:
 		case json.Unmarshal(s.ForEach, &items) == nil && items != nil:
 			if len(items) > MaxForEachItems {
-				return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("flow: step %s: for_each has %d items, the limit is %d", s.Name, len(items), MaxForEachItems)}
+				return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("flow: step %s: for_each has %d items, the limit is %d", s.Name, len(items), MaxForEachItems)}
 			}
 		default:
 			return bad(`for_each must be a list, "args.NAME", or the name of a step it depends on`)
@@ -339,7 +340,7 @@ func (f *Flow) Order() ([]*Step, error) {
 		case done:
 			return nil
 		case visiting:
-			return &Error{Reason: ReasonInvalidJob, Msg: "flow: depends_on makes a cycle: " + strings.Join(append(path, f.Steps[i].Name), " → ")}
+			return &Error{Reason: job.ReasonInvalidJob, Msg: "flow: depends_on makes a cycle: " + strings.Join(append(path, f.Steps[i].Name), " → ")}
 		}
 		state[i] = visiting
 		for _, d := range f.Steps[i].DependsOn {
@@ -366,10 +367,10 @@ func (f *Flow) Order() ([]*Step, error) {
 // CheckTime checks that now lies within [signed_at, expires).
 func (f *Flow) CheckTime(now time.Time) error {
 	if now.Before(f.SignedAt) {
-		return &Error{Reason: ReasonNotYetValid, Msg: fmt.Sprintf("flow is not valid before %s (now %s)", f.SignedAt.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
+		return &Error{Reason: job.ReasonNotYetValid, Msg: fmt.Sprintf("flow is not valid before %s (now %s)", f.SignedAt.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
 	}
 	if !now.Before(f.Expires) {
-		return &Error{Reason: ReasonExpired, Msg: fmt.Sprintf("flow expired at %s (now %s)", f.Expires.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
+		return &Error{Reason: job.ReasonExpired, Msg: fmt.Sprintf("flow expired at %s (now %s)", f.Expires.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
 	}
 	return nil
 }
@@ -385,7 +386,7 @@ func (f *Flow) Sign(k *keys.Key) (*Envelope, error) {
 		return nil, fmt.Errorf("encode flow: %w", err)
 	}
 	if len(payload) > MaxFlowBytes {
-		return nil, &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("flow is %d bytes encoded, the limit is %d", len(payload), MaxFlowBytes)}
+		return nil, &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("flow is %d bytes encoded, the limit is %d", len(payload), MaxFlowBytes)}
 	}
 	e := New(FlowPayloadType, payload)
 	e.Sign(k.ID, k.Private)
@@ -408,12 +409,12 @@ func StepJobID(flowID, step string, item, attempt int) string {
 // It does not verify signatures.
 func (e *Envelope) Flow() (*Flow, error) {
 	if e.PayloadType != FlowPayloadType {
-		return nil, &Error{Reason: ReasonPayloadType, Msg: fmt.Sprintf("payloadType is %q, want %q", e.PayloadType, FlowPayloadType)}
+		return nil, &Error{Reason: job.ReasonPayloadType, Msg: fmt.Sprintf("payloadType is %q, want %q", e.PayloadType, FlowPayloadType)}
 	}
 	if len(e.Payload) > MaxFlowBytes {
-		return nil, &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("flow is %d bytes, the limit is %d", len(e.Payload), MaxFlowBytes)}
+		return nil, &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("flow is %d bytes, the limit is %d", len(e.Payload), MaxFlowBytes)}
 	}
-	malformed := func(err error) error { return &Error{Reason: ReasonMalformed, Msg: "flow payload: " + err.Error()} }
+	malformed := func(err error) error { return &Error{Reason: job.ReasonMalformed, Msg: "flow payload: " + err.Error()} }
 	obj, err := members(e.Payload, true)
 	if err != nil {
 		return nil, malformed(err)
@@ -434,10 +435,10 @@ func (e *Envelope) Flow() (*Flow, error) {
 		where := fmt.Sprintf("flow payload step %d", i+1)
 		st, err := members(raw, true)
 		if err != nil {
-			return nil, &Error{Reason: ReasonMalformed, Msg: where + ": " + err.Error()}
+			return nil, &Error{Reason: job.ReasonMalformed, Msg: where + ": " + err.Error()}
 		}
 		if err := checkExactNames(st, stepNames, where); err != nil {
-			return nil, &Error{Reason: ReasonMalformed, Msg: err.Error()}
+			return nil, &Error{Reason: job.ReasonMalformed, Msg: err.Error()}
 		}
 		if res, ok := lookup(st, "resources"); ok && string(res) != "null" {
 			rm, err := members(res, true)
@@ -445,7 +446,7 @@ func (e *Envelope) Flow() (*Flow, error) {
 				err = checkExactNames(rm, resourcesNames, where+" resources")
 			}
 			if err != nil {
-				return nil, &Error{Reason: ReasonMalformed, Msg: err.Error()}
+				return nil, &Error{Reason: job.ReasonMalformed, Msg: err.Error()}
 			}
 		}
 	}
@@ -456,7 +457,7 @@ func (e *Envelope) Flow() (*Flow, error) {
 		return nil, malformed(err)
 	}
 	if dec.More() {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "flow payload has trailing data"}
+		return nil, &Error{Reason: job.ReasonMalformed, Msg: "flow payload has trailing data"}
 	}
 	if err := f.Validate(); err != nil {
 		return nil, err
@@ -475,7 +476,7 @@ func objectArgs(raw json.RawMessage, what string) error {
 	}
 	var obj map[string]json.RawMessage
 	if err := json.Unmarshal(raw, &obj); err != nil || obj == nil {
-		return &Error{Reason: ReasonInvalidJob, Msg: "flow: " + what + " must be a JSON object"}
+		return &Error{Reason: job.ReasonInvalidJob, Msg: "flow: " + what + " must be a JSON object"}
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package envelope
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"strings"
 	"testing"
 	"time"
@@ -57,7 +58,7 @@ func TestFlow_SignAndDecode(t *testing.T) {
 		t.Errorf("order = %v", pos)
 	}
 	// A job envelope is not a flow, nor a flow a job.
-	if _, err := back.Job(); ReasonOf(err) != ReasonPayloadType {
+	if _, err := back.Job(); ReasonOf(err) != job.ReasonPayloadType {
 		t.Errorf("Job() of a flow = %v", err)
 	}
 	if a, b := StepJobID(e.ID(), "each", 1, 1), StepJobID(e.ID(), "each", 2, 1); a == b || a != StepJobID(e.ID(), "each", 1, 1) || a == StepJobID(e.ID(), "each", 1, 2) || len(a) != 64 {
@@ -125,7 +126,7 @@ func TestFlow_Strict(t *testing.T) {
 				t.Fatal("the edit did not apply")
 			}
 			bad := New(FlowPayloadType, []byte(tc.payload))
-			if _, err := bad.Flow(); ReasonOf(err) != ReasonMalformed || !strings.Contains(err.Error(), tc.msg) {
+			if _, err := bad.Flow(); ReasonOf(err) != job.ReasonMalformed || !strings.Contains(err.Error(), tc.msg) {
 				t.Errorf("Flow() = %v, want malformed mentioning %q", err, tc.msg)
 			}
 		})

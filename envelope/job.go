@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"regexp"
 	"strings"
 	"time"
@@ -160,7 +161,7 @@ func (j *Job) RunTimeout() time.Duration {
 // Validate checks the job's fields and limits, not its time window.
 func (j *Job) Validate() error {
 	bad := func(format string, a ...any) error {
-		return &Error{Reason: ReasonInvalidJob, Msg: fmt.Sprintf(format, a...)}
+		return &Error{Reason: job.ReasonInvalidJob, Msg: fmt.Sprintf(format, a...)}
 	}
 	switch {
 	case j.Name == "":
@@ -172,9 +173,9 @@ func (j *Job) Validate() error {
 	case j.Script == "":
 		return bad("script is empty")
 	case len(j.Script) > MaxScriptBytes:
-		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("script is %d bytes, the limit is %d", len(j.Script), MaxScriptBytes)}
+		return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("script is %d bytes, the limit is %d", len(j.Script), MaxScriptBytes)}
 	case len(j.Args) > MaxArgsBytes:
-		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("args are %d bytes, the limit is %d", len(j.Args), MaxArgsBytes)}
+		return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("args are %d bytes, the limit is %d", len(j.Args), MaxArgsBytes)}
 	case j.Site == "" && j.Node == "" && !j.AnySite:
 		return bad("job names neither a site nor a node (nor allows any site)")
 	case j.AnySite && j.Node != "":
@@ -199,14 +200,14 @@ func (j *Job) Validate() error {
 		return bad("resources must not be negative")
 	}
 	if len(j.Secrets) > MaxSecrets {
-		return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("job has %d secrets, the limit is %d", len(j.Secrets), MaxSecrets)}
+		return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("job has %d secrets, the limit is %d", len(j.Secrets), MaxSecrets)}
 	}
 	for name, v := range j.Secrets {
 		switch {
 		case !secretNameRe.MatchString(name):
 			return bad("secret name %q: use letters, digits and _ (not first), at most 64", name)
 		case len(v) > MaxSealedSecret:
-			return &Error{Reason: ReasonTooLarge, Msg: fmt.Sprintf("secret %s is %d bytes sealed, the limit is %d", name, len(v), MaxSealedSecret)}
+			return &Error{Reason: job.ReasonTooLarge, Msg: fmt.Sprintf("secret %s is %d bytes sealed, the limit is %d", name, len(v), MaxSealedSecret)}
 		case !strings.HasPrefix(v, sealedPrefix):
 			return bad("secret %s is not sealed (an armored age file): writ run --secret seals values, never send one in the clear", name)
 		}
@@ -223,10 +224,10 @@ func (j *Job) Validate() error {
 // CheckTime checks that now lies within [not_before, expires).
 func (j *Job) CheckTime(now time.Time) error {
 	if now.Before(j.NotBefore) {
-		return &Error{Reason: ReasonNotYetValid, Msg: fmt.Sprintf("job is not valid before %s (now %s)", j.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
+		return &Error{Reason: job.ReasonNotYetValid, Msg: fmt.Sprintf("job is not valid before %s (now %s)", j.NotBefore.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
 	}
 	if !now.Before(j.Expires) {
-		return &Error{Reason: ReasonExpired, Msg: fmt.Sprintf("job expired at %s (now %s)", j.Expires.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
+		return &Error{Reason: job.ReasonExpired, Msg: fmt.Sprintf("job expired at %s (now %s)", j.Expires.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))}
 	}
 	return nil
 }
@@ -260,7 +261,7 @@ func (j *Job) Sign(k *keys.Key) (*Envelope, error) {
 // Validate. It does not verify signatures.
 func (e *Envelope) Job() (*Job, error) {
 	if e.PayloadType != PayloadType {
-		return nil, &Error{Reason: ReasonPayloadType, Msg: fmt.Sprintf("payloadType is %q, want %q", e.PayloadType, PayloadType)}
+		return nil, &Error{Reason: job.ReasonPayloadType, Msg: fmt.Sprintf("payloadType is %q, want %q", e.PayloadType, PayloadType)}
 	}
 	// Every reader of the payload must see the same job: no name twice at
 	// any depth, and member names exactly as Job spells them (Go matches
@@ -268,28 +269,28 @@ func (e *Envelope) Job() (*Job, error) {
 	// and show reviewers the other).
 	obj, err := members(e.Payload, true)
 	if err != nil {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "job payload: " + err.Error()}
+		return nil, &Error{Reason: job.ReasonMalformed, Msg: "job payload: " + err.Error()}
 	}
 	if err := checkExactNames(obj, jobNames, "job payload"); err != nil {
-		return nil, &Error{Reason: ReasonMalformed, Msg: err.Error()}
+		return nil, &Error{Reason: job.ReasonMalformed, Msg: err.Error()}
 	}
 	if raw, ok := lookup(obj, "resources"); ok && string(raw) != "null" {
 		res, err := members(raw, true)
 		if err != nil {
-			return nil, &Error{Reason: ReasonMalformed, Msg: "job payload resources: " + err.Error()}
+			return nil, &Error{Reason: job.ReasonMalformed, Msg: "job payload resources: " + err.Error()}
 		}
 		if err := checkExactNames(res, resourcesNames, "job payload resources"); err != nil {
-			return nil, &Error{Reason: ReasonMalformed, Msg: err.Error()}
+			return nil, &Error{Reason: job.ReasonMalformed, Msg: err.Error()}
 		}
 	}
 	dec := json.NewDecoder(bytes.NewReader(e.Payload))
 	dec.DisallowUnknownFields()
 	var j Job
 	if err := dec.Decode(&j); err != nil {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "job payload: " + err.Error()}
+		return nil, &Error{Reason: job.ReasonMalformed, Msg: "job payload: " + err.Error()}
 	}
 	if dec.More() {
-		return nil, &Error{Reason: ReasonMalformed, Msg: "job payload has trailing data"}
+		return nil, &Error{Reason: job.ReasonMalformed, Msg: "job payload has trailing data"}
 	}
 	if err := j.Validate(); err != nil {
 		return nil, err
@@ -309,7 +310,7 @@ func Parse(data []byte) (*Envelope, *Job, error) {
 		return nil, nil, err
 	}
 	if len(e.Signatures) == 0 {
-		return nil, nil, &Error{Reason: ReasonNoSignature, Msg: "envelope carries no signatures"}
+		return nil, nil, &Error{Reason: job.ReasonNoSignature, Msg: "envelope carries no signatures"}
 	}
 	return e, j, nil
 }

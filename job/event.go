@@ -40,7 +40,7 @@ type Event struct {
 	Attempt int             `json:"attempt,omitempty"`
 	Level   string          `json:"level,omitempty"`
 	Message string          `json:"message,omitempty"`
-	Reason  string          `json:"reason,omitempty"`
+	Reason  Reason          `json:"reason,omitempty"`
 	Error   string          `json:"error,omitempty"`
 	Result  json.RawMessage `json:"result,omitempty"`
 	// ResultSig is the node's signature over a flow step's result

@@ -62,7 +62,7 @@ type Record struct {
 	// deployers and admins).
 	Users       []string        `json:"users,omitempty"`
 	State       State           `json:"state"`
-	Reason      string          `json:"reason,omitempty"`
+	Reason      Reason          `json:"reason,omitempty"`
 	Error       string          `json:"error,omitempty"`
 	Attempts    int             `json:"attempts"`
 	SubmittedAt time.Time       `json:"submitted_at"`

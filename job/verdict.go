@@ -3,8 +3,6 @@ package job
 import (
 	"encoding/json"
 	"net/http"
-
-	"github.com/writ-fleet/writ/envelope"
 )
 
 // Bounds of one batch request.
@@ -20,7 +18,7 @@ const (
 type Verdict struct {
 	ID     string `json:"id,omitempty"`
 	State  string `json:"state"` // queued, duplicate or rejected
-	Reason string `json:"reason,omitempty"`
+	Reason Reason `json:"reason,omitempty"`
 	Error  string `json:"error,omitempty"`
 	// Retry is set when the job could not be judged for a passing reason
 	// (Redis or the ledger unreachable): submit it again later.
@@ -34,7 +32,8 @@ const (
 	VerdictRejected  = "rejected"
 )
 
-// Status returns the HTTP status that answers a verdict.
+// Status returns the HTTP status that answers a verdict (Reason.Status
+// for a refusal).
 func Status(v Verdict) int {
 	if v.State != VerdictRejected {
 		return http.StatusAccepted
@@ -42,17 +41,7 @@ func Status(v Verdict) int {
 	if v.Retry {
 		return http.StatusServiceUnavailable
 	}
-	switch envelope.Reason(v.Reason) {
-	case envelope.ReasonTooLarge:
-		return http.StatusRequestEntityTooLarge
-	case envelope.ReasonMalformed, envelope.ReasonPayloadType, envelope.ReasonInvalidJob:
-		return http.StatusBadRequest
-	case envelope.ReasonReplayed:
-		return http.StatusConflict
-	case envelope.ReasonScriptInvalid, envelope.ReasonForbiddenImport, envelope.ReasonTooComplex, envelope.ReasonExpired, envelope.ReasonNotYetValid, envelope.ReasonWrongSite, envelope.ReasonWrongNode:
-		return http.StatusUnprocessableEntity
-	}
-	return http.StatusForbidden
+	return v.Reason.Status()
 }
 
 // Placed is a batch item that carries coord's placement of a job that

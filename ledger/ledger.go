@@ -19,6 +19,7 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"slices"
 	"strings"
 	"time"
@@ -211,7 +212,7 @@ func (t *Trust) Has(keyID string) bool {
 // made is refused for that reason and not as unknown.
 func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 	if len(env.Signatures) == 0 {
-		return nil, envelope.Refuse(envelope.ReasonNoSignature, "envelope carries no signatures")
+		return nil, envelope.Refuse(job.ReasonNoSignature, "envelope carries no signatures")
 	}
 	allowed := map[string]bool{}
 	for _, r := range t.Site.Policy.Roles {
@@ -231,20 +232,20 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 		hint := env.Signatures[i].KeyID
 		if j < 0 {
 			if _, known := t.byID[hint]; known {
-				note(envelope.Refuse(envelope.ReasonBadSignature, fmt.Sprintf("signature by key %s (user %s) does not verify: the job was altered or signed with another key", hint, t.byID[hint].User)))
+				note(envelope.Refuse(job.ReasonBadSignature, fmt.Sprintf("signature by key %s (user %s) does not verify: the job was altered or signed with another key", hint, t.byID[hint].User)))
 			} else {
-				note(envelope.Refuse(envelope.ReasonUnknownKey, fmt.Sprintf("signature %d (key id %q) is by a key not registered for site %s", i, hint, t.Site.Name)))
+				note(envelope.Refuse(job.ReasonUnknownKey, fmt.Sprintf("signature %d (key id %q) is by a key not registered for site %s", i, hint, t.Site.Name)))
 			}
 			continue
 		}
 		s := &t.Signers[j]
 		switch {
 		case s.Revoked:
-			note(envelope.Refuse(envelope.ReasonRevokedKey, fmt.Sprintf("key %s of user %s was revoked", s.KeyID, s.User)))
+			note(envelope.Refuse(job.ReasonRevokedKey, fmt.Sprintf("key %s of user %s was revoked", s.KeyID, s.User)))
 		case s.Disabled:
-			note(envelope.Refuse(envelope.ReasonRevokedKey, fmt.Sprintf("user %s (key %s) is disabled", s.User, s.KeyID)))
+			note(envelope.Refuse(job.ReasonRevokedKey, fmt.Sprintf("user %s (key %s) is disabled", s.User, s.KeyID)))
 		case !allowed[s.Role]:
-			note(envelope.Refuse(envelope.ReasonRoleNotAllowed, fmt.Sprintf("user %s has role %q on site %s, which may not sign jobs (allowed: %s)", s.User, s.Role, t.Site.Name, strings.Join(t.Site.Policy.Roles, ", "))))
+			note(envelope.Refuse(job.ReasonRoleNotAllowed, fmt.Sprintf("user %s has role %q on site %s, which may not sign jobs (allowed: %s)", s.User, s.Role, t.Site.Name, strings.Join(t.Site.Policy.Roles, ", "))))
 		case !counted[s.User]:
 			counted[s.User] = true
 			names = append(names, s.User)
@@ -256,7 +257,7 @@ func (t *Trust) Authorize(env *envelope.Envelope) ([]string, error) {
 	if problem != nil {
 		return nil, problem
 	}
-	return nil, envelope.Refuse(envelope.ReasonBelowThreshold, fmt.Sprintf("site %s requires signatures from %d distinct users; got %d (%s)", t.Site.Name, t.Site.Policy.Threshold, len(names), strings.Join(names, ", ")))
+	return nil, envelope.Refuse(job.ReasonBelowThreshold, fmt.Sprintf("site %s requires signatures from %d distinct users; got %d (%s)", t.Site.Name, t.Site.Policy.Threshold, len(names), strings.Join(names, ", ")))
 }
 
 // Store is what the ledger server needs from a store.

@@ -2,6 +2,7 @@ package ledger_test
 
 import (
 	"context"
+	"github.com/writ-fleet/writ/job"
 	"io"
 	"log/slog"
 	"net/http"
@@ -164,9 +165,9 @@ func TestTrust_Authorize(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	job := envelope.NewJob("t", "x := 1", "prod", time.Now())
+	j := envelope.NewJob("t", "x := 1", "prod", time.Now())
 	sign := func(ks ...*keys.Key) *envelope.Envelope {
-		env, err := job.Sign(ks[0])
+		env, err := j.Sign(ks[0])
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -180,16 +181,16 @@ func TestTrust_Authorize(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		env  *envelope.Envelope
-		want envelope.Reason
+		want job.Reason
 	}{
 		{"2 of 3", sign(a, b), ""},
 		{"3 of 3", sign(a, b, c), ""},
-		{"1 of 3", sign(a), envelope.ReasonBelowThreshold},
-		{"same user twice", sign(a, a2), envelope.ReasonBelowThreshold},
-		{"unknown key", sign(a, stranger), envelope.ReasonUnknownKey},
-		{"revoked key", sign(a, revoked), envelope.ReasonRevokedKey},
-		{"viewer", sign(a, v), envelope.ReasonRoleNotAllowed},
-		{"bad signature", tampered, envelope.ReasonBadSignature},
+		{"1 of 3", sign(a), job.ReasonBelowThreshold},
+		{"same user twice", sign(a, a2), job.ReasonBelowThreshold},
+		{"unknown key", sign(a, stranger), job.ReasonUnknownKey},
+		{"revoked key", sign(a, revoked), job.ReasonRevokedKey},
+		{"viewer", sign(a, v), job.ReasonRoleNotAllowed},
+		{"bad signature", tampered, job.ReasonBadSignature},
 		{"extra bad signature ignored when threshold met", func() *envelope.Envelope {
 			e := sign(a, b, stranger)
 			return e
@@ -200,7 +201,7 @@ func TestTrust_Authorize(t *testing.T) {
 			if got := envelope.ReasonOf(err); got != tc.want {
 				t.Fatalf("Authorize = %v, %v; want reason %q", users, err, tc.want)
 			}
-			if err != nil && tc.want == envelope.ReasonBelowThreshold && !strings.Contains(err.Error(), "requires signatures from 2 distinct users") {
+			if err != nil && tc.want == job.ReasonBelowThreshold && !strings.Contains(err.Error(), "requires signatures from 2 distinct users") {
 				t.Errorf("message = %q", err)
 			}
 		})
@@ -237,7 +238,7 @@ func testTrustCacheRevocation(t *testing.T, kind string) {
 		t.Errorf("within TTL the cached snapshot is used; got %v", err)
 	}
 	now = now.Add(6 * time.Second)
-	if err := check(); envelope.ReasonOf(err) != envelope.ReasonRevokedKey {
+	if err := check(); envelope.ReasonOf(err) != job.ReasonRevokedKey {
 		t.Errorf("after TTL: %v, want revoked_key", err)
 	}
 	// A key added after the snapshot is picked up at once (early refresh).

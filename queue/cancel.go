@@ -11,9 +11,6 @@ import (
 	"github.com/writ-fleet/writ/job"
 )
 
-// ReasonCancelled is the reason of a job that ended because it was
-// cancelled.
-const ReasonCancelled = "cancelled"
 
 func cancelKey(site, id string) string { return "writ:site:" + site + ":cancel:" + id }
 
@@ -77,7 +74,7 @@ func (r *Redis) CancelJob(ctx context.Context, site, id string, queues ...string
 		}
 		return CancelRunning, nil
 	}
-	ev := job.Event{Job: id, Type: job.EventFailed, Reason: ReasonCancelled, Error: "cancelled before it started", At: time.Now()}
+	ev := job.Event{Job: id, Type: job.EventFailed, Reason: job.ReasonCancelled, Error: "cancelled before it started", At: time.Now()}
 	if err := r.Publish(ctx, site, ev); err != nil {
 		return "", err
 	}

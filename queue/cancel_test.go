@@ -35,7 +35,7 @@ func TestCancel_RunningNotRunAgain(t *testing.T) {
 				started <- struct{}{}
 				<-hctx.Done()
 				time.Sleep(1500 * time.Millisecond) // a slow stop: the sandbox, the report
-				r.Publish(context.Background(), "s", job.Event{Job: d.ID, Type: job.EventFailed, Reason: ReasonCancelled, At: time.Now()})
+				r.Publish(context.Background(), "s", job.Event{Job: d.ID, Type: job.EventFailed, Reason: job.ReasonCancelled, At: time.Now()})
 				return NoRetry(hctx.Err())
 			})
 	}()

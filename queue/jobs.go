@@ -124,7 +124,7 @@ func (r *Redis) CreateJobs(ctx context.Context, recs []NewJobRecord, retention t
 				"id", j.ID, "name", j.Name, "site", j.Site, "node", j.Node, "state", string(j.State),
 				"submitted_at", j.SubmittedAt.UTC().Format(timeFieldLayer)}
 			if j.Reason != "" || j.Error != "" {
-				args = append(args, "reason", j.Reason, "error", j.Error)
+				args = append(args, "reason", string(j.Reason), "error", j.Error)
 			}
 			if len(j.Users) > 0 {
 				args = append(args, "users", strings.Join(j.Users, ","))
@@ -180,14 +180,14 @@ func (r *Redis) ApplyEvents(ctx context.Context, site string, events []job.Event
 		case job.EventStarted:
 			fields = append(fields, "started_at", at, "node", ev.Node, "attempts", ev.Attempt)
 		case job.EventRetrying:
-			fields = append(fields, "error", ev.Error, "reason", ev.Reason)
+			fields = append(fields, "error", ev.Error, "reason", string(ev.Reason))
 		case job.EventSucceeded:
 			fields = append(fields, "finished_at", at, "result", string(ev.Result), "error", "", "reason", "")
 			if len(ev.ResultSig) > 0 {
 				fields = append(fields, "node", ev.Node, "result_sig", base64.StdEncoding.EncodeToString(ev.ResultSig))
 			}
 		case job.EventFailed, job.EventRejected:
-			fields = append(fields, "finished_at", at, "error", ev.Error, "reason", ev.Reason)
+			fields = append(fields, "finished_at", at, "error", ev.Error, "reason", string(ev.Reason))
 		}
 		keysList = append(keysList, jobKey(ev.Job), jobEventsKey(ev.Job))
 		args = append(args, len(fields)/2, ev.Seq, raw)
@@ -262,7 +262,7 @@ func jobFromHash(m map[string]string) *job.Record {
 		return &tt
 	}
 	j := &job.Record{ID: m["id"], Name: m["name"], Site: m["site"], Node: m["node"], State: job.State(m["state"]),
-		Reason: m["reason"], Error: m["error"], QueuedAt: t("queued_at"), StartedAt: t("started_at"), FinishedAt: t("finished_at")}
+		Reason: job.Reason(m["reason"]), Error: m["error"], QueuedAt: t("queued_at"), StartedAt: t("started_at"), FinishedAt: t("finished_at")}
 	if s := t("submitted_at"); s != nil {
 		j.SubmittedAt = *s
 	}
@@ -433,8 +433,8 @@ return 1
 `)
 
 // ResolvePending records the verdict on a job that was pending delivery.
-func (r *Redis) ResolvePending(ctx context.Context, id string, s job.State, reason, msg string) error {
+func (r *Redis) ResolvePending(ctx context.Context, id string, s job.State, reason job.Reason, msg string) error {
 	return r.execScripts(ctx, func(pipe redis.Pipeliner) {
-		resolvePending.Run(ctx, pipe, []string{jobKey(id)}, string(s), reason, msg)
+		resolvePending.Run(ctx, pipe, []string{jobKey(id)}, string(s), string(reason), msg)
 	})
 }

@@ -248,7 +248,7 @@ func (r *Redis) Work(ctx context.Context, cfg WorkerConfig, h Handler) error {
 				return err
 			}
 			if cancelled {
-				ev := job.Event{Job: id, Type: job.EventFailed, Reason: ReasonCancelled, Error: "cancelled", At: time.Now(), Attempt: retried + 1}
+				ev := job.Event{Job: id, Type: job.EventFailed, Reason: job.ReasonCancelled, Error: "cancelled", At: time.Now(), Attempt: retried + 1}
 				if err := r.Publish(ctx, cfg.Site, ev); err != nil {
 					return err
 				}

@@ -42,12 +42,12 @@ func (rp *reaper) once(ctx context.Context) {
 	}
 	for _, t := range lost {
 		ev := job.Event{Job: t.ID, Type: job.EventFailed, At: r.p.Now(), Site: r.p.Site, Attempt: t.Attempts,
-			Reason: "runner_lost", Error: "the runner running this job stopped mid-run and no retries were left"}
+			Reason: job.ReasonRunnerLost, Error: "the runner running this job stopped mid-run and no retries were left"}
 		if err := rp.rdb.Publish(ctx, r.p.Site, ev); err != nil {
 			r.p.Log.Error("report lost job", "job", t.ID, "err", err)
 			continue
 		}
-		r.jobs.WithLabelValues(r.p.Site, "failed", "runner_lost").Inc()
+		r.jobs.WithLabelValues(r.p.Site, "failed", string(job.ReasonRunnerLost)).Inc()
 		r.p.Log.Warn("job lost with its runner; reported failed", "job", t.ID, "queue", t.Queue)
 	}
 }

@@ -202,12 +202,12 @@ func (r *Runner) Metrics() *prometheus.Registry { return r.p.Metrics }
 // failure is a classified failure of a run.
 type failure struct {
 	outcome queue.Outcome
-	reason  string
+	reason  job.Reason
 	err     error
 }
 
-func fail(reason string, err error) *failure  { return &failure{queue.Fail, reason, err} }
-func retry(reason string, err error) *failure { return &failure{queue.Retry, reason, err} }
+func fail(reason job.Reason, err error) *failure  { return &failure{queue.Fail, reason, err} }
+func retry(reason job.Reason, err error) *failure { return &failure{queue.Retry, reason, err} }
 
 // handle runs one delivery and reports it.
 func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
@@ -216,7 +216,7 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	rep := &reporter{r: r, d: d}
 	defer func() {
 		if p := recover(); p != nil {
-			err = rep.finish(nil, fail("panic", fmt.Errorf("panic: %v at %s", p, stack.PanicSite())))
+			err = rep.finish(nil, fail(job.ReasonPanic, fmt.Errorf("panic: %v at %s", p, stack.PanicSite())))
 		}
 	}()
 	// A revoked node takes no more work: this job goes back (another node
@@ -226,7 +226,7 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 		if r.stop != nil {
 			r.stop(ErrNodeRevoked)
 		}
-		return rep.finish(nil, retry("node_revoked", ErrNodeRevoked))
+		return rep.finish(nil, retry(job.ReasonNodeRevoked, ErrNodeRevoked))
 	}
 	c, step, f := r.verify(ctx, d)
 	if f != nil {
@@ -247,9 +247,9 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	secrets, err := r.p.Secrets.OpenAll(spec.Secrets)
 	if err != nil {
 		if errors.Is(err, seal.ErrNotRecipient) || r.p.Secrets == nil {
-			return rep.finish(nil, retry("secret_sealed", fmt.Errorf("%w (another node of the site may run it)", err)))
+			return rep.finish(nil, retry(job.ReasonSecretSealed, fmt.Errorf("%w (another node of the site may run it)", err)))
 		}
-		return rep.finish(nil, fail("secret_invalid", err))
+		return rep.finish(nil, fail(job.ReasonSecretInvalid, err))
 	}
 	rep.secrets = secrets
 	rep.emit(job.Event{Type: job.EventStarted, Node: r.p.Node, Attempt: d.Attempt, Name: spec.Name})
@@ -270,7 +270,7 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 		if ctx.Err() != nil && r.cancelled(d.ID) {
 			// asynq's cancel ended the run: the job was cancelled, not
 			// this runner stopped.
-			return rep.finish(nil, fail(queue.ReasonCancelled, fmt.Errorf("cancelled while it ran: %w", runErr)))
+			return rep.finish(nil, fail(job.ReasonCancelled, fmt.Errorf("cancelled while it ran: %w", runErr)))
 		}
 		return rep.finish(nil, classify(ctx, runErr))
 	}
@@ -308,7 +308,7 @@ func (r *Runner) verify(ctx context.Context, d queue.Delivery) (*verify.Checked,
 		_, c, err = verify.Job(ctx, r.p.Trust, d.Envelope, t, r.p.Now())
 	}
 	if verify.Retry(err) {
-		return nil, nil, retry(verify.ReasonUnavailable, err)
+		return nil, nil, retry(job.ReasonLedgerUnavailable, err)
 	}
 	if err != nil {
 		return nil, nil, fail(verify.Reason(err), err)
@@ -321,28 +321,28 @@ func classify(ctx context.Context, err error) *failure {
 	switch {
 	case ctx.Err() != nil:
 		// The runner is shutting down: run the job again elsewhere.
-		return retry("shutdown", fmt.Errorf("runner stopped during the run: %w", err))
+		return retry(job.ReasonShutdown, fmt.Errorf("runner stopped during the run: %w", err))
 	case errors.Is(err, scripts.ErrTimeout):
-		return fail("timeout", err)
+		return fail(job.ReasonTimeout, err)
 	case errors.Is(err, scripts.ErrAllocLimit):
-		return fail("alloc_limit", err)
+		return fail(job.ReasonAllocLimit, err)
 	case errors.Is(err, scripts.ErrMemoryLimit):
-		return fail("memory_limit", err)
+		return fail(job.ReasonMemoryLimit, err)
 	case errors.Is(err, scripts.ErrStackOverflow):
-		return fail("stack_overflow", err)
+		return fail(job.ReasonStackOverflow, err)
 	case errors.Is(err, scripts.ErrCycle):
-		return fail("cycle", err)
+		return fail(job.ReasonCycle, err)
 	case errors.Is(err, scripts.ErrResultTooLarge):
-		return fail("result_too_large", err)
+		return fail(job.ReasonResultTooLarge, err)
 	case errors.Is(err, scripts.ErrSandbox):
-		return fail("sandbox_failed", err)
+		return fail(job.ReasonSandboxFailed, err)
 	case errors.Is(err, scripts.ErrTransient):
-		return retry("transient", err)
+		return retry(job.ReasonTransient, err)
 	}
 	if reason := envelope.ReasonOf(err); reason != "" {
-		return fail(string(reason), err)
+		return fail(reason, err)
 	}
-	return fail("script_error", err)
+	return fail(job.ReasonScriptError, err)
 }
 
 // reporter collects a run's events and sends them on the site stream.
@@ -438,7 +438,7 @@ func (rep *reporter) finish(result []byte, f *failure) error {
 		}
 		var err error
 		if sig, err = envelope.SignOutput(r.p.Key.Private, rep.d.ID, result); err != nil {
-			f = fail("result_invalid", err)
+			f = fail(job.ReasonResultInvalid, err)
 		}
 	}
 	if f == nil {
@@ -451,13 +451,13 @@ func (rep *reporter) finish(result []byte, f *failure) error {
 	if f.outcome == queue.Retry && !rep.d.LastAttempt() {
 		rep.emit(job.Event{Type: job.EventRetrying, Node: r.p.Node, Attempt: rep.d.Attempt, Reason: f.reason, Error: f.err.Error()})
 		rep.flush()
-		r.jobs.WithLabelValues(r.p.Site, "retrying", f.reason).Inc()
+		r.jobs.WithLabelValues(r.p.Site, "retrying", string(f.reason)).Inc()
 		log.Warn("job run failed; will retry")
 		return f.err
 	}
 	rep.emit(job.Event{Type: job.EventFailed, Node: r.p.Node, Attempt: rep.d.Attempt, Reason: f.reason, Error: f.err.Error()})
 	rep.flush()
-	r.jobs.WithLabelValues(r.p.Site, "failed", f.reason).Inc()
+	r.jobs.WithLabelValues(r.p.Site, "failed", string(f.reason)).Inc()
 	log.Info("job failed")
 	return queue.NoRetry(f.err)
 }

@@ -125,7 +125,7 @@ func TestRunner_Handle(t *testing.T) {
 	for _, tc := range []struct {
 		id     string
 		typ    job.EventType
-		reason string
+		reason job.Reason
 		result string
 	}{
 		{ok, job.EventSucceeded, "", `"` + f.node + `"`},

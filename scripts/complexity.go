@@ -2,6 +2,7 @@ package scripts
 
 import (
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 
 	"github.com/d5/tengo/v2/parser"
 	"github.com/d5/tengo/v2/token"
@@ -37,7 +38,7 @@ func checkComplexity(src []byte) error {
 		case token.LParen, token.LBrack, token.LBrace:
 			depth++
 			if depth > MaxNesting {
-				return envelope.Refuse(envelope.ReasonTooComplex, fmt.Sprintf("script nests brackets more than %d deep", MaxNesting))
+				return envelope.Refuse(job.ReasonTooComplex, fmt.Sprintf("script nests brackets more than %d deep", MaxNesting))
 			}
 		case token.RParen, token.RBrack, token.RBrace:
 			depth--

@@ -41,6 +41,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"sort"
 	"strings"
 	"sync"
@@ -279,7 +280,7 @@ func (e *Engine) compile(script string) (inst *instance, err error) {
 	}
 	defer func() {
 		if p := recover(); p != nil {
-			inst, err = nil, envelope.Refuse(envelope.ReasonTooComplex, fmt.Sprintf("script is too complex for the compiler (at most %d top-level names, brackets %d deep): %v", MaxGlobals, MaxNesting, p))
+			inst, err = nil, envelope.Refuse(job.ReasonTooComplex, fmt.Sprintf("script is too complex for the compiler (at most %d top-level names, brackets %d deep): %v", MaxGlobals, MaxNesting, p))
 		}
 	}()
 	rc := &Run{engine: e}
@@ -319,14 +320,14 @@ func (e *Engine) compile(script string) (inst *instance, err error) {
 	bytecode, globals, err := compileProgram([]byte(script), guard)
 	if err != nil {
 		if len(guard.forbidden) > 0 {
-			return nil, envelope.Refuse(envelope.ReasonForbiddenImport,
+			return nil, envelope.Refuse(job.ReasonForbiddenImport,
 				fmt.Sprintf("script imports %q, which the sandbox does not allow (allowed: %s)",
 					guard.forbidden[0], strings.Join(e.allowed, ", ")))
 		}
-		return nil, envelope.Refuse(envelope.ReasonScriptInvalid, "script does not compile: "+err.Error())
+		return nil, envelope.Refuse(job.ReasonScriptInvalid, "script does not compile: "+err.Error())
 	}
 	if globals > MaxGlobals {
-		return nil, envelope.Refuse(envelope.ReasonTooComplex, fmt.Sprintf("script defines %d top-level names, the limit is %d", globals, MaxGlobals))
+		return nil, envelope.Refuse(job.ReasonTooComplex, fmt.Sprintf("script defines %d top-level names, the limit is %d", globals, MaxGlobals))
 	}
 	g := make([]tengo.Object, globals+1) // as Script.Compile sizes them
 	return &instance{vm: tengo.NewVM(bytecode, g, e.cfg.MaxAllocs), globals: g, rc: rc}, nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"os"
 	"path/filepath"
 	"strings"
@@ -44,14 +45,14 @@ func TestEngine_Check(t *testing.T) {
 	e := New(Config{}, nil)
 	for _, tc := range []struct {
 		name, script string
-		want         envelope.Reason
+		want         job.Reason
 		msg          string
 	}{
 		{"ok", `x := 1 + 2`, "", ""},
-		{"syntax", `x := (`, envelope.ReasonScriptInvalid, "does not compile"},
-		{"undefined", `y := x + 1`, envelope.ReasonScriptInvalid, "unresolved reference"},
-		{"os", `os := import("os"); os.exit(1)`, envelope.ReasonForbiddenImport, `"os"`},
-		{"file import", `m := import("./evil")`, envelope.ReasonForbiddenImport, "./evil"},
+		{"syntax", `x := (`, job.ReasonScriptInvalid, "does not compile"},
+		{"undefined", `y := x + 1`, job.ReasonScriptInvalid, "unresolved reference"},
+		{"os", `os := import("os"); os.exit(1)`, job.ReasonForbiddenImport, `"os"`},
+		{"file import", `m := import("./evil")`, job.ReasonForbiddenImport, "./evil"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := e.Check(tc.script)
@@ -331,13 +332,13 @@ func TestEngine_Check_CompileLimits(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name, script string
-		want         envelope.Reason
+		want         job.Reason
 	}{
 		{"globals at the limit", globals(MaxGlobals), ""},
-		{"globals past the limit", globals(MaxGlobals + 1), envelope.ReasonTooComplex},
-		{"globals past Tengo's room", globals(1100), envelope.ReasonTooComplex},
+		{"globals past the limit", globals(MaxGlobals + 1), job.ReasonTooComplex},
+		{"globals past Tengo's room", globals(1100), job.ReasonTooComplex},
 		{"nesting at the limit", nest(MaxNesting), ""},
-		{"nesting past the limit", nest(MaxNesting + 1), envelope.ReasonTooComplex},
+		{"nesting past the limit", nest(MaxNesting + 1), job.ReasonTooComplex},
 	} {
 		if got := envelope.ReasonOf(e.Check(tc.script)); got != tc.want {
 			t.Errorf("%s: Check reason = %q, want %q", tc.name, got, tc.want)

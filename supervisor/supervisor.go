@@ -240,7 +240,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 			c, v := s.check(ctx, raw, flows, now)
 			if c != nil && places[i] != "" && c.job.Node == "" {
 				if !envelope.ValidNode(places[i]) {
-					c, v = nil, rejected(c.id, envelope.Refuse(envelope.ReasonInvalidJob, "placement "+places[i]+" is not a node ID"))
+					c, v = nil, rejected(c.id, envelope.Refuse(job.ReasonInvalidJob, "placement "+places[i]+" is not a node ID"))
 				} else {
 					c.place = places[i]
 				}
@@ -275,7 +275,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 	adm, err := s.p.Redis.Admit(ctx, claims)
 	if err != nil {
 		for _, c := range live {
-			out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+			out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: job.ReasonRedisUnavailable, Error: err.Error(), Retry: true}
 		}
 		s.count(out)
 		return out
@@ -288,7 +288,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 	if err := s.keepFlows(ctx, live, adm); err != nil {
 		for i, c := range live {
 			if c.flow != nil {
-				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: job.ReasonRedisUnavailable, Error: err.Error(), Retry: true}
 				skip[i] = true
 			}
 		}
@@ -301,7 +301,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 		}
 		switch adm[i] {
 		case queue.AdmitReplay:
-			out[c.idx] = rejected(c.id, envelope.Refuse(envelope.ReasonReplayed, "nonce "+c.job.Nonce+" was already used by another job"))
+			out[c.idx] = rejected(c.id, envelope.Refuse(job.ReasonReplayed, "nonce "+c.job.Nonce+" was already used by another job"))
 			continue
 		case queue.AdmitDuplicate, queue.AdmitEnded:
 			out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictDuplicate}
@@ -341,7 +341,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 			}
 			switch {
 			case err != nil:
-				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: job.ReasonRedisUnavailable, Error: err.Error(), Retry: true}
 			case dup:
 				out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictDuplicate}
 			default:
@@ -375,7 +375,7 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 			// idempotent) until they are on a replica too.
 			for _, c := range live {
 				if v := out[c.idx]; v.State == job.VerdictQueued || v.State == job.VerdictDuplicate {
-					out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: "unavailable", Error: err.Error(), Retry: true}
+					out[c.idx] = job.Verdict{ID: c.id, State: job.VerdictRejected, Reason: job.ReasonRedisUnavailable, Error: err.Error(), Retry: true}
 				}
 			}
 		} else if err != nil {
@@ -390,14 +390,14 @@ func (s *Supervisor) submit(ctx context.Context, raws [][]byte, places []string)
 }
 
 func rejected(id string, err error) job.Verdict {
-	return job.Verdict{ID: id, State: job.VerdictRejected, Reason: string(envelope.ReasonOf(err)), Error: err.Error()}
+	return job.Verdict{ID: id, State: job.VerdictRejected, Reason: envelope.ReasonOf(err), Error: err.Error()}
 }
 
 func (s *Supervisor) count(out []job.Verdict) {
 	for _, v := range out {
-		s.jobs.WithLabelValues(s.p.Site, v.State, v.Reason).Inc()
+		s.jobs.WithLabelValues(s.p.Site, v.State, string(v.Reason)).Inc()
 		if v.State == job.VerdictRejected && !v.Retry {
-			s.verifies.WithLabelValues(s.p.Site, v.Reason).Inc()
+			s.verifies.WithLabelValues(s.p.Site, string(v.Reason)).Inc()
 			s.p.Log.Info("job rejected", "job", v.ID, "reason", v.Reason, "error", v.Error)
 		}
 	}
@@ -417,7 +417,7 @@ func (s *Supervisor) check(ctx context.Context, raw []byte, flows map[string][]b
 				if b, err := s.p.Redis.SiteFlowEnvelope(ctx, s.p.Site, task.FlowRef); err == nil {
 					task.Flow = b
 				} else if !errors.Is(err, queue.ErrNoFlow) {
-					return nil, job.Verdict{State: job.VerdictRejected, Reason: verify.ReasonUnavailable, Error: err.Error(), Retry: true}
+					return nil, job.Verdict{State: job.VerdictRejected, Reason: job.ReasonRedisUnavailable, Error: err.Error(), Retry: true}
 				}
 			}
 		}
@@ -425,7 +425,7 @@ func (s *Supervisor) check(ctx context.Context, raw []byte, flows map[string][]b
 	}
 	id, c, err := verify.Job(ctx, s.p.Trust, raw, verify.Target{Site: s.p.Site}, now)
 	if verify.Retry(err) {
-		return nil, job.Verdict{ID: id, State: job.VerdictRejected, Reason: verify.ReasonUnavailable, Error: err.Error(), Retry: true}
+		return nil, job.Verdict{ID: id, State: job.VerdictRejected, Reason: job.ReasonLedgerUnavailable, Error: err.Error(), Retry: true}
 	}
 	if err != nil {
 		return nil, rejected(id, err)
@@ -443,7 +443,7 @@ func (s *Supervisor) check(ctx context.Context, raw []byte, flows map[string][]b
 func (s *Supervisor) checkStep(ctx context.Context, task *verify.StepTask, now time.Time) (*candidate, job.Verdict) {
 	c, step, err := verify.StepJob(ctx, s.p.Trust, task, verify.Target{Site: s.p.Site}, now)
 	if verify.Retry(err) {
-		return nil, job.Verdict{State: job.VerdictRejected, Reason: verify.ReasonUnavailable, Error: err.Error(), Retry: true}
+		return nil, job.Verdict{State: job.VerdictRejected, Reason: job.ReasonLedgerUnavailable, Error: err.Error(), Retry: true}
 	}
 	if err != nil {
 		return nil, rejected("", err)

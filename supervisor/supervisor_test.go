@@ -81,13 +81,16 @@ func TestSupervisor_Submit(t *testing.T) {
 	if a, b := got[0].State, got[1].State; !(a == job.VerdictQueued && b == job.VerdictDuplicate || a == job.VerdictDuplicate && b == job.VerdictQueued) {
 		t.Errorf("the same envelope twice in a batch = %s and %s, want one queued and one duplicate", a, b)
 	}
-	want := []struct{ state, reason string }{
+	want := []struct {
+		state  string
+		reason job.Reason
+	}{
 		{"", ""},
 		{"", ""},
-		{job.VerdictRejected, string(envelope.ReasonReplayed)},
+		{job.VerdictRejected, job.ReasonReplayed},
 		{job.VerdictQueued, ""},
-		{job.VerdictRejected, string(envelope.ReasonMalformed)},
-		{job.VerdictRejected, string(envelope.ReasonWrongSite)},
+		{job.VerdictRejected, job.ReasonMalformed},
+		{job.VerdictRejected, job.ReasonWrongSite},
 	}
 	for i, w := range want {
 		if w.state == "" {
@@ -184,10 +187,13 @@ func TestSupervisor_Steps(t *testing.T) {
 		return b
 	}
 	got := sup.Submit(ctx, [][]byte{task("now"), byRef("later", env.ID()), task("there"), []byte(`{"flow":{},"shell":1}`), byRef("now", strings.Repeat("0", 64))})
-	want := []struct{ state, reason string }{
+	want := []struct {
+		state  string
+		reason job.Reason
+	}{
 		{job.VerdictQueued, ""}, {job.VerdictQueued, ""},
-		{job.VerdictRejected, string(envelope.ReasonWrongSite)}, {job.VerdictRejected, string(envelope.ReasonMalformed)},
-		{job.VerdictRejected, string(envelope.ReasonMalformed)}, // a flow neither the batch nor the site has
+		{job.VerdictRejected, job.ReasonWrongSite}, {job.VerdictRejected, job.ReasonMalformed},
+		{job.VerdictRejected, job.ReasonMalformed}, // a flow neither the batch nor the site has
 	}
 	for i, w := range want {
 		if got[i].State != w.state || got[i].Reason != w.reason {

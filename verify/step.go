@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"sync"
 	"time"
 
@@ -54,7 +55,7 @@ func ParseStepTask(raw []byte) (task *StepTask, ok bool, err error) {
 	dec.DisallowUnknownFields()
 	task = &StepTask{}
 	if err := dec.Decode(task); err != nil {
-		return nil, true, envelope.Refuse(envelope.ReasonMalformed, "step task: "+err.Error())
+		return nil, true, envelope.Refuse(job.ReasonMalformed, "step task: "+err.Error())
 	}
 	return task, true, nil
 }
@@ -80,36 +81,36 @@ type Step struct {
 // from the signed flow) and the step itself.
 func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, now time.Time) (*Checked, *Step, error) {
 	if len(task.Flow) == 0 {
-		return nil, nil, envelope.Refuse(envelope.ReasonMalformed, fmt.Sprintf("the step task names flow %.64q but does not carry it (not found where it is kept: expired, or removed)", task.FlowRef))
+		return nil, nil, envelope.Refuse(job.ReasonMalformed, fmt.Sprintf("the step task names flow %.64q but does not carry it (not found where it is kept: expired, or removed)", task.FlowRef))
 	}
 	env, fl, err := DecodeFlow(task.Flow)
 	if err != nil {
 		return nil, nil, err
 	}
 	if len(env.Signatures) == 0 {
-		return nil, nil, envelope.Refuse(envelope.ReasonNoSignature, "flow envelope carries no signatures")
+		return nil, nil, envelope.Refuse(job.ReasonNoSignature, "flow envelope carries no signatures")
 	}
 	flowID := env.ID()
 	s := fl.Step(task.Step)
 	if s == nil {
-		return nil, nil, envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("flow %s has no step %q", flowID, task.Step))
+		return nil, nil, envelope.Refuse(job.ReasonInvalidJob, fmt.Sprintf("flow %s has no step %q", flowID, task.Step))
 	}
 	if task.Attempt < 1 || task.Attempt > s.Retries+1 {
-		return nil, nil, envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s may run %d times (retries %d), not a run number %d", s.Name, s.Retries+1, s.Retries, task.Attempt))
+		return nil, nil, envelope.Refuse(job.ReasonInvalidJob, fmt.Sprintf("step %s may run %d times (retries %d), not a run number %d", s.Name, s.Retries+1, s.Retries, task.Attempt))
 	}
 	id := envelope.StepJobID(flowID, s.Name, task.Item, task.Attempt)
 	if t.ID != "" && t.ID != id {
-		return nil, nil, envelope.Refuse(envelope.ReasonIDMismatch, fmt.Sprintf("the carrier says job %s but step %s item %d run %d of flow %s is job %s: it was altered or swapped in transit", t.ID, s.Name, task.Item, task.Attempt, flowID, id))
+		return nil, nil, envelope.Refuse(job.ReasonIDMismatch, fmt.Sprintf("the carrier says job %s but step %s item %d run %d of flow %s is job %s: it was altered or swapped in transit", t.ID, s.Name, task.Item, task.Attempt, flowID, id))
 	}
 	if err := checkItem(fl, s, task); err != nil {
 		return nil, nil, err
 	}
 	site := fl.SiteOf(s)
 	if site != t.Site {
-		return nil, nil, envelope.Refuse(envelope.ReasonWrongSite, fmt.Sprintf("step %s is for site %q, not %q", s.Name, site, t.Site))
+		return nil, nil, envelope.Refuse(job.ReasonWrongSite, fmt.Sprintf("step %s is for site %q, not %q", s.Name, site, t.Site))
 	}
 	if t.Node != "" && s.Node != "" && s.Node != t.Node {
-		return nil, nil, envelope.Refuse(envelope.ReasonWrongNode, fmt.Sprintf("step %s is pinned to node %q, not %q", s.Name, s.Node, t.Node))
+		return nil, nil, envelope.Refuse(job.ReasonWrongNode, fmt.Sprintf("step %s is pinned to node %q, not %q", s.Name, s.Node, t.Node))
 	}
 	if err := fl.CheckTime(now); err != nil {
 		return nil, nil, err
@@ -147,12 +148,12 @@ func StepJob(ctx context.Context, trust TrustSource, task *StepTask, t Target, n
 func checkItem(fl *envelope.Flow, s *envelope.Step, task *StepTask) error {
 	if len(s.ForEach) == 0 {
 		if task.Item != 0 || len(task.Value) > 0 {
-			return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s has no for_each: it has one job, item 0, with no value", s.Name))
+			return envelope.Refuse(job.ReasonInvalidJob, fmt.Sprintf("step %s has no for_each: it has one job, item 0, with no value", s.Name))
 		}
 		return nil
 	}
 	if task.Item < 0 || task.Item >= envelope.MaxForEachItems {
-		return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s has no item %d", s.Name, task.Item))
+		return envelope.Refuse(job.ReasonInvalidJob, fmt.Sprintf("step %s has no item %d", s.Name, task.Item))
 	}
 	var list []json.RawMessage
 	switch name, ok := s.ForEachArg(); {
@@ -172,10 +173,10 @@ func checkItem(fl *envelope.Flow, s *envelope.Step, task *StepTask) error {
 		_ = json.Unmarshal(s.ForEach, &list)
 	}
 	if task.Item >= len(list) {
-		return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s fans out over %d items, not %d", s.Name, len(list), task.Item+1))
+		return envelope.Refuse(job.ReasonInvalidJob, fmt.Sprintf("step %s fans out over %d items, not %d", s.Name, len(list), task.Item+1))
 	}
 	if !jsonEqual(list[task.Item], task.Value) {
-		return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s item %d: the value carried is not the one the flow was signed with", s.Name, task.Item))
+		return envelope.Refuse(job.ReasonInvalidJob, fmt.Sprintf("step %s item %d: the value carried is not the one the flow was signed with", s.Name, task.Item))
 	}
 	return nil
 }
@@ -191,7 +192,7 @@ func stepArgs(flowArgs, own json.RawMessage) (json.RawMessage, error) {
 	}
 	var m, o map[string]json.RawMessage
 	if json.Unmarshal(flowArgs, &m) != nil || json.Unmarshal(own, &o) != nil {
-		return nil, envelope.Refuse(envelope.ReasonInvalidJob, "flow and step args must be JSON objects")
+		return nil, envelope.Refuse(job.ReasonInvalidJob, "flow and step args must be JSON objects")
 	}
 	for k, v := range o {
 		m[k] = v
@@ -201,7 +202,7 @@ func stepArgs(flowArgs, own json.RawMessage) (json.RawMessage, error) {
 		return nil, err
 	}
 	if len(b) > envelope.MaxArgsBytes {
-		return nil, envelope.Refuse(envelope.ReasonTooLarge, fmt.Sprintf("the flow's and the step's args together are %d bytes, the limit is %d", len(b), envelope.MaxArgsBytes))
+		return nil, envelope.Refuse(job.ReasonTooLarge, fmt.Sprintf("the flow's and the step's args together are %d bytes, the limit is %d", len(b), envelope.MaxArgsBytes))
 	}
 	return b, nil
 }
@@ -223,13 +224,13 @@ func jsonEqual(a, b json.RawMessage) bool {
 func checkInputs(ctx context.Context, trust TrustSource, t Target, flowID string, fl *envelope.Flow, s *envelope.Step, task *StepTask) error {
 	if len(task.Inputs) == 0 && len(task.Proofs) == 0 {
 		if len(s.DependsOn) > 0 && t.Nodes != nil {
-			return envelope.Refuse(envelope.ReasonBadInput, fmt.Sprintf("step %s depends on %v but was given no inputs", s.Name, s.DependsOn))
+			return envelope.Refuse(job.ReasonBadInput, fmt.Sprintf("step %s depends on %v but was given no inputs", s.Name, s.DependsOn))
 		}
 		return nil
 	}
 	var in map[string]json.RawMessage
 	if err := json.Unmarshal(task.Inputs, &in); err != nil || in == nil {
-		return envelope.Refuse(envelope.ReasonMalformed, "step inputs must be a JSON object")
+		return envelope.Refuse(job.ReasonMalformed, "step inputs must be a JSON object")
 	}
 	deps := map[string]bool{}
 	for _, d := range s.DependsOn {
@@ -237,12 +238,12 @@ func checkInputs(ctx context.Context, trust TrustSource, t Target, flowID string
 	}
 	for name := range in {
 		if !deps[name] && !(s == fl.Finally && name == "flow") {
-			return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s was given the input %q, but it depends on no such step", s.Name, name))
+			return envelope.Refuse(job.ReasonInvalidJob, fmt.Sprintf("step %s was given the input %q, but it depends on no such step", s.Name, name))
 		}
 	}
 	for name := range task.Proofs {
 		if !deps[name] {
-			return envelope.Refuse(envelope.ReasonInvalidJob, fmt.Sprintf("step %s was given proofs for %q, but it depends on no such step", s.Name, name))
+			return envelope.Refuse(job.ReasonInvalidJob, fmt.Sprintf("step %s was given proofs for %q, but it depends on no such step", s.Name, name))
 		}
 	}
 	if t.Nodes == nil {
@@ -251,7 +252,7 @@ func checkInputs(ctx context.Context, trust TrustSource, t Target, flowID string
 	for _, d := range s.DependsOn {
 		raw, ok := in[d]
 		if !ok {
-			return envelope.Refuse(envelope.ReasonBadInput, fmt.Sprintf("step %s depends on %s but was not given its output", s.Name, d))
+			return envelope.Refuse(job.ReasonBadInput, fmt.Sprintf("step %s depends on %s but was not given its output", s.Name, d))
 		}
 		if err := checkInput(ctx, trust, t, flowID, fl, fl.Step(d), raw, task.Proofs[d], in); err != nil {
 			return err
@@ -264,7 +265,7 @@ func checkInputs(ctx context.Context, trust TrustSource, t Target, flowID string
 // its proofs.
 func checkInput(ctx context.Context, trust TrustSource, t Target, flowID string, fl *envelope.Flow, ds *envelope.Step, raw json.RawMessage, proofs []*envelope.OutputProof, in map[string]json.RawMessage) error {
 	refuse := func(format string, a ...any) error {
-		return envelope.Refuse(envelope.ReasonBadInput, fmt.Sprintf("input %s: ", ds.Name)+fmt.Sprintf(format, a...))
+		return envelope.Refuse(job.ReasonBadInput, fmt.Sprintf("input %s: ", ds.Name)+fmt.Sprintf(format, a...))
 	}
 	outs := []json.RawMessage{raw}
 	if len(ds.ForEach) > 0 {

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"strconv"
 	"strings"
 	"testing"
@@ -67,7 +68,7 @@ func TestStepJob(t *testing.T) {
 		name   string
 		task   *verify.StepTask
 		target verify.Target
-		want   string
+		want   job.Reason
 	}{
 		{"a step", task("fetch", 0, ""), verify.Target{Site: "local", ID: envelope.StepJobID(flowID, "fetch", 0, 1)}, ""},
 		{"a fan-out item", with(task("each", 1, `"b"`), func(s *verify.StepTask) { s.Inputs = json.RawMessage(`{"fetch":1}`) }), verify.Target{Site: "local"}, ""},
@@ -162,7 +163,7 @@ func TestStepJob_Inputs(t *testing.T) {
 		name   string
 		task   verify.StepTask
 		target verify.Target
-		want   string
+		want   job.Reason
 	}{
 		{"a fan-in", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["A","B"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {a, b}}}, target, ""},
 		{"items swapped", verify.StepTask{Step: "sum", Inputs: json.RawMessage(`{"each":["B","A"]}`), Proofs: map[string][]*envelope.OutputProof{"each": {b, a}}}, target, "bad_input"},
@@ -257,13 +258,13 @@ func TestFlow(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		env  *envelope.Envelope
-		want envelope.Reason
+		want job.Reason
 	}{
 		{"one site", sign(flowOn("local")), ""},
-		{"an unknown site", sign(flowOn("local", "nowhere")), envelope.ReasonWrongSite},
-		{"below a site's threshold", sign(flowOn("local", "pair")), envelope.ReasonBelowThreshold},
-		{"expired", sign(expired), envelope.ReasonExpired},
-		{"unsigned", unsigned, envelope.ReasonNoSignature},
+		{"an unknown site", sign(flowOn("local", "nowhere")), job.ReasonWrongSite},
+		{"below a site's threshold", sign(flowOn("local", "pair")), job.ReasonBelowThreshold},
+		{"expired", sign(expired), job.ReasonExpired},
+		{"unsigned", unsigned, job.ReasonNoSignature},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := verify.Flow(ctx, trust, tc.env, nil, now)

@@ -21,6 +21,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
@@ -31,8 +32,6 @@ import (
 // reason; the job was not judged.
 var ErrUnavailable = errors.New("ledger unavailable")
 
-// ReasonUnavailable is the reason recorded for ErrUnavailable.
-const ReasonUnavailable = "ledger_unavailable"
 
 // TrustSource gives a site's trust snapshot; *ledger.TrustCache is one.
 // keyIDs are the signatures' key IDs, so a key the snapshot does not know
@@ -127,22 +126,22 @@ func check(ctx context.Context, trust TrustSource, env *envelope.Envelope, t Tar
 func checkJob(ctx context.Context, trust TrustSource, env *envelope.Envelope, spec *envelope.Job, t Target, now time.Time) (*Checked, error) {
 	id := env.ID()
 	if len(env.Signatures) == 0 {
-		return nil, envelope.Refuse(envelope.ReasonNoSignature, "envelope carries no signatures")
+		return nil, envelope.Refuse(job.ReasonNoSignature, "envelope carries no signatures")
 	}
 	if t.ID != "" && t.ID != id {
-		return nil, envelope.Refuse(envelope.ReasonIDMismatch, fmt.Sprintf("the carrier says job %s but the envelope is job %s: it was altered or swapped in transit", t.ID, id))
+		return nil, envelope.Refuse(job.ReasonIDMismatch, fmt.Sprintf("the carrier says job %s but the envelope is job %s: it was altered or swapped in transit", t.ID, id))
 	}
 	switch {
 	case spec.AnySite:
 		// Any site whose policy the signers satisfy: the policy check
 		// below decides.
 	case spec.Site == "":
-		return nil, envelope.Refuse(envelope.ReasonWrongSite, fmt.Sprintf("job names no site (it pins node %s); name the node's site too", spec.Node))
+		return nil, envelope.Refuse(job.ReasonWrongSite, fmt.Sprintf("job names no site (it pins node %s); name the node's site too", spec.Node))
 	case spec.Site != t.Site:
-		return nil, envelope.Refuse(envelope.ReasonWrongSite, fmt.Sprintf("job is for site %q, not %q", spec.Site, t.Site))
+		return nil, envelope.Refuse(job.ReasonWrongSite, fmt.Sprintf("job is for site %q, not %q", spec.Site, t.Site))
 	}
 	if t.Node != "" && spec.Node != "" && spec.Node != t.Node {
-		return nil, envelope.Refuse(envelope.ReasonWrongNode, fmt.Sprintf("job is pinned to node %q, not %q", spec.Node, t.Node))
+		return nil, envelope.Refuse(job.ReasonWrongNode, fmt.Sprintf("job is pinned to node %q, not %q", spec.Node, t.Node))
 	}
 	if err := spec.CheckTime(now); err != nil {
 		return nil, err
@@ -163,7 +162,7 @@ func checkJob(ctx context.Context, trust TrustSource, env *envelope.Envelope, sp
 func authorize(ctx context.Context, trust TrustSource, env *envelope.Envelope, spec *envelope.Job, site string, keyIDs []string) (*Checked, error) {
 	snap, err := trust.Get(ctx, site, keyIDs...)
 	if ledger.NotFound(err) {
-		return nil, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger")
+		return nil, envelope.Refuse(job.ReasonWrongSite, "site "+site+" is not registered in the ledger")
 	}
 	if err != nil {
 		// Anything else (unreachable, a 5xx, a cancelled request) says
@@ -177,13 +176,13 @@ func authorize(ctx context.Context, trust TrustSource, env *envelope.Envelope, s
 	return &Checked{Envelope: env, Job: spec, Signers: signers, Owner: signers[0], Admin: snap.RoleOf(signers[0]) == ledger.RoleAdmin, ScriptMemory: snap.Site.ScriptMemory}, nil
 }
 
-// Reason is the reason string of a Job error: the refusal's reason, or
-// ReasonUnavailable.
-func Reason(err error) string {
+// Reason is the reason of a Job error: the refusal's reason, or
+// job.ReasonLedgerUnavailable.
+func Reason(err error) job.Reason {
 	if errors.Is(err, ErrUnavailable) {
-		return ReasonUnavailable
+		return job.ReasonLedgerUnavailable
 	}
-	return string(envelope.ReasonOf(err))
+	return envelope.ReasonOf(err)
 }
 
 // Retry reports whether a Job error means "not judged, try again later".
@@ -213,7 +212,7 @@ func Flow(ctx context.Context, trust TrustSource, env *envelope.Envelope, fl *en
 		}
 	}
 	if len(env.Signatures) == 0 {
-		return nil, envelope.Refuse(envelope.ReasonNoSignature, "envelope carries no signatures")
+		return nil, envelope.Refuse(job.ReasonNoSignature, "envelope carries no signatures")
 	}
 	if err := fl.CheckTime(now); err != nil {
 		return nil, err
@@ -226,7 +225,7 @@ func Flow(ctx context.Context, trust TrustSource, env *envelope.Envelope, fl *en
 	for _, site := range fl.Sites() {
 		snap, err := trust.Get(ctx, site, keyIDs...)
 		if ledger.NotFound(err) {
-			return nil, envelope.Refuse(envelope.ReasonWrongSite, "site "+site+" is not registered in the ledger")
+			return nil, envelope.Refuse(job.ReasonWrongSite, "site "+site+" is not registered in the ledger")
 		}
 		if err != nil {
 			return nil, fmt.Errorf("%w: site %s: %v", ErrUnavailable, site, err)

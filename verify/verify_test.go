@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
@@ -59,7 +60,7 @@ func TestJob(t *testing.T) {
 		name   string
 		raw    []byte
 		target verify.Target
-		want   string // "" for accepted
+		want   job.Reason // "" for accepted
 	}{
 		{"writ signed", good, verify.Target{Site: "local", Node: "n1"}, ""},
 		{"sslib, empty keyid", sslibSign(t, l.Admin, payload(nil), ""), verify.Target{Site: "local"}, ""},
@@ -101,7 +102,7 @@ func TestJob(t *testing.T) {
 	l.Server.Close()
 	cold := &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}}
 	_, _, err := verify.Job(ctx, cold, good, verify.Target{Site: "local"}, now)
-	if !verify.Retry(err) || !errors.Is(err, verify.ErrUnavailable) || verify.Reason(err) != verify.ReasonUnavailable {
+	if !verify.Retry(err) || !errors.Is(err, verify.ErrUnavailable) || verify.Reason(err) != job.ReasonLedgerUnavailable {
 		t.Errorf("Job with the ledger down = %v, want ErrUnavailable", err)
 	}
 }

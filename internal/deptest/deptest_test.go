@@ -47,7 +47,7 @@ var rules = []struct {
 	{"scripts=", []string{module + "/sal/", module + "/scripts/host", module + "/scripts/sandbox"}, "the engine compiles and runs Tengo; what a script may do on a node is scripts/host's, the processes scripts/sandbox's"},
 	{"sal/", []string{module + "/queue", module + "/coord", module + "/supervisor", module + "/runner"}, "host layers know nothing of queues or services"},
 	{"scripts", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner"}, "the sandbox knows nothing of trust or transport"},
-	{"envelope", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts"}, "the envelope is a leaf every side shares"},
+	{"envelope", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts"}, "the envelope is a leaf every side shares (with job's reasons)"},
 	{"keys", []string{module + "/"}, "keys is a leaf"},
 	{"httpsig", []string{module + "/ledger", module + "/queue", module + "/coord"}, "request signing is a leaf"},
 	{"ledger", []string{module + "/queue", module + "/coord", module + "/supervisor", module + "/runner"}, "the ledger does not depend on the job path"},
@@ -58,7 +58,7 @@ var rules = []struct {
 	{"supervisor", []string{module + "/sal/", module + "/scripts/host", module + "/scripts/sandbox"}, "the supervisor only compiles scripts: it links no host layer"},
 	{"runner", []string{module + "/coord", module + "/supervisor", module + "/identity"}, "no service imports another service"},
 	{"identity", []string{module + "/coord", module + "/supervisor", module + "/runner"}, "no service imports another service"},
-	{"job", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "job is data every side shares"},
+	{"job", []string{module + "/envelope", module + "/keys", module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "job is data every side shares, and the one list of reasons: a leaf"},
 	{"flow", []string{module + "/ledger", module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/", module + "/verify"}, "a flow's document and progress are data: coord drives them, nothing in them reaches out"},
 	{"verify", []string{module + "/queue", module + "/coord", module + "/supervisor", module + "/runner", module + "/scripts", module + "/sal/"}, "the one verification needs only the envelope and the ledger's trust"},
 }

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/job"
 	"io"
 	"log/slog"
 	"os"
@@ -405,7 +406,7 @@ func (s *Pool) stopError(ctx context.Context, host *scripts.Run, f *frame) error
 	case stopResult:
 		return &stopped{msg: f.Err, is: scripts.ErrResultTooLarge}
 	case stopRefused:
-		return envelope.Refuse(envelope.Reason(f.Reason), f.Err)
+		return envelope.Refuse(job.Reason(f.Reason), f.Err)
 	case stopHost:
 		if host.ModuleErr() != nil {
 			return host.ModuleErr()

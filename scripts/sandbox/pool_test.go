@@ -3,6 +3,7 @@ package sandbox
 import (
 	"context"
 	"errors"
+	"github.com/writ-fleet/writ/job"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -87,7 +88,7 @@ func TestPool_Stops(t *testing.T) {
 		name, script string
 		timeout      time.Duration
 		want         error
-		reason       envelope.Reason
+		reason       job.Reason
 		msg          string
 	}{
 		{name: "cyclic compare", script: `a := [1]; a[0] = a; b := [1]; b[0] = b; x := a == b`, want: scripts.ErrStackOverflow},
@@ -99,7 +100,7 @@ func TestPool_Stops(t *testing.T) {
 		{name: "small objects", script: `a := []; for { a = append(a, [1, 2, 3]) }`, want: scripts.ErrMemoryLimit},
 		{name: "exponential copy", script: `a := [1]; for i := 0; i < 40; i++ { a = [a, a] }; x := copy(a)`, want: scripts.ErrMemoryLimit, msg: "held more than 64 MiB"},
 		{name: "host stop", script: `storage := import("storage"); storage.volumes()`, want: scripts.ErrTransient, msg: "no storage pool"},
-		{name: "compile", script: `x := (`, reason: envelope.ReasonScriptInvalid},
+		{name: "compile", script: `x := (`, reason: job.ReasonScriptInvalid},
 		{name: "runtime", script: `x := 1 / 0`, msg: "divide by zero"},
 		{name: "fail", script: `job := import("job"); job.fail("no")`, msg: "job.fail: no"},
 		{name: "cyclic host arg", script: `storage := import("storage"); a := [1]; a[0] = a; storage.volume(a, 0)`, msg: "contains itself"},
