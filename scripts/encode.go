@@ -9,7 +9,8 @@ import (
 	"math"
 	"sort"
 	"strconv"
-	"time"
+	"strings"
+	"unicode/utf8"
 
 	"github.com/d5/tengo/v2"
 )
@@ -35,9 +36,15 @@ func (e *TooLargeError) Error() string {
 	return fmt.Sprintf("encoded value is larger than the limit of %d bytes", e.Limit)
 }
 
-// EncodeJSON writes o as JSON, at most max bytes. Maps are written with
-// sorted keys; Undefined is null; an error value is {"error": value}; times
-// are RFC 3339 strings; bytes are base64.
+// EncodeJSON writes o as JSON, at most max bytes, exactly as Tengo's own
+// json.encode does (d5/tengo v2.17.0 stdlib/json/encode.go) for every
+// value type: Undefined is null, a char its code point, a time
+// time.Time's JSON, bytes base64, strings escaped as Tengo escapes them
+// (control characters, quote and backslash; not <, > or &), and a value
+// Tengo cannot encode (an error, a function) written as nothing. Maps are
+// written with sorted keys (Tengo's order is Go's map order: sorted is
+// one of its outputs). Unlike Tengo's it stops at a cycle, a depth and
+// the size limit, while encoding.
 func EncodeJSON(o tengo.Object, max int) ([]byte, error) {
 	e := &encoder{max: max, path: map[tengo.Object]bool{}}
 	if err := e.value(o, 0); err != nil {
@@ -46,10 +53,24 @@ func EncodeJSON(o tengo.Object, max int) ([]byte, error) {
 	return e.buf.Bytes(), nil
 }
 
+// EncodeValue is EncodeJSON for a value writ keeps and parses again (a
+// job's result, a VM spec): what Tengo's encoder would make invalid JSON
+// of is refused or mended instead. A value it drops (an error, a
+// function) is refused, naming its type, and invalid UTF-8 in a string is
+// written as U+FFFD, as Go's encoding/json writes it.
+func EncodeValue(o tengo.Object, max int) ([]byte, error) {
+	e := &encoder{max: max, path: map[tengo.Object]bool{}, strict: true}
+	if err := e.value(o, 0); err != nil {
+		return nil, err
+	}
+	return e.buf.Bytes(), nil
+}
+
 type encoder struct {
-	buf  bytes.Buffer
-	max  int
-	path map[tengo.Object]bool // containers being written: meeting one again is a cycle
+	buf    bytes.Buffer
+	max    int
+	path   map[tengo.Object]bool // containers being written: meeting one again is a cycle
+	strict bool                  // refuse what Tengo's encoder drops
 }
 
 func (e *encoder) write(b []byte) error {
@@ -61,11 +82,40 @@ func (e *encoder) write(b []byte) error {
 }
 
 func (e *encoder) str(s string) error {
+	if e.strict && !utf8.ValidString(s) {
+		s = strings.ToValidUTF8(s, "\uFFFD")
+	}
 	if len(s)+2 > e.max-e.buf.Len() {
 		return &TooLargeError{Limit: e.max}
 	}
-	b, _ := json.Marshal(s) // strings always encode
-	return e.write(b)
+	return e.write(appendTengoString(nil, s))
+}
+
+// appendTengoString appends s as a JSON string the way Tengo's
+// encodeString does: quote, backslash and bytes below 0x20 escaped (\n,
+// \r, \t, or \u00XX), everything else, invalid UTF-8, <, > and & too,
+// as it is.
+func appendTengoString(b []byte, s string) []byte {
+	const hexDigits = "0123456789abcdef"
+	b = append(b, '"')
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '"' || c == '\\':
+			b = append(b, '\\', c)
+		case c == '\n':
+			b = append(b, '\\', 'n')
+		case c == '\r':
+			b = append(b, '\\', 'r')
+		case c == '\t':
+			b = append(b, '\\', 't')
+		case c < 0x20:
+			b = append(b, '\\', 'u', '0', '0', hexDigits[c>>4], hexDigits[c&0xF])
+		default:
+			b = append(b, c)
+		}
+	}
+	return append(b, '"')
 }
 
 // enter marks container c as being written.
@@ -126,8 +176,7 @@ func (e *encoder) array(a []tengo.Object, depth int) error {
 }
 
 // container returns a Tengo container's members: a map's (isMap) or an
-// array's, or ok false for a value that holds no others. An error value is
-// the map {"error": value}.
+// array's, or ok false for a value that holds no others.
 func container(o tengo.Object) (m map[string]tengo.Object, a []tengo.Object, isMap, ok bool) {
 	switch v := o.(type) {
 	case *tengo.Map:
@@ -138,8 +187,6 @@ func container(o tengo.Object) (m map[string]tengo.Object, a []tengo.Object, isM
 		return nil, v.Value, false, true
 	case *tengo.ImmutableArray:
 		return nil, v.Value, false, true
-	case *tengo.Error:
-		return map[string]tengo.Object{"error": v.Value}, nil, true, true
 	}
 	return nil, nil, false, false
 }
@@ -162,9 +209,9 @@ func (e *encoder) value(o tengo.Object, depth int) error {
 		return e.write(strconv.AppendInt(nil, v.Value, 10))
 	case *tengo.Float:
 		if math.IsNaN(v.Value) || math.IsInf(v.Value, 0) {
-			return fmt.Errorf("%v is not a JSON number", v.Value)
+			return fmt.Errorf("unsupported float value %v", v.Value)
 		}
-		b, _ := json.Marshal(v.Value)
+		b, _ := json.Marshal(v.Value) // Go's and Tengo's: both ES6 number formatting
 		return e.write(b)
 	case *tengo.Bool:
 		if v.IsFalsy() {
@@ -172,23 +219,32 @@ func (e *encoder) value(o tengo.Object, depth int) error {
 		}
 		return e.write([]byte("true"))
 	case *tengo.Char:
-		return e.str(string(v.Value))
+		return e.write(strconv.AppendInt(nil, int64(v.Value), 10))
 	case *tengo.Bytes:
 		if base64.StdEncoding.EncodedLen(len(v.Value))+2 > e.max-e.buf.Len() {
 			return &TooLargeError{Limit: e.max}
 		}
 		return e.str(base64.StdEncoding.EncodeToString(v.Value))
 	case *tengo.Time:
-		return e.str(v.Value.UTC().Format(time.RFC3339Nano))
+		b, err := v.Value.MarshalJSON()
+		if err != nil {
+			return err
+		}
+		return e.write(b)
 	case *tengo.Undefined, nil:
 		return e.write([]byte("null"))
 	}
-	return fmt.Errorf("a %s value is not JSON-encodable", o.TypeName())
+	if e.strict {
+		return fmt.Errorf("a %s value is not JSON-encodable", o.TypeName())
+	}
+	return nil // Tengo's encoder writes nothing for it
 }
 
-// render writes o as text for a log line, the way Tengo prints values, at
-// most max bytes: a value met again inside itself is written "<cycle>", and
-// a cut line ends in "…". Unlike Tengo's String, it never recurses forever.
+// render writes o as text for a log line exactly as Tengo's String does
+// for every value type (maps with sorted keys), at most max bytes: a value
+// met again inside itself is written "<cycle>", one nested too deep
+// "<too deep>", and a cut line ends in "…". Unlike Tengo's String, it
+// never recurses forever.
 func render(o tengo.Object, max int) string {
 	r := &renderer{max: max, path: map[tengo.Object]bool{}}
 	r.value(o, 0)
@@ -234,6 +290,10 @@ func (r *renderer) value(o tengo.Object, depth int) {
 	case *tengo.ImmutableArray:
 		a = v.Value
 	case *tengo.Error:
+		if v.Value == nil {
+			r.write("error")
+			return
+		}
 		r.write("error: ")
 		r.value(v.Value, depth+1)
 		return

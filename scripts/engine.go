@@ -42,6 +42,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/writ-fleet/writ/job"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -415,7 +416,7 @@ var (
 	// ErrMemoryLimit: the run held more memory than its limit.
 	ErrMemoryLimit = errors.New("script exceeded its memory limit and was stopped")
 	// ErrStackOverflow: the engine ran out of stack; the child died of it.
-	ErrStackOverflow = errors.New("script overflowed the engine's stack and was stopped (a value that contains itself was compared, copied or printed, or values nest too deep)")
+	ErrStackOverflow = errors.New("script overflowed the engine's stack and was stopped (a recursion too deep, a value that contains itself compared, copied or printed, or values nested too deep)")
 	// ErrSandbox: the sandbox process died or broke the protocol.
 	ErrSandbox = errors.New("the sandbox process running the script failed")
 	// ErrTimeout: the run passed its deadline and was stopped.
@@ -485,6 +486,10 @@ func (e *Engine) Run(ctx context.Context, script string, in Input) (Output, erro
 		return Output{}, ctx.Err()
 	case errors.Is(runErr, tengo.ErrObjectAllocLimit):
 		return Output{}, fmt.Errorf("%w (cap: %d objects)", ErrAllocLimit, e.cfg.MaxAllocs)
+	case errors.Is(runErr, ErrStackOverflow):
+		return Output{}, runErr
+	case errors.Is(runErr, tengo.ErrStackOverflow):
+		return Output{}, fmt.Errorf("%w: recursion deeper than the engine's %d frames", ErrStackOverflow, tengo.MaxFrames)
 	case errors.Is(runErr, tengo.ErrStringLimit), errors.Is(runErr, tengo.ErrBytesLimit):
 		return Output{}, fmt.Errorf("%w: a value grew past %d bytes", ErrAllocLimit, e.cfg.MaxValueBytes)
 	case modErr != nil:
@@ -506,6 +511,11 @@ func (inst *instance) run(ctx context.Context) (err error, reusable bool) {
 		r := recover()
 		notAborted := stop()
 		switch {
+		case r != nil && isStackPanic(r):
+			// Tengo's VM indexes its value stack unchecked: a recursion
+			// deep enough fills it before the frame limit is reached
+			// (d5/tengo v2.17.0 vm.go, v.stack[v.sp]).
+			err = fmt.Errorf("%w: recursion deeper than the engine's stack of %d values", ErrStackOverflow, tengo.StackSize)
 		case r != nil:
 			err = fmt.Errorf("panic: %v", r)
 		case !notAborted || ctx.Err() != nil:
@@ -517,6 +527,13 @@ func (inst *instance) run(ctx context.Context) (err error, reusable bool) {
 		reusable = err == nil && notAborted
 	}()
 	return inst.vm.Run(), false
+}
+
+// isStackPanic reports whether a panic recovered from Tengo's VM is its
+// value stack overflowing: an index out of range of a slice StackSize long.
+func isStackPanic(r any) bool {
+	re, ok := r.(runtime.Error)
+	return ok && strings.Contains(re.Error(), "index out of range") && strings.Contains(re.Error(), fmt.Sprintf("with length %d", tengo.StackSize))
 }
 
 // DeadlineOf is the job's timeout as the context that runs it names it

@@ -390,3 +390,26 @@ func TestLibrary_Flows(t *testing.T) {
 		}
 	}
 }
+
+// TestEngine_Run_Recursion: recursion without end stops as
+// ErrStackOverflow with a message a person can act on, whether Tengo's
+// frame limit or its value stack runs out first, and a tail call (which
+// Tengo runs in place) runs until the deadline.
+func TestEngine_Run_Recursion(t *testing.T) {
+	e := New(Config{}, nil)
+	for _, src := range []string{
+		`f := undefined; f = func(n) { return f(n+1) + 1 }; f(0)`,
+		`f := undefined; f = func(a, b, c, d, e, g, h) { x := [a, b]; return f(a, b, c, d, e, g, h) + 1 }; f(1, 2, 3, 4, 5, 6, 7)`,
+		`f := undefined; g := undefined; f = func() { return g() + 1 }; g = func() { return f() + 1 }; f()`,
+	} {
+		_, err := e.Run(context.Background(), src, Input{JobID: "j"})
+		if !errors.Is(err, ErrStackOverflow) || strings.Contains(err.Error(), "index out of range") {
+			t.Errorf("Run(%s) = %v, want ErrStackOverflow without Go's words", src, err)
+		}
+	}
+	ctx, cancel := WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, err := e.Run(ctx, `f := undefined; f = func() { return f() }; f()`, Input{JobID: "j"}); !errors.Is(err, ErrTimeout) {
+		t.Errorf("Run(a tail call without end) = %v, want ErrTimeout", err)
+	}
+}

@@ -161,7 +161,7 @@ func newJobMap(rc *Run) *tengo.ImmutableMap {
 // fail is job.fail(message...): it stops the script and fails the job with
 // the message (not retried).
 func (rc *Run) fail(args ...tengo.Object) (tengo.Object, error) {
-	return nil, rc.Fail(&RuntimeError{Msg: "job.fail: " + joinArgs(args)})
+	return nil, rc.Fail(&RuntimeError{Msg: "job.fail: " + joinArgs(args, " ")})
 }
 
 // setResult is job.result(value): it records value (JSON-encodable, within
@@ -173,7 +173,7 @@ func (rc *Run) setResult(args ...tengo.Object) (tengo.Object, error) {
 		return nil, tengo.ErrWrongNumArguments
 	}
 	max := rc.engine.cfg.MaxResultBytes
-	b, err := EncodeJSON(args[0], max)
+	b, err := EncodeValue(args[0], max)
 	var big *TooLargeError
 	switch {
 	case errors.As(err, &big):
@@ -267,13 +267,20 @@ func fromJSON(v any) tengo.Object {
 // maxJoined bounds the text joinArgs makes; Log cuts lines shorter still.
 const maxJoined = 2 * DefaultMaxLogLine
 
-// joinArgs renders log arguments the way fmt.println does, bounded (see
-// render): a value that contains itself cannot make it recurse forever.
-func joinArgs(args []tengo.Object) string {
+// joinArgs renders log arguments as Tengo's fmt.print does each one
+// (tengo.ToString: a string as it is, undefined as nothing, anything else
+// as its String), separated by sep, bounded (see render): a value that
+// contains itself cannot make it recurse forever. Tengo's fmt.print and
+// fmt.println put nothing between their arguments (Go's fmt.Print adds no
+// space between strings); writ's log functions and job.fail put a space.
+func joinArgs(args []tengo.Object, sep string) string {
 	var b strings.Builder
 	for i, a := range args {
 		if i > 0 {
-			b.WriteByte(' ')
+			b.WriteString(sep)
+		}
+		if a == tengo.UndefinedValue {
+			continue
 		}
 		room := maxJoined - b.Len()
 		if room <= 0 {
@@ -300,7 +307,7 @@ func logModule(rc *Run) map[string]tengo.Object {
 	for _, level := range []string{"debug", "info", "warn", "error"} {
 		level := level
 		m[level] = Func(level, func(args ...tengo.Object) (tengo.Object, error) {
-			rc.Log(level, joinArgs(args))
+			rc.Log(level, joinArgs(args, " "))
 			return tengo.UndefinedValue, nil
 		})
 	}
@@ -340,7 +347,7 @@ func sandboxOverrides(module string, rc *Run) map[string]tengo.Object {
 					}
 					line = s
 				} else {
-					line = joinArgs(args)
+					line = joinArgs(args, "")
 				}
 				rc.Log("info", strings.TrimSuffix(line, "\n"))
 				return tengo.UndefinedValue, nil

@@ -71,7 +71,7 @@ func toSpec(o tengo.Object) (vm.Spec, vmFiles, error) {
 	if !ok {
 		return vm.Spec{}, vmFiles{}, errors.New("vm.create takes a map: {name, cpus, memory, kernel, initrd, cmdline, disks, nics, ssh_keys}")
 	}
-	raw, err := scripts.EncodeJSON(m, maxSpecBytes) // bounded: a spec that contains itself must not recurse forever
+	raw, err := scripts.EncodeValue(m, maxSpecBytes) // bounded: a spec that contains itself must not recurse forever
 	if err != nil {
 		return vm.Spec{}, vmFiles{}, fmt.Errorf("vm spec: %w", err)
 	}

@@ -174,6 +174,8 @@ func (c *childConn) run(e *scripts.Engine, f *frame, maxMemory int64) *frame {
 		done.Kind, done.Err = stopCycle, err.Error()
 	case errors.Is(err, scripts.ErrResultTooLarge):
 		done.Kind, done.Err = stopResult, err.Error()
+	case errors.Is(err, scripts.ErrStackOverflow):
+		done.Kind, done.Err = stopStack, err.Error()
 	case errors.As(err, &hs):
 		done.Kind = stopHost
 	case errors.As(err, &ee):

@@ -405,6 +405,8 @@ func (s *Pool) stopError(ctx context.Context, host *scripts.Run, f *frame) error
 		return &stopped{msg: f.Err, is: scripts.ErrCycle}
 	case stopResult:
 		return &stopped{msg: f.Err, is: scripts.ErrResultTooLarge}
+	case stopStack:
+		return &stopped{msg: f.Err, is: scripts.ErrStackOverflow}
 	case stopRefused:
 		return envelope.Refuse(job.Reason(f.Reason), f.Err)
 	case stopHost:

@@ -93,6 +93,7 @@ func TestPool_Stops(t *testing.T) {
 	}{
 		{name: "cyclic compare", script: `a := [1]; a[0] = a; b := [1]; b[0] = b; x := a == b`, want: scripts.ErrStackOverflow},
 		{name: "cyclic copy", script: `a := {}; a.x = a; b := copy(a)`, want: scripts.ErrStackOverflow},
+		{name: "recursion", script: `f := undefined; f = func(n) { return f(n+1) + 1 }; f(0)`, want: scripts.ErrStackOverflow, msg: "recursion deeper"},
 		{name: "range", script: `x := range(0, 100000000)`, want: scripts.ErrMemoryLimit},
 		{name: "grow", script: `text := import("text"); a := []; for { a = append(a, text.repeat("x", 100000) + string(len(a))) }`, want: scripts.ErrMemoryLimit},
 		{name: "loop", script: `for {}`, timeout: 300 * time.Millisecond, want: scripts.ErrTimeout},

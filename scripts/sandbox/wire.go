@@ -94,6 +94,7 @@ const (
 	stopCanceled = "canceled" // the runner asked (shutdown)
 	stopCycle    = "cycle"
 	stopResult   = "result_too_large"
+	stopStack    = "stack_overflow" // Tengo's own stack limit (a recursion); a Go stack overflow kills the child instead
 )
 
 func writeFrame(w *bufio.Writer, f *frame) error {
