@@ -27,6 +27,7 @@ import (
 
 	"github.com/writ-fleet/writ/coord"
 	"github.com/writ-fleet/writ/envelope"
+	assembly "github.com/writ-fleet/writ/internal/fleet"
 	"github.com/writ-fleet/writ/internal/redisproc"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/job"
@@ -310,16 +311,16 @@ func newChaosFleet(t *testing.T) *chaosFleet {
 
 	// A CA and one certificate per service, valid for every host.
 	caDir := filepath.Join(d, "ca")
-	ca, err := pki.InitCA(caDir, "writ-chaos-ca")
+	ca, err := assembly.OpenCA(caDir, "writ-chaos-ca")
 	if err != nil {
 		t.Fatal(err)
 	}
-	var ips []net.IP
+	var ips []string
 	for _, a := range c.ip {
-		ips = append(ips, net.ParseIP(a))
+		ips = append(ips, a)
 	}
 	for _, name := range []string{"ledger", "coord", "supervisor", "runner"} {
-		if err := ca.IssueFiles(pki.Request{Name: name, IPs: ips}, filepath.Join(caDir, name+".crt"), filepath.Join(caDir, name+".key")); err != nil {
+		if _, _, err := ca.Issue(name, ips...); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -372,9 +373,11 @@ func newChaosFleet(t *testing.T) *chaosFleet {
 	c.pass = map[string]string{queue.ACLCoord: "coord-" + randomWord(t), queue.ACLSupervisor: "sup-" + randomWord(t), queue.ACLRunner: "run-" + randomWord(t)}
 	internal := "internal-" + randomWord(t)
 	redisOn := func(host string, port int, cfg redisproc.Config, roles ...string) redisproc.Config {
-		for _, r := range roles {
-			cfg.Users = append(cfg.Users, redisproc.User{Name: r, Password: c.pass[r], Rules: queue.ACLRules(r, chaosSite)})
+		users, err := assembly.RedisUsers(chaosSite, c.pass, roles...)
+		if err != nil {
+			t.Fatal(err)
 		}
+		cfg.Users = append(cfg.Users, users...)
 		cfg.Dir = filepath.Join(d, fmt.Sprintf("redis-%s-%d", host, port))
 		os.MkdirAll(cfg.Dir, 0o700)
 		cfg.Port, cfg.Bind = port, c.ip[host]

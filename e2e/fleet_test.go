@@ -4,7 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"net"
+	assembly "github.com/writ-fleet/writ/internal/fleet"
 	"net/http"
 	"os"
 	"os/exec"
@@ -40,18 +40,17 @@ var e2eHTTP *http.Client
 
 // makeCA makes the tests' CA and certificates in dir.
 func makeCA(dir string) error {
-	ca, err := pki.InitCA(dir, "writ-e2e-ca")
+	ca, err := assembly.OpenCA(dir, "writ-e2e-ca")
 	if err != nil {
 		return err
 	}
 	for _, name := range []string{"ledger", "coord", "supervisor", "runner", "e2e"} {
-		req := pki.Request{Name: name, DNS: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv4(10, 0, 2, 2)}}
-		if err := ca.IssueFiles(req, filepath.Join(dir, name+".crt"), filepath.Join(dir, name+".key")); err != nil {
+		if _, _, err := ca.Issue(name, "localhost", "127.0.0.1", "10.0.2.2"); err != nil {
 			return err
 		}
 	}
-	cfg := &pki.Config{CA: filepath.Join(dir, pki.CACertFile), Cert: filepath.Join(dir, "e2e.crt"), Key: filepath.Join(dir, "e2e.key")}
-	if err := cfg.Load(); err != nil {
+	cfg, err := ca.Config("e2e")
+	if err != nil {
 		return err
 	}
 	e2eHTTP = cfg.HTTPClient(0)

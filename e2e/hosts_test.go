@@ -20,6 +20,7 @@ import (
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 
+	assembly "github.com/writ-fleet/writ/internal/fleet"
 	"github.com/writ-fleet/writ/internal/redisproc"
 	"github.com/writ-fleet/writ/internal/testenv"
 	"github.com/writ-fleet/writ/keys"
@@ -214,9 +215,9 @@ func TestFleet_Hosts(t *testing.T) {
 	pass := map[string]string{queue.ACLCoord: "coord-" + randomWord(t), queue.ACLSupervisor: "sup-" + randomWord(t), queue.ACLRunner: "run-" + randomWord(t)}
 	redisDirs := map[string]string{}
 	startRedis := func(host, cert string, roles ...string) {
-		var users []redisproc.User
-		for _, r := range roles {
-			users = append(users, redisproc.User{Name: r, Password: pass[r], Rules: queue.ACLRules(r, "lab")})
+		users, err := assembly.RedisUsers("lab", pass, roles...)
+		if err != nil {
+			t.Fatal(err)
 		}
 		rdir := filepath.Join(d, "redis-"+host)
 		os.MkdirAll(rdir, 0o700)

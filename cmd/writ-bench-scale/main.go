@@ -16,6 +16,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"github.com/writ-fleet/writ/internal/fleet"
 	"io"
 	"log/slog"
 	"net"
@@ -37,7 +38,6 @@ import (
 	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
-	"github.com/writ-fleet/writ/pki"
 	"github.com/writ-fleet/writ/queue"
 )
 
@@ -75,18 +75,18 @@ func run() error {
 		return fmt.Errorf("build writ: %v\n%s", err, out)
 	}
 	// The CA and the services' certificates; the bench submits as coord.
-	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "bench-ca")
+	ca, err := fleet.OpenCA(filepath.Join(dir, "ca"), "bench-ca")
 	if err != nil {
 		return err
 	}
 	for _, n := range []string{"ledger", "supervisor", "coord"} {
-		if err := ca.IssueFiles(pki.Request{Name: n, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}}, filepath.Join(dir, n+".crt"), filepath.Join(dir, n+".key")); err != nil {
+		if _, _, err := ca.Issue(n, "127.0.0.1"); err != nil {
 			return err
 		}
 	}
-	caFile := filepath.Join(dir, "ca", pki.CACertFile)
-	tc := &pki.Config{CA: caFile, Cert: filepath.Join(dir, "coord.crt"), Key: filepath.Join(dir, "coord.key")}
-	if err := tc.Load(); err != nil {
+	caFile := ca.File()
+	tc, err := ca.Config("coord")
+	if err != nil {
 		return err
 	}
 	hc := tc.HTTPClient(0)
@@ -112,7 +112,7 @@ func run() error {
 		return fmt.Errorf("ledger init: %v\n%s", err, out)
 	}
 	start := func(name string, args ...string) (*exec.Cmd, error) {
-		cmd := exec.Command(bin, append(args, "--ca", caFile, "--tls-cert", filepath.Join(dir, name+".crt"), "--tls-key", filepath.Join(dir, name+".key"), "--log-level", "warn")...)
+		cmd := exec.Command(bin, append(args, "--ca", caFile, "--tls-cert", filepath.Join(ca.Dir(), name+".crt"), "--tls-key", filepath.Join(ca.Dir(), name+".key"), "--log-level", "warn")...)
 		logf, _ := os.Create(filepath.Join(dir, name+".log"))
 		cmd.Stdout, cmd.Stderr = logf, logf
 		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}

@@ -123,7 +123,7 @@ func run() error {
 	deadline := time.Now().Add(30 * time.Second)
 	for hc == nil && time.Now().Before(deadline) {
 		// The CA and certificates appear once writ dev has made them.
-		tc := &pki.Config{CA: caFile, Cert: filepath.Join(devDir, "tls", "runner.crt"), Key: filepath.Join(devDir, "tls", "runner.key")}
+		tc := &pki.Config{CA: caFile, Cert: filepath.Join(devDir, "tls", "runner-local.crt"), Key: filepath.Join(devDir, "tls", "runner-local.key")}
 		if tc.Load() == nil {
 			hc = tc.HTTPClient(0)
 			tr := hc.Transport.(*http.Transport)

@@ -14,15 +14,19 @@ import (
 )
 
 // adminFlags are what every ledger admin command needs.
-type adminFlags struct{ ledger, key string }
+type adminFlags struct {
+	ledger, key string
+	ca          caSource
+}
 
 func (f *adminFlags) add(cmd *cobra.Command) {
+	f.ca.cmd = cmd
 	cmd.Flags().StringVar(&f.ledger, "ledger", envOr(envLedger, serviceURL(defaultLedgerAddr)), "ledger URL, or several ledger processes' URLs separated by commas (default $WRIT_LEDGER)")
 	cmd.Flags().StringVar(&f.key, "key", "", "an admin's signing key (default $WRIT_KEY)")
 }
 
 func (f *adminFlags) client(signed bool) (*ledger.Client, error) {
-	s, err := clientSec()
+	s, err := clientSec(f.ca.path())
 	if err != nil {
 		return nil, err
 	}

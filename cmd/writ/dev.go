@@ -2,8 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -20,11 +18,11 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/writ-fleet/writ/identity"
+	"github.com/writ-fleet/writ/internal/fleet"
 	"github.com/writ-fleet/writ/internal/redisproc"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/ledger/store/sqlite"
-	"github.com/writ-fleet/writ/pki"
 	"github.com/writ-fleet/writ/queue"
 	"github.com/writ-fleet/writ/sal/storage"
 	"github.com/writ-fleet/writ/seal"
@@ -43,6 +41,7 @@ type devCmd struct {
 	basePort                     int
 	concurrency                  int
 	exitAfterSample              bool
+	ca                           caSource // --ca: for a Redis given with --redis
 	insecure                     bool
 	log                          *slog.Logger
 }
@@ -75,6 +74,7 @@ make guest puts the demo VM guest there). BASE defaults to 7700.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			c.log = newLogger(cmd)
+			c.ca.cmd = cmd
 			return c.Run(cmd.Context(), args)
 		},
 	}
@@ -161,16 +161,18 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 				return err
 			}
 		}
-		pass := map[string]string{}
-		var users []redisproc.User
-		for _, role := range []string{queue.ACLCoord, queue.ACLSupervisor, queue.ACLRunner} {
-			pass[role] = randomSecret()
-			users = append(users, redisproc.User{Name: role, Password: pass[role], Rules: queue.ACLRules(role, devSite)})
+		roles := []string{queue.ACLCoord, queue.ACLSupervisor, queue.ACLRunner}
+		pass := fleet.Passwords(roles...)
+		users, err := fleet.RedisUsers(devSite, pass, roles...)
+		if err != nil {
+			closeListeners()
+			return err
 		}
 		cfg := redisproc.Config{Dir: rdir, Port: redisPort, Persist: true, Users: users}
 		var creds queue.Credentials
 		if caPath != "" {
-			cfg.TLS = &redisproc.TLS{Cert: filepath.Join(dir, "tls", "redis.crt"), Key: filepath.Join(dir, "tls", "redis.key"), CA: caPath}
+			cert, key := filepath.Join(dir, "tls", "redis-"+devSite+".crt"), filepath.Join(dir, "tls", "redis-"+devSite+".key")
+			cfg.TLS = &redisproc.TLS{Cert: cert, Key: key, CA: caPath}
 			creds.TLS = secs["runner"].cfg.Client()
 		}
 		p, err := redisproc.Start(cfg)
@@ -192,7 +194,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 			rdbs[role] = r
 		}
 	} else {
-		rf := redisFlags{url: redisURL}
+		rf := redisFlags{url: redisURL, ca: c.ca}
 		r, err := rf.connect()
 		if err != nil {
 			return err
@@ -423,30 +425,25 @@ func (c *devCmd) devTLS(dir string) (map[string]*sec, string, error) {
 		}
 		return secs, "", nil
 	}
-	ca, err := pki.LoadCA(dir)
+	ca, err := fleet.OpenCA(dir, "writ-dev-ca")
 	if err != nil {
-		if ca, err = pki.InitCA(dir, "writ-dev-ca"); err != nil {
-			return nil, "", fmt.Errorf("dev CA: %w", err)
-		}
+		return nil, "", err
 	}
-	caPath := filepath.Join(dir, pki.CACertFile)
 	certName := map[string]string{"ledger": ledger.DefaultLedgerName, "coord": supervisor.DefaultCoordName, "supervisor": "supervisor-" + devSite, "runner": "runner-" + devSite}
-	if err := ca.IssueFiles(pki.Request{Name: "redis-" + devSite, DNS: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}},
-		filepath.Join(dir, "redis.crt"), filepath.Join(dir, "redis.key")); err != nil {
+	if _, _, err := ca.Issue("redis-"+devSite, "localhost", "127.0.0.1"); err != nil {
 		return nil, "", err
 	}
 	for _, n := range names {
-		cert, key := filepath.Join(dir, n+".crt"), filepath.Join(dir, n+".key")
-		req := pki.Request{Name: certName[n], DNS: []string{"localhost"}, IPs: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}}
-		if err := ca.IssueFiles(req, cert, key); err != nil {
+		if _, _, err := ca.Issue(certName[n], fleet.Loopback...); err != nil {
 			return nil, "", err
 		}
-		cfg := &pki.Config{CA: caPath, Cert: cert, Key: key}
-		if err := cfg.Load(); err != nil {
+		cfg, err := ca.Config(certName[n])
+		if err != nil {
 			return nil, "", err
 		}
 		secs[n] = &sec{cfg: cfg}
 	}
+	caPath := ca.File()
 	return secs, caPath, nil
 }
 
@@ -458,15 +455,6 @@ func envBanner(env string) string {
 		b.WriteString("  " + l + "\n")
 	}
 	return b.String()
-}
-
-// randomSecret is a fresh password.
-func randomSecret() string {
-	var b [24]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		panic(err) // crypto/rand does not fail on Linux
-	}
-	return hex.EncodeToString(b[:])
 }
 
 // loadOrMakeKey loads the key at path, making it first if there is none.

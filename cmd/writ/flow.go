@@ -161,7 +161,7 @@ func (c *flowRunCmd) Run(ctx context.Context, args []string) error {
 		return err
 	}
 	body, _ := json.Marshal(env)
-	cl, err := newCoordClient(c.coord, c.key, nil)
+	cl, err := newCoordClient(c.coord, c.key, nil, c.ca.path())
 	if err != nil {
 		return err
 	}

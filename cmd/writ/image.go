@@ -23,6 +23,7 @@ type imageBuildCmd struct {
 	kernel, modules, kernelPackage, cache, out, writ, cmdline, baseURL string
 	caFile                                                             string
 	cfg                                                                efi.NodeConfig
+	ca                                                                 caSource // --ca: the default of --site-ca
 }
 
 func imageBuildCommand() *cobra.Command {
@@ -43,6 +44,7 @@ line: writ.ledger=URL writ.site=NAME writ.token=SECRET writ.redis=URL.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, args []string) error { return c.Run(cmd.Context(), args) },
 	}
+	c.ca.cmd = cmd
 	fl := cmd.Flags()
 	fl.StringVar(&c.kernel, "kernel", "", "kernel image (vmlinuz); with --modules")
 	fl.StringVar(&c.modules, "modules", "", "the kernel's lib/modules/VERSION directory")
@@ -77,7 +79,7 @@ func (c *imageBuildCmd) Run(ctx context.Context, _ []string) error {
 		return fmt.Errorf("--writ %s is dynamically linked; /init must be static: make static (bin/writ-static)", writ)
 	}
 	if c.caFile == "" {
-		c.caFile = caFile
+		c.caFile = c.ca.path()
 	}
 	if c.caFile != "" {
 		pem, err := os.ReadFile(c.caFile)
@@ -137,6 +139,7 @@ overrides the script for that machine. Every request is logged.`,
 	}
 	cmd.Flags().StringVar(&c.dir, "dir", "image", "the image directory")
 	cmd.Flags().StringVar(&c.listen, "listen", ":7780", "address to serve on")
+	c.tls.ca.cmd = cmd
 	cmd.Flags().StringVar(&c.tls.cert, "tls-cert", os.Getenv(envTLSCert), "serve HTTPS with this certificate (writ ca issue), for firmware that trusts the site CA")
 	cmd.Flags().StringVar(&c.tls.key, "tls-key", os.Getenv(envTLSKey), "the certificate's key")
 	return cmd

@@ -47,10 +47,11 @@ func (c *initCmd) Run(ctx context.Context, _ []string) error {
 			if err := os.MkdirAll("/run/writ", 0o755); err != nil {
 				return err
 			}
-			caFile = "/run/writ/ca.crt"
+			const caFile = "/run/writ/ca.crt"
 			if err := os.WriteFile(caFile, []byte(cfg.CA), 0o644); err != nil {
 				return err
 			}
+			n.tls.ca.file, n.redis.ca.file = caFile, caFile
 		} else {
 			fmt.Fprintln(console, "writ: no site CA in the image (writ image build --ca): talking plain HTTP")
 			n.tls.insecure = true

@@ -30,6 +30,7 @@ type signFlags struct {
 	ledger                          string
 	timeout, valid                  time.Duration
 	maxRetries                      int
+	ca                              caSource
 }
 
 func (f *signFlags) add(cmd *cobra.Command) {
@@ -53,6 +54,7 @@ func (f *signFlags) add(cmd *cobra.Command) {
 // addSigning adds the flags every signed request needs (key, site) and
 // sets the job defaults for commands that build their own job.
 func (f *signFlags) addSigning(cmd *cobra.Command) {
+	f.ca.cmd = cmd
 	fl := cmd.Flags()
 	fl.StringVar(&f.key, "key", "", "signing key file (default $WRIT_KEY, ~/.config/writ/key or ~/.ssh/id_ed25519)")
 	fl.StringVar(&f.site, "site", os.Getenv(envSite), "site to run on (default $WRIT_SITE)")
@@ -155,7 +157,7 @@ func (f *signFlags) sealSecrets(j *envelope.Job) (map[string]string, error) {
 	if j.AnySite {
 		return nil, errors.New("--secret needs the nodes it is sealed to: give --site (or --node), not --any-site")
 	}
-	s, err := clientSec()
+	s, err := clientSec(f.ca.path())
 	if err != nil {
 		return nil, err
 	}
@@ -206,24 +208,30 @@ func coordFlag(cmd *cobra.Command, dst *string) {
 // coordFlags are what a command reading from coord needs: its address and
 // the key that signs the requests (coord shows a user the jobs it may
 // read).
-type coordFlags struct{ coord, key string }
+type coordFlags struct {
+	coord, key string
+	ca         caSource
+}
 
 func (f *coordFlags) add(cmd *cobra.Command) {
+	f.ca.cmd = cmd
 	coordFlag(cmd, &f.coord)
 	cmd.Flags().StringVar(&f.key, "key", "", "signing key that authenticates the requests (default $WRIT_KEY)")
 }
 
-func (f *coordFlags) client() (*coord.Client, error) { return newCoordClient(f.coord, f.key, nil) }
+func (f *coordFlags) client() (*coord.Client, error) {
+	return newCoordClient(f.coord, f.key, nil, f.ca.path())
+}
 
-// newCoordClient is a coord client over TLS with the CA of --ca (or s),
-// signing its requests with the key at keyPath.
-func newCoordClient(url, keyPath string, s *sec) (*coord.Client, error) {
+// newCoordClient is a coord client over TLS with s, or (s nil) the CA
+// bundle ca, signing its requests with the key at keyPath.
+func newCoordClient(url, keyPath string, s *sec, ca string) (*coord.Client, error) {
 	k, err := loadKey(keyPath)
 	if err != nil {
 		return nil, err
 	}
 	if s == nil {
-		if s, err = clientSec(); err != nil {
+		if s, err = clientSec(ca); err != nil {
 			return nil, err
 		}
 	}

@@ -89,7 +89,7 @@ certificate), WRIT_REDIS and WRIT_REDIS_PASSWORD.`,
 		Version:       version,
 	}
 	root.PersistentFlags().String("log-level", "info", "log level of services: debug, info, warn or error")
-	root.PersistentFlags().StringVar(&caFile, "ca", os.Getenv(envCA), "the site CA's certificate (PEM): servers are verified against it, and services verify clients' certificates (default $WRIT_CA)")
+	root.PersistentFlags().String("ca", os.Getenv(envCA), "the site CA's certificate (PEM): servers are verified against it, and services verify clients' certificates (default $WRIT_CA)")
 	root.AddCommand(
 		ledgerCommand(),
 		coordCommand(),

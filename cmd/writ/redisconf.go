@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"github.com/writ-fleet/writ/internal/fleet"
 	"os"
 	"path/filepath"
 	"strings"
@@ -55,6 +56,7 @@ rediss+sentinel://USER@SENTINEL1:26379/0?master_name=NAME&addr=SENTINEL2:26379&a
 			if passwords == "" {
 				return errors.New("--passwords DIR is required: where each role's password file lives")
 			}
+			caFile := caSource{cmd: cmd}.path()
 			if cert == "" || key == "" || caFile == "" {
 				return errors.New("TLS needs --tls-cert, --tls-key (writ ca issue redis-SITE) and --ca")
 			}
@@ -83,12 +85,20 @@ rediss+sentinel://USER@SENTINEL1:26379/0?master_name=NAME&addr=SENTINEL2:26379&a
 				if role != queue.ACLCoord && site == "" {
 					return fmt.Errorf("role %s needs --site", role)
 				}
+			}
+			pass := map[string]string{}
+			for _, role := range roles {
 				pw, err := rolePassword(filepath.Join(passwords, role))
 				if err != nil {
 					return err
 				}
-				cfg.Users = append(cfg.Users, redisproc.User{Name: role, Password: pw, Rules: queue.ACLRules(role, site)})
+				pass[role] = pw
 			}
+			users, err := fleet.RedisUsers(site, pass, roles...)
+			if err != nil {
+				return err
+			}
+			cfg.Users = users
 			if replicaOf != "" || sentinel != "" {
 				pw, err := rolePassword(filepath.Join(passwords, "internal"))
 				if err != nil {
@@ -135,7 +145,7 @@ func rolePassword(path string) (string, error) {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return "", err
 	}
-	pw := randomSecret()
+	pw := fleet.Secret()
 	if err := os.WriteFile(path, []byte(pw+"\n"), 0o600); err != nil {
 		return "", err
 	}

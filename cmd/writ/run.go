@@ -44,7 +44,7 @@ func (c *runCmd) Run(ctx context.Context, args []string) error {
 	if err != nil {
 		return err
 	}
-	cl, err := newCoordClient(c.coord, c.key, c.sec)
+	cl, err := newCoordClient(c.coord, c.key, c.sec, c.ca.path())
 	if err != nil {
 		return err
 	}

@@ -24,9 +24,27 @@ const (
 	envTLSKey  = "WRIT_TLS_KEY"
 )
 
-// caFile is the root's --ca flag: the CA bundle every command verifies
-// servers (and a service its clients) against.
-var caFile string
+// caSource is where a command finds the CA bundle it verifies servers
+// (and a service its clients) against: the root's --ca (or $WRIT_CA), read
+// from the command's flags when it runs, or a file set directly (writ
+// init, writ dev). No package state: each command carries its own.
+type caSource struct {
+	cmd  *cobra.Command
+	file string
+}
+
+// path is the CA bundle's path, or "" for none.
+func (s caSource) path() string {
+	if s.file != "" {
+		return s.file
+	}
+	if s.cmd != nil {
+		if f := s.cmd.Flags().Lookup("ca"); f != nil {
+			return f.Value.String()
+		}
+	}
+	return os.Getenv(envCA)
+}
 
 // sec is how one process talks HTTP: TLS with the site CA (cfg), or plain
 // HTTP on loopback only (cfg nil), which a service must ask for with
@@ -35,13 +53,14 @@ type sec struct {
 	cfg *pki.Config
 }
 
-// clientSec is what a client command uses: TLS when --ca / $WRIT_CA names
-// a CA, else plain HTTP (which then only reaches http:// URLs).
-func clientSec() (*sec, error) {
-	if caFile == "" {
+// clientSec is what a client command uses: TLS when ca (its --ca or
+// $WRIT_CA) names a CA, else plain HTTP (which then only reaches http://
+// URLs).
+func clientSec(ca string) (*sec, error) {
+	if ca == "" {
 		return &sec{}, nil
 	}
-	c := &pki.Config{CA: caFile}
+	c := &pki.Config{CA: ca}
 	if err := c.Load(); err != nil {
 		return nil, err
 	}
@@ -52,9 +71,11 @@ func clientSec() (*sec, error) {
 type serviceTLS struct {
 	cert, key string
 	insecure  bool
+	ca        caSource
 }
 
 func (f *serviceTLS) add(cmd *cobra.Command) {
+	f.ca.cmd = cmd
 	cmd.Flags().StringVar(&f.cert, "tls-cert", os.Getenv(envTLSCert), "this service's certificate, PEM (writ ca issue; default $WRIT_TLS_CERT): it serves HTTPS with it and shows it to the services it calls")
 	cmd.Flags().StringVar(&f.key, "tls-key", os.Getenv(envTLSKey), "the certificate's key, PEM (default $WRIT_TLS_KEY)")
 	cmd.Flags().BoolVar(&f.insecure, "insecure-http", false, "serve and call plain HTTP, without TLS or service identities: loopback addresses only, for a fleet on one machine")
@@ -69,6 +90,7 @@ func (f *serviceTLS) load(serves bool) (*sec, error) {
 		}
 		return &sec{}, nil
 	}
+	caFile := f.ca.path()
 	if caFile == "" {
 		return nil, errors.New("TLS needs --ca (the site CA's certificate; make one with `writ ca init`), or --insecure-http for plain HTTP on loopback")
 	}
@@ -186,10 +208,12 @@ const (
 type redisFlags struct {
 	url, passwordFile string
 	cmd               *cobra.Command
+	ca                caSource
 }
 
 func (f *redisFlags) add(cmd *cobra.Command, what string) {
 	f.cmd = cmd
+	f.ca.cmd = cmd
 	cmd.Flags().StringVar(&f.url, "redis", envOr(envRedis, defaultRedisURL), what+": redis:// or rediss:// (TLS, verified against --ca), with the ACL user: rediss://USER@HOST:6379/0; or through Sentinel, rediss+sentinel://USER@SENTINEL1:26379/0?master_name=NAME&addr=SENTINEL2:26379&addr=SENTINEL3:26379 (writes that accept work then wait for wait_replicas=N replicas, default 1) (default $WRIT_REDIS)")
 	cmd.Flags().StringVar(&f.passwordFile, "redis-password-file", "", "file holding the Redis user's password (or $WRIT_REDIS_PASSWORD); never put it in --redis")
 }
@@ -208,6 +232,7 @@ func (f *redisFlags) connect() (*queue.Redis, error) {
 		creds.Password = strings.TrimSpace(string(b))
 	}
 	if strings.HasPrefix(f.url, "rediss://") || strings.HasPrefix(f.url, "rediss+sentinel://") {
+		caFile := f.ca.path()
 		if caFile == "" {
 			return nil, errors.New("--redis is rediss:// (TLS): give the CA that signed the Redis server's certificate with --ca")
 		}

@@ -14,9 +14,7 @@ import (
 // --insecure-http), plain HTTP off loopback, a plain ledger URL under TLS,
 // and a password in --redis are each refused, naming the way out.
 func TestServiceTLS_Refusals(t *testing.T) {
-	old := caFile
-	defer func() { caFile = old }()
-	caFile = ""
+	t.Setenv(envCA, "") // no --ca, and none from the environment
 	if _, err := (&serviceTLS{}).load(true); err == nil || !strings.Contains(err.Error(), "--insecure-http") {
 		t.Errorf("no TLS material = %v", err)
 	}
@@ -39,14 +37,14 @@ func TestServiceTLS_Refusals(t *testing.T) {
 	dir := t.TempDir()
 	ca, _ := pki.InitCA(filepath.Join(dir, "ca"), "ca")
 	ca.IssueFiles(pki.Request{Name: "coord"}, filepath.Join(dir, "coord.crt"), filepath.Join(dir, "coord.key"))
-	caFile = filepath.Join(dir, "ca", pki.CACertFile)
-	if _, err := (&serviceTLS{}).load(true); err == nil || !strings.Contains(err.Error(), "--tls-cert") {
+	withCA := caSource{file: filepath.Join(dir, "ca", pki.CACertFile)}
+	if _, err := (&serviceTLS{ca: withCA}).load(true); err == nil || !strings.Contains(err.Error(), "--tls-cert") {
 		t.Errorf("serving without a certificate = %v", err)
 	}
-	if _, err := (&serviceTLS{}).load(false); err != nil {
+	if _, err := (&serviceTLS{ca: withCA}).load(false); err != nil {
 		t.Errorf("a client-only service (no listener) needs no certificate: %v", err)
 	}
-	s, err := (&serviceTLS{cert: filepath.Join(dir, "coord.crt"), key: filepath.Join(dir, "coord.key")}).load(true)
+	s, err := (&serviceTLS{cert: filepath.Join(dir, "coord.crt"), key: filepath.Join(dir, "coord.key"), ca: withCA}).load(true)
 	if err != nil || s.name() != "coord" {
 		t.Fatalf("TLS service = %v, %v", s, err)
 	}
@@ -66,8 +64,6 @@ func TestServiceTLS_Refusals(t *testing.T) {
 // TestRedisConf: writ redis conf makes a password file per role (0600),
 // keeps it on a second run, and prints only the passwords' hashes.
 func TestRedisConf(t *testing.T) {
-	old := caFile
-	defer func() { caFile = old }()
 	dir := t.TempDir()
 	t.Chdir(dir) // --dir is given relative to it
 	ca, _ := pki.InitCA(filepath.Join(dir, "ca"), "ca")

@@ -159,7 +159,7 @@ func (c *vmCmd) runOn(ctx context.Context, name, script string) (job.Event, erro
 	if err != nil {
 		return job.Event{}, err
 	}
-	cl, err := newCoordClient(c.coord, c.key, nil)
+	cl, err := newCoordClient(c.coord, c.key, nil, c.ca.path())
 	if err != nil {
 		return job.Event{}, err
 	}
