@@ -1,4 +1,4 @@
-// Package coord is writ's front door. It accepts signed jobs over HTTP,
+// Package coord is writ's front door. It accepts signed jobs and flows over HTTP,
 // checks them early (structure, known site, known keys), routes each to its
 // site's supervisor (address from the ledger), records every job's state in
 // its own Redis, follows each site's event stream to keep those states
@@ -13,6 +13,12 @@
 //	GET  /v1/jobs/{id}             the job's record; ?wait=30s blocks until it ends (or the wait passes)
 //	GET  /v1/jobs/{id}/events      server-sent events: history, then live, until the job ends
 //	GET  /v1/jobs                  ?state=&site=&limit=&before= newest first; {jobs, next}
+//	POST /v1/jobs/{id}/cancel      cancel a job the caller signed (or of a site it administers)
+//	POST /v1/flows                 a signed flow envelope → 202 {id, state}, or 4xx {error, reason, id}
+//	GET  /v1/flows/{id}            the flow's progress and outputs; /events streams its step summaries
+//	GET  /v1/flows                 the caller's flows; POST /v1/flows/{id}/cancel stops one
+//
+// openapi.yaml is the full description (served at /v1/openapi.yaml).
 //
 // # Background duties
 //

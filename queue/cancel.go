@@ -11,7 +11,6 @@ import (
 	"github.com/writ-fleet/writ/job"
 )
 
-
 func cancelKey(site, id string) string { return "writ:site:" + site + ":cancel:" + id }
 
 // Cancellation is what CancelJob found and did.

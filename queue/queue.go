@@ -1,7 +1,11 @@
 // Package queue is writ's only Redis and asynq code: the job task
 // (TaskType) and its queues (SiteQueue, NodeQueue), the enqueuing client
-// supervisors use, the worker server runners use, each site's event stream,
-// the replay guard, and the job records coord keeps.
+// supervisors use, the worker server a site's dispatcher (or a runner
+// with a Redis credential) takes work from, exactly one end per job (the
+// end marker and the acknowledgement), cancellation, each site's event
+// stream and the flows it keeps once, the replay guard, the ACL rules of
+// each role, Sentinel, and coord's records: jobs, pending deliveries,
+// flows, leases and the notices coords send each other.
 //
 // Redis is not a trust boundary: a task carries the signed envelope bytes,
 // and the runner verifies them again before running anything.

@@ -1,8 +1,11 @@
-// Package runner runs jobs on a node: an asynq worker on the site's queue and
-// the node's own queue that, for every delivery, verifies the signed envelope
-// again (Redis is not a trust boundary), runs the script in the sandbox with
-// the job's deadline, and reports started, log, retrying, succeeded and
-// failed events on the site's event stream.
+// Package runner runs jobs on a node. It takes its deliveries from a Queue
+// (the site's Redis through package queue, or the site's dispatcher over
+// the node's signed stream through package dispatch), and for every one
+// verifies the signed envelope again (neither Redis nor the dispatcher is a
+// trust boundary), runs the script in a sandbox process with the job's
+// deadline, and reports started, log, retrying, succeeded and failed
+// events. A job cancelled while it runs stops, and ends cancelled rather
+// than being retried.
 //
 // Failures are sorted into two outcomes: retry (infrastructure: the ledger or
 // a host layer was unavailable; retried with backoff up to the job's
@@ -277,8 +280,9 @@ func (r *Runner) handle(ctx context.Context, d queue.Delivery) (err error) {
 	return rep.finish(out.Result, nil)
 }
 
-// cancelled reports whether job id was cancelled (queue.CancelJob); a
-// queue that cannot tell (a dispatcher's) says no.
+// cancelled reports whether job id was cancelled (queue.CancelJob, or
+// the dispatcher's word on the node's stream); a queue that cannot tell
+// says no.
 func (r *Runner) cancelled(id string) bool {
 	cq, ok := r.p.Redis.(interface {
 		CancelRequested(ctx context.Context, site, id string) (bool, error)
@@ -380,8 +384,8 @@ func (rep *reporter) log(level, line string) {
 }
 
 // flush sends pending events. Publishing must finish even when the job's
-// context has ended (a timed-out job still reports), hence WithoutCancel
-// with its own bound.
+// context has ended (a timed-out or cancelled job still reports), hence a
+// context of its own, not derived from the job's, with its own bound.
 func (rep *reporter) flush() {
 	rep.mu.Lock()
 	evs := rep.pending

@@ -83,7 +83,7 @@ type Config struct {
 	Log *slog.Logger
 }
 
-// Machines implements Driver over a Backend, with records under Dir.
+// Machines is the VM lifecycle over a Backend, with records under Dir.
 type Machines struct {
 	cfg Config
 	log *slog.Logger
@@ -194,7 +194,9 @@ func (m *Machines) alive(r *record) bool {
 	return r.Pid > 0 && processAlive(r.Pid, m.dir(r.Spec.Name))
 }
 
-// Create implements Driver.
+// Create records the VM and builds its seed; it does not start it. A VM
+// of that name with another spec is ErrConflict while it runs (a stopped
+// one takes the new spec).
 func (m *Machines) Create(ctx context.Context, spec Spec) (Info, error) {
 	spec = spec.withDefaults()
 	if err := spec.validate(); err != nil {
@@ -227,7 +229,8 @@ func (m *Machines) Create(ctx context.Context, spec Spec) (Info, error) {
 	return m.info(r), nil
 }
 
-// Start implements Driver. An explicit start clears a failed state.
+// Start boots the VM unless it runs, and marks it to be kept running. An
+// explicit start clears a failed state.
 func (m *Machines) Start(ctx context.Context, name string) (Info, error) {
 	defer m.lock(name)()
 	r, err := m.load(name)
@@ -313,7 +316,8 @@ func (m *Machines) backoff(r *record) time.Duration {
 	return min(d, maxRestartBackoff)
 }
 
-// Stop implements Driver.
+// Stop asks the guest to power off, kills it after grace, and marks it
+// to stay stopped.
 func (m *Machines) Stop(ctx context.Context, name string, grace time.Duration) (Info, error) {
 	defer m.lock(name)()
 	r, err := m.load(name)
@@ -359,7 +363,7 @@ func (m *Machines) stopLocked(ctx context.Context, r *record, grace time.Duratio
 	return m.save(r)
 }
 
-// Delete implements Driver.
+// Delete stops the VM and removes its record, seed and console.
 func (m *Machines) Delete(ctx context.Context, name string) error {
 	defer m.lock(name)()
 	r, err := m.load(name)
@@ -383,7 +387,7 @@ func (m *Machines) Delete(ctx context.Context, name string) error {
 	return nil
 }
 
-// Info implements Driver.
+// Info is the VM as the node sees it.
 func (m *Machines) Info(ctx context.Context, name string) (Info, error) {
 	r, err := m.load(name)
 	if err != nil {
@@ -397,7 +401,7 @@ func (m *Machines) Info(ctx context.Context, name string) (Info, error) {
 	return i, nil
 }
 
-// List implements Driver.
+// List is every VM of the node.
 func (m *Machines) List(ctx context.Context) ([]Info, error) {
 	names, err := m.names()
 	if err != nil {
@@ -449,7 +453,7 @@ func (m *Machines) Use(ctx context.Context) (cpus int, memoryMiB int64, err erro
 	return cpus, memoryMiB, nil
 }
 
-// Console implements Driver.
+// Console returns up to max bytes of the end of the serial console.
 func (m *Machines) Console(ctx context.Context, name string, max int) (string, error) {
 	if _, err := m.load(name); err != nil {
 		return "", err
@@ -487,7 +491,8 @@ func max64(a, b int64) int64 {
 	return b
 }
 
-// Recover implements Driver.
+// Recover re-attaches to running VMs and restarts those that should
+// run but do not. Call it once at start.
 func (m *Machines) Recover(ctx context.Context) error {
 	names, err := m.names()
 	if err != nil {

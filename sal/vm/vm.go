@@ -1,6 +1,9 @@
-// Package vm runs the node's virtual machines: one Driver interface for
-// scripts and the CLI, implemented once by Machines over a hypervisor
-// Backend (sal/vm/qemu, sal/vm/cloudhypervisor).
+// Package vm runs the node's virtual machines: their lifecycle, once, in
+// Machines, over a hypervisor Backend (sal/vm/qemu, sal/vm/cloudhypervisor).
+// Its users declare the few methods they call (scripts/host.VMs). Every
+// lifecycle method is idempotent: creating an existing VM with the same
+// spec, starting a running one, stopping a stopped one and deleting a
+// missing one all succeed without doing anything.
 //
 // # Records
 //
@@ -23,7 +26,6 @@
 package vm
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -218,29 +220,3 @@ type Info struct {
 	Spec      Spec      `json:"spec"`
 }
 
-// Driver is the VM lifecycle as scripts and the CLI use it. Every method is
-// idempotent: creating an existing VM with the same spec, starting a
-// running one, stopping a stopped one and deleting a missing one all
-// succeed without doing anything.
-type Driver interface {
-	// Create records the VM and builds its seed; it does not start it. A VM
-	// of that name with another spec is ErrConflict while it runs (a stopped
-	// one takes the new spec).
-	Create(ctx context.Context, spec Spec) (Info, error)
-	// Start boots the VM unless it runs, and marks it to be kept running.
-	Start(ctx context.Context, name string) (Info, error)
-	// Stop asks the guest to power off, kills it after grace, and marks it
-	// to stay stopped.
-	Stop(ctx context.Context, name string, grace time.Duration) (Info, error)
-	// Delete stops the VM and removes its record, seed and console.
-	Delete(ctx context.Context, name string) error
-	Info(ctx context.Context, name string) (Info, error)
-	List(ctx context.Context) ([]Info, error)
-	// Console returns up to max bytes of the end of the serial console.
-	Console(ctx context.Context, name string, max int) (string, error)
-	// Recover re-attaches to running VMs and restarts those that should
-	// run but do not. Call it once at start.
-	Recover(ctx context.Context) error
-}
-
-var _ Driver = (*Machines)(nil)
