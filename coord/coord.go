@@ -18,7 +18,7 @@
 //	GET  /v1/flows/{id}            the flow's progress and outputs; /events streams its step summaries
 //	GET  /v1/flows                 the caller's flows; POST /v1/flows/{id}/cancel stops one
 //
-// openapi.yaml is the full description (served at /v1/openapi.yaml).
+// openapi.yaml (OpenAPI) is the full description.
 //
 // # Background duties
 //
