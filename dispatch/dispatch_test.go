@@ -108,6 +108,9 @@ func (s *site) enqueue(id, node string) {
 // that node; site jobs reach any; a stranger's key gets no stream; a node
 // cannot report for another's job; a revoked node's stream is cut.
 func TestDispatch_NodesTakeTheirOwnWork(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow: skipped under -short (make test runs it)")
+	}
 	s := newSite(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -319,6 +322,9 @@ func TestDispatch_NoNodesJobsWait(t *testing.T) {
 // with no node does not pause it under the other's nodes, however often it
 // says so, and a dispatcher that dies stops counting.
 func TestDispatch_TwoDispatchersAgreeOnPause(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow: skipped under -short (make test runs it)")
+	}
 	url := testenv.Redis(t)
 	a, b := newSiteOn(t, url), newSiteOn(t, url)
 	q := queue.SiteQueue("s")

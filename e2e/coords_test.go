@@ -21,6 +21,7 @@ import (
 // the site over within 10 s, and every job, before, during and after,
 // succeeds with each of its events applied once.
 func TestFleet_CoordTakeover(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)

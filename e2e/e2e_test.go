@@ -68,6 +68,7 @@ func TestFleet_RunCLI(t *testing.T) {
 // TestFleet_Burst: two runners on one site share a burst of 200 jobs and
 // every job runs exactly once.
 func TestFleet_Burst(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	f.startSupervisor("local")
@@ -144,6 +145,7 @@ func rawEnvelope(t *testing.T, j *envelope.Job, ks ...*keys.Key) []byte {
 // runs, with a reason that names the problem, and the refusal is visible
 // as the job's state.
 func TestFleet_Rejections(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	ctx := context.Background()
@@ -297,6 +299,7 @@ func freePort(t *testing.T) int {
 // one that allocates without end by the allocation cap, and the runner
 // takes the next job.
 func TestFleet_Limits(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	f.startAll()
@@ -355,6 +358,7 @@ func TestFleet_Duplicate(t *testing.T) {
 // TestFleet_RunnerKilled: SIGKILL of the runner in the middle of a job does
 // not lose it: it runs again when a runner comes back.
 func TestFleet_RunnerKilled(t *testing.T) {
+	slow(t)
 	if testing.Short() {
 		t.Skip("waits for asynq's lease recovery (about a minute); skipped with -short")
 	}
@@ -409,6 +413,7 @@ func waitState(t *testing.T, f *fleet, id string, s job.State) {
 // TestFleet_CoordRestart: killing coord loses no job state, and jobs that
 // finish while it is down are up to date once it is back.
 func TestFleet_CoordRestart(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	f.startSupervisor("local")
@@ -460,6 +465,7 @@ func TestFleet_CoordRestart(t *testing.T) {
 // TestFleet_SupervisorDown: a job submitted while its supervisor is down is
 // kept pending and delivered when the supervisor comes back.
 func TestFleet_SupervisorDown(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	f.startCoord()
@@ -503,6 +509,7 @@ func TestDev_Sample(t *testing.T) {
 // a volume, writes into it through the storage module, snapshots it and
 // reports usage, on a real btrfs pool.
 func TestFleet_StorageScript(t *testing.T) {
+	slow(t)
 	testenv.RequireRoot(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	t.Parallel()

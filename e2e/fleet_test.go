@@ -115,6 +115,16 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// slow skips an end-to-end test under -short (make test-short, the inner
+// loop): the fast ones (a job through the CLI, writ dev, a network, DSSE
+// interop, duplicates) still run there, and make test runs them all.
+func slow(t *testing.T) {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("slow end-to-end test: skipped under -short (make test runs it)")
+	}
+}
+
 // proc is a writ service process.
 type proc struct {
 	name string

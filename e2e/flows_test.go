@@ -31,6 +31,7 @@ import (
 // runner; and a flow below its site's threshold, refused before anything
 // runs.
 func TestFleet_Flows(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	f.startAll()
@@ -208,6 +209,7 @@ func TestFleet_Flows(t *testing.T) {
 // runs; a new coord resumes the flow, which completes with every step
 // completed once. A step held by not_before starts no earlier.
 func TestFleet_FlowCoordKilled(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	f.startAll()
@@ -260,6 +262,7 @@ func TestFleet_FlowCoordKilled(t *testing.T) {
 // second reading the first's output; the second site's supervisor comes up
 // only once its step waits for it in coord.
 func TestFleet_FlowTwoSites(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	f.startSupervisor("local")
@@ -362,6 +365,7 @@ func TestFleet_FlowTwoSites(t *testing.T) {
 // within 2 s and starts nothing else; writ job cancel stops a running job;
 // cancelling a flow whose step is held removes the step's task.
 func TestFleet_Cancel(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	f := newFleet(t)
 	f.startSupervisor("local")

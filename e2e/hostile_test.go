@@ -94,6 +94,7 @@ func loadHostile(t *testing.T) []hostileCase {
 // state; the node gains no link, address, route or rule outside writ's
 // pool; the host file mallory hands to vm.create is unchanged.
 func TestFleet_Hostile(t *testing.T) {
+	slow(t)
 	art := testenv.Guest(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	cases := loadHostile(t)

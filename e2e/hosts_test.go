@@ -138,6 +138,7 @@ func (h *hostNet) raw(host, addr string, tc *tls.Config, req string) (string, er
 // all refused. A job with --secret reads its secret, and the value is in no
 // Redis file, service log, process list or record.
 func TestFleet_Hosts(t *testing.T) {
+	slow(t)
 	testenv.RequireRoot(t)
 	testenv.RequireBinary(t, "nsenter")
 	testenv.RequireBinary(t, "redis-server")

@@ -79,6 +79,7 @@ func staticWrit(t *testing.T) string {
 // node registers, reports uptime, runs a signed job pinned to it, and after
 // a reboot comes back with the same node ID (its key is on its disk).
 func TestImage_BootUSB(t *testing.T) {
+	slow(t)
 	testenv.RequireRoot(t)
 	testenv.RequireBinary(t, qemu.DefaultBinary)
 	for _, p := range []string{efi.DefaultStub, "/usr/share/OVMF/OVMF_CODE_4M.fd"} {
@@ -189,6 +190,7 @@ func TestImage_BootUSB(t *testing.T) {
 // passes the enrollment token on the kernel command line), and the node
 // registers. It has no disk, so its key lives in memory.
 func TestImage_NetbootIPXE(t *testing.T) {
+	slow(t)
 	testenv.RequireRoot(t)
 	testenv.RequireBinary(t, qemu.DefaultBinary)
 	if _, err := os.Stat("/usr/lib/ipxe/qemu/efi-virtio.rom"); err != nil {

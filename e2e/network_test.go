@@ -20,6 +20,7 @@ import (
 // TCP and is reached through the node's port from outside and from the
 // node itself, and its own outbound traffic leaves masqueraded.
 func TestFleet_NetworkScript(t *testing.T) {
+	slow(t)
 	testenv.RequireRoot(t)
 	t.Parallel()
 	node := testenv.HostNS(t)

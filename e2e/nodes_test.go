@@ -24,6 +24,7 @@ import (
 // node's CPUs land one per node, and a fourth finds no room. Stopping a
 // node turns it stale, then offline, and new jobs avoid it.
 func TestFleet_Nodes(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
@@ -136,6 +137,7 @@ func placed(t *testing.T, f *fleet, ids []string) map[string]int {
 // node revoke), its reports are refused, its runner stops taking work, and
 // the site's jobs run elsewhere.
 func TestFleet_NodeRevoked(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
@@ -224,6 +226,7 @@ func TestFleet_NodeRevoked(t *testing.T) {
 // key the ledger does not know gets nothing. A revoked node's stream is
 // cut and its pinned jobs reach no other node.
 func TestFleet_Dispatch(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
@@ -287,6 +290,7 @@ func TestFleet_Dispatch(t *testing.T) {
 // job runs again on the other node (after the dispatcher's grace) and
 // succeeds.
 func TestFleet_DispatchNodeKilled(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)
@@ -322,6 +326,7 @@ func TestFleet_DispatchNodeKilled(t *testing.T) {
 // reconnects, and every job succeeds (the one in flight runs again once
 // asynq's lease on it lapses: at least once).
 func TestFleet_DispatchSupervisorKilled(t *testing.T) {
+	slow(t)
 	t.Parallel()
 	ctx := context.Background()
 	f := newFleet(t)

@@ -20,6 +20,7 @@ import (
 // and changes only its own, and the site admin sees both and acts for one
 // by naming it. The site's script memory cap (32 MiB) holds on its node.
 func TestFleet_Tenants(t *testing.T) {
+	slow(t)
 	testenv.RequireRoot(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	t.Parallel()

@@ -57,6 +57,7 @@ func imageServer(t *testing.T, files map[string]string) (map[string]string, map[
 // runner is killed and re-attaches; QEMU is killed and restarted; a guest
 // that keeps dying ends failed; destroy_vm.tengo leaves nothing behind.
 func TestFleet_DeployVM(t *testing.T) {
+	slow(t)
 	art := testenv.Guest(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	t.Parallel()
@@ -231,6 +232,7 @@ func (e *cmdError) Error() string { return e.err.Error() + "\n" + e.stderr }
 // down; once the ledger is back the node's queued reports reach it and it
 // counts both boots, the one it never heard of live included.
 func TestFleet_NodeReboot(t *testing.T) {
+	slow(t)
 	art := testenv.Guest(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	t.Parallel()
@@ -353,6 +355,7 @@ func TestFleet_NodeReboot(t *testing.T) {
 // flow run, deploys a network, a volume and two VMs behind forwards on a
 // node, which serve from outside; teardown_service.yaml removes them.
 func TestFleet_ServiceFlow(t *testing.T) {
+	slow(t)
 	art := testenv.Guest(t)
 	testenv.RequireBinary(t, "mkfs.btrfs")
 	t.Parallel()

@@ -90,6 +90,9 @@ func TestInitramfs_Golden(t *testing.T) {
 // kernel and initramfs) on a USB image and boots it in QEMU with OVMF
 // under TCG, from the USB stick.
 func TestUKI_BootsFromUSB(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a VM under TCG: skipped under -short (make test runs it)")
+	}
 	art := testenv.Guest(t)
 	if _, err := os.Stat(efi.DefaultStub); err != nil {
 		t.Fatalf("%s missing: make test installs systemd-boot-efi", efi.DefaultStub)

@@ -197,6 +197,9 @@ func TestOnce_SupervisorKilledBeforeQueuedMark(t *testing.T) {
 // its lease lapses; writ does not depend on that retry: the recovered task
 // is acknowledged without running again.
 func TestOnce_RedisDownAtAck(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow: skipped under -short (make test runs it)")
+	}
 	dir := t.TempDir()
 	cfg := redisproc.Config{Dir: dir, Port: testenv.FreePort(t), Log: filepath.Join(dir, "redis.log"), Persist: true}
 	p, err := redisproc.Start(cfg)

@@ -96,6 +96,9 @@ func (s *sentinelSet) dial(t *testing.T, user string) *Redis {
 // as coord does) and run by a worker while the primary is killed -9.
 // Sentinel promotes the replica; every accepted job succeeds exactly once.
 func TestSentinel_FailoverUnderLoad(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow: skipped under -short (make test runs it)")
+	}
 	const site, n = "ha", 300
 	set := startSentinelSet(t, site)
 	sup := set.dial(t, ACLSupervisor)

@@ -276,6 +276,9 @@ func (f *daemonFailBackend) Shutdown(ctx context.Context, dir string) error { re
 // (RestartBackoff doubling per failure), end in the failed state with the
 // launch's error, and leave no zombie behind.
 func TestMachines_FailedLaunches(t *testing.T) {
+	if testing.Short() {
+		t.Skip("slow: skipped under -short (make test runs it)")
+	}
 	b := &daemonFailBackend{}
 	const base = 20 * time.Millisecond
 	m, err := New(Config{Dir: t.TempDir(), Backend: b, MaxDeaths: 10, RestartBackoff: base, CheckInterval: 5 * time.Millisecond, ReapInterval: 50 * time.Millisecond})

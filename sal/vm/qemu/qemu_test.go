@@ -106,6 +106,9 @@ func (r *rig) serving(addr string, timeout time.Duration) {
 }
 
 func TestMachines_Lifecycle(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a VM under TCG: skipped under -short (make test runs it)")
+	}
 	r := newRig(t)
 	spec := r.spec("g1", guest.Cmdline)
 	if _, err := r.m.Create(r.ctx, spec); err != nil {
@@ -174,6 +177,9 @@ func TestMachines_Lifecycle(t *testing.T) {
 // TestMachines_KeepsDying: a guest that powers off as soon as it boots is
 // restarted with backoff, then kept failed with its console tail.
 func TestMachines_KeepsDying(t *testing.T) {
+	if testing.Short() {
+		t.Skip("boots a VM under TCG: skipped under -short (make test runs it)")
+	}
 	r := newRig(t)
 	if _, err := r.m.Create(r.ctx, r.spec("dies", guest.Cmdline+" writ.die")); err != nil {
 		t.Fatal(err)
