@@ -32,7 +32,6 @@ import (
 // reason; the job was not judged.
 var ErrUnavailable = errors.New("ledger unavailable")
 
-
 // TrustSource gives a site's trust snapshot; *ledger.TrustCache is one.
 // keyIDs are the signatures' key IDs, so a key the snapshot does not know
 // yet can refresh it. A site the ledger does not know is an error for which

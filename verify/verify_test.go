@@ -9,8 +9,8 @@ import (
 	"time"
 
 	"github.com/writ-fleet/writ/envelope"
-	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/internal/testenv"
+	"github.com/writ-fleet/writ/job"
 	"github.com/writ-fleet/writ/keys"
 	"github.com/writ-fleet/writ/ledger"
 	"github.com/writ-fleet/writ/verify"

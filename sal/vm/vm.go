@@ -219,4 +219,3 @@ type Info struct {
 	Console   string    `json:"console"`
 	Spec      Spec      `json:"spec"`
 }
-
