@@ -289,7 +289,10 @@ func TestDispatch_NoNodesJobsWait(t *testing.T) {
 	s := newSite(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	time.Sleep(500 * time.Millisecond) // Run has paused the queue
+	testenv.WaitFor(t, 10*time.Second, "Run to pause the site queue (no node connected)", func() bool {
+		p, err := s.rdb.Paused(queue.SiteQueue("s"))
+		return err == nil && p
+	})
 	j := envelope.NewJob("waits", "x := 1", "s", time.Now())
 	admin, _ := keys.Generate("a")
 	env, _ := j.Sign(admin)

@@ -200,7 +200,11 @@ func TestAgent_QueuesThroughOutageAndReboots(t *testing.T) {
 		return err == nil && n.BootID == "boot-1"
 	})
 	o.set(true)
-	time.Sleep(300 * time.Millisecond) // reports fail
+	testenv.WaitFor(t, 10*time.Second, "a report to fail and be queued", func() bool {
+		b, err := os.ReadFile(filepath.Join(dir, QueueFile))
+		var list []ledger.Uptime
+		return err == nil && json.Unmarshal(b, &list) == nil && len(list) == 1 && list[0].Queued
+	})
 	stop()                             // a restart: the last report cannot land
 	if q := queued(); len(q) != 1 || q[0].BootID != "boot-1" || !q[0].Queued {
 		t.Fatalf("queue after the first boot = %+v, want its last report, queued", q)
