@@ -18,15 +18,21 @@ import (
 	"github.com/writ-fleet/writ/verify"
 )
 
-func TestStepJob(t *testing.T) {
+// twoSites is a ledger with sites "local" and "pair" (which needs two
+// signers), and a trust source over it.
+func twoSites(t *testing.T) (*testenv.Ledger, *ledger.TrustCache) {
+	t.Helper()
 	l := testenv.NewLedger(t, ledger.Site{Name: "local", SupervisorURL: "http://127.0.0.1:1"})
 	admin := &ledger.Client{BaseURL: l.URL, Key: l.Admin}
-	ctx := context.Background()
-	// Site "pair" needs two signers.
-	if err := admin.PutSite(ctx, ledger.Site{Name: "pair", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 2}}); err != nil {
+	if err := admin.PutSite(context.Background(), ledger.Site{Name: "pair", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 2}}); err != nil {
 		t.Fatal(err)
 	}
-	trust := &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}}
+	return l, &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}}
+}
+
+func TestStepJob(t *testing.T) {
+	l, trust := twoSites(t)
+	ctx := context.Background()
 	now := time.Now()
 	fl := envelope.NewFlow("f", "local", now)
 	fl.Args = json.RawMessage(`{"items":["a","b"]}`)
@@ -229,13 +235,8 @@ func BenchmarkStepJob(b *testing.B) {
 // a job (not "unavailable"); an expired or unsigned flow is refused; a
 // ledger that cannot be reached judges nothing.
 func TestFlow(t *testing.T) {
-	l := testenv.NewLedger(t, ledger.Site{Name: "local", SupervisorURL: "http://127.0.0.1:1"})
-	admin := &ledger.Client{BaseURL: l.URL, Key: l.Admin}
+	l, trust := twoSites(t)
 	ctx := context.Background()
-	if err := admin.PutSite(ctx, ledger.Site{Name: "pair", SupervisorURL: "http://127.0.0.1:1", Policy: ledger.Policy{Roles: ledger.DefaultPolicyRoles, Threshold: 2}}); err != nil {
-		t.Fatal(err)
-	}
-	trust := &ledger.TrustCache{Client: &ledger.Client{BaseURL: l.URL}}
 	now := time.Now()
 	flowOn := func(sites ...string) *envelope.Flow {
 		fl := envelope.NewFlow("f", "local", now)

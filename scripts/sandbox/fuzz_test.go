@@ -3,9 +3,9 @@ package sandbox
 import (
 	"context"
 	"errors"
+	"github.com/writ-fleet/writ/internal/testenv"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -19,23 +19,9 @@ import (
 // any of its stops, but never in an unexplained death of its sandbox.
 // testdata/fuzz holds the crashers found, replayed by every go test.
 
-// fuzzSeeds adds the scripts of lib, the hostile corpus and a few more.
+// fuzzSeeds adds testenv.TengoSeeds.
 func fuzzSeeds(f *testing.F) {
-	for _, glob := range []string{"../lib/*.tengo", "../../e2e/testdata/hostile/*.tengo"} {
-		paths, _ := filepath.Glob(glob)
-		for _, p := range paths {
-			if b, err := os.ReadFile(p); err == nil {
-				f.Add(string(b))
-			}
-		}
-	}
-	for _, s := range []string{
-		`job := import("job"); job.result(1)`,
-		`a := [1]; a[0] = a; job := import("job"); job.result(a)`,
-		`x := {a: [1, 2, {b: "c"}]}; y := x == copy(x)`,
-		`fmt := import("fmt"); fmt.println(fmt.sprintf("%v %d %s", [1], 2, "x"))`,
-		`json := import("json"); x := json.decode(json.encode({a: 1}))`,
-	} {
+	for _, s := range testenv.TengoSeeds("../..") {
 		f.Add(s)
 	}
 }
