@@ -2,6 +2,7 @@ package deptest
 
 import (
 	"encoding/json"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -137,6 +138,40 @@ func TestPackagesHaveDocs(t *testing.T) {
 	for _, p := range listPackages(t) {
 		if p.Doc == "" {
 			t.Errorf("package %s has no doc comment", p.ImportPath)
+		}
+	}
+}
+
+// TestArchitectureTable: docs/ARCHITECTURE.md's package table names every
+// package go list finds, and nothing that is not one.
+func TestArchitectureTable(t *testing.T) {
+	doc, err := os.ReadFile("../../docs/ARCHITECTURE.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	named := map[string]bool{}
+	for _, line := range strings.Split(string(doc), "\n") {
+		if !strings.HasPrefix(line, "| `") {
+			continue
+		}
+		first := strings.SplitN(line, "|", 3)[1] // the row's first cell
+		for _, part := range strings.Split(first, "`") {
+			if p := strings.TrimSpace(part); p != "" && !strings.ContainsAny(p, " ,") && p != "and" {
+				named[p] = true
+			}
+		}
+	}
+	pkgs := map[string]bool{}
+	for _, p := range listPackages(t) {
+		rel := strings.TrimPrefix(p.ImportPath, module+"/")
+		pkgs[rel] = true
+		if !named[rel] {
+			t.Errorf("docs/ARCHITECTURE.md's package table does not name %s", rel)
+		}
+	}
+	for n := range named {
+		if !pkgs[n] {
+			t.Errorf("docs/ARCHITECTURE.md's package table names %s, which is no package", n)
 		}
 	}
 }
