@@ -62,10 +62,45 @@ func ContentDigest(body []byte) string {
 	return "sha-256=:" + base64.StdEncoding.EncodeToString(sum[:]) + ":"
 }
 
+// MaxDigestFieldBytes bounds the Content-Digest field: one sha-256 and
+// one sha-512 member are some 140 bytes. A longer field (a member given
+// thousands of times, each a hash of the whole body to compute) is
+// refused before anything is hashed.
+const MaxDigestFieldBytes = 512
+
+// checkDigestField refuses a Content-Digest field that is too long, given
+// more than once, or names an algorithm twice, without hashing anything.
+func checkDigestField(values []string) error {
+	if len(values) > 1 {
+		return errors.New("content-digest is given more than once")
+	}
+	if len(values) == 0 {
+		return nil // CheckContentDigest says it is missing
+	}
+	field := values[0]
+	if len(field) > MaxDigestFieldBytes {
+		return fmt.Errorf("content-digest is longer than %d bytes", MaxDigestFieldBytes)
+	}
+	seen := map[string]bool{}
+	for _, member := range splitTopLevel(field, ',') {
+		name, _, _ := strings.Cut(strings.TrimSpace(member), "=")
+		name = strings.TrimSpace(name)
+		if seen[name] {
+			return fmt.Errorf("content-digest names %s more than once", name)
+		}
+		seen[name] = true
+	}
+	return nil
+}
+
 // CheckContentDigest verifies a Content-Digest field value against body. At
 // least one sha-256 or sha-512 member must be present and every such member
-// must match.
+// must match. The field is bounded (MaxDigestFieldBytes) and may name each
+// algorithm once, so body is hashed at most once per algorithm.
 func CheckContentDigest(field string, body []byte) error {
+	if err := checkDigestField([]string{field}); err != nil {
+		return err
+	}
 	checked := 0
 	for _, member := range splitTopLevel(field, ',') {
 		member = strings.TrimSpace(member)

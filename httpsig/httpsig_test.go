@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"io"
@@ -157,4 +158,125 @@ func FuzzParse(f *testing.F) {
 		}
 		_ = s.Verify(r, make(ed25519.PublicKey, ed25519.PublicKeySize))
 	})
+}
+
+// readCounter is a request body that counts what was read of it.
+type readCounter struct {
+	r io.Reader
+	n *int
+}
+
+func (c readCounter) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	*c.n += n
+	return n, err
+}
+
+func (c readCounter) Close() error { return nil }
+
+// TestVerifier_StrangerCostsLittle: what an unauthenticated request makes
+// the verifier do is bounded before any body is read or hashed: an unknown
+// key, a bad signature or a Content-Digest field made to be hashed
+// thousands of times is refused with the body unread, and a digest that
+// names an algorithm twice or runs long is refused even from a known key.
+func TestVerifier_StrangerCostsLittle(t *testing.T) {
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	_, stranger, _ := ed25519.GenerateKey(nil)
+	now := time.Unix(1_700_000_000, 0)
+	v := &Verifier{
+		Keys: func(_ context.Context, id string) (ed25519.PublicKey, string, error) {
+			if id != "k1" {
+				return nil, "", errors.New("unknown key")
+			}
+			return pub, "alice", nil
+		},
+		Now:     func() time.Time { return now },
+		MaxBody: 4 << 20,
+	}
+	body := bytes.Repeat([]byte("x"), 1<<20)
+	sum := ContentDigest(body)
+	many := strings.TrimSuffix(strings.Repeat(sum+", ", 4000), ", ") // one member 4,000 times
+	for _, tc := range []struct {
+		name     string
+		key      ed25519.PrivateKey
+		id       string
+		digest   string // replaces the Content-Digest field before signing; "" keeps Sign's
+		want     string
+		readable bool // may the body be read
+	}{
+		{"unknown key", stranger, "k2", "", "unknown key", false},
+		{"bad signature", stranger, "k1", "", "does not verify", false},
+		{"digest repeated 4,000 times", stranger, "k2", many, "longer than", false},
+		{"a known key's digest naming sha-256 twice", priv, "k1", sum + ", " + sum, "more than once", false},
+		{"a known key's good request", priv, "k1", "", "", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			read := 0
+			r := httptest.NewRequest("POST", "http://ledger.test/v1/users", bytes.NewReader(body))
+			if err := signWithDigest(r, body, tc.id, tc.key, now, tc.digest); err != nil {
+				t.Fatal(err)
+			}
+			r.Body = readCounter{r: bytes.NewReader(body), n: &read}
+			_, err := v.Check(r)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("Check = %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("Check = %v, want it refused: %q", err, tc.want)
+			case !tc.readable && read > 0:
+				t.Errorf("the body was read (%d bytes) for a request refused as %q", read, tc.want)
+			}
+		})
+	}
+}
+
+// signWithDigest is Sign, with the Content-Digest field digest (when set)
+// covered instead of Sign's own.
+func signWithDigest(r *http.Request, body []byte, keyID string, priv ed25519.PrivateKey, now time.Time, digest string) error {
+	if err := Sign(r, body, keyID, priv, now); err != nil {
+		return err
+	}
+	if digest == "" {
+		return nil
+	}
+	// Sign set its own digest: sign the field as given instead.
+	r.Header.Set("Content-Digest", digest)
+	s, err := Parse(r, "")
+	if err != nil {
+		return err
+	}
+	base, err := Base(r, s.Components, s.Params, s.paramsOrder)
+	if err != nil {
+		return err
+	}
+	label := strings.SplitN(r.Header.Get("Signature-Input"), "=", 2)[0]
+	r.Header.Set("Signature", label+"=:"+base64.StdEncoding.EncodeToString(ed25519.Sign(priv, base))+":")
+	return nil
+}
+
+// BenchmarkVerifier_RefusedStranger: the CPU a stranger's request costs
+// the verifier (coord's, the ledger's, the dispatcher's): a 1 MiB body
+// whose Content-Digest names sha-256 4,000 times, signed by a key the
+// server does not know. See BENCHMARKS.md.
+func BenchmarkVerifier_RefusedStranger(b *testing.B) {
+	_, stranger, _ := ed25519.GenerateKey(nil)
+	now := time.Unix(1_700_000_000, 0)
+	v := &Verifier{
+		Keys:    func(context.Context, string) (ed25519.PublicKey, string, error) { return nil, "", errors.New("unknown key") },
+		Now:     func() time.Time { return now },
+		MaxBody: 4 << 20,
+	}
+	body := bytes.Repeat([]byte("x"), 1<<20)
+	many := strings.TrimSuffix(strings.Repeat(ContentDigest(body)+", ", 4000), ", ")
+	r := httptest.NewRequest("POST", "http://ledger.test/v1/users", bytes.NewReader(body))
+	if err := signWithDigest(r, body, "k2", stranger, now, many); err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		r.Body = io.NopCloser(bytes.NewReader(body))
+		if _, err := v.Check(r); err == nil {
+			b.Fatal("a stranger's request was accepted")
+		}
+	}
 }

@@ -150,6 +150,13 @@ func (v *Verifier) authority(r *http.Request) bool {
 
 // Check verifies r's signature, coverage, body digest, freshness and
 // authority, without recording its nonce.
+//
+// What a stranger can make it do is bounded by a small constant: the
+// signature fields are parsed within their bounds (Parse), the key is
+// found and the signature base (which covers the Content-Digest field's
+// value) verified before the body is read at all; only a request whose
+// signature verified has its body read (at most MaxBody) and hashed, once
+// per digest algorithm (CheckContentDigest).
 func (v *Verifier) Check(r *http.Request) (*Checked, error) {
 	fail := func(status int, format string, a ...any) (*Checked, error) {
 		return nil, &Error{Status: status, Msg: fmt.Sprintf(format, a...)}
@@ -158,9 +165,8 @@ func (v *Verifier) Check(r *http.Request) (*Checked, error) {
 	if maxBody == 0 {
 		maxBody = DefaultMaxBody
 	}
-	body, err := ReadBody(r, maxBody)
-	if err != nil {
-		return fail(http.StatusRequestEntityTooLarge, "%v", err)
+	if r.ContentLength > maxBody {
+		return fail(http.StatusRequestEntityTooLarge, "body is larger than %d bytes", maxBody)
 	}
 	s, err := Parse(r, "")
 	if err != nil {
@@ -171,13 +177,10 @@ func (v *Verifier) Check(r *http.Request) (*Checked, error) {
 			return fail(http.StatusUnauthorized, "signature does not cover %s", c)
 		}
 	}
-	if len(body) > 0 {
-		if !s.Covers("content-digest") {
-			return fail(http.StatusUnauthorized, "signature does not cover content-digest")
-		}
-		if err := CheckContentDigest(r.Header.Get("Content-Digest"), body); err != nil {
-			return fail(http.StatusUnauthorized, "%v", err)
-		}
+	// A body announced by its length must be covered; one of unknown
+	// length (chunked) is checked once read, below.
+	if r.ContentLength > 0 && !s.Covers("content-digest") {
+		return fail(http.StatusUnauthorized, "signature does not cover content-digest")
 	}
 	if s.Params.Created.IsZero() {
 		return fail(http.StatusUnauthorized, "signature has no created time")
@@ -199,6 +202,11 @@ func (v *Verifier) Check(r *http.Request) (*Checked, error) {
 	if !v.authority(r) {
 		return fail(http.StatusUnauthorized, "request is addressed to %q, which is not this server (%s)", r.Host, strings.Join(v.Authorities, ", "))
 	}
+	// Bounded before the signature base is built from it, and the same
+	// bound CheckContentDigest applies: one member per algorithm.
+	if err := checkDigestField(r.Header.Values("Content-Digest")); err != nil {
+		return fail(http.StatusUnauthorized, "%v", err)
+	}
 	pub, principal, err := v.Keys(r.Context(), s.Params.KeyID)
 	if err != nil {
 		if errors.As(err, new(Unavailable)) {
@@ -208,6 +216,19 @@ func (v *Verifier) Check(r *http.Request) (*Checked, error) {
 	}
 	if err := s.Verify(r, pub); err != nil {
 		return fail(http.StatusUnauthorized, "%v", err)
+	}
+	// Only now, from a signer the server knows, is the body read and hashed.
+	body, err := ReadBody(r, maxBody)
+	if err != nil {
+		return fail(http.StatusRequestEntityTooLarge, "%v", err)
+	}
+	if len(body) > 0 {
+		if !s.Covers("content-digest") {
+			return fail(http.StatusUnauthorized, "signature does not cover content-digest")
+		}
+		if err := CheckContentDigest(r.Header.Get("Content-Digest"), body); err != nil {
+			return fail(http.StatusUnauthorized, "%v", err)
+		}
 	}
 	// The nonce is recorded (Commit) only after the signature verifies,
 	// so forged requests cannot fill the table.

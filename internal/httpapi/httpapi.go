@@ -162,10 +162,26 @@ func NewRouter(log *slog.Logger) chi.Router {
 	return r
 }
 
+// Bounds of every writ server, so a stranger's request costs little.
+const (
+	// MaxHeaderBytes bounds a request's header: the largest a writ client
+	// sends are the two signature fields (4 KiB each, httpsig) and a
+	// Content-Digest of 512 bytes. Go's default is 1 MiB.
+	MaxHeaderBytes = 64 << 10
+	// ReadHeaderTimeout bounds the wait for a request's header.
+	ReadHeaderTimeout = 10 * time.Second
+	// ReadTimeout bounds reading a whole request, body included: the
+	// largest body (a 16 MiB batch) takes seconds on any link a fleet runs
+	// on. Responses are not bounded: event streams stay open.
+	ReadTimeout = 2 * time.Minute
+	// IdleTimeout closes a kept-alive connection nobody uses.
+	IdleTimeout = 2 * time.Minute
+)
+
 // Serve serves h on ln until ctx ends, then shuts down gracefully (waiting
-// up to 5 s for requests in flight).
+// up to 5 s for requests in flight), within the bounds above.
 func Serve(ctx context.Context, ln net.Listener, h http.Handler) error {
-	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: ReadHeaderTimeout, ReadTimeout: ReadTimeout, IdleTimeout: IdleTimeout, MaxHeaderBytes: MaxHeaderBytes}
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
 	select {
