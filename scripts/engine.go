@@ -63,6 +63,13 @@ const (
 	DefaultMaxLogLine     = 4 << 10
 	DefaultMaxResultBytes = 64 << 10
 	DefaultCacheSize      = 512
+	// MaxLogLines bounds the lines one run may log: each is an event on
+	// the site's stream, whatever its length.
+	MaxLogLines = 1000
+	// LogLineCost is the least a line costs against MaxLogBytes: an
+	// event's own fields (its ID, job, level, time) weigh about that much
+	// on the stream, so 200,000 empty lines are not free.
+	LogLineCost = 64
 	// instancesPerProgram bounds the idle compiled instances kept for one
 	// script; more concurrent runs compile extra instances and drop them.
 	instancesPerProgram = 64

@@ -115,7 +115,7 @@ func TestEngine_Run_Limits(t *testing.T) {
 }
 
 func TestEngine_Run_Log(t *testing.T) {
-	e := New(Config{MaxLogBytes: 100}, nil)
+	e := New(Config{MaxLogBytes: 400}, nil)
 	var lines []string
 	in := Input{Log: func(level, line string) { lines = append(lines, level+": "+line) }}
 	script := `log := import("log"); fmt := import("fmt")
@@ -411,5 +411,27 @@ func TestEngine_Run_Recursion(t *testing.T) {
 	defer cancel()
 	if _, err := e.Run(ctx, `f := undefined; f = func() { return f() }; f()`, Input{JobID: "j"}); !errors.Is(err, ErrTimeout) {
 		t.Errorf("Run(a tail call without end) = %v, want ErrTimeout", err)
+	}
+}
+
+// TestEngine_Run_LogLines: lines cost at least LogLineCost and a run logs
+// at most MaxLogLines: just inside, every line is logged; just outside,
+// the last is the truncation notice, and 200,000 empty lines are no more.
+func TestEngine_Run_LogLines(t *testing.T) {
+	e := New(Config{}, nil)
+	for _, tc := range []struct {
+		n         int
+		wantLines int
+		cut       bool
+	}{{MaxLogLines, MaxLogLines, false}, {MaxLogLines + 1, MaxLogLines + 1, true}, {200000, MaxLogLines + 1, true}} {
+		var lines []string
+		src := fmt.Sprintf(`log := import("log"); for i := 0; i < %d; i++ { log.info("") }`, tc.n)
+		if _, err := e.Run(context.Background(), src, Input{JobID: "j", Log: func(_, l string) { lines = append(lines, l) }}); err != nil {
+			t.Fatal(err)
+		}
+		cut := len(lines) > 0 && strings.Contains(lines[len(lines)-1], fmt.Sprintf("limit of %d lines", MaxLogLines))
+		if len(lines) != tc.wantLines || cut != tc.cut {
+			t.Errorf("%d empty lines: logged %d (cut %v), want %d (cut %v)", tc.n, len(lines), cut, tc.wantLines, tc.cut)
+		}
 	}
 }

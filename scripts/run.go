@@ -28,6 +28,7 @@ type Run struct {
 	result    []byte
 	moduleErr error // first error a module aborted the script with
 	logBytes  int
+	logLines  int
 	logCut    bool
 	jobMap    *tengo.ImmutableMap // the "job" module of this instance
 	rng       *rand.Rand          // the "rand" module's generator, new per run
@@ -36,7 +37,7 @@ type Run struct {
 func (rc *Run) begin(ctx context.Context, in Input, args tengo.Object) {
 	rc.ctx, rc.in, rc.args = ctx, in, args
 	rc.result, rc.moduleErr = nil, nil
-	rc.logBytes, rc.logCut = 0, false
+	rc.logBytes, rc.logLines, rc.logCut = 0, 0, false
 	rc.rng = nil // a fresh one on first use (runRand)
 	rc.fillJob()
 }
@@ -80,16 +81,21 @@ func (rc *Run) Log(level, line string) {
 	if rc.logCut {
 		return
 	}
-	max := rc.engine.cfg.MaxLogBytes
+	maxBytes := rc.engine.cfg.MaxLogBytes
 	if len(line) > DefaultMaxLogLine {
 		line = line[:DefaultMaxLogLine] + "…(line truncated)"
 	}
-	if rc.logBytes+len(line) > max {
+	cost := max(len(line), LogLineCost)
+	switch {
+	case rc.logLines >= MaxLogLines:
 		rc.logCut = true
-		line = fmt.Sprintf("log truncated: this run reached its limit of %d bytes", max)
-		level = "warn"
+		line, level = fmt.Sprintf("log truncated: this run reached its limit of %d lines", MaxLogLines), "warn"
+	case rc.logBytes+cost > maxBytes:
+		rc.logCut = true
+		line, level = fmt.Sprintf("log truncated: this run reached its limit of %d bytes (a line counts at least %d)", maxBytes, LogLineCost), "warn"
 	}
-	rc.logBytes += len(line)
+	rc.logBytes += cost
+	rc.logLines++
 	if rc.in.Log != nil {
 		rc.in.Log(level, line)
 	}

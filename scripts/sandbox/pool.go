@@ -348,7 +348,7 @@ func (s *Pool) runIn(ctx context.Context, c *child, script string, in scripts.In
 	}
 	host := s.host.HostRun(ctx, in)
 	mods := map[string]map[string]tengo.Object{}
-	logBytes := 0
+	logBytes, logLines := 0, 0
 	for {
 		fr, err := readFrame(c.r)
 		if err != nil {
@@ -357,9 +357,11 @@ func (s *Pool) runIn(ctx context.Context, c *child, script string, in scripts.In
 		switch fr.Op {
 		case "log":
 			// The child holds its runs to the log budget; a child that
-			// does not is cut off here.
-			logBytes += len(fr.Line)
-			if logBytes <= s.host.Config().MaxLogBytes+scripts.DefaultMaxLogLine && in.Log != nil {
+			// does not is cut off here, counting as the child counts
+			// (scripts.Run.Log), with room for its last, truncation, line.
+			logBytes += max(len(fr.Line), scripts.LogLineCost)
+			logLines++
+			if logBytes <= s.host.Config().MaxLogBytes+scripts.DefaultMaxLogLine && logLines <= scripts.MaxLogLines+1 && in.Log != nil {
 				in.Log(fr.Level, fr.Line)
 			}
 		case "over":
