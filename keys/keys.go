@@ -15,6 +15,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"filippo.io/edwards25519"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -29,6 +30,24 @@ const PassphraseEnv = "WRIT_KEY_PASSPHRASE"
 
 // ErrNotEd25519 is returned for keys of any other type.
 var ErrNotEd25519 = errors.New("not an ed25519 key")
+
+// ErrWeakKey marks an ed25519 public key that is no key: not a point of
+// the curve, or one of small order, under which forged signatures verify
+// for some messages.
+var ErrWeakKey = errors.New("weak ed25519 public key")
+
+// checkPoint refuses a public key that is not a point of the curve or has
+// small order (its multiple by the cofactor, 8, is the identity).
+func checkPoint(pub ed25519.PublicKey) error {
+	p, err := new(edwards25519.Point).SetBytes(pub)
+	if err != nil {
+		return fmt.Errorf("parse public key: %w: not a point of the curve", ErrWeakKey)
+	}
+	if new(edwards25519.Point).MultByCofactor(p).Equal(edwards25519.NewIdentityPoint()) == 1 {
+		return fmt.Errorf("parse public key: %w: a point of small order", ErrWeakKey)
+	}
+	return nil
+}
 
 // Key is a private signing key with its public half and key ID.
 type Key struct {
@@ -102,6 +121,9 @@ func ParsePublic(text string) (ed25519.PublicKey, string, error) {
 		if !ok {
 			return nil, "", fmt.Errorf("parse public key: %w (got %T)", ErrNotEd25519, k)
 		}
+		if err := checkPoint(pub); err != nil {
+			return nil, "", err
+		}
 		return pub, "", nil
 	}
 	sp, comment, _, _, err := ssh.ParseAuthorizedKey([]byte(text))
@@ -115,6 +137,9 @@ func ParsePublic(text string) (ed25519.PublicKey, string, error) {
 	pub, ok := ck.CryptoPublicKey().(ed25519.PublicKey)
 	if !ok {
 		return nil, "", fmt.Errorf("parse public key: %w (got %s)", ErrNotEd25519, sp.Type())
+	}
+	if err := checkPoint(pub); err != nil {
+		return nil, "", err
 	}
 	return pub, comment, nil
 }

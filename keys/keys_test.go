@@ -1,8 +1,10 @@
 package keys
 
 import (
+	"crypto/ed25519"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -134,5 +136,31 @@ func TestParse_Rejects(t *testing.T) {
 				t.Errorf("Parse(%q) = %v, want error containing %q", tc.data, err, tc.want)
 			}
 		})
+	}
+}
+
+// TestParsePublic_WeakKeys: a public key of small order (under which a
+// forged signature verifies for some messages) or not on the curve is
+// refused, in OpenSSH and PEM form; a real key is not.
+func TestParsePublic_WeakKeys(t *testing.T) {
+	identity := make(ed25519.PublicKey, ed25519.PublicKeySize)
+	identity[0] = 1 // the neutral element: order 1
+	order2 := make(ed25519.PublicKey, ed25519.PublicKeySize)
+	for i := range order2 {
+		order2[i] = 0xff
+	}
+	order2[0], order2[31] = 0xec, 0x7f // -1 (y = p-1): order 2
+	notOnCurve := make(ed25519.PublicKey, ed25519.PublicKeySize)
+	notOnCurve[0] = 2
+	k, _ := Generate("good")
+	for _, tc := range []struct {
+		name string
+		pub  ed25519.PublicKey
+		weak bool
+	}{{"identity", identity, true}, {"order 2", order2, true}, {"off the curve", notOnCurve, true}, {"a real key", k.Public, false}} {
+		_, _, err := ParsePublic(FormatPublic(tc.pub, tc.name))
+		if tc.weak != errors.Is(err, ErrWeakKey) || !tc.weak && err != nil {
+			t.Errorf("ParsePublic(%s) = %v, want weak: %v", tc.name, err, tc.weak)
+		}
 	}
 }
