@@ -436,6 +436,11 @@ func (s *Supervisor) check(ctx context.Context, raw []byte, flows map[string][]b
 	return &candidate{raw: raw, job: c.Job, id: id, claim: queue.Claim{Site: s.p.Site, Nonce: c.Job.Nonce, JobID: id, Until: c.Job.Expires}}, job.Verdict{}
 }
 
+// StepNonce is the replay-guard nonce of a flow step's job id. Its colon
+// is outside the grammar of a signed job's nonce, so no job can claim a
+// step's nonce first and have the step refused as replayed.
+func StepNonce(id string) string { return "step:" + id }
+
 // checkStep is check for a step of a flow. Its job ID is derived from the
 // flow, the step, the item and the run number, and is its own nonce: every
 // step of a flow shares the flow's nonce, and each of its runs is admitted
@@ -459,7 +464,7 @@ func (s *Supervisor) checkStep(ctx context.Context, task *verify.StepTask, now t
 	}
 	return &candidate{raw: raw, job: c.Job, id: c.ID, hold: step.Flow.Step(step.Name).NotBefore,
 		flow:  &flowCopy{id: step.FlowID, envelope: task.Flow, expires: step.Flow.Expires},
-		claim: queue.Claim{Site: s.p.Site, Nonce: "step-" + c.ID, JobID: c.ID, Until: c.Job.Expires}}, job.Verdict{}
+		claim: queue.Claim{Site: s.p.Site, Nonce: StepNonce(c.ID), JobID: c.ID, Until: c.Job.Expires}}, job.Verdict{}
 }
 
 // flowCopy is a flow envelope a step's task names.

@@ -245,3 +245,19 @@ func TestSupervisor_Steps(t *testing.T) {
 		t.Fatal("the step was not delivered")
 	}
 }
+
+// TestStepNonce_NoJobCanClaimIt: a flow step's replay-guard nonce is
+// outside the grammar of a signed job's nonce, so a plain job cannot
+// squat it (as "step-<id>" could, before).
+func TestStepNonce_NoJobCanClaimIt(t *testing.T) {
+	id := envelope.StepJobID("f", "s", 0, 1)
+	j := envelope.NewJob("squat", "x := 1", "local", time.Now())
+	j.Nonce = StepNonce(id)
+	if err := j.Validate(); envelope.ReasonOf(err) != job.ReasonInvalidJob {
+		t.Errorf("a job with nonce %q: Validate = %v, want invalid_job", j.Nonce, err)
+	}
+	j.Nonce = "step-" + id // what the old nonce was: a job may use it, and no step does now
+	if err := j.Validate(); err != nil || j.Nonce == StepNonce(id) {
+		t.Errorf("a job with nonce %q: Validate = %v", j.Nonce, err)
+	}
+}
