@@ -653,6 +653,11 @@ func (h *Host) WaitTCP(ctx context.Context, addr netip.Addr, port uint16, timeou
 	}
 	inside := false
 	for _, n := range nets {
+		if addr == n.Gateway || (n.Gateway6.IsValid() && addr == n.Gateway6) {
+			// The gateway is the node itself, on the network's bridge:
+			// through it a script would reach the node's own services.
+			return fmt.Errorf("network: %s is network %q's gateway, the node itself: %w", addr, n.Name, ErrInvalid)
+		}
 		inside = inside || n.Subnet.Contains(addr) || (n.Prefix6.IsValid() && n.Prefix6.Contains(addr))
 	}
 	if !inside {

@@ -77,6 +77,9 @@ func TestHost_Policy(t *testing.T) {
 	if err := h.WaitTCP(ctx, netip.MustParseAddr("10.99.1.5"), 8500, time.Second); !errors.Is(err, ErrInvalid) {
 		t.Errorf("WaitTCP(the node's LAN) = %v, want ErrInvalid", err)
 	}
+	if err := h.WaitTCP(ctx, n.Gateway, 8500, time.Second); !errors.Is(err, ErrInvalid) {
+		t.Errorf("WaitTCP(a network's gateway, the node itself) = %v, want ErrInvalid", err)
+	}
 	if _, err := ParsePortRange("9000-8000"); err == nil {
 		t.Error("ParsePortRange(9000-8000) = nil error")
 	}
