@@ -72,7 +72,7 @@ type principalEntry struct {
 	at  time.Time
 }
 
-func newAuth(lc *ledger.Client, now func() time.Time, streams int) *auth {
+func newAuth(lc *ledger.Client, now func() time.Time, streams int, authorities []string) *auth {
 	if streams <= 0 {
 		streams = DefaultStreamsPerUser
 	}
@@ -82,7 +82,7 @@ func newAuth(lc *ledger.Client, now func() time.Time, streams int) *auth {
 	// time bounds how long a signature is good. A guard would keep every
 	// request's nonce for ten minutes: half a million entries at the
 	// throughput coord serves, for nothing.
-	a.verifier = &httpsig.Verifier{Keys: a.key, Now: now, MaxBody: envelope.MaxEnvelopeBytes, Nonces: httpsig.NoReplayGuard{}}
+	a.verifier = &httpsig.Verifier{Keys: a.key, Now: now, MaxBody: envelope.MaxEnvelopeBytes, Nonces: httpsig.NoReplayGuard{}, Authorities: authorities}
 	return a
 }
 

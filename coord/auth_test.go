@@ -183,6 +183,18 @@ func TestCoord_WhoReadsWhat(t *testing.T) {
 	if _, err := as(bob).Job(ctx, id, 0); err != nil {
 		t.Errorf("another user is not limited by alice's streams: %v", err)
 	}
+
+	// A request signed for another server is refused: a coord that knows
+	// its own names (its certificate's) takes none addressed elsewhere.
+	named, err := New(Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: slog.New(slog.NewTextHandler(io.Discard, nil)), Authorities: []string{"coord.example.net"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hn := httptest.NewServer(named.Handler())
+	defer hn.Close()
+	if _, err := (&Client{BaseURL: hn.URL, Key: alice}).Jobs(ctx, queue.ListFilter{}); err == nil || !strings.Contains(err.Error(), "not this server") {
+		t.Errorf("a request addressed to %s at a coord named coord.example.net = %v, want refused", hn.URL, err)
+	}
 }
 
 // TestAuth_LedgerAway: while the ledger cannot be reached, a key coord
@@ -196,7 +208,7 @@ func TestAuth_LedgerAway(t *testing.T) {
 		t.Fatal(err)
 	}
 	clock := testenv.NewClock()
-	a := newAuth(&ledger.Client{BaseURL: l.URL}, clock.Now, 0)
+	a := newAuth(&ledger.Client{BaseURL: l.URL}, clock.Now, 0, nil)
 	h := a.middleware(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte(principalOf(r.Context()).user))
 	}))

@@ -78,6 +78,10 @@ type Params struct {
 	// StreamsPerUser bounds one user's open event streams and waits; zero
 	// means DefaultStreamsPerUser.
 	StreamsPerUser int
+	// Authorities are the names (host, or host:port) signed requests must
+	// be addressed to (the RFC 9421 @authority): a request signed for
+	// another server is refused. Empty accepts any.
+	Authorities []string
 	// ID names this coord among the coords sharing its Redis (leases, and
 	// the events it tells the others about); empty means host and pid
 	// with a random suffix.
@@ -178,7 +182,7 @@ func New(p Params) (*Coord, error) {
 	p.Metrics.MustRegister(c.metrics.submitted, c.metrics.deliveries, c.metrics.applied, c.metrics.batchSize)
 	c.deliverer = &deliverer{p: delivererParams{redis: p.Redis, post: c.post, now: p.Now, log: p.Log}}
 	c.placer = newPlacer(p.Ledger, p.Placement, p.Now)
-	c.auth = newAuth(p.Ledger, p.Now, p.StreamsPerUser)
+	c.auth = newAuth(p.Ledger, p.Now, p.StreamsPerUser, p.Authorities)
 	c.flows = newFlowEngine(flowEngineParams{redis: p.Redis, submit: c.submitTo, notify: c.notifyFlows, leased: c.leased,
 		log: p.Log, now: p.Now, retention: p.Retention})
 	return c, nil

@@ -40,6 +40,10 @@ type Server struct {
 	// Concurrency is how many jobs the server holds at once (asynq worker
 	// slots, over all nodes); zero means 1024.
 	Concurrency int
+	// Authorities are the names (host, or host:port) a node's signed
+	// requests must be addressed to: one signed for another server is
+	// refused. Empty accepts any.
+	Authorities []string
 	// Poll: see queue.WorkerConfig.
 	Poll time.Duration
 	Now  func() time.Time
@@ -95,7 +99,7 @@ func (s *Server) init() {
 		// No replay guard: a replayed stream request or report does
 		// nothing (reports are accepted once per job), and they travel in
 		// TLS; the created time bounds a signature's life.
-		s.verifier = &httpsig.Verifier{Keys: s.key, Now: s.Now, MaxBody: MaxReportBytes, MaxAge: 2 * time.Minute, Nonces: httpsig.NoReplayGuard{}}
+		s.verifier = &httpsig.Verifier{Keys: s.key, Now: s.Now, MaxBody: MaxReportBytes, MaxAge: 2 * time.Minute, Nonces: httpsig.NoReplayGuard{}, Authorities: s.Authorities}
 	})
 }
 

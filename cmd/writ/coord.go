@@ -14,6 +14,7 @@ import (
 )
 
 type coordCmd struct {
+	authorities               []string
 	listen, ledger, placement string
 	streams                   int
 	redis                     redisFlags
@@ -40,6 +41,7 @@ stateless apart from Redis: restart it, or run several behind a load balancer.`,
 	c.redis.add(cmd, "coord's Redis")
 	cmd.Flags().StringVar(&c.ledger, "ledger", envOr(envLedger, serviceURL(defaultLedgerAddr)), "ledger URL, or the URLs of several ledger processes separated by commas (a call goes to the next when one is down)")
 	c.tls.add(cmd)
+	cmd.Flags().StringSliceVar(&c.authorities, "authority", nil, "names (host or host:port) signed requests must be addressed to (default: the certificate's DNS names and IP addresses; give the load balancer's name when coord runs behind one)")
 	cmd.Flags().IntVar(&c.streams, "streams-per-user", coord.DefaultStreamsPerUser, "event streams and waiting requests one user may hold open at once")
 	cmd.Flags().StringVar(&c.placement, "placement", coord.PlaceSpread, "where jobs that state resources (--cpu/--memory) and pin no node go: spread (most free node) or binpack (fullest node that fits)")
 	return cmd
@@ -52,13 +54,16 @@ func (c *coordCmd) Run(ctx context.Context, _ []string) error {
 		return err
 	}
 	defer rdb.Close()
-	return runCoord(ctx, c.log, ln, rdb, c.ledger, c.placement, s, c.streams)
+	return runCoord(ctx, c.log, ln, rdb, c.ledger, c.placement, s, c.streams, c.authorities)
 }
 
-func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, placement string, s *sec, streams int) error {
+func runCoord(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *queue.Redis, ledgerURL, placement string, s *sec, streams int, authorities []string) error {
 	lc := s.ledgerClient(ledgerURL)
+	if len(authorities) == 0 {
+		authorities = s.authorities()
+	}
 	co, err := coord.New(coord.Params{Redis: rdb, Ledger: lc, Trust: &ledger.TrustCache{Client: lc}, Log: log.With("svc", "coord"), Metrics: newRegistry(), Placement: placement,
-		HTTP: s.client(0), StreamsPerUser: streams})
+		HTTP: s.client(0), StreamsPerUser: streams, Authorities: authorities})
 	if err != nil {
 		return err
 	}

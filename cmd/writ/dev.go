@@ -290,7 +290,7 @@ func (c *devCmd) Run(ctx context.Context, _ []string) error {
 		return runSupervisor(gctx, c.log, lns["supervisor"], rdbs[queue.ACLSupervisor], ledgerURL, devSite, 0, secs["supervisor"], nil, false)
 	})
 	g.Go(func() error {
-		return runCoord(gctx, c.log, lns["coord"], rdbs[queue.ACLCoord], ledgerURL, "", secs["coord"], 0)
+		return runCoord(gctx, c.log, lns["coord"], rdbs[queue.ACLCoord], ledgerURL, "", secs["coord"], 0, nil)
 	})
 	// DIR/files over HTTP: images for the storage and vm modules (make guest
 	// puts the demo guest there).

@@ -139,12 +139,7 @@ func runLedger(ctx context.Context, log *slog.Logger, ln net.Listener, store led
 	if s.tls() {
 		cert := s.cfg.Certificate()
 		if len(authorities) == 0 {
-			// Signed requests must name this server: a request signed for
-			// another ledger is refused here.
-			authorities = append(authorities, cert.Leaf.DNSNames...)
-			for _, ip := range cert.Leaf.IPAddresses {
-				authorities = append(authorities, ip.String())
-			}
+			authorities = s.authorities()
 		}
 		if s.name() != ledger.DefaultLedgerName {
 			log.Warn("the ledger's certificate is not named "+ledger.DefaultLedgerName+": verifiers will refuse its trust snapshots", "name", s.name())

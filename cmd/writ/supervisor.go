@@ -74,6 +74,7 @@ func runSupervisor(ctx context.Context, log *slog.Logger, ln net.Listener, rdb *
 	var disp *dispatch.Server
 	if dispatched {
 		disp = newDispatcher(rdb, s.ledgerClient(ledgerURL), trust, site, log)
+		disp.Authorities = s.authorities()
 	}
 	sup, err := supervisor.New(supervisor.Params{
 		Dispatch: disp,

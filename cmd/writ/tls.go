@@ -104,6 +104,21 @@ func (f *serviceTLS) load(serves bool) (*sec, error) {
 	return &sec{cfg: c}, nil
 }
 
+// authorities are the names of s's certificate (DNS names and IP
+// addresses): signed requests must be addressed to one of them, so one
+// signed for another server is refused. None without TLS.
+func (s *sec) authorities() []string {
+	if s.cfg == nil || s.cfg.Certificate() == nil || s.cfg.Certificate().Leaf == nil {
+		return nil
+	}
+	leaf := s.cfg.Certificate().Leaf
+	out := append([]string(nil), leaf.DNSNames...)
+	for _, ip := range leaf.IPAddresses {
+		out = append(out, ip.String())
+	}
+	return out
+}
+
 // tls reports whether s talks TLS.
 func (s *sec) tls() bool { return s.cfg != nil }
 
