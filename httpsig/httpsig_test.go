@@ -78,10 +78,9 @@ func TestBase_RFC9421Vector(t *testing.T) {
 	}
 }
 
-func TestVerifier_Verify(t *testing.T) {
-	pub, priv, _ := ed25519.GenerateKey(nil)
-	now := time.Unix(1_700_000_000, 0)
-	v := &Verifier{
+// aliceVerifier knows one key, k1, alice's, and its clock stands at now.
+func aliceVerifier(pub ed25519.PublicKey, now time.Time) *Verifier {
+	return &Verifier{
 		Keys: func(_ context.Context, id string) (ed25519.PublicKey, string, error) {
 			if id != "k1" {
 				return nil, "", errors.New("unknown key")
@@ -90,6 +89,12 @@ func TestVerifier_Verify(t *testing.T) {
 		},
 		Now: func() time.Time { return now },
 	}
+}
+
+func TestVerifier_Verify(t *testing.T) {
+	pub, priv, _ := ed25519.GenerateKey(nil)
+	now := time.Unix(1_700_000_000, 0)
+	v := aliceVerifier(pub, now)
 	newReq := func(body string) *http.Request {
 		r := httptest.NewRequest("POST", "http://ledger.test/v1/users?x=1", strings.NewReader(body))
 		return r
@@ -183,16 +188,8 @@ func TestVerifier_StrangerCostsLittle(t *testing.T) {
 	pub, priv, _ := ed25519.GenerateKey(nil)
 	_, stranger, _ := ed25519.GenerateKey(nil)
 	now := time.Unix(1_700_000_000, 0)
-	v := &Verifier{
-		Keys: func(_ context.Context, id string) (ed25519.PublicKey, string, error) {
-			if id != "k1" {
-				return nil, "", errors.New("unknown key")
-			}
-			return pub, "alice", nil
-		},
-		Now:     func() time.Time { return now },
-		MaxBody: 4 << 20,
-	}
+	v := aliceVerifier(pub, now)
+	v.MaxBody = 4 << 20
 	body := bytes.Repeat([]byte("x"), 1<<20)
 	sum := ContentDigest(body)
 	many := strings.TrimSuffix(strings.Repeat(sum+", ", 4000), ", ") // one member 4,000 times
