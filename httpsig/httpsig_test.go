@@ -259,7 +259,9 @@ func BenchmarkVerifier_RefusedStranger(b *testing.B) {
 	_, stranger, _ := ed25519.GenerateKey(nil)
 	now := time.Unix(1_700_000_000, 0)
 	v := &Verifier{
-		Keys:    func(context.Context, string) (ed25519.PublicKey, string, error) { return nil, "", errors.New("unknown key") },
+		Keys: func(context.Context, string) (ed25519.PublicKey, string, error) {
+			return nil, "", errors.New("unknown key")
+		},
 		Now:     func() time.Time { return now },
 		MaxBody: 4 << 20,
 	}

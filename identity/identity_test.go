@@ -205,7 +205,7 @@ func TestAgent_QueuesThroughOutageAndReboots(t *testing.T) {
 		var list []ledger.Uptime
 		return err == nil && json.Unmarshal(b, &list) == nil && len(list) == 1 && list[0].Queued
 	})
-	stop()                             // a restart: the last report cannot land
+	stop() // a restart: the last report cannot land
 	if q := queued(); len(q) != 1 || q[0].BootID != "boot-1" || !q[0].Queued {
 		t.Fatalf("queue after the first boot = %+v, want its last report, queued", q)
 	}
