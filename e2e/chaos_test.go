@@ -466,9 +466,7 @@ func newChaosFleet(t *testing.T) *chaosFleet {
 			c.mu.Lock()
 			defer c.mu.Unlock()
 			for i, p := range c.all {
-				p.mu.Lock()
 				os.WriteFile(filepath.Join(dir, fmt.Sprintf("%02d-%s.log", i, strings.ReplaceAll(p.name, ":", "-"))), p.log.Bytes(), 0o644)
-				p.mu.Unlock()
 			}
 		})
 	}

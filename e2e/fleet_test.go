@@ -129,9 +129,8 @@ func slow(t *testing.T) {
 type proc struct {
 	name string
 	cmd  *exec.Cmd
-	log  *bytes.Buffer
+	log  *lockedBuffer // its stdout and stderr
 	done chan struct{}
-	mu   *sync.Mutex
 }
 
 // fleet is a set of writ processes sharing one Redis and one ledger.
@@ -200,16 +199,14 @@ func (f *fleet) start(name string, args ...string) *proc {
 // startCmd launches cmd as the service process named name.
 func (f *fleet) startCmd(name string, cmd *exec.Cmd) *proc {
 	f.t.Helper()
-	var buf bytes.Buffer
-	mu := &sync.Mutex{}
-	w := &lockedWriter{mu: mu, b: &buf}
-	cmd.Stdout, cmd.Stderr = w, w
+	buf := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = buf, buf
 	// Die with the test binary, so a crashed test leaves nothing behind.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		f.t.Fatal(err)
 	}
-	p := &proc{name: name, cmd: cmd, log: &buf, done: make(chan struct{}), mu: mu}
+	p := &proc{name: name, cmd: cmd, log: buf, done: make(chan struct{})}
 	go func() { cmd.Wait(); close(p.done) }()
 	f.mu.Lock()
 	f.procs[name] = p
@@ -217,23 +214,36 @@ func (f *fleet) startCmd(name string, cmd *exec.Cmd) *proc {
 	f.t.Cleanup(func() {
 		f.stop(p, syscall.SIGTERM)
 		if f.t.Failed() {
-			mu.Lock()
 			f.t.Logf("---- %s log ----\n%s", name, tail(buf.String(), 6000))
-			mu.Unlock()
 		}
 	})
 	return p
 }
 
-type lockedWriter struct {
-	mu *sync.Mutex
-	b  *bytes.Buffer
+// lockedBuffer is a bytes.Buffer safe for a process's writes and the
+// test's reads at once.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
 }
 
-func (w *lockedWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// Bytes is a copy of what was written.
+func (b *lockedBuffer) Bytes() []byte {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return bytes.Clone(b.buf.Bytes())
 }
 
 func tail(s string, n int) string {

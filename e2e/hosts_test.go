@@ -390,9 +390,7 @@ job.result({ok: len(job.secrets.token) == 21, echo: job.secrets.token})
 	}
 	f.mu.Unlock()
 	for _, p := range procs {
-		p.mu.Lock()
 		log := p.log.String()
-		p.mu.Unlock()
 		if strings.Contains(log, secret) {
 			t.Errorf("the secret is in %s's log", p.name)
 		}

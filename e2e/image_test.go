@@ -237,9 +237,7 @@ func TestImage_NetbootIPXE(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Logf("power-on to registered over iPXE: %s (TCG)", time.Since(start).Round(time.Millisecond))
-	srv.mu.Lock()
 	log := srv.log.String()
-	srv.mu.Unlock()
 	for _, want := range []string{`"path":"/boot.ipxe","mac":"` + mac, `"path":"/vmlinuz"`, `"path":"/initrd.img"`} {
 		if !strings.Contains(log, want) {
 			t.Errorf("the image server's access log lacks %s:\n%s", want, tail(log, 2000))

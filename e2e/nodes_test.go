@@ -94,8 +94,6 @@ func TestFleet_Nodes(t *testing.T) {
 	// Stop one node: stale, then offline; new jobs avoid it.
 	var gone string
 	nodeOf := func(p *proc) string {
-		p.mu.Lock()
-		defer p.mu.Unlock()
 		for _, line := range strings.Split(p.log.String(), "\n") {
 			if i := strings.Index(line, "writ node n"); i >= 0 {
 				return strings.Fields(line[i+len("writ node "):])[0][:21]
@@ -156,8 +154,6 @@ func TestFleet_NodeRevoked(t *testing.T) {
 	aID := idOf(a)
 	b := node("b", one.Secret)
 	testenv.WaitFor(t, 30*time.Second, "the second node to be refused the used-up token", func() bool {
-		b.mu.Lock()
-		defer b.mu.Unlock()
 		return strings.Contains(b.log.String(), "used up")
 	})
 	f.stop(b, syscall.SIGTERM)
@@ -200,11 +196,9 @@ func TestFleet_NodeRevoked(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatalf("the revoked node's process is still running")
 	}
-	a.mu.Lock()
-	if !strings.Contains(a.log.String(), "revoked") {
-		t.Errorf("the revoked node did not say why it stopped:\n%s", tail(a.log.String(), 2000))
+	if log := a.log.String(); !strings.Contains(log, "revoked") {
+		t.Errorf("the revoked node did not say why it stopped:\n%s", tail(log, 2000))
 	}
-	a.mu.Unlock()
 	for i := range 6 {
 		j := envelope.NewJob(fmt.Sprintf("after-%d", i), `job := import("job"); job.result(job.node)`, "local", time.Now())
 		rep, err := f.client().Submit(ctx, rawEnvelope(t, j, f.admin))
@@ -412,8 +406,6 @@ func registeredID(t *testing.T, p *proc) string {
 	t.Helper()
 	var id string
 	testenv.WaitFor(t, 30*time.Second, p.name+" to register", func() bool {
-		p.mu.Lock()
-		defer p.mu.Unlock()
 		for _, line := range strings.Split(p.log.String(), "\n") {
 			if i := strings.Index(line, "registered with site local as "); i >= 0 {
 				id = strings.Fields(line[i+len("registered with site local as "):])[0]

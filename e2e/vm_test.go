@@ -343,9 +343,7 @@ func TestFleet_NodeReboot(t *testing.T) {
 		n, err := f.lc.Node(t.Context(), id)
 		return err == nil && n.BootID == "boot-3" && n.Boots == 3 && n.Liveness == ledger.LivenessOnline
 	})
-	third.mu.Lock()
 	log := third.log.String()
-	third.mu.Unlock()
 	if !strings.Contains(log, "queued uptime report delivered") || !strings.Contains(log, `"boot":"boot-2"`) {
 		t.Errorf("boot-3 did not deliver boot-2's queued report:\n%s", tail(log, 3000))
 	}

@@ -76,6 +76,10 @@ func (rc *Run) CallHost(module, name string, args []tengo.Object) (obj tengo.Obj
 // Input returns what the run knows about its job.
 func (rc *Run) Input() Input { return rc.in }
 
+// LogCost is what line costs against a run's log budget: its length, and
+// at least LogLineCost. The sandbox's runner side counts with it too.
+func LogCost(line string) int { return max(len(line), LogLineCost) }
+
 // Log writes a line to the job log, within the run's log budget.
 func (rc *Run) Log(level, line string) {
 	if rc.logCut {
@@ -85,7 +89,7 @@ func (rc *Run) Log(level, line string) {
 	if len(line) > DefaultMaxLogLine {
 		line = line[:DefaultMaxLogLine] + "…(line truncated)"
 	}
-	cost := max(len(line), LogLineCost)
+	cost := LogCost(line)
 	switch {
 	case rc.logLines >= MaxLogLines:
 		rc.logCut = true

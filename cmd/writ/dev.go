@@ -430,7 +430,7 @@ func (c *devCmd) devTLS(dir string) (map[string]*sec, string, error) {
 		return nil, "", err
 	}
 	certName := map[string]string{"ledger": ledger.DefaultLedgerName, "coord": supervisor.DefaultCoordName, "supervisor": "supervisor-" + devSite, "runner": "runner-" + devSite}
-	if _, _, err := ca.Issue("redis-"+devSite, "localhost", "127.0.0.1"); err != nil {
+	if _, _, err := ca.Issue("redis-"+devSite, fleet.Loopback...); err != nil {
 		return nil, "", err
 	}
 	for _, n := range names {

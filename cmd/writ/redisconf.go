@@ -78,13 +78,9 @@ rediss+sentinel://USER@SENTINEL1:26379/0?master_name=NAME&addr=SENTINEL2:26379&a
 				Bind: bind, Port: port, Persist: true, Fsync: "always", ReplicaOf: replicaOf,
 				TLS: &redisproc.TLS{Cert: abs(cert), Key: abs(key), CA: abs(caFile)},
 			}
-			for _, role := range roles {
-				if queue.ACLRules(role, site) == "-@all" {
-					return fmt.Errorf("--roles: %q is not one of %s, %s, %s", role, queue.ACLCoord, queue.ACLSupervisor, queue.ACLRunner)
-				}
-				if role != queue.ACLCoord && site == "" {
-					return fmt.Errorf("role %s needs --site", role)
-				}
+			// Checked before any password file is made.
+			if err := fleet.CheckRoles(site, roles...); err != nil {
+				return fmt.Errorf("--roles: %w", err)
 			}
 			pass := map[string]string{}
 			for _, role := range roles {

@@ -85,15 +85,12 @@ var Loopback = []string{"localhost", "127.0.0.1", "::1"}
 // only the keys and commands it needs (queue.ACLRules). A role without a
 // password is an error.
 func RedisUsers(site string, passwords map[string]string, roles ...string) ([]redisproc.User, error) {
+	if err := CheckRoles(site, roles...); err != nil {
+		return nil, err
+	}
 	var users []redisproc.User
 	for _, role := range roles {
 		rules := queue.ACLRules(role, site)
-		if rules == "-@all" {
-			return nil, fmt.Errorf("redis role %q is not one of %s, %s, %s", role, queue.ACLCoord, queue.ACLSupervisor, queue.ACLRunner)
-		}
-		if role != queue.ACLCoord && site == "" {
-			return nil, fmt.Errorf("redis role %s needs a site", role)
-		}
 		pw := passwords[role]
 		if pw == "" {
 			return nil, fmt.Errorf("redis role %s has no password", role)
@@ -101,6 +98,20 @@ func RedisUsers(site string, passwords map[string]string, roles ...string) ([]re
 		users = append(users, redisproc.User{Name: role, Password: pw, Rules: rules})
 	}
 	return users, nil
+}
+
+// CheckRoles says what is wrong with roles as the Redis users of site's
+// Redis: a name that is no role, or a site's role without a site.
+func CheckRoles(site string, roles ...string) error {
+	for _, role := range roles {
+		if queue.ACLRules(role, site) == "-@all" {
+			return fmt.Errorf("redis role %q is not one of %s, %s, %s", role, queue.ACLCoord, queue.ACLSupervisor, queue.ACLRunner)
+		}
+		if role != queue.ACLCoord && site == "" {
+			return fmt.Errorf("redis role %s needs a site (--site)", role)
+		}
+	}
+	return nil
 }
 
 // Passwords makes a random password for each role.

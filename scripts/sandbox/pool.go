@@ -359,7 +359,7 @@ func (s *Pool) runIn(ctx context.Context, c *child, script string, in scripts.In
 			// The child holds its runs to the log budget; a child that
 			// does not is cut off here, counting as the child counts
 			// (scripts.Run.Log), with room for its last, truncation, line.
-			logBytes += max(len(fr.Line), scripts.LogLineCost)
+			logBytes += scripts.LogCost(fr.Line)
 			logLines++
 			if logBytes <= s.host.Config().MaxLogBytes+scripts.DefaultMaxLogLine && logLines <= scripts.MaxLogLines+1 && in.Log != nil {
 				in.Log(fr.Level, fr.Line)
